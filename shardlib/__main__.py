@@ -1,0 +1,43 @@
+"""Command line: ``python -m shardlib run|figures``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .runner import ROOT, PipelineError, load_config, run
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m shardlib", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="execute the stage notebooks in order with papermill")
+    r.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"), help="YAML config (default: configs/default.yaml)")
+    r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override: seed=1, run=NAME, or STAGE.PARAM=VALUE (repeatable)")
+    r.add_argument("--run", dest="run_name", help="run name (folder under runs/); default: the config's")
+    r.add_argument("--runs-dir", help="where runs go (default: runs/ in the repository)")
+    r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (their inputs must exist)")
+    r.add_argument("--force", action="store_true", help="rerun stages even when unchanged")
+    r.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output")
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        try:
+            cfg = load_config(args.config, args.sets)
+            if args.run_name:
+                cfg["run"] = args.run_name
+            if not args.quiet:
+                logging.basicConfig(level=logging.WARNING, format="%(message)s")
+                logging.getLogger("papermill").setLevel(logging.INFO)
+            records = run(cfg, force=args.force, runs_dir=args.runs_dir, only=args.only, log_output=not args.quiet)
+        except PipelineError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        total = sum(r["seconds"] for r in records)
+        print("stage wall times: " + ", ".join(f"{r['stage']} {r['seconds']:.1f}s ({r['status']})" for r in records) + f"; total {total:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Frozen, validated stage configs.
+
+Every notebook has one ``parameters`` cell of literals; the next cell calls
+``Params.from_namespace(globals())`` which builds a frozen dataclass, rejecting
+unknown names, wrong types and out-of-range values with a message that names the
+parameter, what was given and what is accepted (papermill itself only warns on
+unknown names). Each field carries its documentation in ``metadata["doc"]``
+(cleanrl style: one docstring per field), and its accepted range or choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, of the wrong type, or out of range."""
+
+
+def param(default, doc: str, *, choices=None, ge=None, gt=None, le=None, lt=None):
+    """A dataclass field with documentation and validation metadata."""
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Names IPython puts in a notebook's globals; never parameters.
+_IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+
+
+def _accepted(f: dataclasses.Field, tp) -> str:
+    m = f.metadata
+    parts = [getattr(tp, "__name__", str(tp))]
+    if m.get("choices") is not None:
+        parts.append("one of " + ", ".join(repr(c) for c in m["choices"]))
+    for key, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if m.get(key) is not None:
+            parts.append(f"{sym} {m[key]}")
+    return " ".join(parts)
+
+
+def _coerce(name: str, value: Any, tp, f: dataclasses.Field):
+    origin = typing.get_origin(tp)
+    bad = ConfigError(
+        f"parameter {name!r}: got {value!r} ({type(value).__name__}); accepted: {_accepted(f, tp)}"
+    )
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, float) and value.is_integer():  # papermill -p 1e3 gives a float
+            value = int(value)
+        if not isinstance(value, int):
+            raise bad
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise bad
+    elif origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list) or not all(isinstance(v, inner) for v in value):
+            raise bad
+        value = tuple(value)  # frozen
+    else:  # pragma: no cover - a programming error in a Params subclass
+        raise TypeError(f"unsupported parameter type {tp} for {name}")
+    m = f.metadata
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if m.get("choices") is not None and v not in m["choices"]:
+            raise bad
+        if m.get("ge") is not None and v < m["ge"]:
+            raise bad
+        if m.get("gt") is not None and v <= m["gt"]:
+            raise bad
+        if m.get("le") is not None and v > m["le"]:
+            raise bad
+        if m.get("lt") is not None and v >= m["lt"]:
+            raise bad
+    return value
+
+
+@dataclass(frozen=True)
+class Params:
+    """Base of every stage's parameters."""
+
+    out_dir: str = param("runs/scratch", "folder the stage writes its results into")
+    seed: int = param(0, "seed of every random number generator of the stage", ge=0)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown parameter(s) {unknown} for {cls.__name__}; accepted: {sorted(fields)}"
+            )
+        kwargs = {k: _coerce(k, v, hints[k], fields[k]) for k, v in values.items()}
+        obj = cls(**kwargs)
+        obj.check()
+        return obj
+
+    @classmethod
+    def from_namespace(cls, namespace: dict[str, Any]):
+        """Build from a notebook's globals: every public non-module name is a parameter."""
+        values = {
+            k: v
+            for k, v in namespace.items()
+            if not k.startswith("_")
+            and k not in _IPYTHON_NAMES
+            and not isinstance(v, (types.ModuleType, types.FunctionType, type))
+        }
+        return cls.from_dict(values)
+
+    def check(self) -> None:
+        """Cross-field checks; subclasses extend."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **changes):
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line per parameter: name, default, accepted values, documentation."""
+        hints = typing.get_type_hints(cls)
+        lines = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{f.name} = {default!r}  [{_accepted(f, hints[f.name])}]  {f.metadata['doc']}")
+        return "\n".join(lines)

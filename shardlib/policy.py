@@ -1,0 +1,174 @@
+"""Policies: a small MLP for the bandit, a causal LM (any ``AutoModelForCausalLM``) for the tasks.
+
+Checkpoints are safetensors plus JSON; loading never executes code from a file.
+Both policies share two functions used by the RL loop: :func:`sample` and
+:func:`logprobs`, over ``(batch["prompt"], completion)`` pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .tasks import SyntheticTasks, completion_mask
+
+MLP_CONFIG = "shardlib_policy.json"
+
+
+class MLPPolicy(nn.Module):
+    """Context vector -> logits over arms (a one-token "completion")."""
+
+    def __init__(self, context_dim: int, n_actions: int, hidden: int = 32):
+        super().__init__()
+        self.config = {"kind": "mlp", "context_dim": context_dim, "n_actions": n_actions, "hidden": hidden}
+        self.net = nn.Sequential(nn.Linear(context_dim, hidden), nn.Tanh(), nn.Linear(hidden, n_actions))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def tiny_lm(vocab_size: int, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, d_ff: int = 128, max_len: int = 32):
+    """A tiny Llama trained from scratch (transformers architecture, no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=d_ff,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads,
+        max_position_embeddings=max_len,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def is_lm(model) -> bool:
+    return not isinstance(unwrap(model), MLPPolicy)
+
+
+def unwrap(model):
+    return getattr(model, "module", model)  # DDP
+
+
+def _atomic_dir(path: Path):
+    """Write into ``path.tmp`` then rename over ``path`` (a killed write leaves ``path`` intact)."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit_dir(tmp: Path, path: Path):
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_policy(model, path, extra: dict | None = None) -> None:
+    """Save weights (safetensors) and JSON config atomically into folder ``path``."""
+    path = Path(path)
+    model = unwrap(model)
+    tmp = _atomic_dir(path)
+    if isinstance(model, MLPPolicy):
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / MLP_CONFIG).write_text(json.dumps(model.config))
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    if extra is not None:
+        (tmp / "shardlib_extra.json").write_text(json.dumps(extra, sort_keys=True))
+    _commit_dir(tmp, path)
+
+
+def load_policy(path, dtype=torch.float32):
+    """Load a policy folder written by :func:`save_policy` or any HF causal-LM checkpoint."""
+    path = Path(path)
+    if (path / MLP_CONFIG).exists():
+        cfg = json.loads((path / MLP_CONFIG).read_text())
+        cfg.pop("kind")
+        model = MLPPolicy(**cfg)
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        return model
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path} holds no policy: expected {MLP_CONFIG} (MLP) or config.json (causal LM). "
+            "Pass the folder a pretrain or RL stage wrote, or a Hugging Face checkpoint folder."
+        )
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False)
+
+
+def load_extra(path) -> dict:
+    p = Path(path) / "shardlib_extra.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def check_vocab(model, tasks: SyntheticTasks) -> None:
+    n = unwrap(model).config.vocab_size
+    if n < tasks.vocab_size:
+        raise ValueError(
+            f"the causal LM has vocab_size={n} but the synthetic tasks need {tasks.vocab_size} token ids; "
+            "use a checkpoint with a larger vocabulary"
+        )
+
+
+# ---------------------------------------------------------------------------
+# sampling and log-probabilities, shared by both policies
+
+
+def _lm_logits(model, prompt, completion):
+    """Logits predicting each completion token: [N, L, V]."""
+    ids = torch.cat([prompt, completion], dim=1)
+    out = model(input_ids=ids, use_cache=False)
+    P = prompt.shape[1]
+    return out.logits[:, P - 1 : -1].float()
+
+
+def logprobs(model, prompt, completion, vocab_size: int | None = None):
+    """Per-token log pi(completion_t | prompt, completion_<t) and entropy, both [N, L]."""
+    if is_lm(model):
+        logits = _lm_logits(model, prompt, completion)
+        if vocab_size is not None:
+            logits = logits[..., :vocab_size]
+    else:
+        logits = model(prompt).float()[:, None, :]
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, completion[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+@torch.no_grad()
+def sample(model, prompt, max_new_tokens: int, generator: torch.Generator, temperature: float = 1.0, vocab_size=None):
+    """Sample completions [N, L] and their mask (tokens up to the first ``<eos>``)."""
+    if not is_lm(model):
+        logits = model(prompt).float() / temperature
+        act = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=generator).to(prompt.device)
+        return act, torch.ones_like(act, dtype=torch.bool)
+    seq = prompt
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=seq, use_cache=False).logits[:, -1].float()
+        if vocab_size is not None:
+            logits = logits[:, :vocab_size]
+        probs = F.softmax(logits / temperature, -1)
+        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(seq.device)
+        seq = torch.cat([seq, nxt], dim=1)
+    completion = seq[:, prompt.shape[1] :]
+    return completion, completion_mask(completion)

@@ -1,0 +1,408 @@
+"""RL fine-tuning (GRPO; REINFORCE with a baseline is its one-epoch special case) and the SFT control.
+
+One loop for both testbeds, through Hugging Face Accelerate: CPU by default, a GPU when
+present, several processes under ``accelerate launch`` / ``torchrun``, mixed precision
+and gradient accumulation as options. Every optimizer step can hand its per-event and
+per-step parameter updates to an :class:`~shardlib.updates.UpdateCollector`.
+
+GRPO as in TRL / DeepSeekMath: G completions per prompt; advantage
+``(r - mean_group) / std_group`` (``scale_rewards=False`` drops the std: Dr. GRPO);
+token-level clipped surrogate with ``clip_eps``; optional KL to the frozen starting
+policy with the k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` (field notes §6).
+The loss of one micro-batch is the sum over its completion tokens divided by their
+number, so each event's term is its own tokens' share (this is what event updates
+decompose).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from . import policy as pol
+from .config import Params, param
+from .tasks import ContextualBandit, SyntheticTasks
+from .updates import RingBuffer, UpdateCollector, UpdateStore, select_params, selection_summary
+
+
+@dataclass(frozen=True)
+class RLParams(Params):
+    """Parameters of the RL fine-tuning stage (``notebooks/02_rl.ipynb``)."""
+
+    testbed: str = param("bandit", "which testbed: the contextual bandit or the synthetic-task LM", choices=("bandit", "lm"))
+    algorithm: str = param("grpo", "GRPO fine-tuning, or the SFT control on the same prompts", choices=("grpo", "sft"))
+    init_path: str = param("", "starting policy folder (LM: required, the pretrain stage's policy); '' = fresh bandit MLP")
+    steps: int = param(60, "rollout steps (each makes inner_epochs optimizer steps)", ge=1)
+    prompts_per_step: int = param(32, "prompts (bandit: contexts) per step and process", ge=1)
+    group_size: int = param(8, "GRPO: completions per prompt (G)", ge=2)
+    inner_epochs: int = param(1, "GRPO: optimizer steps per rollout batch (1 = REINFORCE with a group baseline)", ge=1)
+    lr: float = param(1e-3, "Adam learning rate", gt=0)
+    clip_eps: float = param(0.2, "GRPO: surrogate clipping epsilon", gt=0)
+    kl_beta: float = param(0.0, "weight of the KL to the starting policy (k3 estimator)", ge=0)
+    scale_rewards: bool = param(True, "divide group advantages by the group's std (False = Dr. GRPO)")
+    temperature: float = param(1.0, "sampling temperature", gt=0)
+    grad_accum: int = param(1, "micro-batches per optimizer step (gradient accumulation)", ge=1)
+    mixed_precision: str = param("no", "Accelerate mixed precision", choices=("no", "bf16", "fp16"))
+    device: str = param("auto", "'cpu', 'cuda' or 'auto' (a GPU when present)", choices=("auto", "cpu", "cuda"))
+    checkpoint_every: int = param(20, "rollout steps between checkpoints (resume point after a kill)", ge=1)
+    eval_prompts: int = param(256, "held-out prompts for the before/after evaluation", ge=1)
+    # bandit
+    n_clusters: int = param(4, "bandit: context clusters (event types)", ge=1)
+    n_arms: int = param(4, "bandit: arms", ge=2)
+    context_dim: int = param(8, "bandit: context dimension", ge=1)
+    context_noise: float = param(0.3, "bandit: std of context noise around the cluster centre", ge=0)
+    shared_arms: bool = param(False, "bandit: clusters share arms (arm = cluster mod n_arms)")
+    rare_cluster_prob: float = param(0.0, "bandit: probability of the last cluster (0 = uniform)", ge=0, lt=1)
+    negative_rewards: bool = param(False, "bandit: -1 for a wrong arm")
+    hidden: int = param(32, "bandit: MLP hidden width", ge=1)
+    env_seed: int = param(0, "bandit: seed of the cluster centres (fixed across RL seeds)", ge=0)
+    # lm
+    tasks: list[str] = param(["add", "rev", "sort", "par"], "LM: task families (must match the pretrained policy's)")
+    n_digits: int = param(4, "LM: digits per prompt (must match the pretrained policy's)", ge=1, le=12)
+    format_bonus: float = param(0.1, "LM: reward clause for a well-formed completion", ge=0)
+    spurious_bonus: float = param(0.0, "LM: reward clause for any completion containing a 7 (0 = off)", ge=0)
+    # update collection (issue 3)
+    collect_params: list[str] = param([], "glob patterns of parameters whose updates are collected ([] = none)")
+    collect_events: bool = param(True, "collect one update per reinforcement event")
+    collect_steps: bool = param(True, "collect one update per optimizer step")
+    convention: str = param("sgd", "event update scaling: -lr*g ('sgd') or Adam-preconditioned ('adam')", choices=("sgd", "adam"))
+    store_dtype: str = param("float32", "dtype of stored updates", choices=("float32", "bfloat16", "float16"))
+    collect_every: int = param(1, "collect on every k-th optimizer step", ge=1)
+    buffer_capacity: int = param(0, "ring buffer capacity in events for online SAE training (0 = no buffer)", ge=0)
+
+    def check(self):
+        if self.testbed == "lm" and not self.init_path:
+            raise ValueError("parameter 'init_path': the LM testbed needs a pretrained policy folder (the pretrain stage's 'policy')")
+        if self.prompts_per_step % self.grad_accum:
+            raise ValueError(
+                f"parameter 'grad_accum': {self.grad_accum} must divide prompts_per_step={self.prompts_per_step}"
+            )
+
+    def fingerprint(self) -> str:
+        d = self.to_dict()
+        d.pop("out_dir")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_testbed(p: RLParams):
+    if p.testbed == "bandit":
+        return ContextualBandit(
+            p.n_clusters, p.n_arms, p.context_dim, p.context_noise, p.shared_arms, p.rare_cluster_prob, p.negative_rewards, p.env_seed
+        )
+    return SyntheticTasks(tuple(p.tasks), p.n_digits, p.format_bonus, p.spurious_bonus)
+
+
+def make_accelerator(device: str, mixed_precision: str = "no", grad_accum: int = 1):
+    from accelerate import Accelerator
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no GPU is visible; use device='cpu' or 'auto'")
+    return Accelerator(cpu=(device == "cpu" or not torch.cuda.is_available()), mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """A generator per (seed, step, process): a resumed run draws exactly what an uninterrupted one would."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + step * 7919 + rank * 104_729 + 17)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    r = rewards.view(-1, group_size)
+    a = r - r.mean(1, keepdim=True)
+    if scale:
+        a = a / (r.std(1, keepdim=True) + eps)
+    return a.reshape(-1)
+
+
+def grpo_token_loss(logp, old_logp, adv, mask, clip_eps, ref_logp=None, kl_beta=0.0):
+    """Per-token loss [N, L] (masked) of the clipped surrogate plus beta * k3 KL."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    surr = torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+    loss = -surr
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        loss = loss + kl_beta * kl
+    return loss * mask, kl * mask
+
+
+@torch.no_grad()
+def evaluate(model, testbed, n_prompts: int, seed: int, temperature: float = 1.0, device="cpu") -> dict:
+    """Mean reward and per-clause reward by task family on a fixed held-out prompt set."""
+    gen = torch.Generator().manual_seed(10_000_019 + seed)
+    batch = testbed.sample(n_prompts, gen)
+    vs = getattr(testbed, "vocab_size", None)
+    comp, mask = pol.sample(model, batch["prompt"].to(device), testbed.max_new_tokens, gen, temperature, vs)
+    clauses = testbed.rewards(batch, comp.cpu(), mask.cpu())
+    total = sum(clauses.values())
+    out = {"reward": [], "n": []}
+    for k in range(len(testbed.task_names)):
+        sel = batch["task"] == k
+        out["reward"].append(float(total[sel].mean()) if sel.any() else float("nan"))
+        out["n"].append(int(sel.sum()))
+    out["clauses"] = {c: [float(v[batch["task"] == k].mean()) if (batch["task"] == k).any() else float("nan") for k in range(len(testbed.task_names))] for c, v in clauses.items()}
+    return out
+
+
+def _labels(step, rank, batch_task, group, clauses, total, adv, mask, epoch) -> dict[str, np.ndarray]:
+    lab = {
+        "step": np.full(len(total), step, dtype=np.int64),
+        "epoch": np.full(len(total), epoch, dtype=np.int64),
+        "rank": np.full(len(total), rank, dtype=np.int64),
+        "group": group.numpy().astype(np.int64),
+        "task": batch_task.numpy().astype(np.int64),
+        "reward": total.numpy().astype(np.float32),
+        "advantage": adv.numpy().astype(np.float32),
+        "length": mask.sum(1).numpy().astype(np.int64),
+    }
+    for c, v in clauses.items():
+        lab[f"reward_{c}"] = v.numpy().astype(np.float32)
+    return lab
+
+
+def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None = None) -> dict:
+    """Run the stage; returns ``{"results": Dataset, "collector": ..., "buffer": ...}``.
+
+    Resumes from ``out_dir/checkpoint`` when it exists and was written with the same
+    parameters. ``stop_after`` stops (as a kill would) after that many rollout steps.
+    """
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    out = Path(p.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    acc = make_accelerator(p.device, p.mixed_precision, p.grad_accum)
+    set_seed(p.seed)
+    testbed = make_testbed(p)
+    vs = getattr(testbed, "vocab_size", None)
+
+    # ---- policy
+    if p.init_path:
+        model = pol.load_policy(p.init_path)
+        extra = pol.load_extra(p.init_path)
+        if p.testbed == "lm":
+            pol.check_vocab(model, testbed)
+            for key in ("tasks", "n_digits"):
+                if key in extra and list(np.atleast_1d(extra[key])) != list(np.atleast_1d(getattr(p, key))):
+                    raise ValueError(f"parameter {key!r}={getattr(p, key)!r} differs from the pretrained policy's {extra[key]!r}")
+    elif p.testbed == "bandit":
+        torch.manual_seed(p.seed)
+        model = pol.MLPPolicy(p.context_dim, p.n_arms, p.hidden)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if p.kl_beta > 0 else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
+
+    # ---- resume
+    ckpt = out / "checkpoint"
+    start, history = 0, []
+    if (ckpt / "state.json").exists():
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["fingerprint"] != p.fingerprint():
+            raise RuntimeError(
+                f"{ckpt} was written by a run with other parameters; delete {out} (or run the stage with --force) to start over"
+            )
+        model = pol.load_policy(ckpt / "policy")
+        optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        start, history = state["step"], state["history"]
+        log(f"resuming from checkpoint at step {start}")
+
+    model, optimizer = acc.prepare(model, optimizer)
+    if ref is not None:
+        ref = ref.to(acc.device)
+    base = pol.unwrap(model)
+
+    # ---- update collection
+    collector = buffer = None
+    if p.collect_params:
+        sel = select_params(base, p.collect_params)
+        if acc.is_main_process:
+            log("collecting updates of:\n" + selection_summary(sel))
+        fp = p.fingerprint()
+        mk = lambda kind: UpdateStore(out / "updates" / f"{kind}s", kind, p.convention if kind == "event" else "step", fp, p.store_dtype, p.to_dict(), p.seed,
+                                   {"task_names": json.dumps(list(testbed.task_names)), "testbed": p.testbed, "algorithm": p.algorithm})  # noqa: E731
+        estore = mk("event") if (p.collect_events and acc.is_main_process) else None
+        sstore = mk("step") if (p.collect_steps and acc.is_main_process) else None
+        for s in (estore, sstore):
+            if s is not None:
+                s.truncate_from(start * p.inner_epochs)
+        if p.buffer_capacity:
+            buffer = RingBuffer({n: tuple(t.shape) for n, t in sel.items()}, p.buffer_capacity, torch.float32)
+        collector = UpdateCollector(
+            base, p.collect_params, lr=p.lr, optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+            convention=p.convention, event_store=estore, step_store=sstore, buffer=buffer, events=p.collect_events,
+            scale=1.0 / acc.num_processes, every=p.collect_every,
+        )
+        if acc.num_processes > 1 and p.collect_steps:
+            pass  # every process keeps identical parameters, the main one records the step update
+
+    if acc.is_main_process and start == 0:
+        init_eval = evaluate(base, testbed, p.eval_prompts, p.seed, p.temperature, acc.device)
+    else:
+        init_eval = history[0]["init_eval"] if history else None
+
+    bar = tqdm(total=p.steps, initial=start, desc=f"{p.algorithm}:{p.testbed}", disable=not (progress and acc.is_main_process))
+    n_micro = p.grad_accum
+    for step in range(start, p.steps):
+        t0 = time.perf_counter()
+        gen = step_generator(p.seed, step, acc.process_index)
+        batch = testbed.sample(p.prompts_per_step, gen)
+        if p.algorithm == "grpo":
+            G = p.group_size
+            rep = {k: v.repeat_interleave(G, 0) for k, v in batch.items()}
+            model.eval()
+            comp, mask = pol.sample(base, rep["prompt"].to(acc.device), testbed.max_new_tokens, gen, p.temperature, vs)
+            comp, mask = comp.cpu(), mask.cpu()
+            clauses = testbed.rewards(rep, comp, mask)
+            total = sum(clauses.values())
+            adv = group_advantages(total, G, p.scale_rewards)
+            group = torch.arange(p.prompts_per_step).repeat_interleave(G)
+        else:
+            rep = batch
+            comp, mask = testbed.sft_targets(batch)
+            clauses = testbed.rewards(rep, comp, mask)
+            total = sum(clauses.values())
+            adv = torch.ones_like(total)  # SFT = every target reinforced with advantage 1
+            group = torch.arange(p.prompts_per_step)
+        group = group + (step * acc.num_processes + acc.process_index) * p.prompts_per_step
+        prompt_d, comp_d, mask_d, adv_d = (x.to(acc.device) for x in (rep["prompt"], comp, mask, adv))
+        with torch.no_grad():
+            old_logp = pol.logprobs(base, prompt_d, comp_d, vs)[0]
+            ref_logp = pol.logprobs(ref, prompt_d, comp_d, vs)[0] if ref is not None else None
+
+        model.train()
+        N = comp.shape[0]
+        mb = N // n_micro
+        stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0}
+        for epoch in range(p.inner_epochs):
+            opt_step = step * p.inner_epochs + epoch
+            collect = collector is not None and collector.active(opt_step)
+            for m in range(n_micro):
+                sl = slice(m * mb, (m + 1) * mb)
+                with acc.accumulate(model):
+                    ctx = collector.capture(collect) if collector is not None else _null()
+                    with ctx:
+                        logp, ent = pol.logprobs(model, prompt_d[sl], comp_d[sl], vs)
+                        msk = mask_d[sl].float()
+                        ntok = msk.sum().clamp(min=1)
+                        if p.algorithm == "grpo":
+                            tok, kl = grpo_token_loss(logp, old_logp[sl], adv_d[sl], msk, p.clip_eps, None if ref_logp is None else ref_logp[sl], p.kl_beta)
+                        else:
+                            tok, kl = -logp * msk, torch.zeros_like(logp)
+                        loss = tok.sum() / ntok
+                        acc.backward(loss)
+                    if acc.sync_gradients and collect:
+                        collector.before_step()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                stats["loss"] += float(loss) / (n_micro * p.inner_epochs)
+                stats["kl"] += float(kl.sum() / ntok) / (n_micro * p.inner_epochs)
+                stats["entropy"] += float((ent * msk).sum() / ntok) / (n_micro * p.inner_epochs)
+            if collect:
+                labels = _labels(opt_step, acc.process_index, rep["task"], group, clauses, total, adv, mask, epoch)
+                if acc.num_processes > 1:
+                    labels = {k: acc.gather(torch.from_numpy(v)).numpy() for k, v in labels.items()}
+                collector.after_step(opt_step, labels, gather=acc.gather if acc.num_processes > 1 else None)
+        # ---- metrics (averaged over processes)
+        dt = time.perf_counter() - t0
+        tokens = float(mask.sum())
+        vec = torch.tensor([float(total.mean()), tokens, stats["loss"], stats["kl"], stats["entropy"]]
+                           + [float(v.mean()) for v in clauses.values()])
+        task_sum = torch.zeros(len(testbed.task_names)).index_add_(0, rep["task"], total)
+        task_cnt = torch.zeros(len(testbed.task_names)).index_add_(0, rep["task"], torch.ones_like(total))
+        if acc.num_processes > 1:
+            vec = acc.reduce(vec.to(acc.device), "mean").cpu()
+            task_sum = acc.reduce(task_sum.to(acc.device), "sum").cpu()
+            task_cnt = acc.reduce(task_cnt.to(acc.device), "sum").cpu()
+        row = {
+            "step": step,
+            "reward": float(vec[0]),
+            "tokens_per_s": float(vec[1]) * acc.num_processes / dt,
+            "steps_per_s": 1.0 / dt,
+            "loss": float(vec[2]),
+            "kl": float(vec[3]),
+            "entropy": float(vec[4]),
+            "clauses": {c: float(vec[5 + i]) for i, c in enumerate(clauses)},
+            "task_reward": (task_sum / task_cnt.clamp(min=1)).where(task_cnt > 0, torch.tensor(float("nan"))).tolist(),
+        }
+        if not history:
+            row["init_eval"] = init_eval
+        history.append(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}")
+        done = step + 1
+        if done % p.checkpoint_every == 0 or done == p.steps:
+            _checkpoint(acc, model, optimizer, ckpt, done, history, p, collector)
+        if stop_after is not None and done - start >= stop_after and done < p.steps:
+            bar.close()
+            return {"results": None, "collector": collector, "buffer": buffer, "stopped_at": done}
+    bar.close()
+
+    final_eval = evaluate(base, testbed, p.eval_prompts, p.seed, p.temperature, acc.device)
+    ds = None
+    if acc.is_main_process:
+        pol.save_policy(base, out / "policy", extra={"tasks": list(p.tasks), "n_digits": p.n_digits} if p.testbed == "lm" else None)
+        ds = history_dataset(history, testbed, history[0]["init_eval"], final_eval)
+    acc.wait_for_everyone()
+    return {"results": ds, "collector": collector, "buffer": buffer, "accelerator": acc, "model": base}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _checkpoint(acc, model, optimizer, ckpt: Path, step: int, history, p: RLParams, collector) -> None:
+    """Flush stores, then write policy + optimizer + state atomically (state.json last)."""
+    if collector is not None:
+        collector.flush()
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return
+    from .policy import _atomic_dir, _commit_dir
+
+    tmp = _atomic_dir(ckpt)
+    pol.save_policy(pol.unwrap(model), tmp / "policy")
+    opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "fingerprint": p.fingerprint()}))
+    _commit_dir(tmp, ckpt)
+
+
+def history_dataset(history: list[dict], testbed, init_eval: dict, final_eval: dict) -> xr.Dataset:
+    """Training curves and the before/after evaluation as an xarray Dataset."""
+    steps = np.array([h["step"] for h in history])
+    clauses = list(history[0]["clauses"])
+    ds = xr.Dataset(
+        {
+            "reward": ("step", [h["reward"] for h in history]),
+            "loss": ("step", [h["loss"] for h in history]),
+            "kl": ("step", [h["kl"] for h in history]),
+            "entropy": ("step", [h["entropy"] for h in history]),
+            "tokens_per_s": ("step", [h["tokens_per_s"] for h in history]),
+            "steps_per_s": ("step", [h["steps_per_s"] for h in history]),
+            "clause_reward": (("step", "clause"), [[h["clauses"][c] for c in clauses] for h in history]),
+            "task_reward": (("step", "task"), [h["task_reward"] for h in history]),
+            "eval_reward_init": ("task", init_eval["reward"]),
+            "eval_reward_final": ("task", final_eval["reward"]),
+            "eval_clause_init": (("clause", "task"), [init_eval["clauses"][c] for c in clauses]),
+            "eval_clause_final": (("clause", "task"), [final_eval["clauses"][c] for c in clauses]),
+            "eval_n": ("task", init_eval["n"]),
+        },
+        coords={"step": steps, "task": list(testbed.task_names), "clause": clauses},
+    )
+    ds["reward"].attrs["long_name"] = "mean total reward of the step's rollouts"
+    ds["eval_reward_init"].attrs["long_name"] = "mean reward on held-out prompts, starting policy"
+    ds["eval_reward_final"].attrs["long_name"] = "mean reward on held-out prompts, fine-tuned policy"
+    return ds
