@@ -108,7 +108,12 @@ class Params:
             raise ConfigError(
                 f"unknown parameter(s) {unknown} for {cls.__name__}; accepted: {sorted(fields)}"
             )
-        kwargs = {k: _coerce(k, v, hints[k], fields[k]) for k, v in values.items()}
+        full = {}
+        for name, f in fields.items():
+            full[name] = values[name] if name in values else (
+                f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            )
+        kwargs = {k: _coerce(k, v, hints[k], fields[k]) for k, v in full.items()}
         obj = cls(**kwargs)
         obj.check()
         return obj

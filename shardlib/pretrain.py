@@ -26,7 +26,7 @@ from .tasks import SyntheticTasks
 class PretrainParams(Params):
     """Parameters of the pretrain stage (``notebooks/01_pretrain.ipynb``)."""
 
-    tasks: list[str] = param(["add", "rev", "sort", "par"], "task families of the mixture")
+    tasks: list[str] = param(["max", "rev", "sort", "par"], "task families of the mixture")
     n_digits: int = param(4, "digits per prompt", ge=1, le=12)
     init_path: str = param("", "start from this causal-LM checkpoint folder instead of a fresh tiny Llama")
     d_model: int = param(64, "hidden size of the fresh tiny Llama", ge=8)
@@ -75,7 +75,7 @@ def train(p: PretrainParams, progress: bool = True) -> xr.Dataset:
         acc.backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         times.append(time.perf_counter() - t0)
     final = evaluate(base, tasks, p.eval_prompts, p.seed, device=acc.device)
     if acc.is_main_process:

@@ -65,7 +65,7 @@ class RLParams(Params):
     hidden: int = param(32, "bandit: MLP hidden width", ge=1)
     env_seed: int = param(0, "bandit: seed of the cluster centres (fixed across RL seeds)", ge=0)
     # lm
-    tasks: list[str] = param(["add", "rev", "sort", "par"], "LM: task families (must match the pretrained policy's)")
+    tasks: list[str] = param(["max", "rev", "sort", "par"], "LM: task families (must match the pretrained policy's)")
     n_digits: int = param(4, "LM: digits per prompt (must match the pretrained policy's)", ge=1, le=12)
     format_bonus: float = param(0.1, "LM: reward clause for a well-formed completion", ge=0)
     spurious_bonus: float = param(0.0, "LM: reward clause for any completion containing a 7 (0 = off)", ge=0)
@@ -303,9 +303,9 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
                         collector.before_step()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                stats["loss"] += float(loss) / (n_micro * p.inner_epochs)
-                stats["kl"] += float(kl.sum() / ntok) / (n_micro * p.inner_epochs)
-                stats["entropy"] += float((ent * msk).sum() / ntok) / (n_micro * p.inner_epochs)
+                stats["loss"] += float(loss.detach()) / (n_micro * p.inner_epochs)
+                stats["kl"] += float(kl.detach().sum() / ntok) / (n_micro * p.inner_epochs)
+                stats["entropy"] += float((ent.detach() * msk).sum() / ntok) / (n_micro * p.inner_epochs)
             if collect:
                 labels = _labels(opt_step, acc.process_index, rep["task"], group, clauses, total, adv, mask, epoch)
                 if acc.num_processes > 1:

@@ -256,11 +256,17 @@ def validate_store(ds: xr.Dataset, where: str = "store") -> None:
             finite = finite.compute()
         if not bool(finite):
             raise StoreError(f"{where}: variable {v!r} holds NaN or Inf updates")
-    for c in ds.coords:
-        if c != "event" and ds[c].dims != ("event",) and "event" in ds[c].dims:
-            raise StoreError(f"{where}: label {c!r} has dims {ds[c].dims}; labels must be 1-d along 'event'")
-        if ds[c].dims == ("event",) and ds[c].size != n:  # pragma: no cover - xarray enforces
-            raise StoreError(f"{where}: label {c!r} has {ds[c].size} values for {n} events")
+    tensor_dims = {d for v in names for d in ds[v].dims[1:]}
+    labels = [c for c in list(ds.coords) + list(ds.data_vars) if c not in names and c != "event"]
+    for c in labels:
+        dims = ds[c].dims
+        if dims == ("event",) or (dims and set(dims) <= tensor_dims):
+            continue
+        size = ds[c].size
+        raise StoreError(
+            f"{where}: label {c!r} has dims {dims} ({size} values) but the store has {n} events; "
+            "labels must be 1-d along 'event', one value per event"
+        )
 
 
 def flat_updates(ds: xr.Dataset) -> dict[str, np.ndarray]:

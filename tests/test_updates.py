@@ -1,0 +1,227 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+from shardlib import policy as pol
+from shardlib.rl import RLParams, train
+from shardlib.updates import (
+    RingBuffer, StoreError, UpdateCollector, UpdateStore, open_store, select_params, update_norms, update_vars,
+)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def per_event_losses(model, x, y):
+    return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def test_selection_by_glob_and_empty_selection_error():
+    m = mlp()
+    assert list(select_params(m, "*.weight")) == ["0.weight", "2.weight"]
+    with pytest.raises(ValueError, match="no parameter matches"):
+        select_params(m, "*.mlp.*")
+
+
+def test_non_linear_parameter_is_rejected_for_event_updates():
+    m = nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="belongs to a Embedding"):
+        UpdateCollector(m, ["0.weight"], lr=0.1)
+    UpdateCollector(m, ["0.weight"], lr=0.1, events=False)  # step updates work for any tensor
+
+
+def test_hand_written_loop_event_updates_sum_to_step_and_match_per_sample_gradients(tmp_path):
+    m = mlp()
+    lr = 0.05
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    es = UpdateStore(tmp_path / "ev", "event", "sgd", "f")
+    ss = UpdateStore(tmp_path / "st", "step", "step", "f")
+    col = UpdateCollector(m, ["*"], lr=lr, event_store=es, step_store=ss)
+    x, y = torch.randn(7, 6), torch.randint(3, (7,))
+    with col.capture():
+        loss = per_event_losses(m, x, y).sum()
+        loss.backward()
+    grads = col.event_gradients()
+    for n, p in m.named_parameters():
+        assert torch.allclose(grads[n].sum(0), p.grad, atol=1e-6), n
+        # reference: each event's gradient by its own backward pass
+        ref = torch.autograd.grad(per_event_losses(m, x[2:3], y[2:3]).sum(), p)[0]
+        assert torch.allclose(grads[n][2], ref, atol=1e-6), n
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    col.before_step()
+    opt.step()
+    ups = col.after_step(0, {"step": np.zeros(7, dtype=np.int64), "task": y.numpy()})
+    col.flush()
+    ev, st = open_store(tmp_path / "ev"), open_store(tmp_path / "st")
+    assert ev.sizes["event"] == 7 and st.sizes["event"] == 1
+    for n, p in m.named_parameters():
+        total = torch.as_tensor(ev[n].values).sum(0)
+        assert torch.allclose(total, p.detach() - before[n], atol=1e-6)  # SGD: sum of events = step
+        assert torch.allclose(torch.as_tensor(st[n].values[0]), p.detach() - before[n], atol=1e-7)
+        assert torch.allclose(ups[n], torch.as_tensor(ev[n].values))
+    assert ev[update_vars(ev)[0]].attrs["param"] == "0.weight"
+    assert ev.attrs["kind"] == "event" and ev.attrs["convention"] == "sgd"
+
+
+def test_adam_convention_preconditions_each_event():
+    m = mlp()
+    opt = torch.optim.Adam(m.parameters(), lr=0.01)
+    col = UpdateCollector(m, ["2.weight"], lr=0.01, optimizer=opt, convention="adam")
+    x, y = torch.randn(4, 6), torch.randint(3, (4,))
+    with col.capture():
+        per_event_losses(m, x, y).sum().backward()
+    g = col.event_gradients()["2.weight"]
+    opt.step()
+    u = col.after_step(0)["2.weight"]
+    v = opt.state[m[2].weight]["exp_avg_sq"] / (1 - 0.999)
+    assert torch.allclose(u, -0.01 * g / (v.sqrt() + 1e-8), atol=1e-6)
+
+
+def test_lm_event_gradients_sum_to_the_rl_step_gradient(tmp_path, tiny_lm_dir):
+    """Inside the real GRPO step (token-level loss, several linear layers)."""
+    from shardlib import rl
+    from shardlib.tasks import SyntheticTasks
+
+    model = pol.load_policy(tiny_lm_dir)
+    tasks = SyntheticTasks()
+    col = UpdateCollector(model, ["*.mlp.*.weight", "*.self_attn.q_proj.weight"], lr=1.0)
+    g = torch.Generator().manual_seed(0)
+    b = tasks.sample(3, g)
+    prompt = b["prompt"].repeat_interleave(4, 0)
+    comp, mask = pol.sample(model, prompt, tasks.max_new_tokens, g, vocab_size=tasks.vocab_size)
+    adv = torch.randn(12)
+    with col.capture():
+        logp, _ = pol.logprobs(model, prompt, comp, tasks.vocab_size)
+        tok, _ = rl.grpo_token_loss(logp, logp.detach(), adv, mask.float(), 0.2)
+        (tok.sum() / mask.sum()).backward()
+    grads = col.event_gradients()
+    named = dict(model.named_parameters())
+    for n, ge in grads.items():
+        assert ge.shape == (12, *named[n].shape)
+        assert torch.allclose(ge.sum(0), named[n].grad, atol=1e-5), n
+
+
+def _write(ds, path):
+    ds.to_netcdf(path)
+    return path
+
+
+def good_store():
+    ds = xr.Dataset(
+        {"w": (("event", "w_dim0", "w_dim1"), np.random.default_rng(0).normal(size=(5, 3, 2)).astype("float32"))},
+        coords={"step": ("event", np.arange(5)), "task": ("event", np.array([0, 1, 0, 1, 0]))},
+        attrs={"kind": "event", "convention": "sgd"},
+    )
+    ds["w"].attrs["param"] = "layer.weight"
+    return ds
+
+
+def test_store_written_by_hand_roundtrips(tmp_path):
+    ds = good_store()
+    out = open_store(_write(ds, tmp_path / "mine.nc"))
+    assert np.array_equal(out["w"].values, ds["w"].values)
+    df = update_norms(out)
+    assert np.allclose(df["norm"], np.sqrt((ds["w"].values ** 2).sum((1, 2))))
+
+
+def test_lazy_open_for_large_stores(tmp_path):
+    out = open_store(_write(good_store(), tmp_path / "s.nc"), lazy_above_bytes=0)
+    assert hasattr(out["w"].data, "chunks")
+
+
+@pytest.mark.parametrize(
+    "breakage,message",
+    [
+        (lambda ds: ds.assign(w=ds["w"].assign_attrs(param=None).drop_attrs()), "no parameter variable"),
+        (lambda ds: ds.assign(w=ds["w"].transpose("w_dim0", "event", "w_dim1")), "'w' has dims .* the first must be 'event'"),
+        (lambda ds: ds.assign(w=ds["w"].where(ds.step != 2, np.nan)), "'w' holds NaN or Inf"),
+        (lambda ds: ds.assign_coords(reward=("label", np.arange(4.0))), "label 'reward' has dims \\('label',\\) \\(4 values\\) but the store has 5 events"),
+        (lambda ds: ds.drop_attrs(deep=False), "attribute 'kind'"),
+    ],
+)
+def test_malformed_stores_are_rejected_naming_the_problem(tmp_path, breakage, message):
+    bad = breakage(good_store())
+    with pytest.raises(StoreError, match=message):
+        open_store(_write(bad, tmp_path / "bad.nc"))
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(tmp_path / "nope")
+
+
+def test_crash_mid_write_leaves_a_readable_store(tmp_path):
+    s = UpdateStore(tmp_path / "st", "event", "sgd", "f")
+    s.append({"w": torch.ones(2, 3)}, {"step": np.array([0, 0])}, 0)
+    s.flush()
+    s.append({"w": torch.ones(2, 3)}, {"step": np.array([1, 1])}, 1)
+
+    class Boom(Exception):
+        pass
+
+    def explode(self, ds, first, last):  # the process dies while writing the second chunk
+        from shardlib.io import atomic_write
+
+        def half(tmp):
+            open(tmp, "wb").write(b"CDF\x01 half a file")
+            raise Boom
+
+        atomic_write(self.path / f"chunk-{first:08d}-{last:08d}.nc", half)
+
+    orig = UpdateStore._write
+    UpdateStore._write = explode
+    try:
+        with pytest.raises(Boom):
+            s.flush()
+    finally:
+        UpdateStore._write = orig
+    (tmp_path / "st" / "chunk-00000001-00000001.nc.x.tmp").write_bytes(b"garbage")  # a tmp file a SIGKILL left
+    ds = open_store(tmp_path / "st")
+    assert ds.sizes["event"] == 2 and ds["step"].values.tolist() == [0, 0]
+
+
+def test_truncate_drops_events_from_resume_point(tmp_path):
+    s = UpdateStore(tmp_path / "st", "event", "sgd", "f")
+    for step in range(4):
+        s.append({"w": torch.full((2, 1), float(step))}, {"step": np.array([step, step])}, step)
+    s.flush()  # one chunk covering steps 0..3
+    s.truncate_from(2)
+    ds = open_store(tmp_path / "st")
+    assert ds["step"].values.tolist() == [0, 0, 1, 1]
+
+
+def test_another_runs_store_is_never_overwritten(tmp_path):
+    UpdateStore(tmp_path / "st", "event", "sgd", "run-a")
+    with pytest.raises(StoreError, match="another run"):
+        UpdateStore(tmp_path / "st", "event", "sgd", "run-b")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "precious.txt").write_text("x")
+    with pytest.raises(StoreError, match="not empty"):
+        UpdateStore(tmp_path / "other", "event", "sgd", "run-a")
+
+
+def test_ring_buffer_keeps_the_most_recent_and_bounds_memory():
+    b = RingBuffer({"w": (2,)}, capacity=5)
+    for i in range(3):
+        b.add({"w": torch.full((3, 2), float(i))}, {"step": np.full(3, i)})
+    assert b.size == 5 and b.total_added == 9 and b.nbytes == 5 * 2 * 4
+    assert sorted(b.labels["step"].tolist()) == [1, 1, 2, 2, 2]
+    s = b.sample(100, torch.Generator().manual_seed(0))["w"]
+    assert set(s[:, 0].tolist()) <= {1.0, 2.0}
+
+
+def test_subsampling_and_half_precision_storage(tmp_path):
+    p = RLParams.from_dict(dict(out_dir=str(tmp_path / "r"), testbed="bandit", steps=6, prompts_per_step=4, group_size=2,
+                                eval_prompts=8, device="cpu", collect_params=["net.2.*"], collect_every=3, store_dtype="bfloat16"))
+    train(p, progress=False)
+    ev = open_store(tmp_path / "r/updates/events")
+    assert sorted(set(ev["step"].values.tolist())) == [0, 3]
+    w = ev["net.2.weight"].values
+    assert np.array_equal(w, torch.tensor(w).bfloat16().float().numpy())  # values are exactly bf16
+    assert json.loads(ev.attrs["task_names"]) == [f"cluster{k}" for k in range(4)]
