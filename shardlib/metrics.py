@@ -1,0 +1,106 @@
+"""Metrics with reference definitions (field notes §3-5).
+
+Reconstruction (Gao et al. 2024; SAELens' corrected definition)
+    FVU = sum_b ||x_b - xhat_b||^2 / sum_b ||x_b - xbar||^2, from sufficient statistics
+    accumulated over the whole evaluation set (never a mean of per-sample ratios).
+Ground-truth recovery (G: ground-truth directions, D: decoder directions, C = |cos|)
+    MMCS(G->D) = mean_j max_i C_ij; MMCS(D->G) = mean_i max_j C_ij;
+    R@t = fraction of G with a match >= t, with uniqueness = distinct best matches / |G|;
+    Hungarian MCC = mean |cos| of the one-to-one matching (scipy linear_sum_assignment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ReconStats:
+    """Sufficient statistics for FVU, L0, dead/dense fractions and shrinkage."""
+
+    n: int = 0
+    sse: float = 0.0
+    sum_sq: float = 0.0
+    sum_x: dict = field(default_factory=dict)
+    l0_sum: float = 0.0
+    fires: torch.Tensor | None = None
+    shrink_sum: float = 0.0
+    n_nonzero: int = 0
+
+    def update(self, x: dict[str, torch.Tensor], xhat: dict[str, torch.Tensor], z: torch.Tensor) -> None:
+        n = z.shape[0]
+        xs = torch.zeros(n, dtype=torch.float64)
+        hs = torch.zeros(n, dtype=torch.float64)
+        for k, v in x.items():
+            v64, h64 = v.double().reshape(n, -1), xhat[k].double().reshape(n, -1)
+            self.sse += float(((v64 - h64) ** 2).sum())
+            self.sum_sq += float((v64**2).sum())
+            self.sum_x[k] = self.sum_x.get(k, 0) + v64.sum(0)
+            xs += (v64**2).sum(1)
+            hs += (h64**2).sum(1)
+        active = (z != 0)
+        self.l0_sum += float(active.sum())
+        f = active.sum(0).double().cpu()
+        self.fires = f if self.fires is None else self.fires + f
+        nz = xs > 0  # shrinkage is undefined for an all-zero update
+        self.shrink_sum += float((hs[nz].sqrt() / xs[nz].sqrt()).sum())
+        self.n_nonzero += int(nz.sum())
+        self.n += n
+
+    def result(self) -> dict[str, float]:
+        mean_sq = sum(float((s / self.n) @ (s / self.n)) for s in self.sum_x.values())
+        denom = self.sum_sq - self.n * mean_sq
+        freq = self.fires / self.n
+        return {
+            "fvu": self.sse / denom if denom > 0 else float("nan"),
+            "l0": self.l0_sum / self.n,
+            "dead_fraction": float((freq == 0).double().mean()),
+            "dense_fraction": float((freq > 0.1).double().mean()),
+            "shrinkage": self.shrink_sum / self.n_nonzero if self.n_nonzero else float("nan"),
+        }
+
+
+def fvu(x: np.ndarray, xhat: np.ndarray) -> float:
+    """FVU of flattened samples [n, d] (reference definition, for tests and small data)."""
+    x, xhat = np.asarray(x, np.float64).reshape(len(x), -1), np.asarray(xhat, np.float64).reshape(len(x), -1)
+    return float(((x - xhat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def abs_cos(G: np.ndarray, D: np.ndarray) -> np.ndarray:
+    """|cos| between rows of G [g, d] and rows of D [f, d]: matrix [g, f]."""
+    G = np.asarray(G, np.float64).reshape(len(G), -1)
+    D = np.asarray(D, np.float64).reshape(len(D), -1)
+    G = G / np.linalg.norm(G, axis=1, keepdims=True).clip(1e-30)
+    D = D / np.linalg.norm(D, axis=1, keepdims=True).clip(1e-30)
+    return np.abs(G @ D.T)
+
+
+def mmcs(G, D) -> tuple[float, float]:
+    """(MMCS(G->D) recovery, MMCS(D->G) which penalizes junk latents)."""
+    C = abs_cos(G, D)
+    return float(C.max(1).mean()), float(C.max(0).mean())
+
+
+def recall_at(G, D, t: float = 0.9) -> tuple[float, float]:
+    """(fraction of ground truth matched at |cos| >= t, uniqueness of best matches)."""
+    C = abs_cos(G, D)
+    best = C.argmax(1)
+    return float((C.max(1) >= t).mean()), len(set(best.tolist())) / len(C)
+
+
+def hungarian_mcc(G, D) -> float:
+    """Mean |cos| of the optimal one-to-one matching."""
+    from scipy.optimize import linear_sum_assignment
+
+    C = abs_cos(G, D)
+    r, c = linear_sum_assignment(-C)
+    return float(C[r, c].sum() / len(G))
+
+
+def recovery(G, D, t: float = 0.9) -> dict[str, float]:
+    g2d, d2g = mmcs(G, D)
+    r, uniq = recall_at(G, D, t)
+    return {"mmcs_g2d": g2d, "mmcs_d2g": d2g, f"r@{t}": r, "uniqueness": uniq, "hungarian_mcc": hungarian_mcc(G, D)}

@@ -1,0 +1,243 @@
+"""Shards: a TopK sparse autoencoder on parameter updates, low-rank per weight matrix (L3D-style).
+
+Data point: one update ``x`` = a set of tensors (the selected parameters). Latent ``i``
+owns, per weight matrix (d_out x d_in), decoder factors ``U_i`` (d_out x r) and ``V_i``
+(d_in x r), so its direction there is ``U_i V_i^T``; vectors (biases, norms) and
+``rank=0`` (the dense baseline) use plain dense factors. Encoder factors have the same
+shapes (untied; initialized from the decoder).
+
+- scores ``a = <x - b_pre, E_i> + b_enc``, with ``<G, A B^T> = sum_r a_r^T G b_r``: one
+  matmul ``G @ B`` for all latents, then a batched dot with ``A``; no d_out x d_in matrix
+  per latent is ever formed;
+- activation: TopK (``z = ReLU(TopK_k(a))``, Gao et al. 2024), BatchTopK (top k*B over the
+  batch; a threshold at inference, Bussmann et al. 2024), and ``signed`` (TopK on |a|,
+  sign kept, as L3D: a parameter direction has no preferred sign);
+- reconstruction ``xhat = b_pre + sum_i z_i D_i`` from the *active* latents' factors only
+  (per sample, cost N k d_out d_in r);
+- decoder directions have unit norm over the whole parameter-space direction (the norm
+  is divided out in the forward pass, and the factors are rescaled after each step);
+- AuxK loss for dead latents (no bias in the auxiliary reconstruction; dead = not fired
+  within ``dead_window`` samples), ``L = L_rec + aux_coef * L_aux``;
+- ``b_pre`` initialized from the data mean; inputs divided by one scale factor (saved
+  with the model) so that the mean squared norm is 1.
+
+Saved as ``sae.safetensors`` + ``cfg.json`` (sparsify style).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+Tensors = dict[str, torch.Tensor]
+
+
+class ShardSAE(nn.Module):
+    def __init__(
+        self,
+        shapes: dict[str, tuple],
+        n_latents: int,
+        k: int,
+        rank: int = 1,
+        activation: str = "topk",
+        signed: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if activation not in ("topk", "batchtopk"):
+            raise ValueError(f"activation must be 'topk' or 'batchtopk', got {activation!r}")
+        if not 1 <= k <= n_latents:
+            raise ValueError(f"k={k} must be between 1 and n_latents={n_latents}")
+        self.names = list(shapes)
+        self.shapes = {n: tuple(int(s) for s in shapes[n]) for n in self.names}
+        self.n_latents, self.k, self.rank, self.activation, self.signed = n_latents, k, rank, activation, signed
+        g = torch.Generator().manual_seed(seed)
+        F = n_latents
+        self.dec = nn.ParameterDict()
+        self.enc = nn.ParameterDict()
+        self.b_pre = nn.ParameterDict()
+        for j, n in enumerate(self.names):
+            shape = self.shapes[n]
+            if self.lowrank(n):
+                d_out, d_in = shape
+                self.dec[f"{j}_U"] = nn.Parameter(torch.randn(F, d_out, rank, generator=g) / math.sqrt(d_out))
+                self.dec[f"{j}_V"] = nn.Parameter(torch.randn(F, d_in, rank, generator=g) / math.sqrt(d_in))
+            else:
+                D = math.prod(shape)
+                self.dec[f"{j}_W"] = nn.Parameter(torch.randn(F, D, generator=g) / math.sqrt(D))
+            self.b_pre[str(j)] = nn.Parameter(torch.zeros(shape))
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("threshold", torch.tensor(0.0))  # BatchTopK inference threshold
+        self.normalize_decoder_()
+        for key, p in self.dec.items():
+            self.enc[key] = nn.Parameter(p.detach().clone())
+
+    # -- structure ---------------------------------------------------------
+    def lowrank(self, name: str) -> bool:
+        return self.rank > 0 and len(self.shapes[name]) == 2
+
+    def config(self) -> dict:
+        return {
+            "shapes": {n: list(s) for n, s in self.shapes.items()},
+            "n_latents": self.n_latents,
+            "k": self.k,
+            "rank": self.rank,
+            "activation": self.activation,
+            "signed": self.signed,
+        }
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- inner products with a set of factors ------------------------------
+    def _inner(self, y: Tensors, factors: nn.ParameterDict) -> torch.Tensor:
+        """<y_n, F_i> summed over tensors, for every sample n and latent i: [N, F]."""
+        out = 0.0
+        F = self.n_latents
+        for j, n in enumerate(self.names):
+            x = y[n]
+            N = x.shape[0]
+            if self.lowrank(n):
+                A, B = factors[f"{j}_U"], factors[f"{j}_V"]
+                r = A.shape[-1]
+                xB = x @ B.permute(1, 0, 2).reshape(B.shape[1], F * r)  # [N, d_out, F r]
+                s = (xB * A.permute(1, 0, 2).reshape(A.shape[1], F * r)).sum(1)
+                out = out + s.view(N, F, r).sum(-1)
+            else:
+                out = out + x.reshape(N, -1) @ factors[f"{j}_W"].T
+        return out
+
+    def decoder_norms(self) -> torch.Tensor:
+        """||D_i|| over all tensors together, from r x r Gram matrices: [F]."""
+        sq = 0.0
+        for j, n in enumerate(self.names):
+            if self.lowrank(n):
+                U, V = self.dec[f"{j}_U"], self.dec[f"{j}_V"]
+                sq = sq + ((U.transpose(1, 2) @ U) * (V.transpose(1, 2) @ V)).sum((1, 2))
+            else:
+                sq = sq + (self.dec[f"{j}_W"] ** 2).sum(1)
+        return sq.clamp(min=1e-30).sqrt()
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale decoder factors so every direction has unit norm (U, V each by norm^-1/2)."""
+        norms = self.decoder_norms()
+        for j, n in enumerate(self.names):
+            if self.lowrank(n):
+                self.dec[f"{j}_U"].div_(norms.sqrt()[:, None, None])
+                self.dec[f"{j}_V"].div_(norms.sqrt()[:, None, None])
+            else:
+                self.dec[f"{j}_W"].div_(norms[:, None])
+
+    # -- forward -----------------------------------------------------------
+    def center(self, x: Tensors) -> Tensors:
+        return {n: x[n] / self.scale - self.b_pre[str(j)] for j, n in enumerate(self.names)}
+
+    def pre_acts(self, y: Tensors) -> torch.Tensor:
+        return self._inner(y, self.enc) + self.b_enc
+
+    def activate(self, a: torch.Tensor) -> torch.Tensor:
+        """Sparse codes z [N, F] (zeros off the active set)."""
+        mag = a.abs() if self.signed else a
+        if self.activation == "batchtopk" and not self.training:
+            keep = mag > self.threshold
+        elif self.activation == "batchtopk":
+            flat = mag.reshape(-1)
+            kk = min(flat.numel(), self.k * a.shape[0])
+            idx = flat.topk(kk).indices
+            keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, idx, True).view_as(a)
+            with torch.no_grad():  # running mean of the smallest kept positive magnitude
+                kept = mag[keep & (mag > 0)]
+                if kept.numel():
+                    m = kept.min()
+                    self.threshold.copy_(m if self.threshold == 0 else 0.99 * self.threshold + 0.01 * m)
+        else:
+            idx = mag.topk(self.k, dim=1).indices
+            keep = torch.zeros_like(a, dtype=torch.bool).scatter_(1, idx, True)
+        z = torch.where(keep, a, torch.zeros_like(a))
+        return z if self.signed else torch.relu(z)
+
+    def decode_active(self, z: torch.Tensor, with_bias: bool = True) -> Tensors:
+        """Reconstruction from the nonzero entries of z, per sample, using only active factors."""
+        N = z.shape[0]
+        kk = max(1, int((z != 0).sum(1).max()))
+        vals, idx = z.abs().topk(kk, dim=1)
+        vals = z.gather(1, idx) / self.decoder_norms()[idx]  # unit-norm directions
+        out = {}
+        for j, n in enumerate(self.names):
+            if self.lowrank(n):
+                U, V = self.dec[f"{j}_U"][idx], self.dec[f"{j}_V"][idx]  # [N, kk, d, r]
+                r = U.shape[-1]
+                Uz = (U * vals[..., None, None]).permute(0, 2, 1, 3).reshape(N, U.shape[2], kk * r)
+                Vr = V.permute(0, 1, 3, 2).reshape(N, kk * r, V.shape[2])
+                xh = Uz @ Vr
+            else:
+                xh = (vals[..., None] * self.dec[f"{j}_W"][idx]).sum(1).view(N, *self.shapes[n])
+            out[n] = xh + self.b_pre[str(j)] if with_bias else xh
+        return out
+
+    def forward(self, x: Tensors):
+        """(reconstruction in normalized units, codes z, pre-activations a, centered input y)."""
+        y = self.center(x)
+        a = self.pre_acts(y)
+        z = self.activate(a)
+        return self.decode_active(z), z, a, y
+
+    def reconstruct(self, x: Tensors) -> Tensors:
+        """Reconstruction in the input's units."""
+        xh, *_ = self.forward(x)
+        return {n: v * self.scale for n, v in xh.items()}
+
+    @torch.no_grad()
+    def directions(self) -> Tensors:
+        """Each latent's dense unit-norm decoder direction per tensor: {name: [F, *shape]} (output only)."""
+        norms = self.decoder_norms()
+        out = {}
+        for j, n in enumerate(self.names):
+            if self.lowrank(n):
+                d = torch.einsum("for,fir->foi", self.dec[f"{j}_U"], self.dec[f"{j}_V"])
+            else:
+                d = self.dec[f"{j}_W"].view(self.n_latents, *self.shapes[n])
+            out[n] = d / norms.view(-1, *([1] * (d.ndim - 1)))
+        return out
+
+    # -- io ----------------------------------------------------------------
+    def save(self, path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / "sae.safetensors"))
+        (path / "cfg.json").write_text(json.dumps(self.config(), indent=1))
+
+    @classmethod
+    def load(cls, path) -> "ShardSAE":
+        path = Path(path)
+        cfg = json.loads((path / "cfg.json").read_text())
+        sae = cls(**cfg)
+        sae.load_state_dict(load_file(str(path / "sae.safetensors")))
+        return sae
+
+
+def aux_loss(sae: ShardSAE, a: torch.Tensor, y: Tensors, xhat: Tensors, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): reconstruct the residual with the top-k_aux dead latents, no bias."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return a.new_zeros(())
+    e = {n: (y[n] - xhat[n]).detach() for n in sae.names}
+    mag = (a.abs() if sae.signed else a).masked_fill(~dead[None], -float("inf"))
+    kk = min(k_aux, n_dead)
+    idx = mag.topk(kk, dim=1).indices
+    za = torch.zeros_like(a).scatter(1, idx, a.gather(1, idx))
+    if not sae.signed:
+        za = torch.relu(za)
+    if not (za != 0).any():
+        return a.new_zeros(())
+    eh = sae.decode_active(za, with_bias=False)
+    num = sum(((e[n] - eh[n]) ** 2).sum() for n in sae.names)
+    den = sum(((e[n] - e[n].mean(0)) ** 2).sum() for n in sae.names)
+    return num / den.clamp(min=1e-30)
