@@ -75,3 +75,98 @@ def flatten(tensors: dict[str, torch.Tensor], names=None) -> np.ndarray:
     names = names or list(tensors)
     n = tensors[names[0]].shape[0]
     return torch.cat([tensors[k].reshape(n, -1) for k in names], 1).numpy()
+
+
+# ---------------------------------------------------------------------------
+# the positive-control experiment
+
+from dataclasses import dataclass  # noqa: E402
+
+from .config import Params, param  # noqa: E402
+
+
+@dataclass(frozen=True)
+class PlantedParams(Params):
+    """Parameters of the planted-shard positive control (``notebooks/04_planted.ipynb``)."""
+
+    d_model: int = param(64, "shapes: hidden size of the tiny Llama whose weight shapes are used", ge=8)
+    d_ff: int = param(128, "shapes: MLP width", ge=8)
+    n_layers: int = param(2, "shapes: layers", ge=1)
+    tensors: list[str] = param(["mlp"], "which weight groups: 'mlp' and/or 'attn'")
+    n_shards: int = param(16, "ground-truth shards", ge=1)
+    n_events: int = param(2048, "synthetic updates", ge=16)
+    active_per_event: float = param(2.0, "mean number of shards active per update", gt=0)
+    planted_rank: int = param(1, "rank of each ground-truth shard per matrix", ge=1)
+    tensors_per_shard: int = param(2, "tensors each ground-truth shard touches", ge=1)
+    zipf: float = param(1.0, "Zipf exponent of the shards' firing frequencies", ge=0)
+    noise: float = param(0.05, "noise norm relative to a unit shard", ge=0)
+    data_seed: int = param(0, "seed of the synthetic data", ge=0)
+    n_latents: int = param(32, "SAE latents", ge=1)
+    k: int = param(4, "SAE active latents per update", ge=1)
+    ranks: list[int] = param([1, 2, 0], "SAE ranks to compare (0 = dense baseline)")
+    seeds: list[int] = param([0, 1], "SAE seeds (seed-to-seed stability needs two or more)")
+    signed: bool = param(True, "signed TopK (planted coefficients are signed)")
+    epochs: int = param(10, "SAE epochs", ge=1)
+    batch_size: int = param(128, "SAE batch size", ge=1)
+    lr: float = param(3e-3, "SAE learning rate", gt=0)
+    device: str = param("auto", "'cpu', 'cuda' or 'auto'", choices=("auto", "cpu", "cuda"))
+
+    def check(self):
+        bad = [t for t in self.tensors if t not in ("mlp", "attn")]
+        if bad or not self.tensors:
+            raise ValueError(f"parameter 'tensors': got {list(self.tensors)}; accepted: a non-empty list of 'mlp', 'attn'")
+        if any(r < 0 for r in self.ranks) or not self.ranks:
+            raise ValueError(f"parameter 'ranks': got {list(self.ranks)}; accepted: ranks >= 0 (0 = dense)")
+        if not self.seeds:
+            raise ValueError("parameter 'seeds': give at least one seed")
+
+
+def run_control(p: PlantedParams, progress: bool = True):
+    """Train an SAE per (rank, seed) on the same planted data; returns (results Dataset, SAEs)."""
+    import time
+
+    import xarray as xr
+    from tqdm.auto import tqdm
+
+    from . import metrics
+    from .shards import ShardParams, evaluate, train
+
+    shapes = model_shapes(p.d_model, p.d_ff, p.n_layers, tuple(p.tensors))
+    data, truth, codes, freq = planted_updates(shapes, p.n_shards, p.n_events, p.active_per_event, p.planted_rank,
+                                               p.tensors_per_shard, p.zipf, p.noise, True, p.data_seed)
+    names = list(shapes)
+    G = flatten(truth, names)
+    rows, saes = {}, {}
+    keys = ["mmcs_g2d", "mmcs_d2g", "r@0.9", "uniqueness", "hungarian_mcc", "fvu", "l0", "dead_fraction",
+            "seconds", "seconds_per_epoch", "n_parameters"]
+    for rank in tqdm(p.ranks, desc="ranks", disable=not progress):
+        for seed in p.seeds:
+            sp = ShardParams.from_dict({"out_dir": f"{p.out_dir}/sae_rank{rank}_seed{seed}", "seed": seed, "store_path": "planted",
+                                        "n_latents": p.n_latents, "k": p.k, "rank": rank, "signed": p.signed, "epochs": p.epochs,
+                                        "batch_size": p.batch_size, "lr": p.lr, "device": p.device, "skip_zero_updates": False,
+                                        "checkpoint_every": p.epochs})
+            t0 = time.perf_counter()
+            res = train(sp, progress=False, data=data)
+            dt = time.perf_counter() - t0
+            sae = res["sae"].cpu()
+            D = flatten(sae.directions(), names)
+            m = metrics.recovery(G, D)
+            m.update(evaluate(sae, data, res["heldout_idx"]))
+            m.update(seconds=dt, seconds_per_epoch=dt / p.epochs, n_parameters=sae.n_parameters())
+            rows[(rank, seed)] = m
+            saes[(rank, seed)] = sae
+    ds = xr.Dataset(
+        {k.replace("@", "_at_"): (("rank", "seed"), [[rows[(r, s)][k] for s in p.seeds] for r in p.ranks]) for k in keys},
+        coords={"rank": list(p.ranks), "seed": list(p.seeds)},
+    )
+    stab = []
+    for r in p.ranks:
+        pairs = [(a, b) for i, a in enumerate(p.seeds) for b in p.seeds[i + 1 :]]
+        vals = [metrics.hungarian_mcc(flatten(saes[(r, a)].directions(), names), flatten(saes[(r, b)].directions(), names)) for a, b in pairs]
+        stab.append(float(np.mean(vals)) if vals else float("nan"))
+    ds["seed_stability"] = ("rank", stab)
+    ds["frequency"] = ("truth", freq)
+    ds["dense_n_parameters"] = 2 * p.n_latents * G.shape[1] + p.n_latents + G.shape[1]
+    ds.attrs["n_params_per_update"] = int(G.shape[1])
+    ds.attrs["tensors"] = ",".join(names)
+    return ds, saes

@@ -77,10 +77,21 @@ class RLParams(Params):
     store_dtype: str = param("float32", "dtype of stored updates", choices=("float32", "bfloat16", "float16"))
     collect_every: int = param(1, "collect on every k-th optimizer step", ge=1)
     buffer_capacity: int = param(0, "ring buffer capacity in events for online SAE training (0 = no buffer)", ge=0)
+    # online shards (issue 4)
+    online_sae: bool = param(False, "train a shard SAE online from the ring buffer while RL runs")
+    online_n_latents: int = param(32, "online SAE: latents", ge=1)
+    online_k: int = param(4, "online SAE: active latents per event", ge=1)
+    online_rank: int = param(1, "online SAE: rank per weight matrix (0 = dense)", ge=0)
+    online_lr: float = param(3e-3, "online SAE: Adam learning rate", gt=0)
+    online_batch_size: int = param(128, "online SAE: events per SAE step", ge=1)
+    online_steps_per_rl_step: int = param(4, "online SAE: SAE steps after each RL step", ge=1)
+    online_warmup: int = param(256, "online SAE: events in the buffer before training starts", ge=1)
 
     def check(self):
         if self.testbed == "lm" and not self.init_path:
             raise ValueError("parameter 'init_path': the LM testbed needs a pretrained policy folder (the pretrain stage's 'policy')")
+        if self.online_sae and not (self.buffer_capacity and self.collect_params and self.collect_events):
+            raise ValueError("parameter 'online_sae': needs collect_params, collect_events=True and buffer_capacity > 0")
         if self.prompts_per_step % self.grad_accum:
             raise ValueError(
                 f"parameter 'grad_accum': {self.grad_accum} must divide prompts_per_step={self.prompts_per_step}"
@@ -169,11 +180,12 @@ def _labels(step, rank, batch_task, group, clauses, total, adv, mask, epoch) -> 
     return lab
 
 
-def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None = None) -> dict:
+def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None = None, on_step=None) -> dict:
     """Run the stage; returns ``{"results": Dataset, "collector": ..., "buffer": ...}``.
 
     Resumes from ``out_dir/checkpoint`` when it exists and was written with the same
     parameters. ``stop_after`` stops (as a kill would) after that many rollout steps.
+    ``on_step(step, buffer)`` is called after every rollout step (online SAE training).
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -336,6 +348,8 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
         if not history:
             row["init_eval"] = init_eval
         history.append(row)
+        if on_step is not None and acc.is_main_process:
+            on_step(step, buffer)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}")
         done = step + 1

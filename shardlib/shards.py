@@ -60,6 +60,7 @@ class ShardParams(Params):
     holdout_frac: float = param(0.1, "fraction of events held out for evaluation", ge=0, lt=1)
     checkpoint_every: int = param(10, "epochs between checkpoints", ge=1)
     device: str = param("auto", "'cpu', 'cuda' or 'auto'", choices=("auto", "cpu", "cuda"))
+    online_shards_path: str = param("", "shards.nc of an online SAE trained during the same RL run, to compare ('' = none)")
 
     def check(self):
         if not self.store_path:
@@ -267,10 +268,36 @@ def dense_parameter_count(shapes: dict[str, tuple], n_latents: int) -> int:
     return 2 * n_latents * D + n_latents + D
 
 
+def shards_dataset(sae: ShardSAE, frequency=None, mean_activation=None) -> xr.Dataset:
+    """The public ``shards.nc`` content: dense unit directions per tensor, factors, statistics."""
+    from .updates import var_name
+
+    dirs = sae.directions()
+    vars_ = {}
+    nrm = sae.decoder_norms().detach().sqrt()[:, None, None]
+    for j, n in enumerate(sae.names):
+        vn = var_name(n)
+        dims = ("shard",) + tuple(f"{vn}_dim{i}" for i in range(len(sae.shapes[n])))
+        vars_[vn] = xr.Variable(dims, dirs[n].cpu().numpy(), attrs={"param": n})
+        if sae.lowrank(n):
+            vars_[f"{vn}__U"] = xr.Variable(("shard", dims[1], "rank"), (sae.dec[f"{j}_U"].detach() / nrm).cpu().numpy())
+            vars_[f"{vn}__V"] = xr.Variable(("shard", dims[2], "rank"), (sae.dec[f"{j}_V"].detach() / nrm).cpu().numpy())
+    if frequency is not None:
+        vars_["frequency"] = xr.Variable("shard", np.asarray(frequency))
+    if mean_activation is not None:
+        vars_["mean_activation"] = xr.Variable("shard", np.asarray(mean_activation))
+    return xr.Dataset(vars_, coords={"shard": np.arange(sae.n_latents)},
+                      attrs={"sae_config": json.dumps(sae.config()), "input_scale": float(sae.scale)})
+
+
+def shard_directions(ds: xr.Dataset) -> dict[str, np.ndarray]:
+    """``{param: [shard, *shape]}`` from a ``shards.nc`` dataset."""
+    return {ds[v].attrs["param"]: ds[v].values for v in ds.data_vars if "param" in ds[v].attrs}
+
+
 def write_outputs(p: ShardParams, res: dict) -> dict[str, Path]:
     """Write ``sae/``, ``shards.nc``, ``activations.nc`` and ``results.nc`` into ``out_dir``."""
     from .io import save_results
-    from .updates import var_name
 
     out = Path(p.out_dir)
     sae, data = res["sae"].cpu(), res["data"]
@@ -280,19 +307,8 @@ def write_outputs(p: ShardParams, res: dict) -> dict[str, Path]:
     train_m = evaluate(sae, data, res["train_idx"])
     freq = (z != 0).float().mean(0).numpy()
     mean_act = (z.abs().sum(0) / (z != 0).sum(0).clamp(min=1)).numpy()
-    dirs = sae.directions()
-    vars_ = {}
-    for j, n in enumerate(sae.names):
-        vn = var_name(n)
-        dims = ("shard",) + tuple(f"{vn}_dim{i}" for i in range(len(sae.shapes[n])))
-        vars_[vn] = xr.Variable(dims, dirs[n].numpy(), attrs={"param": n})
-        if sae.lowrank(n):
-            nrm = sae.decoder_norms().detach().sqrt()[:, None, None]
-            vars_[f"{vn}__U"] = xr.Variable(("shard", dims[1], "rank"), (sae.dec[f"{j}_U"].detach() / nrm).numpy())
-            vars_[f"{vn}__V"] = xr.Variable(("shard", dims[2], "rank"), (sae.dec[f"{j}_V"].detach() / nrm).numpy())
-    shards = xr.Dataset({**vars_, "frequency": ("shard", freq), "mean_activation": ("shard", mean_act)},
-                        coords={"shard": np.arange(sae.n_latents)},
-                        attrs={"sae_config": json.dumps(sae.config()), "input_scale": float(sae.scale), "store_path": p.store_path})
+    shards = shards_dataset(sae, freq, mean_act)
+    shards.attrs["store_path"] = p.store_path
     save_results(shards, out / "shards.nc", p.to_dict(), p.seed)
     split = np.array(["train"] * len(idx), dtype=object)
     split[res["heldout_idx"]] = "heldout"
@@ -321,28 +337,63 @@ def write_outputs(p: ShardParams, res: dict) -> dict[str, Path]:
     return {"shards": out / "shards.nc", "activations": out / "activations.nc", "results": out / "results.nc"}
 
 
+def dense_codes(acts: xr.Dataset, n_latents: int):
+    """|activation| of every shard on every event, as a pandas frame [event, shard], from ``activations.nc``."""
+    import pandas as pd
+
+    idx, val = acts["index"].values, acts["value"].values
+    dense = np.zeros((idx.shape[0], n_latents), dtype=np.float32)
+    rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
+    ok = idx.reshape(-1) >= 0
+    dense[rows[ok], idx.reshape(-1)[ok]] = np.abs(val.reshape(-1)[ok])
+    return pd.DataFrame(dense)
+
+
+def event_types(acts: xr.Dataset) -> np.ndarray:
+    """Event type label per event: task family name and sign of the advantage (``"max +"``)."""
+    names = json.loads(acts.attrs["task_names"]) if "task_names" in acts.attrs else None
+    task = acts["task"].values
+    label = [names[t] if names else str(t) for t in task]
+    if "advantage" in acts.coords:
+        sign = np.where(acts["advantage"].values > 0, "+", np.where(acts["advantage"].values < 0, "-", "0"))
+        label = [f"{a} {s}" for a, s in zip(label, sign)]
+    return np.array(label)
+
+
 class OnlineTrainer:
     """Trains a ShardSAE from the RL loop's ring buffer while RL runs.
 
-    Call :meth:`__call__` after every RL step (``rl.train(..., on_step=trainer)``); once the
-    buffer holds ``warmup`` events it takes ``steps_per_rl_step`` SAE steps on batches
-    sampled from the buffer. The input scale and ``b_pre`` are set from the buffer at warm-up.
+    Pass it as ``rl.train(..., on_step=trainer)``: after every RL step, once the buffer holds
+    ``warmup`` events, it takes ``steps_per_rl_step`` SAE steps on batches sampled from the
+    buffer. The SAE is built at warm-up from the buffer's tensor shapes; the input scale and
+    ``b_pre`` come from the buffer's contents then. Memory: the buffer's capacity, never the run.
     """
 
-    def __init__(self, p: ShardParams, shapes: dict[str, tuple], warmup: int = 256, steps_per_rl_step: int = 1):
+    def __init__(self, p: ShardParams, warmup: int = 256, steps_per_rl_step: int = 1):
         self.p, self.warmup, self.k_steps = p, warmup, steps_per_rl_step
-        self.sae = ShardSAE(shapes, p.n_latents, p.k, p.rank, p.activation, p.signed, seed=p.seed)
-        self.trainer = None
+        self.sae: ShardSAE | None = None
+        self.trainer: Trainer | None = None
         self.gen = torch.Generator().manual_seed(p.seed)
-        self.history = []
+        self.history: list[dict] = []
+
+    @classmethod
+    def from_rl(cls, rp) -> "OnlineTrainer":
+        """The online trainer an RL stage's ``online_*`` parameters describe."""
+        p = ShardParams.from_dict({
+            "out_dir": rp.out_dir, "seed": rp.seed, "store_path": "ring buffer", "n_latents": rp.online_n_latents,
+            "k": rp.online_k, "rank": rp.online_rank, "lr": rp.online_lr, "batch_size": rp.online_batch_size,
+        })
+        return cls(p, warmup=rp.online_warmup, steps_per_rl_step=rp.online_steps_per_rl_step)
 
     def __call__(self, step: int, buffer) -> None:
         if buffer is None or buffer.size < self.warmup:
             return
         if self.trainer is None:
+            p = self.p
+            self.sae = ShardSAE(buffer.shapes, p.n_latents, p.k, p.rank, p.activation, p.signed, seed=p.seed)
             snapshot = {n: v[: buffer.size].float() for n, v in buffer.data.items()}
             init_from_data(self.sae, snapshot)
-            self.trainer = Trainer(self.sae, self.p.lr, self.p.aux_k, self.p.aux_coef, self.p.dead_window,
+            self.trainer = Trainer(self.sae, p.lr, p.aux_k, p.aux_coef, p.dead_window,
                                    total_variance(snapshot, float(self.sae.scale)))
         for _ in range(self.k_steps):
             m = self.trainer.step(buffer.sample(self.p.batch_size, self.gen))
