@@ -235,8 +235,6 @@ def aux_loss(sae: ShardSAE, a: torch.Tensor, y: Tensors, xhat: Tensors, dead: to
     za = torch.zeros_like(a).scatter(1, idx, a.gather(1, idx))
     if not sae.signed:
         za = torch.relu(za)
-    if not (za != 0).any():
-        return a.new_zeros(())
     eh = sae.decode_active(za, with_bias=False)
     num = sum(((e[n] - eh[n]) ** 2).sum() for n in sae.names)
     den = sum(((e[n] - e[n].mean(0)) ** 2).sum() for n in sae.names)

@@ -1,0 +1,58 @@
+"""Metrics pinned against their reference definitions on cases with known answers."""
+
+import numpy as np
+import pytest
+import torch
+
+from shardlib import metrics
+
+
+def test_fvu_of_the_mean_predictor_is_one():
+    x = np.random.default_rng(0).normal(size=(50, 7)) + 3
+    assert metrics.fvu(x, np.broadcast_to(x.mean(0), x.shape)) == pytest.approx(1.0)
+    assert metrics.fvu(x, x) == 0.0
+
+
+def test_recon_stats_fvu_is_pooled_not_a_mean_of_ratios():
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.normal(size=(40, 3, 2)))
+    xh = x + torch.tensor(rng.normal(size=(40, 3, 2))) * torch.linspace(0.01, 2, 40)[:, None, None]
+    z = torch.zeros(40, 5)
+    z[:, 0] = 1
+    z[:10, 4] = 2
+    st = metrics.ReconStats()
+    for s in range(0, 40, 7):  # accumulated over uneven batches
+        st.update({"w": x[s : s + 7]}, {"w": xh[s : s + 7]}, z[s : s + 7])
+    r = st.result()
+    assert r["fvu"] == pytest.approx(metrics.fvu(x.numpy(), xh.numpy()))
+    assert r["l0"] == pytest.approx(1.25)
+    assert r["dead_fraction"] == pytest.approx(3 / 5)
+    assert r["dense_fraction"] == pytest.approx(2 / 5)  # latent 0 (100%) and latent 4 (25%)
+    shrink = np.mean(np.linalg.norm(xh.reshape(40, -1), axis=1) / np.linalg.norm(x.reshape(40, -1), axis=1))
+    assert r["shrinkage"] == pytest.approx(shrink)
+
+
+def test_recon_stats_mean_predictor_gives_fvu_one():
+    x = torch.randn(30, 4) + 2
+    st = metrics.ReconStats()
+    st.update({"v": x}, {"v": x.mean(0).expand_as(x)}, torch.ones(30, 2))
+    assert st.result()["fvu"] == pytest.approx(1.0)
+
+
+def test_recovery_metrics_on_a_constructed_dictionary():
+    G = np.eye(4)[:3]                     # three ground-truth directions
+    D = np.stack([-G[0], G[1], G[1] + 0.01 * np.eye(4)[3], np.eye(4)[3]])  # G2 missing, G1 twice, one junk latent
+    r = metrics.recovery(G, D)
+    assert r["mmcs_g2d"] == pytest.approx((1 + 1 + 0) / 3)
+    assert r["mmcs_d2g"] == pytest.approx((1 + 1 + 0.99995 + 0) / 4, abs=1e-4)
+    assert r["r@0.9"] == pytest.approx(2 / 3)
+    assert r["uniqueness"] == pytest.approx(2 / 3)  # best matches: latent 0, 1, and for G2 some latent
+    assert r["hungarian_mcc"] == pytest.approx((1 + 1 + 0) / 3, abs=1e-4)
+
+
+def test_perfect_dictionary_up_to_sign_and_permutation():
+    rng = np.random.default_rng(0)
+    G = rng.normal(size=(5, 20))
+    D = -G[[3, 1, 4, 0, 2]] * 2.5
+    r = metrics.recovery(G, D)
+    assert r["mmcs_g2d"] == pytest.approx(1) and r["hungarian_mcc"] == pytest.approx(1) and r["uniqueness"] == 1

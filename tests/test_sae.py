@@ -1,0 +1,175 @@
+"""ShardSAE pinned against dense reference computations (SAELens-style)."""
+
+import numpy as np
+import pytest
+import torch
+
+from shardlib.sae import ShardSAE, aux_loss
+
+SHAPES = {"w": (6, 5), "u": (4, 6), "b": (6,)}
+
+
+def dense_dirs(sae, which="dec"):
+    """Dense [F, D] directions from the factors (reference; materializes what the SAE never does)."""
+    fac = getattr(sae, which)
+    parts = []
+    for j, n in enumerate(sae.names):
+        if sae.lowrank(n):
+            parts.append(torch.einsum("for,fir->foi", fac[f"{j}_U"], fac[f"{j}_V"]).reshape(sae.n_latents, -1))
+        else:
+            parts.append(fac[f"{j}_W"].reshape(sae.n_latents, -1))
+    return torch.cat(parts, 1)
+
+
+def flat(x):
+    return torch.cat([x[n].reshape(x[n].shape[0], -1) for n in SHAPES], 1)
+
+
+def batch(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(n, *s, generator=g) for k, s in SHAPES.items()}
+
+
+@pytest.mark.parametrize("rank", [1, 3, 0])
+def test_lowrank_encoder_scores_equal_dense_inner_products(rank):
+    sae = ShardSAE(SHAPES, 7, 3, rank=rank, seed=0)
+    with torch.no_grad():
+        for p in sae.enc.values():
+            p.add_(0.1 * torch.randn_like(p))
+        sae.b_enc.normal_()
+    x = batch()
+    y = sae.center(x)
+    ref = flat(y) @ dense_dirs(sae, "enc").T + sae.b_enc
+    assert torch.allclose(sae.pre_acts(y), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 0])
+@pytest.mark.parametrize("signed", [False, True])
+def test_reconstruction_equals_dense_decoder(rank, signed):
+    sae = ShardSAE(SHAPES, 7, 3, rank=rank, signed=signed, seed=1)
+    with torch.no_grad():
+        for p in sae.dec.values():
+            p.mul_(1.7)  # unnormalized factors: the forward pass must divide the norm out
+    x = batch()
+    xhat, z, a, y = sae(x)
+    D = dense_dirs(sae, "dec")
+    D = D / D.norm(dim=1, keepdim=True)
+    bias = torch.cat([sae.b_pre[str(j)].reshape(-1) for j in range(len(SHAPES))])
+    assert torch.allclose(flat(xhat), z @ D + bias, atol=1e-5)
+    assert ((z != 0).sum(1) <= 3).all()
+    if signed:
+        assert (z < 0).any()  # signed TopK keeps negative coefficients
+    else:
+        assert (z >= 0).all()
+
+
+def test_topk_picks_the_k_largest():
+    sae = ShardSAE({"v": (3,)}, 5, 2, rank=0)
+    a = torch.tensor([[0.1, 0.5, -2.0, 0.3, 0.2]])
+    assert torch.equal(sae.activate(a), torch.tensor([[0, 0.5, 0, 0.3, 0]]))
+    sae.signed = True
+    assert torch.equal(sae.activate(a), torch.tensor([[0, 0.5, -2.0, 0, 0]]))
+
+
+def test_batchtopk_keeps_k_times_batch_and_learns_a_threshold():
+    sae = ShardSAE({"v": (3,)}, 4, 2, rank=0, activation="batchtopk")
+    a = torch.tensor([[5.0, 4.0, 3.0, 0.1], [0.2, 0.3, 0.1, 0.05]])
+    z = sae.activate(a)
+    assert int((z != 0).sum()) == 4 and (z[0, :3] != 0).all()
+    assert sae.threshold.item() == pytest.approx(0.3)
+    sae.eval()
+    assert (sae.activate(a) != 0).sum().item() == 3  # inference: a > threshold
+
+
+@pytest.mark.parametrize("rank", [1, 2, 0])
+def test_decoder_directions_stay_unit_norm_after_training_steps(rank):
+    from shardlib.shards import Trainer
+
+    sae = ShardSAE(SHAPES, 6, 2, rank=rank)
+    tr = Trainer(sae, lr=0.05, aux_k=3, aux_coef=1 / 32, dead_window=10, variance=1.0)
+    for s in range(5):
+        tr.step(batch(8, s))
+    assert torch.allclose(sae.decoder_norms(), torch.ones(6), atol=1e-4)
+    D = torch.cat([v.reshape(6, -1) for v in sae.directions().values()], 1)
+    assert torch.allclose(D.norm(dim=1), torch.ones(6), atol=1e-5)
+
+
+def test_auxk_trains_a_forced_dead_latent_and_only_it():
+    torch.manual_seed(0)
+    sae = ShardSAE(SHAPES, 6, 2, rank=1)
+    x = batch(16)
+    xhat, z, a, y = sae(x)
+    dead = torch.zeros(6, dtype=torch.bool)
+    dead[3] = True
+    yc = {n: xhat[n] - sae.b_pre[str(j)] for j, n in enumerate(sae.names)}
+    sae.signed = True  # so the dead latent's coefficient is used whatever its sign
+    loss = aux_loss(sae, a, y, yc, dead, k_aux=4)
+    assert loss > 0
+    loss.backward()
+    g = sae.dec["0_U"].grad
+    assert g[3].abs().sum() > 0
+    assert torch.all(g[torch.arange(6) != 3] == 0)
+    assert aux_loss(sae, a, y, yc, torch.zeros(6, dtype=torch.bool), 4).item() == 0.0
+
+
+@pytest.mark.parametrize("aux_coef", [0.0, 1 / 32])
+def test_auxk_trains_the_encoder_of_dead_latents(aux_coef):
+    from shardlib.shards import Trainer, init_from_data
+
+    sae = ShardSAE({"w": (8, 8)}, 16, 2, rank=1, signed=True, seed=0)
+    data = {"w": torch.randn(256, 8, 8, generator=torch.Generator().manual_seed(0))}
+    init_from_data(sae, data)
+    with torch.no_grad():
+        sae.enc["0_U"][5:] = 0  # latents 5.. score 0 on every input: they never win TopK
+    tr = Trainer(sae, lr=0.01, aux_k=8, aux_coef=aux_coef, dead_window=64, variance=1.0)
+    for s in range(0, 256, 32):
+        tr.step({"w": data["w"][s : s + 32]})
+    assert tr.dead()[5:].all() or aux_coef > 0
+    moved = sae.enc["0_U"][5:].abs().sum().item()
+    assert (moved > 0) == (aux_coef > 0)  # only AuxK gives dead latents a gradient
+
+
+def test_save_load_roundtrip(tmp_path):
+    sae = ShardSAE(SHAPES, 5, 2, rank=2, signed=True)
+    sae.scale.fill_(3.0)
+    sae.save(tmp_path / "s")
+    assert (tmp_path / "s" / "cfg.json").exists() and (tmp_path / "s" / "sae.safetensors").exists()
+    back = ShardSAE.load(tmp_path / "s")
+    x = batch()
+    for k, v in sae.reconstruct(x).items():
+        assert torch.equal(v, back.reconstruct(x)[k])
+
+
+def test_lowrank_has_far_fewer_parameters_than_dense():
+    big = {"w": (128, 64), "u": (64, 128)}
+    lr, dense = ShardSAE(big, 32, 4, rank=1).n_parameters(), ShardSAE(big, 32, 4, rank=0).n_parameters()
+    assert dense / lr > 10
+    from shardlib.shards import dense_parameter_count
+
+    assert dense_parameter_count(big, 32) == dense
+
+
+def test_bad_configuration_is_rejected():
+    with pytest.raises(ValueError, match="k=9"):
+        ShardSAE(SHAPES, 4, 9)
+    with pytest.raises(ValueError, match="activation"):
+        ShardSAE(SHAPES, 4, 2, activation="relu")
+
+
+def test_signed_coefficients_recover_a_signed_direction():
+    """One planted direction used with both signs: a signed SAE needs one latent for it."""
+    from shardlib.shards import Trainer, init_from_data
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.outer(torch.randn(6, generator=g), torch.randn(5, generator=g))  # a rank-1 direction
+    d /= d.norm()
+    c = torch.randn(512, generator=g)
+    data = {"w": c[:, None, None] * d + 0.01 * torch.randn(512, 6, 5, generator=g)}
+    sae = ShardSAE({"w": (6, 5)}, 2, 1, rank=1, signed=True, seed=0)
+    init_from_data(sae, data)
+    tr = Trainer(sae, lr=0.01, aux_k=1, aux_coef=1 / 32, dead_window=10_000, variance=float((data["w"] / sae.scale).pow(2).sum() / 512))
+    for epoch in range(30):
+        for s in range(0, 512, 64):
+            tr.step({"w": data["w"][s : s + 64]})
+    cos = (sae.directions()["w"].reshape(2, -1) @ d.reshape(-1)).abs().max()
+    assert cos > 0.99

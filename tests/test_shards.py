@@ -1,0 +1,106 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from shardlib import shards
+from shardlib.io import load_results
+from shardlib.planted import flatten, planted_updates
+from shardlib.updates import StoreError, UpdateStore
+
+
+def make_store(path, n=96, seed=0):
+    shapes = {"layer.w": (6, 5), "layer.b": (6,)}
+    data, truth, codes, _ = planted_updates(shapes, n_shards=3, n_events=n, active_per_event=1.0, seed=seed, noise=0.01)
+    st = UpdateStore(path, "event", "sgd", "test", attrs={"task_names": json.dumps(["a", "b", "c"])})
+    task = np.abs(codes.numpy()).argmax(1)
+    st.append(data, {"step": np.arange(n) // 8, "task": task, "advantage": np.sign(codes.numpy().sum(1))}, 0)
+    st.flush()
+    return data, truth
+
+
+def params(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path / "out"), store_path=str(tmp_path / "store"), n_latents=6, k=2, rank=1, signed=True,
+                epochs=4, batch_size=16, device="cpu", checkpoint_every=2)
+    return shards.ShardParams.from_dict({**base, **kw})
+
+
+def test_offline_training_writes_public_outputs(tmp_path):
+    data, _ = make_store(tmp_path / "store")
+    p = params(tmp_path)
+    files = shards.write_outputs(p, shards.train(p, progress=False))
+    sh = load_results(files["shards"])
+    dirs = shards.shard_directions(sh)
+    assert set(dirs) == {"layer.w", "layer.b"} and dirs["layer.w"].shape == (6, 6, 5)
+    total = np.sqrt(sum((v.reshape(6, -1) ** 2).sum(1) for v in dirs.values()))
+    assert np.allclose(total, 1, atol=1e-5)  # unit norm over all tensors together
+    assert sh["layer.w__U"].dims == ("shard", "layer.w_dim0", "rank")
+    assert json.loads(sh.attrs["sae_config"])["rank"] == 1 and "git_commit" in sh.attrs
+    acts = load_results(files["activations"])
+    assert acts.sizes["event"] == 96 and set(acts["split"].values) == {"train", "heldout"}
+    assert (acts["index"].values < 6).all() and "task" in acts.coords
+    freq = (acts["index"].values[:, :, None] == np.arange(6)).any(1).mean(0)
+    assert np.allclose(freq, sh["frequency"].values)
+    m = load_results(files["results"])
+    for key in ("fvu", "l0", "dead_fraction", "dense_fraction", "shrinkage"):
+        assert np.isfinite(float(m[f"heldout_{key}"])), key
+    assert float(m.heldout_l0) <= 2
+    table = shards.dense_codes(acts, 6).groupby(shards.event_types(acts)).mean()
+    assert table.shape[1] == 6 and all(lbl.split()[0] in "abc" for lbl in table.index)
+
+
+def test_resume_is_exact(tmp_path):
+    make_store(tmp_path / "store")
+    full = shards.train(params(tmp_path, out_dir=str(tmp_path / "full")), progress=False)
+    p = params(tmp_path, out_dir=str(tmp_path / "killed"))
+    assert shards.train(p, progress=False, stop_after=3)["stopped_at"] == 3  # last checkpoint at epoch 2
+    resumed = shards.train(p, progress=False)
+    for k, v in full["sae"].state_dict().items():
+        assert torch.equal(v, resumed["sae"].state_dict()[k]), k
+    assert full["history"] == resumed["history"]
+
+
+def test_same_seed_same_shards(tmp_path):
+    make_store(tmp_path / "store")
+    a = shards.train(params(tmp_path, out_dir=str(tmp_path / "a")), progress=False)["sae"]
+    b = shards.train(params(tmp_path, out_dir=str(tmp_path / "b")), progress=False)["sae"]
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_store_in_the_wrong_format_is_rejected_before_training(tmp_path):
+    ds = xr.Dataset({"w": (("x", "event"), np.zeros((3, 4)), {"param": "w"})}, attrs={"kind": "event"})
+    ds.to_netcdf(tmp_path / "bad.nc")
+    with pytest.raises(StoreError, match="'w' has dims \\('x', 'event'\\)"):
+        shards.train(params(tmp_path, store_path=str(tmp_path / "bad.nc")), progress=False)
+    with pytest.raises(ValueError, match="store_path"):
+        shards.ShardParams.from_dict({})
+
+
+def test_zero_updates_are_skipped_and_indexed(tmp_path):
+    st = UpdateStore(tmp_path / "store", "event", "sgd", "t")
+    w = torch.randn(10, 3, 2)
+    w[[1, 4]] = 0
+    st.append({"w": w}, {"step": np.zeros(10, dtype=int)}, 0)
+    st.flush()
+    data, ds = shards.load_updates(tmp_path / "store", skip_zero=True)
+    assert data["w"].shape[0] == 8 and ds["store_event"].values.tolist() == [0, 2, 3, 5, 6, 7, 8, 9]
+
+
+def test_online_trainer_learns_from_the_ring_buffer():
+    from shardlib.updates import RingBuffer
+
+    shapes = {"w": (6, 5)}
+    data, truth, _, _ = planted_updates(shapes, n_shards=2, n_events=512, active_per_event=1.0, seed=1, noise=0.0)
+    buf = RingBuffer(shapes, capacity=128)
+    p = shards.ShardParams.from_dict({"store_path": "buffer", "n_latents": 4, "k": 1, "signed": True, "batch_size": 32, "lr": 0.01})
+    online = shards.OnlineTrainer(p, warmup=64, steps_per_rl_step=4)
+    for step in range(0, 512, 16):
+        buf.add({"w": data["w"][step : step + 16]}, {})
+        online(step // 16, buf)
+    assert online.trainer is not None and len(online.history) == 4 * (512 // 16 - 64 // 16 + 1)
+    assert online.history[-1]["rec"] < online.history[0]["rec"]
+    from shardlib.metrics import mmcs
+
+    assert mmcs(flatten(truth), flatten(online.sae.directions()))[0] > 0.9
