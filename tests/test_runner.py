@@ -22,8 +22,8 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_pipeline_writes_notebooks_results_and_plots(tiny_run):
     run_dir, records = tiny_run
-    assert [r["status"] for r in records] == ["done"] * 4
-    for stage in ("pretrain", "rl_bandit", "rl_lm", "sft_lm"):
+    assert [r["status"] for r in records] == ["done"] * 7
+    for stage in ("pretrain", "rl_bandit", "rl_lm", "sft_lm", "shards_bandit", "shards_lm", "planted"):
         d = run_dir / stage
         nb = json.loads((d / "notebook.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
@@ -36,13 +36,17 @@ def test_tiny_pipeline_writes_notebooks_results_and_plots(tiny_run):
     assert (run_dir / "rl_lm" / "reward_by_task.png").exists()
     assert (run_dir / "rl_lm" / "updates" / "events").is_dir()
     assert (run_dir / "rl_lm" / "update_norms.png").exists()
+    assert (run_dir / "rl_lm" / "online_shards.nc").exists()
+    for f in ("shards.nc", "activations.nc", "sae/cfg.json", "sae/sae.safetensors", "shards_by_event_type.png"):
+        assert (run_dir / "shards_lm" / f).exists(), f
+    assert (run_dir / "planted" / "planted_recovery.png").exists()
 
 
 def test_unchanged_stages_are_skipped_and_changes_rerun(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     cfg = load_config(TINY)
     recs = runner.run(cfg, runs_dir=run_dir.parent)
-    assert [r["status"] for r in recs] == ["skipped"] * 4
+    assert [r["status"] for r in recs] == ["skipped"] * 7
     cfg = load_config(TINY, ["rl_bandit.lr=0.02"])
     recs = runner.run(cfg, runs_dir=run_dir.parent, only=["rl_bandit"])
     assert [(r["stage"], r["status"]) for r in recs] == [("rl_bandit", "done")]
