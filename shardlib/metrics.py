@@ -104,3 +104,36 @@ def recovery(G, D, t: float = 0.9) -> dict[str, float]:
     g2d, d2g = mmcs(G, D)
     r, uniq = recall_at(G, D, t)
     return {"mmcs_g2d": g2d, "mmcs_d2g": d2g, f"r@{t}": r, "uniqueness": uniq, "hungarian_mcc": hungarian_mcc(G, D)}
+
+
+# ---------------------------------------------------------------------------
+# update sparsity (field notes §5: Mukherjee et al. 2025 and its critiques)
+
+TAUS = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
+
+
+def unchanged_fraction(delta: torch.Tensor, taus=TAUS) -> np.ndarray:
+    """Fraction of entries with |delta| <= tau, per tau (tau = 0: exact fp32 zeros)."""
+    a = delta.detach().abs().float().reshape(-1)
+    return np.array([float((a <= t).float().mean()) for t in taus])
+
+
+def bf16_unchanged(before: torch.Tensor, after: torch.Tensor, tol: float = 0.0) -> float:
+    """Fraction of entries whose bf16 value is unchanged (Mukherjee et al.: tol = 1e-5 on bf16 checkpoints)."""
+    d = (after.detach().bfloat16().float() - before.detach().bfloat16().float()).abs()
+    return float((d <= tol).float().mean())
+
+
+def rank_ratio(delta: torch.Tensor) -> float:
+    """matrix_rank(delta) / min(shape) (NaN for non-matrices; 0 for an all-zero delta)."""
+    if delta.ndim != 2:
+        return float("nan")
+    return float(torch.linalg.matrix_rank(delta.double())) / min(delta.shape)
+
+
+def touched(delta: torch.Tensor) -> tuple[float, float]:
+    """(fraction of rows, fraction of columns) with any nonzero entry (NaN for non-matrices)."""
+    if delta.ndim != 2:
+        return float("nan"), float("nan")
+    nz = delta != 0
+    return float(nz.any(1).float().mean()), float(nz.any(0).float().mean())

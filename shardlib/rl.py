@@ -227,6 +227,8 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
         start, history = state["step"], state["history"]
         log(f"resuming from checkpoint at step {start}")
 
+    if start == 0 and acc.is_main_process:  # the starting point, for cumulative-update analyses
+        pol.save_policy(model, out / "init_policy")
     model, optimizer = acc.prepare(model, optimizer)
     if ref is not None:
         ref = ref.to(acc.device)

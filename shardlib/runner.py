@@ -13,8 +13,12 @@ stages, each a notebook and its parameters::
 ``@stage/path`` is a path inside an earlier stage's folder (and makes that stage an
 input). Every stage gets ``out_dir`` (``runs/<run>/<stage>``) and ``seed``.
 
-A stage whose notebook, parameters and inputs are unchanged since it last finished is
-skipped; one that was interrupted re-runs in its folder (RL stages resume from their
+A papermill sweep is a stage with ``sweep: {param: [v1, v2, ...], ...}``: it expands to
+one run of its notebook per combination, in ``runs/<run>/<stage>/<p1>=<v1>,<p2>=<v2>/``;
+``@stage`` (the sweep's folder) makes every combination an input of a later stage.
+
+A stage whose notebook, parameters, inputs and library code (shardlib's source) are
+unchanged since it last finished is skipped; one that was interrupted re-runs in its folder (RL stages resume from their
 checkpoint); one whose configuration changed starts from an empty folder.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import shutil
 import sys
@@ -102,26 +107,41 @@ def plan(cfg: dict, runs_dir=None) -> list[Stage]:
     """Resolve stage folders, ``@stage/...`` references and dependencies, in config order."""
     runs = Path(runs_dir or cfg.get("runs_dir") or ROOT / "runs")
     run_dir = runs / str(cfg["run"])
-    stages, seen = [], set()
+    stages, seen, groups = [], set(), {}
     for name, spec in cfg["stages"].items():
-        unknown = set(spec) - {"notebook", "params"}
+        unknown = set(spec) - {"notebook", "params", "sweep"}
         if unknown:
-            raise PipelineError(f"stage {name!r}: unknown key(s) {sorted(unknown)}; accepted: notebook, params")
+            raise PipelineError(f"stage {name!r}: unknown key(s) {sorted(unknown)}; accepted: notebook, params, sweep")
         nb = NOTEBOOKS / spec["notebook"]
         if not nb.exists():
             raise PipelineError(f"stage {name!r}: notebook {nb} does not exist")
         params, deps = {}, []
-        for k, v in (spec.get("params") or {}).items():
+
+        def resolve(k, v):
+            if isinstance(v, list):
+                return [resolve(k, x) for x in v]
             if isinstance(v, str) and v.startswith("@"):
                 dep, _, rest = v[1:].partition("/")
                 if dep not in seen:
                     raise PipelineError(f"stage {name!r}: parameter {k!r}={v!r} refers to {dep!r}, which is not an earlier stage")
-                deps.append(dep)
-                v = str(run_dir / dep / rest)
-            params[k] = v
-        out = run_dir / name
-        params.update(out_dir=str(out), seed=int(cfg["seed"]))
-        stages.append(Stage(name, nb, params, sorted(set(deps)), out))
+                deps.extend(groups.get(dep, [dep]))
+                return str(run_dir / dep / rest) if rest else str(run_dir / dep)
+            return v
+
+        for k, v in (spec.get("params") or {}).items():
+            params[k] = resolve(k, v)
+        sweep = spec.get("sweep") or {}
+        if not isinstance(sweep, dict) or any(not isinstance(v, list) or not v for v in sweep.values()):
+            raise PipelineError(f"stage {name!r}: sweep must map parameter names to non-empty lists")
+        combos = [dict(zip(sweep, vals)) for vals in itertools.product(*sweep.values())] if sweep else [{}]
+        groups[name] = []
+        for combo in combos:
+            tag = ",".join(f"{k}={v}" for k, v in combo.items())
+            sname = f"{name}[{tag}]" if tag else name
+            out = run_dir / name / tag if tag else run_dir / name
+            sp = {**params, **combo, "out_dir": str(out), "seed": int(cfg["seed"])}
+            stages.append(Stage(sname, nb, sp, sorted(set(deps)), out))
+            groups[name].append(sname)
         seen.add(name)
     return stages
 
@@ -133,9 +153,18 @@ def _notebook_digest(nb: Path) -> str:
     return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
 
 
+def library_digest() -> str:
+    """Hash of shardlib's source: a change to the library's code reruns the stages."""
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "shardlib").glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
 def fingerprint(stage: Stage, dep_prints: dict[str, str]) -> str:
     blob = json.dumps(
-        {"nb": _notebook_digest(stage.notebook), "params": stage.params, "deps": {d: dep_prints[d] for d in stage.deps}},
+        {"nb": _notebook_digest(stage.notebook), "lib": library_digest(), "params": stage.params,
+         "deps": {d: dep_prints[d] for d in stage.deps}},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -158,7 +187,10 @@ def run(cfg: dict, force: bool = False, runs_dir=None, only: list[str] | None = 
 
     stages = plan(cfg, runs_dir)
     if only:
-        missing = set(only) - {s.name for s in stages}
+        expanded = []
+        for o in only:
+            expanded += [s.name for s in stages if s.name == o or s.name.startswith(o + "[")]
+        missing = {o for o in only if not any(s.name == o or s.name.startswith(o + "[") for s in stages)}
         if missing:
             raise PipelineError(f"--only: no stage(s) {sorted(missing)}; stages: {[s.name for s in stages]}")
     prints, records = {}, []
@@ -166,7 +198,7 @@ def run(cfg: dict, force: bool = False, runs_dir=None, only: list[str] | None = 
     for k, st in enumerate(stages, 1):
         fp = fingerprint(st, prints)
         prints[st.name] = fp
-        if only and st.name not in only:
+        if only and st.name not in expanded:
             continue
         state = _read_state(st.out_dir)
         if state.get("fingerprint") == fp and state.get("status") == "done" and not force:
