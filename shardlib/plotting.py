@@ -82,3 +82,37 @@ def eval_bars(ds, ax=None, title: str = ""):
     ax.set_title(title or "before vs after fine-tuning")
     ax.legend()
     return ax
+
+
+def heatmap(da, ax=None, xlabel: str = "", title: str = "", center: bool = False):
+    """A labelled heatmap of a 2-D DataArray (rows = first dim); ``center`` uses a diverging map around 0."""
+    import numpy as np
+
+    ax = ax or plt.gca()
+    v = np.asarray(da.values, dtype=float)
+    kw = {"cmap": "viridis"}
+    if center:
+        m = np.nanmax(np.abs(v)) if np.isfinite(v).any() else 1.0
+        kw = {"cmap": "RdBu_r", "vmin": -m, "vmax": m}
+    im = ax.imshow(v, aspect="auto", interpolation="nearest", **kw)
+    rows, cols = da.dims
+    ax.set_yticks(range(v.shape[0]), [str(x) for x in da[rows].values])
+    if v.shape[1] <= 20:
+        ax.set_xticks(range(v.shape[1]), [str(x) for x in da[cols].values], rotation=90)
+    ax.set_xlabel(xlabel or cols)
+    ax.set_title(title)
+    ax.figure.colorbar(im, ax=ax)
+    return ax
+
+
+def frontier(ds, ax=None, title: str = ""):
+    """Held-out FVU against L0 for each SAE rank (0 = dense), with FVU = 0.1 and 0.01 marked."""
+    ax = ax or plt.gca()
+    for r in ds["rank"].values:
+        sel = ds.sel(rank=r)
+        ax.plot(sel["l0"], sel["fvu"], marker="o", label="dense" if r == 0 else f"rank {r}")
+    for t in (0.1, 0.01):
+        ax.axhline(t, ls="--", c="grey", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="L0 (active latents per update)", ylabel="held-out FVU", title=title)
+    ax.legend()
+    return ax

@@ -399,3 +399,32 @@ class OnlineTrainer:
             m = self.trainer.step(buffer.sample(self.p.batch_size, self.gen))
             m["rl_step"] = step
             self.history.append(m)
+
+
+def frontier(sweep_dir) -> xr.Dataset:
+    """Combine a sweep of shard stages (subfolders of ``sweep_dir``) into held-out metrics over (rank, k)."""
+    rows = []
+    for d in sorted(Path(sweep_dir).iterdir()):
+        f = d / "results.nc"
+        if not f.exists():
+            continue
+        with xr.open_dataset(f) as r:
+            cfg = json.loads(r.attrs["config"])
+            m = {k: float(r[f"heldout_{k}"]) for k in ("fvu", "l0", "dead_fraction", "dense_fraction")}
+            m["n_parameters"] = float(r["n_parameters"])
+        rows.append(xr.Dataset(m).expand_dims(rank=[cfg["rank"]], k=[cfg["k"]]))
+    if not rows:
+        raise FileNotFoundError(f"{sweep_dir} holds no finished shard runs (subfolders with results.nc)")
+    return xr.combine_by_coords(rows).sortby(["rank", "k"])
+
+
+@dataclass(frozen=True)
+class FrontierParams(Params):
+    """Parameters of the reconstruction frontier (``notebooks/06_frontier.ipynb``)."""
+
+    sweep_dirs: list[str] = param([], "folders of shard-stage sweeps over k and rank, one per store")
+    sweep_names: list[str] = param([], "a name per sweep folder (e.g. events, steps)")
+
+    def check(self):
+        if len(self.sweep_dirs) != len(self.sweep_names) or not self.sweep_dirs:
+            raise ValueError("parameters 'sweep_dirs' and 'sweep_names': one name per folder, at least one folder")

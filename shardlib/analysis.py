@@ -1,0 +1,297 @@
+"""What shards mean (alignment with event types) and what they do (parameter interventions).
+
+Alignment, each against two baselines (field notes §6: always compare with shuffled labels):
+- purity: for each latent that fires, the share of its firing events that belong to its
+  most common event type; mean over firing latents (1 for a perfect dictionary);
+- best-latent AUROC per event type: max over latents of the AUROC of |activation| as a
+  detector of that type;
+- Hungarian matching of shard directions to the per-type mean updates (mean |cos|);
+baselines: the same statistics with event types shuffled across events, and a dictionary
+of random directions with the SAE's structure (random rank-r factors per matrix).
+
+Interventions (the parameter-space analogue of the maze policy's "cheese vector"):
+``theta_base + alpha * scale * shard`` with ``scale`` = the norm of the total RL update on
+the shard's tensors, and ablation ``theta_final - <delta_total, shard> shard``; reward per
+task family is measured on fixed held-out prompts, against random directions of the same
+norm and structure.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from scipy.stats import rankdata
+
+from .config import Params, param
+from .metrics import abs_cos, hungarian_mcc
+
+
+# ---------------------------------------------------------------------------
+# alignment metrics
+
+
+def purity(codes: np.ndarray, types: np.ndarray) -> float:
+    """Mean over firing latents of the majority event type's share of their firing events."""
+    codes = np.asarray(codes) != 0
+    types = np.asarray(types)
+    out = []
+    for i in range(codes.shape[1]):
+        t = types[codes[:, i]]
+        if len(t):
+            _, counts = np.unique(t, return_counts=True)
+            out.append(counts.max() / len(t))
+    return float(np.mean(out)) if out else float("nan")
+
+
+def auroc(score: np.ndarray, label: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with ties averaged)."""
+    label = np.asarray(label, bool)
+    n_pos, n_neg = label.sum(), (~label).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(score)
+    return float((r[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def best_latent_auroc(codes: np.ndarray, types: np.ndarray) -> dict[str, float]:
+    """For each event type, the best latent's AUROC (|activation| as the score)."""
+    codes = np.abs(np.asarray(codes))
+    types = np.asarray(types)
+    return {str(t): max(auroc(codes[:, i], types == t) for i in range(codes.shape[1])) for t in np.unique(types)}
+
+
+def type_means(updates: np.ndarray, types: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    types = np.asarray(types)
+    names = [str(t) for t in np.unique(types)]
+    return np.stack([updates[types == t].mean(0) for t in np.unique(types)]), names
+
+
+def random_dictionary(shapes: dict[str, tuple], n: int, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``n`` random unit directions with the SAE's structure (rank-r per matrix; dense if rank = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, s in shapes.items():
+        if rank > 0 and len(s) == 2:
+            out[name] = torch.einsum("for,fir->foi", torch.randn(n, s[0], rank, generator=g), torch.randn(n, s[1], rank, generator=g))
+        else:
+            out[name] = torch.randn(n, *s, generator=g)
+    norm = sum((v.reshape(n, -1) ** 2).sum(1) for v in out.values()).sqrt()
+    return {k: v / norm.view(-1, *([1] * (v.ndim - 1))) for k, v in out.items()}
+
+
+def alignment(codes: np.ndarray, types: np.ndarray, updates: np.ndarray, directions: np.ndarray,
+              random_dirs: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Purity, mean best-latent AUROC and Hungarian match to type means, with both baselines."""
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(types)
+    means, _ = type_means(updates, types)
+    au = best_latent_auroc(codes, types)
+    au_s = best_latent_auroc(codes, shuffled)
+    return {
+        "purity": purity(codes, types),
+        "purity_shuffled": purity(codes, shuffled),
+        "auroc": float(np.nanmean(list(au.values()))),
+        "auroc_shuffled": float(np.nanmean(list(au_s.values()))),
+        "type_match": hungarian_mcc(means, directions),
+        "type_match_random": hungarian_mcc(means, random_dirs),
+        "type_match_shuffled": hungarian_mcc(type_means(updates, shuffled)[0], directions),
+    }
+
+
+# ---------------------------------------------------------------------------
+# interventions
+
+
+def add_direction(model, direction: dict[str, torch.Tensor], alpha: float):
+    """A copy of ``model`` with ``alpha * direction`` added to the named parameters."""
+    m = copy.deepcopy(model)
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for name, d in direction.items():
+            params[name].add_(alpha * d.to(params[name].dtype))
+    return m
+
+
+def project_out(model, direction: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]):
+    """``model`` minus the component of ``delta`` along the (unit) ``direction``."""
+    c = float(sum((direction[n] * delta[n]).sum() for n in direction))
+    return add_direction(model, direction, -c), c
+
+
+def param_delta(base, final, names) -> dict[str, torch.Tensor]:
+    pb, pf = dict(base.named_parameters()), dict(final.named_parameters())
+    return {n: (pf[n] - pb[n]).detach().float() for n in names}
+
+
+# ---------------------------------------------------------------------------
+# the stage
+
+
+@dataclass(frozen=True)
+class AnalysisParams(Params):
+    """Parameters of the shard analysis (``notebooks/07_shard_analysis.ipynb``)."""
+
+    shards_dir: str = param("", "a shard stage's folder (shards.nc, activations.nc, results.nc)")
+    rl_dir: str = param("", "the RL stage folder whose updates the shards were trained on (init_policy/, policy/)")
+    extra_seeds: list[int] = param([1, 2], "more SAE seeds trained on the same store, for seed-to-seed stability")
+    alphas: list[float] = param([-1.0, 1.0], "intervention strengths, relative to the total RL update's norm on the shard's tensors")
+    n_shards: int = param(16, "intervene on this many most frequent shards", ge=1)
+    n_random: int = param(16, "random directions of the same structure as the intervention baseline", ge=1)
+    eval_prompts: int = param(512, "held-out prompts per intervention evaluation", ge=1)
+
+    def check(self):
+        if not self.shards_dir or not self.rl_dir:
+            raise ValueError("parameters 'shards_dir' and 'rl_dir': both folders are needed")
+
+
+def load_inputs(p: AnalysisParams):
+    """Shard directions, activations, the SAE config, and the store's updates (flattened, same events)."""
+    from .io import load_results
+    from .shards import ShardParams, load_updates, shard_directions
+
+    sd = Path(p.shards_dir)
+    sh, acts, res = load_results(sd / "shards.nc"), load_results(sd / "activations.nc"), load_results(sd / "results.nc")
+    sp = ShardParams.from_dict(json.loads(sh.attrs["config"]))
+    data, store = load_updates(sp.store_path, sp.params, sp.skip_zero_updates)
+    return sh, acts, res, sp, data, store, shard_directions(sh)
+
+
+def event_type_labels(acts: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(type label per event = task and advantage sign, task index per event)."""
+    from .shards import event_types
+
+    return event_types(acts), acts["task"].values
+
+
+def intervention_effects(p: AnalysisParams, dirs: dict[str, np.ndarray], order: np.ndarray, rank: int):
+    """Effect of adding each shard (and random directions) to the base policy, and of ablating
+    each shard from the fine-tuned policy: reward change per task family."""
+    from .policy import load_policy
+    from .rl import RLParams, evaluate, make_testbed
+
+    rp = RLParams.from_dict(json.loads(xr.open_dataset(Path(p.rl_dir) / "results.nc").attrs["config"]))
+    testbed = make_testbed(rp)
+    base = load_policy(Path(p.rl_dir) / "init_policy").eval()
+    final = load_policy(Path(p.rl_dir) / "policy").eval()
+    names = list(dirs)
+    delta = param_delta(base, final, names)
+    scale = float(sum((d**2).sum() for d in delta.values()).sqrt())
+    ev = lambda m: np.array(evaluate(m, testbed, p.eval_prompts, p.seed, rp.temperature)["reward"])  # noqa: E731
+    r_base, r_final = ev(base), ev(final)
+    shard_ids = order[: p.n_shards]
+    rand = random_dictionary({n: dirs[n].shape[1:] for n in names}, p.n_random, rank, p.seed + 1)
+    add, add_rand, abl, coef = [], [], [], []
+    for i in shard_ids:
+        d = {n: torch.from_numpy(dirs[n][i]) for n in names}
+        add.append([ev(add_direction(base, d, a * scale)) - r_base for a in p.alphas])
+        m, c = project_out(final, d, delta)
+        abl.append(ev(m) - r_final)
+        coef.append(c)
+    for j in range(p.n_random):
+        d = {n: rand[n][j] for n in names}
+        add_rand.append([ev(add_direction(base, d, a * scale)) - r_base for a in p.alphas])
+    tasks = list(testbed.task_names)
+    return xr.Dataset(
+        {
+            "add_effect": (("shard", "alpha", "task"), np.array(add)),
+            "random_add_effect": (("random", "alpha", "task"), np.array(add_rand)),
+            "ablate_effect": (("shard", "task"), np.array(abl)),
+            "ablate_coefficient": ("shard", np.array(coef)),
+            "reward_base": ("task", r_base),
+            "reward_final": ("task", r_final),
+        },
+        coords={"shard": shard_ids, "alpha": list(p.alphas), "task": tasks, "random": np.arange(p.n_random)},
+        attrs={"update_norm": scale},
+    )
+
+
+def specificity(effect: np.ndarray) -> np.ndarray:
+    """max_t |E_t| / sum_t |E_t| per row (1 = the whole effect on one task; 1/T = spread evenly)."""
+    a = np.abs(effect)
+    total = a.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, a.max(-1) / total, np.nan)  # no effect at all: undefined
+
+
+def run(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
+    """Alignment (this SAE and extra seeds), where shards live, and interventions, as one Dataset."""
+    from . import shards as sh_mod
+    from .planted import flatten
+    from .sparsity import layer_of
+
+    sh, acts, res, sp, data, store, dirs = load_inputs(p)
+    names = list(dirs)
+    F = sh.sizes["shard"]
+    codes = sh_mod.dense_codes(acts, F).values
+    types, task = event_type_labels(acts)
+    X = flatten({n: data[n] for n in names}, names)
+    D = np.concatenate([dirs[n].reshape(F, -1) for n in names], 1)
+    R = flatten(random_dictionary({n: dirs[n].shape[1:] for n in names}, F, sp.rank, p.seed + 7), names)
+    rows = {sp.seed: alignment(codes, types, X, D, R, p.seed)}
+    seed_dirs = {sp.seed: D}
+    for s in p.extra_seeds:
+        q = sp.replace(seed=s, out_dir=str(Path(p.out_dir) / f"sae_seed{s}"), online_shards_path="")
+        r = sh_mod.train(q, progress=False, data=data)
+        _, _, z = sh_mod.encode_all(r["sae"].cpu(), data)
+        Ds = flatten(r["sae"].directions(), names)
+        rows[s] = alignment(z.abs().numpy(), types, X, Ds, R, p.seed)
+        seed_dirs[s] = Ds
+    seeds = list(rows)
+    keys = list(rows[seeds[0]])
+    out = xr.Dataset({k: ("sae_seed", [rows[s][k] for s in seeds]) for k in keys}, coords={"sae_seed": seeds})
+    pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1 :]]
+    out["seed_stability"] = float(np.mean([hungarian_mcc(seed_dirs[a], seed_dirs[b]) for a, b in pairs])) if pairs else np.nan
+    # per-type AUROC of this SAE, against shuffled labels
+    au, au_s = best_latent_auroc(codes, types), best_latent_auroc(codes, np.random.default_rng(p.seed).permutation(types))
+    out["type_auroc"] = ("event_type", list(au.values()))
+    out["type_auroc_shuffled"] = ("event_type", [au_s[t] for t in au])
+    out = out.assign_coords(event_type=list(au))
+    # shard x event type: mean |activation|
+    uniq = [str(t) for t in np.unique(types)]
+    out["activation_by_type"] = (("shard", "event_type_all"), np.stack([codes[types == t].mean(0) for t in uniq], 1))
+    out = out.assign_coords(shard=np.arange(F), event_type_all=uniq)
+    # where shards live: norm share per tensor and per layer, rank spectrum
+    share = np.stack([(dirs[n].reshape(F, -1) ** 2).sum(1) for n in names], 1)
+    out["norm_share"] = (("shard", "tensor"), share)
+    out = out.assign_coords(tensor=names, tensor_layer=("tensor", [layer_of(n) for n in names]))
+    mats = [n for n in names if dirs[n].ndim == 3]
+    if mats:
+        k = min(min(dirs[n].shape[1:]) for n in mats)
+        spec = np.stack([np.linalg.svd(dirs[n], compute_uv=False)[:, :k] for n in mats], 1)  # [F, mats, k]
+        spec = spec / np.clip(spec[..., :1], 1e-30, None)
+        out["rank_spectrum"] = (("shard", "matrix", "singular"), spec)
+        out = out.assign_coords(matrix=mats, singular=np.arange(k))
+    # online vs offline, when the RL run trained online shards
+    online = Path(p.rl_dir) / "online_shards.nc"
+    if online.exists():
+        from .io import load_results
+
+        on = load_results(online)
+        O = np.concatenate([sh_mod.shard_directions(on)[n].reshape(on.sizes["shard"], -1) for n in names], 1)
+        on_rows = alignment(np.zeros((len(types), on.sizes["shard"])), types, X, O, R, p.seed)
+        out["online_type_match"] = on_rows["type_match"]
+        out["online_offline_match"] = hungarian_mcc(D, O)
+        out["online_offline_mmcs"] = float(abs_cos(D, O).max(1).mean())
+    # interventions on the most frequent shards
+    order = np.argsort(-sh["frequency"].values)
+    eff = intervention_effects(p, dirs, order, sp.rank)
+    own = np.array([np.argmax([codes[task == t, i].mean() if (task == t).any() else -1 for t in range(eff.sizes["task"])])
+                    for i in eff["shard"].values])
+    pos = eff["add_effect"].sel(alpha=max(p.alphas)).values
+    out_eff = eff.rename({"shard": "intervened_shard"})
+    out_eff["own_task"] = ("intervened_shard", own)
+    out_eff["specificity"] = ("intervened_shard", specificity(pos))
+    out_eff["random_specificity"] = ("random", specificity(eff["random_add_effect"].sel(alpha=max(p.alphas)).values))
+    out_eff["own_task_hit"] = ("intervened_shard", (np.abs(pos).argmax(1) == own).astype(float))
+    tot = np.abs(pos).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out_eff["own_share"] = ("intervened_shard", np.where(tot > 0, np.abs(pos)[np.arange(len(own)), own] / tot, np.nan))
+    out = xr.merge([out, out_eff], combine_attrs="override")
+    out.attrs["store_path"] = sp.store_path
+    return out
