@@ -21,7 +21,25 @@ def main(argv=None) -> int:
     r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (their inputs must exist)")
     r.add_argument("--force", action="store_true", help="rerun stages even when unchanged")
     r.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output")
+    f = sub.add_parser("figures", help="regenerate every figure from a run's results (no retraining)")
+    f.add_argument("--run", default="default", help="run name (folder under runs/), default: default")
+    f.add_argument("--runs-dir", help="where runs are (default: runs/ in the repository)")
+    f.add_argument("--out", help="output folder (default: figures/<run>/)")
     args = ap.parse_args(argv)
+    if args.cmd == "figures":
+        from pathlib import Path
+
+        from .figures import make_all
+
+        run_dir = Path(args.runs_dir or ROOT / "runs") / args.run
+        if not run_dir.exists():
+            print(f"error: {run_dir} does not exist; run the study first (python -m shardlib run)", file=sys.stderr)
+            return 1
+        written = make_all(run_dir, args.out)
+        if not written:
+            print(f"error: no figure could be made from {run_dir}", file=sys.stderr)
+            return 1
+        return 0
     if args.cmd == "run":
         try:
             cfg = load_config(args.config, args.sets)
