@@ -125,10 +125,14 @@ def bf16_unchanged(before: torch.Tensor, after: torch.Tensor, tol: float = 0.0) 
 
 
 def rank_ratio(delta: torch.Tensor) -> float:
-    """matrix_rank(delta) / min(shape) (NaN for non-matrices; 0 for an all-zero delta)."""
+    """matrix_rank(delta) / min(shape) (NaN for non-matrices; 0 for an all-zero delta).
+
+    The rank tolerance is float32's (``max(shape) * eps_fp32 * sigma_max``): updates are fp32,
+    and a double-precision tolerance would count fp32 rounding noise as rank.
+    """
     if delta.ndim != 2:
         return float("nan")
-    return float(torch.linalg.matrix_rank(delta.double())) / min(delta.shape)
+    return float(torch.linalg.matrix_rank(delta.float())) / min(delta.shape)
 
 
 def touched(delta: torch.Tensor) -> tuple[float, float]:

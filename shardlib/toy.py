@@ -195,3 +195,20 @@ def intervention_curve(model: TMS, direction: dict[str, torch.Tensor], deltas=np
             m.b.copy_(model.b + d * direction["b"] * model.W.norm())
             out.append((m(x) - base).abs().mean(0).numpy())
     return np.array(out)
+
+
+def comparison_table(ds: xr.Dataset):
+    """Mean ± std over seeds next to the published numbers, as a pandas frame."""
+    import pandas as pd
+
+    rows = []
+    for case in ds.case.values:
+        for act in ds.activation.values:
+            sel = ds.sel(case=case, activation=act)
+            row = {"case": str(case), "activation": str(act)}
+            for k in ("mmcs_columnwise", "mmcs_whole", "ml2r_share", "recon_error", "l0", "dead_fraction"):
+                row[k] = f"{float(sel[k].mean()):.3f} ± {float(sel[k].std()):.3f}"
+            pub = PUBLISHED.get(str(case), {})
+            row["published"] = "; ".join(f"{m} {v} ({src})" for m, (v, src) in pub.items())
+            rows.append(row)
+    return pd.DataFrame(rows)

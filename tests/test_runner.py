@@ -24,7 +24,7 @@ def test_tiny_pipeline_writes_notebooks_results_and_plots(tiny_run):
     run_dir, records = tiny_run
     assert all(r["status"] == "done" for r in records) and len(records) == len(plan(load_config(TINY), run_dir.parent))
     for stage in ("pretrain", "rl_bandit", "rl_lm", "sft_lm", "shards_bandit", "shards_lm", "planted", "sparsity", "frontier",
-                  "analysis_bandit", "analysis_lm", "frontier_events/rank=1,k=1", "lr_sweep/lr=0.01"):
+                  "analysis_bandit", "analysis_lm", "toy_models", "figures", "frontier_events/rank=1,k=1", "lr_sweep/lr=0.01"):
         d = run_dir / stage
         nb = json.loads((d / "notebook.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
@@ -98,3 +98,18 @@ def test_notebooks_are_committed_without_outputs(nb):
         if c["cell_type"] == "code":
             assert c["outputs"] == [] and c["execution_count"] is None
     assert data["metadata"]["kernelspec"]["name"] == "python3"
+
+
+def test_figures_regenerate_byte_identical_from_results(tiny_run, tmp_path):
+    from shardlib.figures import make_all, scripts
+
+    run_dir, _ = tiny_run
+    a = make_all(run_dir, tmp_path / "a", log=lambda *_: None)
+    b = make_all(run_dir, tmp_path / "b", log=lambda *_: None)
+    assert set(a) == {s.stem[4:] for s in scripts()}  # every figure script made its figure
+    for name in a:
+        for pa, pb in zip(a[name], b[name]):
+            assert pa.read_bytes() == pb.read_bytes(), pa
+    skipped = []
+    assert make_all(tmp_path / "empty_run", tmp_path / "c", log=skipped.append) == {}
+    assert len(skipped) == len(scripts()) and "missing" in skipped[0]

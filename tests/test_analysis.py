@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shardlib import analysis
+
+
+def test_purity_is_one_for_a_perfect_dictionary_and_chance_for_shuffled_labels():
+    rng = np.random.default_rng(0)
+    types = rng.integers(0, 4, 4000)
+    codes = np.eye(4)[types]  # latent t fires exactly on type t
+    assert analysis.purity(codes, types) == 1.0
+    shuffled = rng.permutation(types)
+    assert analysis.purity(codes, shuffled) == pytest.approx(0.25, abs=0.03)
+
+
+def test_auroc_reference_values():
+    assert analysis.auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert analysis.auroc(np.array([1.0, 1.0, 1.0, 1.0]), np.array([0, 1, 0, 1])) == 0.5
+    assert analysis.auroc(np.array([0.9, 0.1]), np.array([0, 1])) == 0.0
+
+
+def test_alignment_separates_structure_from_baselines():
+    rng = np.random.default_rng(1)
+    T, D = 3, 40
+    means = rng.normal(size=(T, D))
+    types = rng.integers(0, T, 900)
+    updates = means[types] + 0.05 * rng.normal(size=(900, D))
+    codes = np.eye(T)[types] * 2.0
+    dirs = means / np.linalg.norm(means, axis=1, keepdims=True)
+    rand = rng.normal(size=(T, D))
+    a = analysis.alignment(codes, types, updates, dirs, rand)
+    assert a["purity"] == 1.0 and a["auroc"] == 1.0 and a["type_match"] > 0.99
+    assert a["auroc_shuffled"] < 0.6 and a["type_match_random"] < 0.6
+
+
+def test_random_dictionary_has_the_sae_structure():
+    d = analysis.random_dictionary({"w": (6, 5), "b": (6,)}, 4, rank=1)
+    norm = torch.sqrt((d["w"] ** 2).sum((1, 2)) + (d["b"] ** 2).sum(1))
+    assert torch.allclose(norm, torch.ones(4))
+    assert all(torch.linalg.matrix_rank(d["w"][i]) == 1 for i in range(4))
+
+
+def test_a_zero_shard_changes_nothing_and_ablation_removes_the_component():
+    torch.manual_seed(0)
+    base = nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    m = analysis.add_direction(base, {"weight": torch.zeros(2, 3)}, 10.0)
+    assert torch.equal(m(x), base(x))
+    d = {"weight": torch.zeros(2, 3)}
+    d["weight"][0, 0] = 1.0
+    delta = {"weight": torch.full((2, 3), 0.5)}
+    final = analysis.add_direction(base, delta, 1.0)
+    ablated, c = analysis.project_out(final, d, delta)
+    assert c == pytest.approx(0.5)
+    assert ablated.weight[0, 0].item() == pytest.approx(base.weight[0, 0].item(), abs=1e-6)
+    assert ablated.weight[1, 1].item() == pytest.approx(final.weight[1, 1].item())
+
+
+def test_specificity():
+    s = analysis.specificity(np.array([[0.0, 1.0, 0.0], [1.0, 1.0, -1.0], [0.0, 0.0, 0.0]]))
+    assert s[0] == 1.0 and s[1] == pytest.approx(1 / 3) and np.isnan(s[2])
