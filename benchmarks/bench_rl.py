@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def lm_params(tmp, pretrained, steps, collect):
     cfg = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["stages"]["rl_lm"]["params"]
     cfg = {**cfg, "init_path": pretrained, "steps": steps, "out_dir": str(tmp), "device": "cpu", "eval_prompts": 8,
-           "checkpoint_every": 10_000, "collect_every": 1, "buffer_capacity": 0}
+           "checkpoint_every": 10_000, "collect_every": 1, "buffer_capacity": 0, "online_sae": False}
     if not collect:
         cfg["collect_params"] = []
     return rl.RLParams.from_dict(cfg)
