@@ -163,7 +163,7 @@ def load_inputs(p: AnalysisParams):
 
 
 def event_type_labels(acts: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(type label per event = task and advantage sign, task index per event)."""
+    """(type label per event = task, correctness clause where present, advantage sign; task index per event)."""
     from .shards import event_types
 
     return event_types(acts), acts["task"].values

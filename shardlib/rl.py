@@ -76,6 +76,7 @@ class RLParams(Params):
     convention: str = param("sgd", "event update scaling: -lr*g ('sgd') or Adam-preconditioned ('adam')", choices=("sgd", "adam"))
     store_dtype: str = param("float32", "dtype of stored updates", choices=("float32", "bfloat16", "float16"))
     collect_every: int = param(1, "collect on every k-th optimizer step", ge=1)
+    group_events: bool = param(False, "store one update per prompt (the sum over its G completions) instead of one per completion")
     buffer_capacity: int = param(0, "ring buffer capacity in events for online SAE training (0 = no buffer)", ge=0)
     # online shards (issue 4)
     online_sae: bool = param(False, "train a shard SAE online from the ring buffer while RL runs")
@@ -253,10 +254,8 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
         collector = UpdateCollector(
             base, p.collect_params, lr=p.lr, optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
             convention=p.convention, event_store=estore, step_store=sstore, buffer=buffer, events=p.collect_events,
-            scale=1.0 / acc.num_processes, every=p.collect_every,
+            scale=1.0 / acc.num_processes, every=p.collect_every, group_by="group" if p.group_events else None,
         )
-        if acc.num_processes > 1 and p.collect_steps:
-            pass  # every process keeps identical parameters, the main one records the step update
 
     if acc.is_main_process and start == 0:
         init_eval = evaluate(base, testbed, p.eval_prompts, p.seed, p.temperature, acc.device)

@@ -350,10 +350,15 @@ def dense_codes(acts: xr.Dataset, n_latents: int):
 
 
 def event_types(acts: xr.Dataset) -> np.ndarray:
-    """Event type label per event: task family name and sign of the advantage (``"max +"``)."""
+    """Event type per event: task family, the task's correctness clause when the store has one
+    (LM: ``ok`` / ``wrong``), and the sign of the advantage, e.g. ``"max ok +"``."""
     names = json.loads(acts.attrs["task_names"]) if "task_names" in acts.attrs else None
     task = acts["task"].values
     label = [names[t] if names else str(t) for t in task]
+    correct = [c for c in acts.coords if str(c).startswith("reward_correct_")]
+    if correct:
+        ok = np.any([acts[c].values > 0 for c in correct], axis=0)
+        label = [f"{a} {'ok' if o else 'wrong'}" for a, o in zip(label, ok)]
     if "advantage" in acts.coords:
         sign = np.where(acts["advantage"].values > 0, "+", np.where(acts["advantage"].values < 0, "-", "0"))
         label = [f"{a} {s}" for a, s in zip(label, sign)]

@@ -306,6 +306,7 @@ class UpdateCollector:
         events: bool = True,
         scale: float = 1.0,
         every: int = 1,
+        group_by: str | None = None,
     ):
         if convention not in ("sgd", "adam"):
             raise ValueError(f"convention must be 'sgd' or 'adam', got {convention!r}")
@@ -314,7 +315,7 @@ class UpdateCollector:
         self.model, self.lr, self.optimizer, self.convention = model, lr, optimizer, convention
         self.params = select_params(model, params)
         self.event_store, self.step_store, self.buffer = event_store, step_store, buffer
-        self.events, self.scale, self.every = events, scale, every
+        self.events, self.scale, self.every, self.group_by = events, scale, every, group_by
         self._linear = {}
         if events:
             owners = {}
@@ -418,6 +419,8 @@ class UpdateCollector:
             if gather is not None:
                 updates = {n: gather(u.contiguous()) for n, u in updates.items()}
             updates = {n: u.cpu() for n, u in updates.items()}
+            if self.group_by is not None and labels:
+                updates, labels = group_events(updates, labels, self.group_by)
             if self.event_store is not None:
                 self.event_store.append(updates, labels or {}, step)
             if self.buffer is not None:
@@ -432,6 +435,24 @@ class UpdateCollector:
         for s in (self.event_store, self.step_store):
             if s is not None:
                 s.flush()
+
+
+def group_events(updates: dict[str, torch.Tensor], labels: dict[str, np.ndarray], key: str = "group"):
+    """Sum the updates of events that share ``labels[key]`` (e.g. one prompt's G completions).
+
+    Labels of a group: float labels are averaged (reward, advantage, clause values), integer
+    labels take the group's first value (step, task, group), and ``n_events`` counts the events.
+    """
+    ids, first, inverse = np.unique(labels[key], return_index=True, return_inverse=True)
+    inv = torch.from_numpy(inverse)
+    out = {n: torch.zeros((len(ids), *u.shape[1:]), dtype=u.dtype).index_add_(0, inv, u) for n, u in updates.items()}
+    counts = np.bincount(inverse)
+    lab = {}
+    for k, v in labels.items():
+        v = np.asarray(v)
+        lab[k] = (np.bincount(inverse, weights=v) / counts).astype(v.dtype) if v.dtype.kind == "f" else v[first]
+    lab["n_events"] = counts.astype(np.int64)
+    return out, lab
 
 
 def bytes_per_event(params: dict[str, torch.Tensor], dtype: str = "float32") -> int:

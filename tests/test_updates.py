@@ -225,3 +225,19 @@ def test_subsampling_and_half_precision_storage(tmp_path):
     w = ev["net.2.weight"].values
     assert np.array_equal(w, torch.tensor(w).bfloat16().float().numpy())  # values are exactly bf16
     assert json.loads(ev.attrs["task_names"]) == [f"cluster{k}" for k in range(4)]
+
+
+def test_grouping_events_per_prompt_sums_updates_and_averages_rewards(tmp_path):
+    from shardlib.updates import group_events
+
+    ups = {"w": torch.arange(8.0).view(4, 2)}
+    labels = {"group": np.array([5, 5, 7, 7]), "reward": np.array([1.0, 0.0, 1.0, 1.0], dtype=np.float32),
+              "task": np.array([2, 2, 0, 0])}
+    out, lab = group_events(ups, labels)
+    assert out["w"].tolist() == [[2.0, 4.0], [10.0, 12.0]]
+    assert lab["reward"].tolist() == [0.5, 1.0] and lab["task"].tolist() == [2, 0] and lab["n_events"].tolist() == [2, 2]
+    p = RLParams.from_dict(dict(out_dir=str(tmp_path / "g"), testbed="bandit", steps=2, prompts_per_step=4, group_size=3,
+                                eval_prompts=8, device="cpu", collect_params=["*"], group_events=True))
+    train(p, progress=False)
+    ev = open_store(tmp_path / "g/updates/events")
+    assert ev.sizes["event"] == 2 * 4 and (ev["n_events"].values == 3).all()
