@@ -1,7 +1,8 @@
 """Run one stage's training outside a notebook, for several processes or GPUs.
 
-    accelerate launch --num_processes 2 -m shardlib.launch rl out_dir=runs/x testbed=bandit
+    accelerate launch --multi_gpu --num_processes 2 -m shardlib.launch rl out_dir=runs/x testbed=bandit
     torchrun --nproc_per_node 2 -m shardlib.launch rl out_dir=runs/x testbed=bandit device=cpu
+    accelerate launch --multi_gpu --num_processes 2 -m shardlib.launch shards out_dir=runs/s store_path=runs/x/updates/events
 
 Arguments are ``name=value`` pairs of the stage's parameters (values parsed as YAML).
 Writes the same files as the notebook's training cell (``results.nc``, ``policy/``,
@@ -18,7 +19,7 @@ import yaml
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("rl", "pretrain"):
+    if not argv or argv[0] not in ("rl", "pretrain", "shards"):
         print(__doc__, file=sys.stderr)
         return 2
     stage, pairs = argv[0], argv[1:]
@@ -41,6 +42,16 @@ def main(argv=None) -> int:
             save_results(ds, Path(p.out_dir) / "results.nc", p.to_dict(), p.seed)
             ds.attrs["num_processes"] = acc.num_processes
             print(f"processes={acc.num_processes} distributed_type={acc.distributed_type}")
+    elif stage == "shards":
+        from .shards import ShardParams, train, write_outputs
+
+        p = ShardParams.from_dict(values)
+        res = train(p, progress=False)
+        acc = res["accelerator"]
+        if acc.is_main_process:
+            write_outputs(p, res)
+            print(f"processes={acc.num_processes} distributed_type={acc.distributed_type}")
+        acc.wait_for_everyone()
     else:
         from .pretrain import PretrainParams, train
 

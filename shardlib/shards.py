@@ -118,8 +118,12 @@ def total_variance(data: dict[str, torch.Tensor], scale: float) -> float:
 class Trainer:
     """One SAE and its optimizer; ``step(batch)`` is one training step (shared offline and online)."""
 
-    def __init__(self, sae: ShardSAE, lr: float, aux_k: int, aux_coef: float, dead_window: int, variance: float):
+    def __init__(self, sae: ShardSAE, lr: float, aux_k: int, aux_coef: float, dead_window: int, variance: float,
+                 accelerator=None):
         self.sae, self.aux_coef, self.dead_window = sae, aux_coef, dead_window
+        # several processes: each takes a slice of every batch; gradients are averaged and
+        # firing records combined across processes, so every process keeps the same SAE
+        self.acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
         self.aux_k = aux_k or max(1, sae.n_latents // 2)
         self.opt = torch.optim.Adam(sae.parameters(), lr=lr)
         self.variance = max(variance, 1e-30)
@@ -142,10 +146,19 @@ class Trainer:
         loss = rec + self.aux_coef * aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.acc is not None:
+            for prm in sae.parameters():
+                if prm.grad is None:
+                    prm.grad = torch.zeros_like(prm)
+                prm.grad = self.acc.reduce(prm.grad, "mean")
+            N = int(self.acc.reduce(torch.tensor(N, device=z.device), "sum"))
         self.opt.step()
         sae.normalize_decoder_()
         self.samples += N
-        fired = (z != 0).any(0).cpu()
+        fired = (z != 0).any(0)
+        if self.acc is not None:
+            fired = self.acc.reduce(fired.float(), "sum") > 0
+        fired = fired.cpu()
         self.last_fired[fired] = self.samples
         return {"loss": float(loss.detach()), "rec": float(rec.detach()), "aux": float(aux.detach()),
                 "l0": float((z != 0).sum(1).float().mean()), "dead": float(dead.float().mean())}
@@ -224,7 +237,7 @@ def train(p: ShardParams, progress: bool = True, stop_after: int | None = None, 
     init_from_data(sae, {k: v[train_idx] for k, v in data.items()})
     sae.to(acc.device)
     variance = total_variance({k: v[train_idx] for k, v in data.items()}, float(sae.scale))
-    trainer = Trainer(sae, p.lr, p.aux_k, p.aux_coef, p.dead_window, variance)
+    trainer = Trainer(sae, p.lr, p.aux_k, p.aux_coef, p.dead_window, variance, accelerator=acc)
     ckpt = out / "checkpoint"
     start, history = 0, []
     if (ckpt / "state.json").exists():
@@ -243,7 +256,12 @@ def train(p: ShardParams, progress: bool = True, stop_after: int | None = None, 
         perm = train_idx[np.random.default_rng([p.seed, epoch]).permutation(len(train_idx))]
         sums = {}
         for s in range(0, len(perm), p.batch_size):
-            b = {k: v[perm[s : s + p.batch_size]].to(acc.device) for k, v in data.items()}
+            chunk = perm[s : s + p.batch_size]
+            if len(chunk) < acc.num_processes:  # too few events to give every process one
+                bar.update(1)
+                continue
+            chunk = chunk[acc.process_index :: acc.num_processes]
+            b = {k: v[chunk].to(acc.device) for k, v in data.items()}
             m = trainer.step(b)
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + v / steps_per_epoch
@@ -253,13 +271,15 @@ def train(p: ShardParams, progress: bool = True, stop_after: int | None = None, 
         bar.set_postfix(rec=f"{sums['rec']:.3f}", l0=f"{sums['l0']:.1f}")
         done = epoch + 1
         if done % p.checkpoint_every == 0 or done == p.epochs:
-            _checkpoint(ckpt, trainer, done, history, p.fingerprint())
+            if acc.is_main_process:
+                _checkpoint(ckpt, trainer, done, history, p.fingerprint())
+            acc.wait_for_everyone()
         if stop_after is not None and done - start >= stop_after and done < p.epochs:
             bar.close()
             return {"sae": sae, "stopped_at": done}
     bar.close()
     return {"sae": sae, "data": data, "store": store, "train_idx": train_idx, "heldout_idx": held_idx,
-            "history": history, "seconds": time.perf_counter() - t0, "device": acc.device}
+            "history": history, "seconds": time.perf_counter() - t0, "device": acc.device, "accelerator": acc}
 
 
 def dense_parameter_count(shapes: dict[str, tuple], n_latents: int) -> int:

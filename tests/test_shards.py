@@ -104,3 +104,30 @@ def test_online_trainer_learns_from_the_ring_buffer():
     from shardlib.metrics import mmcs
 
     assert mmcs(flatten(truth), flatten(online.sae.directions()))[0] > 0.9
+
+
+def test_two_process_training_matches_one_process(tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` on CPU: gradients averaged over batch halves."""
+    import os
+    import subprocess
+    import sys
+
+    from shardlib.metrics import hungarian_mcc
+
+    make_store(tmp_path / "store", n=128)
+    args = [f"store_path={tmp_path / 'store'}", "device=cpu", "n_latents=6", "k=2", "signed=true", "epochs=3", "batch_size=32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m",
+                          "shardlib.launch", "shards", f"out_dir={tmp_path / 'two'}", *args], capture_output=True, text=True, env=env, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "processes=2 distributed_type=DistributedType.MULTI_CPU" in two.stdout
+    one = subprocess.run([sys.executable, "-m", "shardlib.launch", "shards", f"out_dir={tmp_path / 'one'}", *args],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = shards.shard_directions(load_results(tmp_path / "one" / "shards.nc"))
+    b = shards.shard_directions(load_results(tmp_path / "two" / "shards.nc"))
+    flat = lambda d: np.concatenate([d[k].reshape(6, -1) for k in sorted(d)], 1)  # noqa: E731
+    assert hungarian_mcc(flat(a), flat(b)) > 0.999
+    fa = float(load_results(tmp_path / "one" / "results.nc").heldout_fvu)
+    fb = float(load_results(tmp_path / "two" / "results.nc").heldout_fvu)
+    assert abs(fa - fb) < 1e-3
