@@ -9,10 +9,12 @@ A figure whose inputs are missing is skipped with a message naming them.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 
+from .config import Params, param
 from .runner import ROOT
 
 FIG_DIR = ROOT / "figures"
@@ -47,10 +49,6 @@ def make_all(run_dir, out_dir=None, log=print) -> dict[str, list[Path]]:
         log(f"{mod.NAME}: {', '.join(str(p) for p in written[mod.NAME])}")
     return written
 
-
-from dataclasses import dataclass  # noqa: E402
-
-from .config import Params, param  # noqa: E402
 
 
 @dataclass(frozen=True)

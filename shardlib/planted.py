@@ -9,9 +9,12 @@ An SAE that cannot recover these cannot be trusted on real updates.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .config import Params, param
 
 
 def model_shapes(d_model: int = 64, d_ff: int = 128, n_layers: int = 2, patterns=("mlp", "attn")) -> dict[str, tuple]:
@@ -79,10 +82,6 @@ def flatten(tensors: dict[str, torch.Tensor], names=None) -> np.ndarray:
 
 # ---------------------------------------------------------------------------
 # the positive-control experiment
-
-from dataclasses import dataclass  # noqa: E402
-
-from .config import Params, param  # noqa: E402
 
 
 @dataclass(frozen=True)

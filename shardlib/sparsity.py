@@ -9,6 +9,7 @@ every parameter), single optimizer steps and single events (the collected tensor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 import xarray as xr
 
 from . import metrics
+from .config import Params, param
 from .metrics import TAUS
 from .updates import flat_updates, open_store
 
@@ -101,10 +103,6 @@ def exists(path) -> bool:
 
 # ---------------------------------------------------------------------------
 # the stage
-
-from dataclasses import dataclass  # noqa: E402
-
-from .config import Params, param  # noqa: E402
 
 
 @dataclass(frozen=True)
