@@ -214,8 +214,21 @@ def _checkpoint(path: Path, trainer: Trainer, epoch: int, history: list, fingerp
 def train(p: ShardParams, progress: bool = True, stop_after: int | None = None, data=None) -> dict:
     """Train offline on ``p.store_path``; resumes from ``out_dir/checkpoint``.
 
+    Runs with ``torch.use_deterministic_algorithms(True)``: the backward of the gathered
+    factors (an accumulating index_put) otherwise adds in a thread-dependent order on CPU,
+    and two runs of the same config drift apart.
+
     Returns ``{"sae", "data", "store", "train_idx", "heldout_idx", "history", "seconds"}``.
     """
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(p, progress, stop_after, data)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(p: ShardParams, progress: bool, stop_after: int | None, data) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
