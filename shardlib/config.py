@@ -11,6 +11,7 @@ unknown names). Each field carries its documentation in ``metadata["doc"]``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import types
 import typing
@@ -135,6 +136,12 @@ class Params:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def fingerprint(self) -> str:
+        """Hash of every parameter but ``out_dir``: identifies a run's checkpoints and stores."""
+        d = self.to_dict()
+        d.pop("out_dir")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

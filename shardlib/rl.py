@@ -17,7 +17,6 @@ decompose).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -97,11 +96,6 @@ class RLParams(Params):
             raise ValueError(
                 f"parameter 'grad_accum': {self.grad_accum} must divide prompts_per_step={self.prompts_per_step}"
             )
-
-    def fingerprint(self) -> str:
-        d = self.to_dict()
-        d.pop("out_dir")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_testbed(p: RLParams):

@@ -22,7 +22,6 @@ ring buffer while RL runs (``shardlib.rl.train(..., on_step=...)``).
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import math
 import time
@@ -67,11 +66,6 @@ class ShardParams(Params):
             raise ValueError("parameter 'store_path': give the update store to train on (e.g. runs/default/rl_lm/updates/events)")
         if self.k > self.n_latents:
             raise ValueError(f"parameter 'k': {self.k} exceeds n_latents={self.n_latents}")
-
-    def fingerprint(self) -> str:
-        d = self.to_dict()
-        d.pop("out_dir")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_updates(store_path, patterns=(), skip_zero: bool = False) -> tuple[dict[str, torch.Tensor], xr.Dataset]:
