@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -63,6 +64,25 @@ def atomic_write(path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_dir(path: Path) -> Path:
+    """A fresh ``path.tmp`` folder to write into; :func:`commit_dir` then renames it over ``path``
+    (a killed write leaves ``path`` intact)."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, path: Path) -> None:
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def save_results(ds: xr.Dataset, path, config: dict | None = None, seed: int | None = None) -> Path:

@@ -8,8 +8,6 @@ Both policies share two functions used by the RL loop: :func:`sample` and
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .io import atomic_dir, commit_dir
 from .tasks import SyntheticTasks, completion_mask
 
 MLP_CONFIG = "shardlib_policy.json"
@@ -62,29 +61,11 @@ def unwrap(model):
     return getattr(model, "module", model)  # DDP
 
 
-def _atomic_dir(path: Path):
-    """Write into ``path.tmp`` then rename over ``path`` (a killed write leaves ``path`` intact)."""
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _commit_dir(tmp: Path, path: Path):
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def save_policy(model, path, extra: dict | None = None) -> None:
     """Save weights (safetensors) and JSON config atomically into folder ``path``."""
     path = Path(path)
     model = unwrap(model)
-    tmp = _atomic_dir(path)
+    tmp = atomic_dir(path)
     if isinstance(model, MLPPolicy):
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
@@ -93,7 +74,7 @@ def save_policy(model, path, extra: dict | None = None) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
     if extra is not None:
         (tmp / "shardlib_extra.json").write_text(json.dumps(extra, sort_keys=True))
-    _commit_dir(tmp, path)
+    commit_dir(tmp, path)
 
 
 def load_policy(path, dtype=torch.float32):

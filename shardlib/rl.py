@@ -17,6 +17,7 @@ decompose).
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 import json
 import time
 from dataclasses import dataclass
@@ -295,7 +296,7 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
             for m in range(n_micro):
                 sl = slice(m * mb, (m + 1) * mb)
                 with acc.accumulate(model):
-                    ctx = collector.capture(collect) if collector is not None else _null()
+                    ctx = collector.capture(collect) if collector is not None else nullcontext()
                     with ctx:
                         logp, ent = pol.logprobs(model, prompt_d[sl], comp_d[sl], vs)
                         msk = mask_d[sl].float()
@@ -364,14 +365,6 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     return {"results": ds, "collector": collector, "buffer": buffer, "accelerator": acc, "model": base}
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def _checkpoint(acc, model, optimizer, ckpt: Path, step: int, history, p: RLParams, collector) -> None:
     """Flush stores, then write policy + optimizer + state atomically (state.json last)."""
     if collector is not None:
@@ -379,14 +372,14 @@ def _checkpoint(acc, model, optimizer, ckpt: Path, step: int, history, p: RLPara
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return
-    from .policy import _atomic_dir, _commit_dir
+    from .io import atomic_dir, commit_dir
 
-    tmp = _atomic_dir(ckpt)
+    tmp = atomic_dir(ckpt)
     pol.save_policy(pol.unwrap(model), tmp / "policy")
     opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "fingerprint": p.fingerprint()}))
-    _commit_dir(tmp, ckpt)
+    commit_dir(tmp, ckpt)
 
 
 def history_dataset(history: list[dict], testbed, init_eval: dict, final_eval: dict) -> xr.Dataset:

@@ -29,7 +29,6 @@ import hashlib
 import itertools
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -179,15 +179,15 @@ def evaluate(sae: ShardSAE, data: dict[str, torch.Tensor], idx: np.ndarray, batc
 
 @torch.no_grad()
 def encode_all(sae: ShardSAE, data: dict[str, torch.Tensor], batch_size: int = 512, device="cpu"):
-    """Active latents of every event: (index [N, kk] with -1 padding, value [N, kk])."""
+    """Active latents of every event: (index [N, kk] with -1 padding, value [N, kk], dense codes [N, F])."""
     sae.eval()
-    idxs, vals = [], []
+    codes = []
     n = len(next(iter(data.values())))
     for s in range(0, n, batch_size):
         b = {k: v[s : s + batch_size].to(device) for k, v in data.items()}
         _, z, *_ = sae(b)
-        idxs.append(z.cpu())
-    z = torch.cat(idxs)
+        codes.append(z.cpu())
+    z = torch.cat(codes)
     kk = max(1, int((z != 0).sum(1).max()))
     mag, idx = z.abs().topk(kk, dim=1)
     val = z.gather(1, idx)
@@ -196,13 +196,13 @@ def encode_all(sae: ShardSAE, data: dict[str, torch.Tensor], batch_size: int = 5
 
 
 def _checkpoint(path: Path, trainer: Trainer, epoch: int, history: list, fingerprint: str) -> None:
-    from .policy import _atomic_dir, _commit_dir
+    from .io import atomic_dir, commit_dir
 
-    tmp = _atomic_dir(path)
+    tmp = atomic_dir(path)
     trainer.sae.save(tmp / "sae")
     torch.save(trainer.opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "fingerprint": fingerprint, **trainer.state()}))
-    _commit_dir(tmp, path)
+    commit_dir(tmp, path)
 
 
 def train(p: ShardParams, progress: bool = True, stop_after: int | None = None, data=None) -> dict:

@@ -1,6 +1,5 @@
 """ShardSAE pinned against dense reference computations (SAELens-style)."""
 
-import numpy as np
 import pytest
 import torch
 
