@@ -274,8 +274,7 @@ def run(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
 
         on = load_results(online)
         O = np.concatenate([sh_mod.shard_directions(on)[n].reshape(on.sizes["shard"], -1) for n in names], 1)
-        on_rows = alignment(np.zeros((len(types), on.sizes["shard"])), types, X, O, R, p.seed)
-        out["online_type_match"] = on_rows["type_match"]
+        out["online_type_match"] = hungarian_mcc(type_means(X, types)[0], O)
         out["online_offline_match"] = hungarian_mcc(D, O)
         out["online_offline_mmcs"] = float(abs_cos(D, O).max(1).mean())
     # interventions on the most frequent shards
