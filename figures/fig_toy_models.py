@@ -1,4 +1,4 @@
-"""Figure: toy-model reproductions: MMCS to ground-truth circuits against the published numbers."""
+"""Figure: toy-model reproductions: per-feature MMCS and reconstruction error against the published numbers."""
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -14,19 +14,28 @@ def make(run_dir):
     ds = load_results(run_dir / INPUTS[0])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     x = np.arange(ds.sizes["case"])
+    w = 0.8 / ds.sizes["activation"]
     for j, act in enumerate(ds.activation.values):
         for ax, v in zip(axes, ["mmcs_columnwise", "recon_error"]):
             sel = ds[v].sel(activation=act)
-            ax.bar(x + 0.25 * j, sel.mean("seed"), 0.25, yerr=sel.std("seed"), capsize=3, label=f"shardlib, {act}")
+            ax.bar(x + w * j, sel.mean("seed"), w, yerr=sel.std("seed"), capsize=3, label=f"shardlib, {act}")
+    if "mmcs_truth_init" in ds:
+        start = ds.mmcs_truth_init.sel(activation=ds.activation.values[0]).mean("seed")
+        axes[0].plot(x, start, "kx", label=f"{ds.activation.values[0]}, started at the truth")
+    styles = {"mmcs_apd": ("APD", ":"), "mmcs_spd": ("SPD", "--"), "recon_error_l3d": ("L3D", ":")}
+    seen = set()
     for i, case in enumerate(ds.case.values):
-        pub = PUBLISHED.get(str(case), {})
-        if "mmcs_apd" in pub:
-            axes[0].hlines(pub["mmcs_apd"][0], i - 0.15, i + 0.65, colors="k", linestyles=":", label="APD" if i == 0 else None)
-        if "recon_error_l3d" in pub:
-            axes[1].hlines(pub["recon_error_l3d"][0], i - 0.15, i + 0.65, colors="k", linestyles=":", label="L3D" if i == 0 else None)
-    for ax, t in zip(axes, ["MMCS (column-wise) to feature circuits", "reconstruction error (batch-pooled)"]):
-        ax.set_xticks(x + 0.125, [str(c) for c in ds.case.values])
+        for metric, (value, _src) in PUBLISHED.get(str(case), {}).items():
+            if metric not in styles:
+                continue
+            label, ls = styles[metric]
+            ax = axes[1] if metric.startswith("recon") else axes[0]
+            ax.hlines(value, i - w / 2, i + w * (ds.sizes["activation"] - 0.5), colors="k", linestyles=ls,
+                      label=label if label not in seen else None)
+            seen.add(label)
+    for ax, t in zip(axes, ["MMCS per feature to the ground-truth circuits", "reconstruction error (batch-pooled)"]):
+        ax.set_xticks(x + w * (ds.sizes["activation"] - 1) / 2, [str(c) for c in ds.case.values])
         ax.set_title(t)
         ax.legend(fontsize=6)
-    axes[0].set_ylim(0.8, 1.01)
+    axes[0].set_ylim(0.9, 1.005)
     return fig

@@ -135,6 +135,31 @@ class ShardSAE(nn.Module):
             else:
                 self.dec[f"{j}_W"].div_(norms[:, None])
 
+    @torch.no_grad()
+    def set_directions_(self, directions: Tensors) -> None:
+        """Start decoder and encoder at given directions {name: [F, *shape]} (then unit norm).
+
+        Low-rank tensors take each direction's best rank-``rank`` approximation (truncated
+        SVD); used to start an SAE at known ground truth and see where training takes it.
+        """
+        for j, n in enumerate(self.names):
+            d = directions[n].to(self.b_enc)
+            if tuple(d.shape) != (self.n_latents, *self.shapes[n]):
+                raise ValueError(f"directions[{n!r}] has shape {tuple(d.shape)}; expected {(self.n_latents, *self.shapes[n])}")
+            if self.lowrank(n):
+                U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+                r = self.rank
+                s = S[:, :r].sqrt()
+                U_r, V_r = U[:, :, :r] * s[:, None, :], Vh[:, :r, :].transpose(1, 2) * s[:, None, :]
+                pad = r - U_r.shape[-1]  # rank above min(shape): the extra factors are zero
+                self.dec[f"{j}_U"].copy_(torch.nn.functional.pad(U_r, (0, pad)))
+                self.dec[f"{j}_V"].copy_(torch.nn.functional.pad(V_r, (0, pad)))
+            else:
+                self.dec[f"{j}_W"].copy_(d.reshape(self.n_latents, -1))
+        self.normalize_decoder_()
+        for key, p in self.dec.items():
+            self.enc[key].copy_(p)
+
     # -- forward -----------------------------------------------------------
     def center(self, x: Tensors) -> Tensors:
         return {n: x[n] / self.scale - self.b_pre[str(j)] for j, n in enumerate(self.names)}

@@ -205,8 +205,11 @@ def _checkpoint(path: Path, trainer: Trainer, epoch: int, history: list, fingerp
     commit_dir(tmp, path)
 
 
-def train(p: ShardParams, progress: bool = True, stop_after: int | None = None, data=None) -> dict:
+def train(p: ShardParams, progress: bool = True, stop_after: int | None = None, data=None, init_directions=None) -> dict:
     """Train offline on ``p.store_path``; resumes from ``out_dir/checkpoint``.
+
+    ``data`` ({name: [N, *shape]}) replaces the store; ``init_directions`` ({name: [F, *shape]})
+    starts the decoder and encoder there instead of at random (``ShardSAE.set_directions_``).
 
     Runs with ``torch.use_deterministic_algorithms(True)``: the backward of the gathered
     factors (an accumulating index_put) otherwise adds in a thread-dependent order on CPU,
@@ -217,12 +220,12 @@ def train(p: ShardParams, progress: bool = True, stop_after: int | None = None, 
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(p, progress, stop_after, data)
+        return _train(p, progress, stop_after, data, init_directions)
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
-def _train(p: ShardParams, progress: bool, stop_after: int | None, data) -> dict:
+def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_directions) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -242,6 +245,8 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data) -> dict
     train_idx, held_idx = split_events(n, p.holdout_frac, p.seed)
     sae = ShardSAE({k: tuple(v.shape[1:]) for k, v in data.items()}, p.n_latents, p.k, p.rank, p.activation, p.signed, seed=p.seed)
     init_from_data(sae, {k: v[train_idx] for k, v in data.items()})
+    if init_directions is not None:
+        sae.set_directions_(init_directions)
     sae.to(acc.device)
     variance = total_variance({k: v[train_idx] for k, v in data.items()}, float(sae.scale))
     trainer = Trainer(sae, p.lr, p.aux_k, p.aux_coef, p.dead_window, variance, accelerator=acc)

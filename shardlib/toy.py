@@ -1,26 +1,45 @@
 """Toy models with published decompositions (L3D, APD, SPD), decomposed by shardlib's SAE.
 
-TMS (Elhage et al. 2022; as in APD/SPD/L3D): ``xhat = ReLU(W^T W x + b)``, ``W`` is
-``m x n`` (hidden x features), features ``x_c ~ U[0, 1]`` active with probability p.
-Ground-truth mechanisms: the rank-1 feature circuits ``W[:, c] e_c^T`` (zero bias part).
+Cases (``CASES``):
+- TMS 5->2 and 40->10 (Elhage et al. 2022; as in APD/SPD/L3D): ``xhat = ReLU(W^T W x + b)``,
+  ``W`` is ``m x n`` (hidden x features), features ``x_c ~ U[0, 1]`` active with probability p.
+  Ground-truth mechanisms: the rank-1 feature circuits ``W[:, c] e_c^T`` (zero bias part).
+- TMCS, L3D's circuit superposition: ``y = ReLU(x W_in W_out + b)`` (10 inputs, 5 hidden,
+  10 outputs) trained to compute ``x A`` with ``A ~ U[0, 3)`` (L3D's script: max coefficient 3).
+  Ground truth for input i: the divergence gradient of the input ``e_i`` (feature i alone),
+  computed by autograd; the coefficients a shard recovers are its bias part (for an input
+  with only feature i, the bias gradient is the output ``f(x) ~ x_i A[i, :]``).
 
-Data points (L3D, field notes §2b): per-sample gradients, at the trained weights, of the
-divergence ``1/2 ||f(x_i) - stopgrad f(x_r)||^2`` with ``x_r`` another sample of the batch,
-with respect to ``W`` and ``b``, via ``torch.func.vmap(grad)``.
+Data points (L3D, field notes §2b): per-sample gradients at the trained weights, via
+``torch.func.vmap(grad)``, of ``1/2 ||f(x_i) - stopgrad f(x_r)||^2`` where the reference
+``x_r`` is another sample of the batch (TMS) or the output is compared with zero (TMCS, as
+L3D's circuit-superposition script does with its ``ZeroOutput`` reference). Samples with no
+active feature are dropped (L3D's data generator drops them), and so are gradients that are
+exactly zero (every output dead on both samples: nothing to decompose).
 
-MMCS two ways:
-- column-wise (the papers'): for each feature c, the max over shards of |cos| between the
-  shard's W column c and ``W[:, c]``, averaged over c;
-- whole-direction (shardlib's): |cos| between the flattened shard (W and b parts) and the
-  flattened circuit ``W[:, c] e_c^T``, max over shards, averaged over c.
-ML2R here: ``||D_k[:, c]|| / ||D_k||`` at the best match (the share of the unit-norm shard's
-norm on its feature's column; 1 = entirely on it). The papers' ML2R compares weight
-norms, which a unit-norm shard does not have, so the two numbers are not the same quantity.
-Reconstruction error: batch-pooled ``sum ||g - ghat||^2 / sum ||g||^2`` as L3D computes it.
+Metrics:
+- MMCS per feature (the papers' column-wise one on TMS): for each feature c, the max over
+  shards of |cos| between the shard's slice for c and the circuit's, averaged over c. The
+  slice is W's column c on TMS (APD/SPD's definition) and W_in's row i on TMCS;
+- whole-direction MMCS (shardlib's): |cos| between the flattened shard (every tensor) and the
+  flattened ground-truth circuit, max over shards, averaged over features;
+- ML2R share: ``||D_k[slice c]|| / ||D_k||`` at the best match (the share of the unit-norm
+  shard's norm on its feature's slice; 1 = entirely on it). The papers' ML2R compares weight
+  norms, which a unit-norm shard does not have, so the two numbers are not the same quantity;
+- MMCS after a truth start: the same per-feature MMCS for an SAE whose decoder starts at the
+  ground-truth circuits. If training moves it to where a random start ends, the objective's
+  optimum is not the circuits (a property of the data), and more training cannot close the gap;
+- coefficient correlation (TMCS): Pearson r between the matched shard's bias part (sign
+  fixed so it sums positive: a signed direction has no preferred sign) and ``A[i, :]``, mean
+  over inputs i; ``coef_r_model`` is the same for the trained model's own outputs ``f(e_i)``,
+  the most a shard of this model can recover. L3D's exact computation of its r = 0.92 is not
+  published with the paper; this is our reading of it;
+- reconstruction error: batch-pooled ``sum ||g - ghat||^2 / sum ||g||^2`` as L3D computes it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +54,18 @@ PUBLISHED = {
     "tms_5_2": {"mmcs_apd": (0.998, "APD, Braun et al. 2025"), "mmcs_spd": (1.000, "SPD, Bushnaq et al. 2025"),
                 "ml2r_spd": (0.99, "SPD, Bushnaq et al. 2025"), "recon_error_l3d": (0.19, "L3D, Chrisman et al. 2025")},
     "tms_40_10": {"mmcs_apd": (0.996, "APD, Braun et al. 2025"), "mmcs_spd": (1.000, "SPD, Bushnaq et al. 2025")},
+    "tmcs": {"recon_error_l3d": (0.064, "L3D, Chrisman et al. 2025"), "coef_r_l3d": (0.92, "L3D, Chrisman et al. 2025")},
 }
+
+# model, (features, hidden), default k: about the number of feature circuits one gradient
+# holds (active features per non-empty sample: 1.1 on TMS 5->2, 1.25 on TMCS, 2.4 on
+# TMS 40->10, where the reference sample adds its own)
+CASES = {
+    "tms_5_2": {"model": "tms", "shape": (5, 2), "k": 1},
+    "tms_40_10": {"model": "tms", "shape": (40, 10), "k": 3},
+    "tmcs": {"model": "tmcs", "shape": (10, 5), "k": 1},
+}
+TMCS_OUTPUTS, TMCS_MAX_COEF = 10, 3.0
 
 
 class TMS(torch.nn.Module):
@@ -49,30 +79,64 @@ class TMS(torch.nn.Module):
         return torch.relu(x @ self.W.T @ self.W + self.b)
 
 
+class TMCS(torch.nn.Module):
+    """L3D's circuit superposition: ``ReLU(x W_in W_out + b)``, W_in [inputs, hidden], W_out [hidden, outputs]."""
+
+    def __init__(self, n_inputs: int, n_hidden: int, n_outputs: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W_in = torch.nn.Parameter(torch.randn(n_inputs, n_hidden, generator=g) * (2 / (n_inputs + n_hidden)) ** 0.5)
+        self.W_out = torch.nn.Parameter(torch.randn(n_hidden, n_outputs, generator=g) * (2 / (n_hidden + n_outputs)) ** 0.5)
+        self.b = torch.nn.Parameter(torch.zeros(n_outputs))
+
+    def forward(self, x):
+        return torch.relu(x @ self.W_in @ self.W_out + self.b)
+
+
 def sample_features(n: int, n_features: int, p: float, generator: torch.Generator) -> torch.Tensor:
     active = torch.rand(n, n_features, generator=generator) < p
     return active * torch.rand(n, n_features, generator=generator)
 
 
-def train_tms(n_features: int, n_hidden: int, p: float = 0.05, steps: int = 4000, batch: int = 1024, lr: float = 3e-3, seed: int = 0) -> TMS:
-    model = TMS(n_features, n_hidden, seed)
+def _fit(model, target, n_features: int, p: float, steps: int, batch: int, lr: float, g: torch.Generator):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
         x = sample_features(batch, n_features, p, g)
-        loss = ((model(x) - x) ** 2).mean()
+        loss = ((model(x) - target(x)) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     return model
 
 
-def divergence_gradients(model: TMS, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Per-sample gradients of 1/2 ||f(x_i) - stopgrad f(x_r)||^2, x_r = another sample of the batch."""
+def train_tms(n_features: int, n_hidden: int, p: float = 0.05, steps: int = 4000, batch: int = 1024, lr: float = 3e-3, seed: int = 0) -> TMS:
+    g = torch.Generator().manual_seed(seed + 1)
+    return _fit(TMS(n_features, n_hidden, seed), lambda x: x, n_features, p, steps, batch, lr, g)
+
+
+def train_tmcs(n_inputs: int = 10, n_hidden: int = 5, n_outputs: int = TMCS_OUTPUTS, p: float = 0.05, steps: int = 4000,
+               batch: int = 1024, lr: float = 3e-3, seed: int = 0) -> tuple[TMCS, torch.Tensor]:
+    """A TMCS trained to compute ``x A``; returns (model, A [inputs, outputs])."""
+    g = torch.Generator().manual_seed(seed + 1)
+    A = torch.rand(n_inputs, n_outputs, generator=g) * TMCS_MAX_COEF
+    return _fit(TMCS(n_inputs, n_hidden, n_outputs, seed), lambda x: x @ A, n_inputs, p, steps, batch, lr, g), A
+
+
+def divergence_gradients(model: torch.nn.Module, x: torch.Tensor, generator: torch.Generator | None = None,
+                         reference: str = "sample") -> dict[str, torch.Tensor]:
+    """Per-sample gradients of 1/2 ||f(x_i) - stopgrad ref_i||^2 with respect to every parameter.
+
+    ``reference="sample"``: ref_i = f(x_r), x_r another sample of the batch (a permutation drawn
+    from ``generator``); ``reference="zero"``: ref_i = 0.
+    """
     params = {k: v.detach() for k, v in model.named_parameters()}
-    ref = x[torch.randperm(len(x), generator=generator)]
     with torch.no_grad():
-        f_ref = model(ref)
+        if reference == "sample":
+            f_ref = model(x[torch.randperm(len(x), generator=generator)])
+        elif reference == "zero":
+            f_ref = torch.zeros_like(model(x[:1])).expand(len(x), -1)
+        else:
+            raise ValueError(f"reference must be 'sample' or 'zero', got {reference!r}")
 
     def loss(pr, xi, fr):
         return 0.5 * ((functional_call(model, pr, (xi[None],))[0] - fr) ** 2).sum()
@@ -90,8 +154,16 @@ def circuits(model: TMS) -> dict[str, torch.Tensor]:
     return {"W": G, "b": torch.zeros(n, n)}
 
 
+def tmcs_circuits(model: TMCS) -> dict[str, torch.Tensor]:
+    """Ground truth for each input i: the (zero-reference) divergence gradient of ``e_i``."""
+    return divergence_gradients(model, torch.eye(model.W_in.shape[0]), reference="zero")
+
+
 def columnwise(dW: np.ndarray, W: np.ndarray) -> tuple[float, float]:
-    """(MMCS, ML2R) in the papers' column-wise sense; dW: shard W parts [F, m, n], W: [m, n]."""
+    """(MMCS, ML2R share) per feature column; dW: shard parts [F, m, n], W: ground-truth columns [m, n].
+
+    Column c of ``W`` is feature c's circuit slice (TMS: ``W[:, c]``; TMCS: W_in's row i, passed transposed).
+    """
     n = W.shape[1]
     cos = np.zeros((dW.shape[0], n))
     for c in range(n):
@@ -102,79 +174,190 @@ def columnwise(dW: np.ndarray, W: np.ndarray) -> tuple[float, float]:
     return float(cos.max(0).mean()), float(np.mean(share))
 
 
+def coefficient_r(recovered: np.ndarray, A: np.ndarray) -> float:
+    """Mean over rows i of Pearson r(recovered[i] * sign(sum recovered[i]), A[i])."""
+    rs = [np.corrcoef(r * (1.0 if r.sum() >= 0 else -1.0), a)[0, 1] for r, a in zip(recovered, A)]
+    return float(np.mean(rs))
+
+
 @dataclass(frozen=True)
 class ToyParams(Params):
     """Parameters of the toy-model reproductions (``notebooks/08_toy_models.ipynb``)."""
 
-    cases: list[str] = param(["tms_5_2", "tms_40_10"], "toy models: tms_5_2, tms_40_10")
-    seeds: list[int] = param([0, 1, 2], "seeds (TMS training, gradient sampling and SAE)")
+    cases: list[str] = param(["tms_5_2", "tms_40_10", "tmcs"], "toy models: tms_5_2, tms_40_10, tmcs")
+    seeds: list[int] = param([0, 1, 2], "seeds (toy-model training, gradient sampling and SAE)")
     feature_prob: float = param(0.05, "probability a feature is active", gt=0, le=1)
-    tms_steps: int = param(4000, "TMS training steps", ge=1)
-    n_samples: int = param(8192, "samples whose divergence gradients form the data", ge=16)
-    k: int = param(1, "SAE active latents per gradient", ge=1)
-    epochs: int = param(20, "SAE epochs", ge=1)
-    lr: float = param(1e-2, "SAE learning rate (L3D uses 1e-2 on toys)", gt=0)
+    model_steps: int = param(4000, "toy-model training steps (Adam, batches of 1024)", ge=1)
+    n_samples: int = param(8192, "samples drawn for the gradient data (those with no active feature are dropped)", ge=16)
+    k: int = param(0, "SAE active latents per gradient (0 = each case's own: 1 on tms_5_2 and tmcs, 3 on tms_40_10)", ge=0)
+    sae_activation: str = param("batchtopk", "BatchTopK over the batch (as L3D) or TopK per gradient", choices=("topk", "batchtopk"))
+    sae_steps: int = param(700, "SAE optimizer steps (the number of epochs follows from the number of gradients)", ge=1)
+    latents_per_feature: int = param(1, "SAE latents per ground-truth feature (1 = as many shards as circuits, as L3D)", ge=1)
+    lr: float = param(2e-2, "SAE learning rate (L3D uses 1e-2 with step decay; 2e-2 without decay fell into fewer poor optima on TMS 40->10)", gt=0)
     batch_size: int = param(256, "SAE batch size", ge=1)
-    activations: list[str] = param(["signed", "relu"], "activation variants: signed TopK (L3D) and ReLU-TopK")
-    device: str = param("cpu", "'cpu', 'cuda' or 'auto'", choices=("auto", "cpu", "cuda"))
+    activations: list[str] = param(["signed", "relu"], "activation variants: signed (L3D) and ReLU")
+    truth_init: bool = param(True, "also train the signed SAE from the ground-truth circuits (diagnostic: where does training take them?)")
+    workers: int = param(2, "processes running (case, seed) jobs on CPU, one thread each (results do not depend on it)", ge=1)
+    device: str = param("cpu", "'cpu', 'cuda' or 'auto' (not 'cpu': jobs run one after another)", choices=("auto", "cpu", "cuda"))
 
     def check(self):
-        bad = [c for c in self.cases if c not in ("tms_5_2", "tms_40_10")]
+        bad = [c for c in self.cases if c not in CASES]
         if bad or not self.cases:
-            raise ValueError(f"parameter 'cases': got {list(self.cases)}; accepted: tms_5_2, tms_40_10")
+            raise ValueError(f"parameter 'cases': got {list(self.cases)}; accepted: {', '.join(CASES)}")
         bad = [a for a in self.activations if a not in ("signed", "relu")]
         if bad or not self.activations:
             raise ValueError(f"parameter 'activations': got {list(self.activations)}; accepted: signed, relu")
+        too_big = [c for c in self.cases if self.k > CASES[c]["shape"][0]]
+        if too_big:
+            raise ValueError(f"parameter 'k': {self.k} exceeds the number of latents (= features) of {too_big}; use k <= "
+                             f"{min(CASES[c]['shape'][0] for c in too_big)} or 0 for each case's own")
 
 
-CASE_SHAPES = {"tms_5_2": (5, 2), "tms_40_10": (40, 10)}
+def make_case(case: str, seed: int, p: ToyParams) -> dict:
+    """Train the case's toy model and build its gradient data and ground truth (no SAE yet).
+
+    Returns {"model", "data": {param: [N, *shape]}, "truth": {param: [n, *shape]},
+    "slices": (shard -> [F, m, n] per-feature slices, ground-truth columns [m, n]), "A" (TMCS)}.
+    """
+    spec = CASES[case]
+    n, m = spec["shape"]
+    g = torch.Generator().manual_seed(seed + 2)
+    x = sample_features(p.n_samples, n, p.feature_prob, g)
+    x = x[(x > 0).any(1)]
+    if spec["model"] == "tms":
+        model = train_tms(n, m, p.feature_prob, p.model_steps, seed=seed)
+        data = divergence_gradients(model, x, g, "sample")
+        truth, A = circuits(model), None
+        W = model.W.detach().numpy()
+        slices = (lambda d: d["W"].numpy(), W)
+    else:
+        model, A = train_tmcs(n, m, TMCS_OUTPUTS, p.feature_prob, p.model_steps, seed=seed)
+        data = divergence_gradients(model, x, g, "zero")
+        truth = tmcs_circuits(model)
+        rows = truth["W_in"][torch.arange(n), torch.arange(n)].numpy().T  # [hidden, inputs]: input i's W_in row
+        slices = (lambda d: d["W_in"].transpose(1, 2).numpy(), rows)
+    nonzero = torch.stack([v.reshape(len(x), -1).abs().sum(1) for v in data.values()]).sum(0) > 0
+    data = {k: v[nonzero] for k, v in data.items()}  # an all-zero gradient (every output dead) carries no circuit
+    return {"model": model, "data": data, "truth": truth, "slices": slices, "A": A}
 
 
-def run_case(case: str, seed: int, activation: str, p: ToyParams) -> tuple[dict, object, TMS]:
-    """Train the TMS, build its gradient data, train the SAE; returns (metrics, sae, model)."""
+def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, init_directions=None):
+    """Train the SAE on a case's gradients; returns (metrics, sae).
+
+    Checkpoints go to ``out_dir/sae/<fingerprint of p>/``: a rerun with the same parameters
+    resumes, and one with other toy-model parameters never picks up an SAE of other data.
+    """
     from .metrics import mmcs
     from .planted import flatten
     from .shards import ShardParams, train
 
-    n, m = CASE_SHAPES[case]
-    model = train_tms(n, m, p.feature_prob, p.tms_steps, seed=seed)
-    g = torch.Generator().manual_seed(seed + 2)
-    x = sample_features(p.n_samples, n, p.feature_prob, g)
-    data = divergence_gradients(model, x, g)
-    keep = (data["W"].reshape(len(x), -1) != 0).any(1)  # gradients with no W part carry no circuit
-    data = {k: v[keep] for k, v in data.items()}
-    sp = ShardParams.from_dict({"store_path": "toy", "out_dir": f"{p.out_dir}/{case}_{activation}_seed{seed}", "seed": seed,
-                                "n_latents": n, "k": p.k, "rank": 1, "signed": activation == "signed", "epochs": p.epochs,
-                                "lr": p.lr, "batch_size": p.batch_size, "holdout_frac": 0.0, "skip_zero_updates": False,
-                                "checkpoint_every": p.epochs, "device": p.device})
-    res = train(sp, progress=False, data=data)
-    sae = res["sae"].cpu()
+    n = CASES[case]["shape"][0]
+    data = made["data"]
+    N = len(next(iter(data.values())))
+    epochs = max(1, math.ceil(p.sae_steps / math.ceil(N / p.batch_size)))
+    tag = "truthinit_" if init_directions is not None else ""
+    sp = ShardParams.from_dict({"store_path": "toy", "out_dir": f"{p.out_dir}/sae/{p.fingerprint()[:12]}/{case}_{activation}_{tag}seed{seed}", "seed": seed,
+                                "n_latents": n * p.latents_per_feature, "k": p.k or CASES[case]["k"], "rank": 1, "activation": p.sae_activation,
+                                "signed": activation == "signed", "epochs": epochs, "lr": p.lr, "batch_size": p.batch_size,
+                                "holdout_frac": 0.0, "skip_zero_updates": False, "checkpoint_every": epochs, "device": p.device})
+    sae = train(sp, progress=False, data=data, init_directions=init_directions)["sae"].cpu()
     dirs = sae.directions()
-    W = model.W.detach().numpy()
-    col_mmcs, ml2r = columnwise(dirs["W"].numpy(), W)
-    whole = mmcs(flatten(circuits(model), ["W", "b"]), flatten(dirs, ["W", "b"]))[0]
+    to_slices, ref = made["slices"]
+    col_mmcs, share = columnwise(to_slices(dirs), ref)
+    names = list(data)
+    G, D = flatten(made["truth"], names), flatten(dirs, names)
+    whole = mmcs(G, D)[0]
+    coef_r = float("nan")
+    if made["A"] is not None:
+        cos = np.abs((G / np.linalg.norm(G, axis=1, keepdims=True)) @ (D / np.linalg.norm(D, axis=1, keepdims=True)).T)
+        coef_r = coefficient_r(dirs["b"].numpy()[cos.argmax(1)], made["A"].numpy())
     with torch.no_grad():
         sae.eval()
         xh, z, *_ = sae(data)
         num = sum(((data[k] / sae.scale - xh[k]) ** 2).sum() for k in data)
         den = sum(((data[k] / sae.scale) ** 2).sum() for k in data)
     freq = (z != 0).float().mean(0)
-    return {"mmcs_columnwise": col_mmcs, "mmcs_whole": whole, "ml2r_share": ml2r, "recon_error": float(num / den),
+    return {"mmcs_columnwise": col_mmcs, "mmcs_whole": whole, "ml2r_share": share, "recon_error": float(num / den),
             "l0": float((z != 0).sum(1).float().mean()), "dead_fraction": float((freq == 0).float().mean()),
-            "n_datapoints": int(keep.sum())}, sae, model
+            "coef_r": coef_r, "n_datapoints": N}, sae
+
+
+def run_case(case: str, seed: int, activation: str, p: ToyParams, made: dict | None = None) -> tuple[dict, object, torch.nn.Module]:
+    """Train the toy model (unless ``made`` is given), its gradient data and the SAE; returns (metrics, sae, model)."""
+    made = made or make_case(case, seed, p)
+    metrics, sae = fit_sae(made, case, seed, activation, p)
+    if p.truth_init and activation == "signed":
+        metrics["mmcs_truth_init"] = fit_sae(made, case, seed, activation, p, init_directions=made["truth"])[0]["mmcs_columnwise"]
+    else:
+        metrics["mmcs_truth_init"] = float("nan")
+    if made["A"] is not None:
+        with torch.no_grad():
+            own = made["model"](torch.eye(CASES[case]["shape"][0])).numpy()
+        metrics["coef_r_model"] = coefficient_r(own, made["A"].numpy())
+    else:
+        metrics["coef_r_model"] = float("nan")
+    return metrics, sae, made["model"]
+
+
+METRICS = {
+    "mmcs_columnwise": "MMCS per feature slice (TMS: W column c, the papers' column-wise; TMCS: W_in row i)",
+    "mmcs_whole": "MMCS of whole directions (every tensor) to the ground-truth circuits",
+    "ml2r_share": "share of the matched shard's norm on its feature's slice (not the papers' ML2R)",
+    "mmcs_truth_init": "per-feature MMCS of an SAE started at the ground-truth circuits",
+    "recon_error": "batch-pooled reconstruction error sum||g - ghat||^2 / sum||g||^2 (as L3D)",
+    "l0": "active latents per gradient",
+    "dead_fraction": "fraction of latents that never fire",
+    "coef_r": "TMCS: Pearson r between matched shards' bias parts and A's rows (mean over inputs)",
+    "coef_r_model": "TMCS: the same r for the trained model's own outputs f(e_i) (the most a shard can recover)",
+    "n_datapoints": "gradients in the data (samples with an active feature)",
+}
+
+
+def _job(case: str, seed: int, p: ToyParams) -> list[dict]:
+    """One (case, seed): the toy model once, then an SAE per activation variant, on one CPU thread.
+
+    One thread in every job (serial or in worker processes) keeps the numbers independent of
+    ``workers``: CPU reductions may add in another order with another thread count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        made = make_case(case, seed, p)
+        return [run_case(case, seed, act, p, made)[0] for act in p.activations]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run(p: ToyParams, progress: bool = True) -> xr.Dataset:
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
     from tqdm.auto import tqdm
 
-    keys = ["mmcs_columnwise", "mmcs_whole", "ml2r_share", "recon_error", "l0", "dead_fraction", "n_datapoints"]
+    keys = list(METRICS)
     vals = {k: np.full((len(p.cases), len(p.activations), len(p.seeds)), np.nan) for k in keys}
-    jobs = [(i, j, s) for i in range(len(p.cases)) for j in range(len(p.activations)) for s in range(len(p.seeds))]
-    for i, j, s in tqdm(jobs, desc="toys", disable=not progress):
-        m, _, _ = run_case(p.cases[i], p.seeds[s], p.activations[j], p)
-        for k in keys:
-            vals[k][i, j, s] = m[k]
-    ds = xr.Dataset({k: (("case", "activation", "seed"), v) for k, v in vals.items()},
+    jobs = [(i, s) for i in range(len(p.cases)) for s in range(len(p.seeds))]
+    bar = tqdm(total=len(jobs), desc="toys", disable=not progress)
+    if p.workers > 1 and p.device == "cpu":
+        # fork (as torch's DataLoader workers): spawn would re-run a calling script without a main guard
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with cf.ProcessPoolExecutor(p.workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_job, p.cases[i], p.seeds[s], p): (i, s) for i, s in jobs}
+            results = {}
+            for f in cf.as_completed(futures):
+                results[futures[f]] = f.result()
+                bar.update(1)
+    else:
+        results = {}
+        for i, s in jobs:
+            results[(i, s)] = _job(p.cases[i], p.seeds[s], p)
+            bar.update(1)
+    bar.close()
+    for (i, s), per_act in results.items():
+        for j, m in enumerate(per_act):
+            for k in keys:
+                vals[k][i, j, s] = m[k]
+    ds = xr.Dataset({k: (("case", "activation", "seed"), v, {"description": METRICS[k]}) for k, v in vals.items()},
                     coords={"case": list(p.cases), "activation": list(p.activations), "seed": list(p.seeds)})
     for case in p.cases:
         for metric, (v, src) in PUBLISHED.get(case, {}).items():
@@ -206,8 +389,9 @@ def comparison_table(ds: xr.Dataset):
         for act in ds.activation.values:
             sel = ds.sel(case=case, activation=act)
             row = {"case": str(case), "activation": str(act)}
-            for k in ("mmcs_columnwise", "mmcs_whole", "ml2r_share", "recon_error", "l0", "dead_fraction"):
-                row[k] = f"{float(sel[k].mean()):.3f} ± {float(sel[k].std()):.3f}"
+            for k in ("mmcs_columnwise", "mmcs_truth_init", "mmcs_whole", "ml2r_share", "recon_error", "l0", "dead_fraction", "coef_r", "coef_r_model"):
+                v = sel[k].values
+                row[k] = "–" if np.isnan(v).all() else f"{float(np.nanmean(v)):.3f} ± {float(np.nanstd(v)):.3f}"
             pub = PUBLISHED.get(str(case), {})
             row["published"] = "; ".join(f"{m} {v} ({src})" for m, (v, src) in pub.items())
             rows.append(row)

@@ -46,10 +46,76 @@ def test_columnwise_mmcs_and_ml2r_on_a_constructed_example():
     assert share == pytest.approx((1 + 1 + 1 / np.sqrt(2)) / 3)
 
 
-def test_tms_training_reduces_loss_and_case_runs(tmp_path):
-    p = toy.ToyParams.from_dict(dict(out_dir=str(tmp_path), cases=["tms_5_2"], seeds=[0], tms_steps=200, n_samples=512, epochs=3,
-                                     activations=["signed"]))
-    m, sae, model = toy.run_case("tms_5_2", 0, "signed", p)
-    assert 0 <= m["mmcs_columnwise"] <= 1 and 0 <= m["recon_error"] and m["l0"] <= 1
+def test_zero_reference_gradient_of_tmcs_matches_a_hand_computation():
+    """TMCS 2->1->2 at known weights, reference 0: d/dtheta of 1/2||f(x)||^2 by hand."""
+    m = toy.TMCS(2, 1, 2)
+    with torch.no_grad():
+        m.W_in.copy_(torch.tensor([[2.0], [1.0]]))
+        m.W_out.copy_(torch.tensor([[1.0, -1.0]]))
+        m.b.copy_(torch.tensor([0.5, 0.5]))
+    x = torch.tensor([[1.0, 0.0]])
+    grads = toy.divergence_gradients(m, x, reference="zero")
+    # h = x W_in = 2; pre = h W_out + b = [2.5, -1.5]; f = [2.5, 0]; delta = f * 1[pre > 0] = [2.5, 0]
+    delta = torch.tensor([2.5, 0.0])
+    assert torch.allclose(grads["b"][0], delta)
+    assert torch.allclose(grads["W_out"][0], torch.tensor([[2.0]]) * delta[None, :])  # h^T delta
+    assert torch.allclose(grads["W_in"][0], torch.outer(x[0], m.W_out.detach() @ delta))  # x^T (W_out delta)^T
+    with pytest.raises(ValueError, match="reference"):
+        toy.divergence_gradients(m, x, reference="other")
+
+
+def test_tmcs_ground_truth_is_the_gradient_of_each_input_alone():
+    m, A = toy.train_tmcs(steps=1, seed=0)
+    truth = toy.tmcs_circuits(m)
+    assert truth["W_in"].shape == (10, 10, 5) and A.shape == (10, 10) and float(A.min()) >= 0 and float(A.max()) < 3
+    for i in range(10):  # the input-side part of input i's circuit lives in W_in's row i only
+        others = torch.cat([truth["W_in"][i, :i], truth["W_in"][i, i + 1 :]])
+        assert others.abs().max() == 0
+
+
+def test_coefficient_r_is_pearson_per_row_with_the_sign_fixed():
+    A = np.array([[1.0, 2.0, 3.0], [3.0, 1.0, 2.0]])
+    assert toy.coefficient_r(-2 * A, A) == pytest.approx(1.0)  # a signed shard may point either way
+    rec = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    r_second = np.corrcoef(rec[1], A[1])[0, 1]
+    assert toy.coefficient_r(rec, A) == pytest.approx((1.0 + r_second) / 2)
+
+
+def test_set_directions_starts_the_sae_at_the_truth():
+    m = toy.TMS(5, 2)
+    truth = toy.circuits(m)
+    from shardlib.sae import ShardSAE
+
+    sae = ShardSAE({"W": (2, 5), "b": (5,)}, 5, 1, rank=1, signed=True)
+    sae.set_directions_({k: v.clone() for k, v in truth.items()})
+    d = sae.directions()
+    unit = truth["W"] / truth["W"].flatten(1).norm(dim=1)[:, None, None]
+    assert torch.allclose(d["W"], unit, atol=1e-6) and torch.allclose(d["b"], torch.zeros(5, 5))
+    with pytest.raises(ValueError, match="shape"):
+        sae.set_directions_({"W": torch.zeros(4, 2, 5), "b": torch.zeros(4, 5)})
+
+
+def test_params_reject_an_unknown_case_and_a_too_large_k(tmp_path):
+    with pytest.raises(ValueError, match="cases"):
+        toy.ToyParams.from_dict(dict(out_dir=str(tmp_path), cases=["tms_5_3"]))
+    with pytest.raises(ValueError, match="k"):
+        toy.ToyParams.from_dict(dict(out_dir=str(tmp_path), cases=["tms_5_2"], k=6))
+
+
+def test_cases_run_and_the_numbers_do_not_depend_on_workers(tmp_path):
+    kw = dict(cases=["tms_5_2", "tmcs"], seeds=[0], model_steps=200, n_samples=512, sae_steps=30)
+    serial = toy.run(toy.ToyParams.from_dict(dict(out_dir=str(tmp_path / "a"), workers=1, **kw)), progress=False)
+    pooled = toy.run(toy.ToyParams.from_dict(dict(out_dir=str(tmp_path / "b"), workers=2, **kw)), progress=False)
+    for k in serial.data_vars:
+        assert np.array_equal(serial[k].values, pooled[k].values, equal_nan=True), k
+    tms, tmcs = serial.sel(case="tms_5_2"), serial.sel(case="tmcs")
+    assert ((0 <= tms.mmcs_columnwise) & (tms.mmcs_columnwise <= 1)).all() and (serial.recon_error >= 0).all()
+    assert np.isnan(tms.coef_r).all() and np.isfinite(tmcs.coef_r).all()
+    assert np.isfinite(serial.mmcs_truth_init.sel(activation="signed")).all() and np.isnan(serial.mmcs_truth_init.sel(activation="relu")).all()
+    assert "published_tmcs_recon_error_l3d" in serial.attrs
+
+
+def test_intervention_with_a_zero_shard_changes_nothing():
+    model = toy.train_tms(5, 2, steps=20)
     curve = toy.intervention_curve(model, {"W": torch.zeros(2, 5), "b": torch.zeros(5)})
-    assert np.allclose(curve, 0)  # a zero shard changes nothing
+    assert curve.shape == (13, 5) and np.allclose(curve, 0)
