@@ -22,6 +22,9 @@ def make(run_dir):
     if "mmcs_truth_init" in ds:
         start = ds.mmcs_truth_init.sel(activation=ds.activation.values[0]).mean("seed")
         axes[0].plot(x, start, "kx", label=f"{ds.activation.values[0]}, started at the truth")
+    if "mmcs_single_feature" in ds:
+        one = ds.mmcs_single_feature.sel(activation=ds.activation.values[0]).mean("seed")
+        axes[0].plot(x, one, "k^", markerfacecolor="none", label=f"{ds.activation.values[0]}, one active feature per sample")
     styles = {"mmcs_apd": ("APD", ":"), "mmcs_spd": ("SPD", "--"), "recon_error_l3d": ("L3D", ":")}
     seen = set()
     for i, case in enumerate(ds.case.values):

@@ -29,6 +29,10 @@ Metrics:
 - MMCS after a truth start: the same per-feature MMCS for an SAE whose decoder starts at the
   ground-truth circuits. If training moves it to where a random start ends, the objective's
   optimum is not the circuits (a property of the data), and more training cannot close the gap;
+- single-feature control: the same per-feature MMCS for an SAE trained on gradients of samples
+  with exactly one active feature (each feature equally often). A sample with several active
+  features a, b has cross terms such as ``W[:, a] e_b^T`` in its gradient, which no single
+  feature circuit holds; the control says how much of a shortfall they cause;
 - coefficient correlation (TMCS): Pearson r between the matched shard's bias part (sign
   fixed so it sums positive: a signed direction has no preferred sign) and ``A[i, :]``, mean
   over inputs i; ``coef_r_model`` is the same for the trained model's own outputs ``f(e_i)``,
@@ -39,6 +43,7 @@ Metrics:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -191,12 +196,13 @@ class ToyParams(Params):
     n_samples: int = param(8192, "samples drawn for the gradient data (those with no active feature are dropped)", ge=16)
     k: int = param(0, "SAE active latents per gradient (0 = each case's own: 1 on tms_5_2 and tmcs, 3 on tms_40_10)", ge=0)
     sae_activation: str = param("batchtopk", "BatchTopK over the batch (as L3D) or TopK per gradient", choices=("topk", "batchtopk"))
-    sae_steps: int = param(700, "SAE optimizer steps (the number of epochs follows from the number of gradients)", ge=1)
+    sae_steps: int = param(500, "SAE optimizer steps (the number of epochs follows from the number of gradients)", ge=1)
     latents_per_feature: int = param(1, "SAE latents per ground-truth feature (1 = as many shards as circuits, as L3D)", ge=1)
     lr: float = param(2e-2, "SAE learning rate (L3D uses 1e-2 with step decay; 2e-2 without decay fell into fewer poor optima on TMS 40->10)", gt=0)
     batch_size: int = param(256, "SAE batch size", ge=1)
     activations: list[str] = param(["signed", "relu"], "activation variants: signed (L3D) and ReLU")
     truth_init: bool = param(True, "also train the signed SAE from the ground-truth circuits (diagnostic: where does training take them?)")
+    single_feature_control: bool = param(True, "also train the signed SAE on gradients of samples with exactly one active feature (diagnostic: do several active features cause a shortfall?)")
     workers: int = param(2, "processes running (case, seed) jobs on CPU, one thread each (results do not depend on it)", ge=1)
     device: str = param("cpu", "'cpu', 'cuda' or 'auto' (not 'cpu': jobs run one after another)", choices=("auto", "cpu", "cuda"))
 
@@ -224,24 +230,32 @@ def make_case(case: str, seed: int, p: ToyParams) -> dict:
     g = torch.Generator().manual_seed(seed + 2)
     x = sample_features(p.n_samples, n, p.feature_prob, g)
     x = x[(x > 0).any(1)]
+    reference = "sample" if spec["model"] == "tms" else "zero"
     if spec["model"] == "tms":
         model = train_tms(n, m, p.feature_prob, p.model_steps, seed=seed)
-        data = divergence_gradients(model, x, g, "sample")
         truth, A = circuits(model), None
         W = model.W.detach().numpy()
         slices = (lambda d: d["W"].numpy(), W)
     else:
         model, A = train_tmcs(n, m, TMCS_OUTPUTS, p.feature_prob, p.model_steps, seed=seed)
-        data = divergence_gradients(model, x, g, "zero")
         truth = tmcs_circuits(model)
         rows = truth["W_in"][torch.arange(n), torch.arange(n)].numpy().T  # [hidden, inputs]: input i's W_in row
         slices = (lambda d: d["W_in"].transpose(1, 2).numpy(), rows)
-    nonzero = torch.stack([v.reshape(len(x), -1).abs().sum(1) for v in data.values()]).sum(0) > 0
-    data = {k: v[nonzero] for k, v in data.items()}  # an all-zero gradient (every output dead) carries no circuit
-    return {"model": model, "data": data, "truth": truth, "slices": slices, "A": A}
+
+    def gradients(x):
+        d = divergence_gradients(model, x, g, reference)
+        nonzero = torch.stack([v.reshape(len(x), -1).abs().sum(1) for v in d.values()]).sum(0) > 0
+        return {k: v[nonzero] for k, v in d.items()}  # an all-zero gradient (every output dead) carries no circuit
+
+    made = {"model": model, "data": gradients(x), "truth": truth, "slices": slices, "A": A}
+    if p.single_feature_control:
+        one = torch.zeros(len(x), n)  # as many samples, each with exactly one active feature
+        one[torch.arange(len(x)), torch.randint(n, (len(x),), generator=g)] = torch.rand(len(x), generator=g)
+        made["data_single"] = gradients(one)
+    return made
 
 
-def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, init_directions=None):
+def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, init_directions=None, data_key: str = "data"):
     """Train the SAE on a case's gradients; returns (metrics, sae).
 
     Checkpoints go to ``out_dir/sae/<fingerprint of p>/``: a rerun with the same parameters
@@ -252,10 +266,10 @@ def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, ini
     from .shards import ShardParams, train
 
     n = CASES[case]["shape"][0]
-    data = made["data"]
+    data = made[data_key]
     N = len(next(iter(data.values())))
     epochs = max(1, math.ceil(p.sae_steps / math.ceil(N / p.batch_size)))
-    tag = "truthinit_" if init_directions is not None else ""
+    tag = ("truthinit_" if init_directions is not None else "") + ("" if data_key == "data" else f"{data_key}_")
     sp = ShardParams.from_dict({"store_path": "toy", "out_dir": f"{p.out_dir}/sae/{p.fingerprint()[:12]}/{case}_{activation}_{tag}seed{seed}", "seed": seed,
                                 "n_latents": n * p.latents_per_feature, "k": p.k or CASES[case]["k"], "rank": 1, "activation": p.sae_activation,
                                 "signed": activation == "signed", "epochs": epochs, "lr": p.lr, "batch_size": p.batch_size,
@@ -283,13 +297,27 @@ def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, ini
 
 
 def run_case(case: str, seed: int, activation: str, p: ToyParams, made: dict | None = None) -> tuple[dict, object, torch.nn.Module]:
-    """Train the toy model (unless ``made`` is given), its gradient data and the SAE; returns (metrics, sae, model)."""
-    made = made or make_case(case, seed, p)
+    """Train the toy model (unless ``made`` is given), its gradient data and the SAE; returns (metrics, sae, model).
+
+    On one CPU thread; SAEs resume from their checkpoints, so calling this again after ``run``
+    with the same parameters returns the SAE of the results table without training it again.
+    """
+    with one_thread():
+        made = made or make_case(case, seed, p)
+        return _run_case(case, seed, activation, p, made)
+
+
+def _run_case(case: str, seed: int, activation: str, p: ToyParams, made: dict):
     metrics, sae = fit_sae(made, case, seed, activation, p)
     if p.truth_init and activation == "signed":
         metrics["mmcs_truth_init"] = fit_sae(made, case, seed, activation, p, init_directions=made["truth"])[0]["mmcs_columnwise"]
     else:
         metrics["mmcs_truth_init"] = float("nan")
+    if p.single_feature_control and activation == "signed":
+        single = fit_sae(made, case, seed, activation, p, data_key="data_single")[0]
+        metrics["mmcs_single_feature"], metrics["recon_error_single_feature"] = single["mmcs_columnwise"], single["recon_error"]
+    else:
+        metrics["mmcs_single_feature"] = metrics["recon_error_single_feature"] = float("nan")
     if made["A"] is not None:
         with torch.no_grad():
             own = made["model"](torch.eye(CASES[case]["shape"][0])).numpy()
@@ -304,6 +332,8 @@ METRICS = {
     "mmcs_whole": "MMCS of whole directions (every tensor) to the ground-truth circuits",
     "ml2r_share": "share of the matched shard's norm on its feature's slice (not the papers' ML2R)",
     "mmcs_truth_init": "per-feature MMCS of an SAE started at the ground-truth circuits",
+    "mmcs_single_feature": "per-feature MMCS of the signed SAE trained on gradients of samples with exactly one active feature",
+    "recon_error_single_feature": "reconstruction error of that SAE on those gradients",
     "recon_error": "batch-pooled reconstruction error sum||g - ghat||^2 / sum||g||^2 (as L3D)",
     "l0": "active latents per gradient",
     "dead_fraction": "fraction of latents that never fire",
@@ -313,19 +343,23 @@ METRICS = {
 }
 
 
-def _job(case: str, seed: int, p: ToyParams) -> list[dict]:
-    """One (case, seed): the toy model once, then an SAE per activation variant, on one CPU thread.
-
-    One thread in every job (serial or in worker processes) keeps the numbers independent of
-    ``workers``: CPU reductions may add in another order with another thread count.
-    """
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one CPU thread inside the block (CPU reductions may add in another order with
+    another thread count; one thread everywhere keeps the numbers independent of ``workers``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        made = make_case(case, seed, p)
-        return [run_case(case, seed, act, p, made)[0] for act in p.activations]
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _job(case: str, seed: int, p: ToyParams) -> list[dict]:
+    """One (case, seed): the toy model once, then an SAE per activation variant."""
+    with one_thread():
+        made = make_case(case, seed, p)
+        return [run_case(case, seed, act, p, made)[0] for act in p.activations]
 
 
 def run(p: ToyParams, progress: bool = True) -> xr.Dataset:
@@ -337,6 +371,7 @@ def run(p: ToyParams, progress: bool = True) -> xr.Dataset:
     keys = list(METRICS)
     vals = {k: np.full((len(p.cases), len(p.activations), len(p.seeds)), np.nan) for k in keys}
     jobs = [(i, s) for i in range(len(p.cases)) for s in range(len(p.seeds))]
+    jobs.sort(key=lambda j: -math.prod(CASES[p.cases[j[0]]]["shape"]))  # biggest first: the workers finish together
     bar = tqdm(total=len(jobs), desc="toys", disable=not progress)
     if p.workers > 1 and p.device == "cpu":
         # fork (as torch's DataLoader workers): spawn would re-run a calling script without a main guard
@@ -389,7 +424,7 @@ def comparison_table(ds: xr.Dataset):
         for act in ds.activation.values:
             sel = ds.sel(case=case, activation=act)
             row = {"case": str(case), "activation": str(act)}
-            for k in ("mmcs_columnwise", "mmcs_truth_init", "mmcs_whole", "ml2r_share", "recon_error", "l0", "dead_fraction", "coef_r", "coef_r_model"):
+            for k in ("mmcs_columnwise", "mmcs_truth_init", "mmcs_single_feature", "mmcs_whole", "ml2r_share", "recon_error", "l0", "dead_fraction", "coef_r", "coef_r_model"):
                 v = sel[k].values
                 row[k] = "–" if np.isnan(v).all() else f"{float(np.nanmean(v)):.3f} ± {float(np.nanstd(v)):.3f}"
             pub = PUBLISHED.get(str(case), {})
