@@ -116,3 +116,20 @@ def frontier(ds, ax=None, title: str = ""):
     ax.set(xscale="log", yscale="log", xlabel="L0 (active latents per update)", ylabel="held-out FVU", title=title)
     ax.legend()
     return ax
+
+
+def intervention_curves(da, title: str = ""):
+    """One panel per shard: mean |output change| of every output against delta (da: [shard, delta, output])."""
+    import matplotlib.pyplot as plt
+
+    n = da.sizes["shard"]
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.6), sharey=True, squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        for c in range(da.sizes["output"]):
+            ax.plot(da.delta, da.isel(shard=i, output=c), label=f"output {c}")
+        ax.set(title=f"shard {i}", xlabel="δ")
+    axes[0][0].set_ylabel("mean |Δ output|")
+    axes[0][-1].legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9, y=1.04)
+    return fig

@@ -164,16 +164,30 @@ def tmcs_circuits(model: TMCS) -> dict[str, torch.Tensor]:
     return divergence_gradients(model, torch.eye(model.W_in.shape[0]), reference="zero")
 
 
+def column_cos(dW: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """|cos| between every shard's column c and ``W[:, c]``: [F, n]."""
+    cos = np.zeros((dW.shape[0], W.shape[1]))
+    for c in range(W.shape[1]):
+        col = dW[:, :, c]
+        cos[:, c] = np.abs(col @ W[:, c]) / np.clip(np.linalg.norm(col, axis=1) * np.linalg.norm(W[:, c]), 1e-30, None)
+    return cos
+
+
+def own_output_share(curves: np.ndarray, best: np.ndarray) -> float:
+    """Share of a shard's output change on its own feature's output, mean over features.
+
+    ``curves`` [F, deltas, outputs] from ``intervention_curve``; ``best[c]`` the shard matched to feature c.
+    """
+    return float(np.mean([curves[b][:, c].sum() / max(curves[b].sum(), 1e-30) for c, b in enumerate(best)]))
+
+
 def columnwise(dW: np.ndarray, W: np.ndarray) -> tuple[float, float]:
     """(MMCS, ML2R share) per feature column; dW: shard parts [F, m, n], W: ground-truth columns [m, n].
 
     Column c of ``W`` is feature c's circuit slice (TMS: ``W[:, c]``; TMCS: W_in's row i, passed transposed).
     """
     n = W.shape[1]
-    cos = np.zeros((dW.shape[0], n))
-    for c in range(n):
-        col = dW[:, :, c]
-        cos[:, c] = np.abs(col @ W[:, c]) / np.clip(np.linalg.norm(col, axis=1) * np.linalg.norm(W[:, c]), 1e-30, None)
+    cos = column_cos(dW, W)
     best = cos.argmax(0)
     share = [np.linalg.norm(dW[best[c], :, c]) / np.linalg.norm(dW[best[c]]) for c in range(n)]
     return float(cos.max(0).mean()), float(np.mean(share))
@@ -291,7 +305,12 @@ def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, ini
         num = sum(((data[k] / sae.scale - xh[k]) ** 2).sum() for k in data)
         den = sum(((data[k] / sae.scale) ** 2).sum() for k in data)
     freq = (z != 0).float().mean(0)
+    own, curves = float("nan"), None
+    if isinstance(made["model"], TMS) and init_directions is None and data_key == "data":  # W0 + delta * shard: which outputs move?
+        curves = np.stack([intervention_curve(made["model"], {k: v[i] for k, v in dirs.items()}) for i in range(len(dirs["W"]))])
+        own = own_output_share(curves, column_cos(to_slices(dirs), ref).argmax(0))
     return {"mmcs_columnwise": col_mmcs, "mmcs_whole": whole, "ml2r_share": share, "recon_error": float(num / den),
+            "own_output_share": own, "curves": curves,
             "l0": float((z != 0).sum(1).float().mean()), "dead_fraction": float((freq == 0).float().mean()),
             "coef_r": coef_r, "n_datapoints": N}, sae
 
@@ -324,6 +343,11 @@ def _run_case(case: str, seed: int, activation: str, p: ToyParams, made: dict):
         metrics["coef_r_model"] = coefficient_r(own, made["A"].numpy())
     else:
         metrics["coef_r_model"] = float("nan")
+    metrics["own_output_share_truth"] = float("nan")
+    if isinstance(made["model"], TMS):  # the same intervention along the ground-truth circuits themselves
+        unit = {k: v / made["truth"]["W"].flatten(1).norm(dim=1).view(-1, *([1] * (v.ndim - 1))) for k, v in made["truth"].items()}
+        curves = np.stack([intervention_curve(made["model"], {k: v[i] for k, v in unit.items()}) for i in range(len(unit["W"]))])
+        metrics["own_output_share_truth"] = own_output_share(curves, np.arange(len(curves)))
     return metrics, sae, made["model"]
 
 
@@ -334,6 +358,8 @@ METRICS = {
     "mmcs_truth_init": "per-feature MMCS of an SAE started at the ground-truth circuits",
     "mmcs_single_feature": "per-feature MMCS of the signed SAE trained on gradients of samples with exactly one active feature",
     "recon_error_single_feature": "reconstruction error of that SAE on those gradients",
+    "own_output_share": "TMS: share of the output change under W0 + delta * shard (delta in [-3, 3]) on the matched feature's own output",
+    "own_output_share_truth": "TMS: the same share for the ground-truth circuits W[:, c] e_c^T (unit norm)",
     "recon_error": "batch-pooled reconstruction error sum||g - ghat||^2 / sum||g||^2 (as L3D)",
     "l0": "active latents per gradient",
     "dead_fraction": "fraction of latents that never fire",
@@ -394,13 +420,21 @@ def run(p: ToyParams, progress: bool = True) -> xr.Dataset:
                 vals[k][i, j, s] = m[k]
     ds = xr.Dataset({k: (("case", "activation", "seed"), v, {"description": METRICS[k]}) for k, v in vals.items()},
                     coords={"case": list(p.cases), "activation": list(p.activations), "seed": list(p.seeds)})
+    if "tms_5_2" in p.cases:  # the intervention curves of one run, for the figure
+        curves = results[(list(p.cases).index("tms_5_2"), 0)][0]["curves"]
+        ds["intervention_tms_5_2"] = (("shard", "delta", "output"), curves, {
+            "description": f"TMS 5->2, seed {p.seeds[0]}, {p.activations[0]}: mean |output change| under W0 + delta * ||W|| * shard"})
+        ds = ds.assign_coords(delta=INTERVENTION_DELTAS)
     for case in p.cases:
         for metric, (v, src) in PUBLISHED.get(case, {}).items():
             ds.attrs[f"published_{case}_{metric}"] = f"{v} ({src})"
     return ds
 
 
-def intervention_curve(model: TMS, direction: dict[str, torch.Tensor], deltas=np.linspace(-3, 3, 13), n: int = 2048, seed: int = 0) -> np.ndarray:
+INTERVENTION_DELTAS = np.linspace(-3, 3, 13)
+
+
+def intervention_curve(model: TMS, direction: dict[str, torch.Tensor], deltas=INTERVENTION_DELTAS, n: int = 2048, seed: int = 0) -> np.ndarray:
     """Mean |output change| per output feature under W0 + delta * shard: [len(deltas), n_features]."""
     g = torch.Generator().manual_seed(seed)
     x = sample_features(n, model.W.shape[1], 0.05, g)
@@ -424,7 +458,7 @@ def comparison_table(ds: xr.Dataset):
         for act in ds.activation.values:
             sel = ds.sel(case=case, activation=act)
             row = {"case": str(case), "activation": str(act)}
-            for k in ("mmcs_columnwise", "mmcs_truth_init", "mmcs_single_feature", "mmcs_whole", "ml2r_share", "recon_error", "l0", "dead_fraction", "coef_r", "coef_r_model"):
+            for k in ("mmcs_columnwise", "mmcs_truth_init", "mmcs_single_feature", "mmcs_whole", "ml2r_share", "own_output_share", "own_output_share_truth", "recon_error", "l0", "dead_fraction", "coef_r", "coef_r_model"):
                 v = sel[k].values
                 row[k] = "–" if np.isnan(v).all() else f"{float(np.nanmean(v)):.3f} ± {float(np.nanstd(v)):.3f}"
             pub = PUBLISHED.get(str(case), {})

@@ -114,6 +114,8 @@ def test_cases_run_and_the_numbers_do_not_depend_on_workers(tmp_path):
     for control in ("mmcs_truth_init", "mmcs_single_feature", "recon_error_single_feature"):  # signed only
         assert np.isfinite(serial[control].sel(activation="signed")).all() and np.isnan(serial[control].sel(activation="relu")).all()
     assert "published_tmcs_recon_error_l3d" in serial.attrs
+    assert serial.intervention_tms_5_2.shape == (5, 13, 5) and np.isfinite(tms.own_output_share).all()
+    assert np.isnan(tmcs.own_output_share).all() and np.isfinite(tms.own_output_share_truth).all()
     # after run, run_case resumes the finished SAEs: the table's numbers, no retraining
     m, _, _ = toy.run_case("tmcs", 0, "signed", toy.ToyParams.from_dict(dict(out_dir=str(tmp_path / "b"), workers=2, **kw)))
     assert m["mmcs_columnwise"] == serial.mmcs_columnwise.sel(case="tmcs", activation="signed", seed=0).item()
@@ -123,3 +125,11 @@ def test_intervention_with_a_zero_shard_changes_nothing():
     model = toy.train_tms(5, 2, steps=20)
     curve = toy.intervention_curve(model, {"W": torch.zeros(2, 5), "b": torch.zeros(5)})
     assert curve.shape == (13, 5) and np.allclose(curve, 0)
+
+
+def test_own_output_share_on_constructed_curves():
+    curves = np.zeros((2, 3, 2))
+    curves[0, :, 0] = 1.0  # shard 0 moves only output 0
+    curves[1, :, 0], curves[1, :, 1] = 1.0, 3.0  # shard 1 moves output 1 three times as much as output 0
+    assert toy.own_output_share(curves, np.array([0, 1])) == pytest.approx((1.0 + 0.75) / 2)
+    assert toy.own_output_share(curves, np.array([1, 0])) == pytest.approx((0.25 + 0.0) / 2)
