@@ -227,17 +227,19 @@ class ToyParams(Params):
         bad = [a for a in self.activations if a not in ("signed", "relu")]
         if bad or not self.activations:
             raise ValueError(f"parameter 'activations': got {list(self.activations)}; accepted: signed, relu")
-        too_big = [c for c in self.cases if self.k > CASES[c]["shape"][0]]
+        too_big = [c for c in self.cases if self.k > CASES[c]["shape"][0] * self.latents_per_feature]
         if too_big:
-            raise ValueError(f"parameter 'k': {self.k} exceeds the number of latents (= features) of {too_big}; use k <= "
-                             f"{min(CASES[c]['shape'][0] for c in too_big)} or 0 for each case's own")
+            raise ValueError(f"parameter 'k': {self.k} exceeds the number of latents of {too_big}; use k <= "
+                             f"{min(CASES[c]['shape'][0] * self.latents_per_feature for c in too_big)} or 0 for each case's own")
 
 
 def make_case(case: str, seed: int, p: ToyParams) -> dict:
     """Train the case's toy model and build its gradient data and ground truth (no SAE yet).
 
     Returns {"model", "data": {param: [N, *shape]}, "truth": {param: [n, *shape]},
-    "slices": (shard -> [F, m, n] per-feature slices, ground-truth columns [m, n]), "A" (TMCS)}.
+    "slices": (shard -> [F, m, n] per-feature slices, ground-truth columns [m, n]), "A" (TMCS: the
+    coefficients, else None), and with ``single_feature_control`` "data_single" (gradients of
+    samples with exactly one active feature)}.
     """
     spec = CASES[case]
     n, m = spec["shape"]
