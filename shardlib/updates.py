@@ -100,13 +100,14 @@ class RingBuffer:
 
     def add(self, updates: dict[str, torch.Tensor], labels: dict[str, np.ndarray]) -> None:
         n = next(iter(updates.values())).shape[0]
-        idx = (self.cursor + torch.arange(n)) % self.capacity
+        first = max(0, n - self.capacity)  # more events than capacity: only the last `capacity` stay
+        idx = (self.cursor + torch.arange(first, n)) % self.capacity
         for k, v in updates.items():
-            self.data[k][idx] = v[-self.capacity :].to(self.data[k].dtype) if n > self.capacity else v.to(self.data[k].dtype)
+            self.data[k][idx] = v[first:].to(self.data[k].dtype)
         for k, v in labels.items():
             if k not in self.labels:
                 self.labels[k] = np.zeros(self.capacity, dtype=np.asarray(v).dtype)
-            self.labels[k][idx.numpy()] = np.asarray(v)[-self.capacity :] if n > self.capacity else v
+            self.labels[k][idx.numpy()] = np.asarray(v)[first:]
         self.cursor = int((self.cursor + n) % self.capacity)
         self.size = min(self.capacity, self.size + n)
         self.total_added += n
@@ -116,6 +117,32 @@ class RingBuffer:
             raise ValueError("ring buffer is empty")
         idx = torch.randint(self.size, (n,), generator=generator)
         return {k: v[idx].float() for k, v in self.data.items()}
+
+    def save(self, path) -> None:
+        """Contents and position into folder ``path`` (part of an RL checkpoint)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.data.items()}, str(path / "data.safetensors"))
+        np.savez(path / "labels.npz", **self.labels)
+        (path / "state.json").write_text(json.dumps({"size": self.size, "cursor": self.cursor, "total_added": self.total_added,
+                                                     "capacity": self.capacity, "shapes": {k: list(v) for k, v in self.shapes.items()}}))
+
+    def load(self, path) -> None:
+        """Restore what ``save`` wrote; the buffer must have the same capacity and tensors."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        st = json.loads((path / "state.json").read_text())
+        if st["capacity"] != self.capacity or st["shapes"] != {k: list(v) for k, v in self.shapes.items()}:
+            raise ValueError(f"{path} holds a ring buffer of capacity {st['capacity']} over {st['shapes']}; this one has "
+                             f"capacity {self.capacity} over {self.shapes}")
+        data = load_file(str(path / "data.safetensors"))
+        self.data = {k: data[k].to(self.data[k].dtype) for k in self.data}
+        with np.load(path / "labels.npz") as z:
+            self.labels = {k: z[k] for k in z.files}
+        self.size, self.cursor, self.total_added = st["size"], st["cursor"], st["total_added"]
 
 
 # ---------------------------------------------------------------------------

@@ -241,3 +241,19 @@ def test_grouping_events_per_prompt_sums_updates_and_averages_rewards(tmp_path):
     train(p, progress=False)
     ev = open_store(tmp_path / "g/updates/events")
     assert ev.sizes["event"] == 2 * 4 and (ev["n_events"].values == 3).all()
+
+
+def test_ring_buffer_save_and_load_round_trip(tmp_path):
+    from shardlib.updates import RingBuffer
+
+    buf = RingBuffer({"w": (2, 3)}, capacity=4)
+    buf.add({"w": torch.arange(30, dtype=torch.float32).view(5, 2, 3)}, {"task": np.arange(5)})  # wraps around
+    buf.save(tmp_path / "b")
+    other = RingBuffer({"w": (2, 3)}, capacity=4)
+    other.load(tmp_path / "b")
+    assert torch.equal(other.data["w"], buf.data["w"]) and (other.labels["task"] == buf.labels["task"]).all()
+    assert (other.size, other.cursor, other.total_added) == (4, 1, 5)
+    # five events into four slots: the last four stay, the newest where the cursor left off
+    assert other.data["w"][:, 0, 0].tolist() == [24.0, 6.0, 12.0, 18.0] and other.labels["task"].tolist() == [4, 1, 2, 3]
+    with pytest.raises(ValueError, match="capacity"):
+        RingBuffer({"w": (2, 3)}, capacity=8).load(tmp_path / "b")
