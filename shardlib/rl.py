@@ -181,7 +181,10 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
 
     Resumes from ``out_dir/checkpoint`` when it exists and was written with the same
     parameters. ``stop_after`` stops (as a kill would) after that many rollout steps.
-    ``on_step(step, buffer)`` is called after every rollout step (online SAE training).
+    ``on_step(step, buffer)`` is called after every rollout step (online SAE training). The
+    ring buffer, and ``on_step`` when it has ``save(path)``/``load(path)`` (``OnlineTrainer``
+    does), are saved with every checkpoint and restored on resume, so a killed run's online SAE
+    continues exactly where the checkpoint left it.
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -246,11 +249,16 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
                 s.truncate_from(start * p.inner_epochs)
         if p.buffer_capacity:
             buffer = RingBuffer({n: tuple(t.shape) for n, t in sel.items()}, p.buffer_capacity, torch.float32)
+            if start and (ckpt / "buffer").exists():
+                buffer.load(ckpt / "buffer")
         collector = UpdateCollector(
             base, p.collect_params, lr=p.lr, optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
             convention=p.convention, event_store=estore, step_store=sstore, buffer=buffer, events=p.collect_events,
             scale=1.0 / acc.num_processes, every=p.collect_every, group_by="group" if p.group_events else None,
         )
+
+    if start and on_step is not None and hasattr(on_step, "load") and (ckpt / "on_step").exists():
+        on_step.load(ckpt / "on_step")
 
     if acc.is_main_process and start == 0:
         init_eval = evaluate(base, testbed, p.eval_prompts, p.seed, p.temperature, acc.device)
@@ -350,7 +358,7 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
         bar.set_postfix(reward=f"{row['reward']:.3f}")
         done = step + 1
         if done % p.checkpoint_every == 0 or done == p.steps:
-            _checkpoint(acc, model, optimizer, ckpt, done, history, p, collector)
+            _checkpoint(acc, model, optimizer, ckpt, done, history, p, collector, buffer, on_step)
         if stop_after is not None and done - start >= stop_after and done < p.steps:
             bar.close()
             return {"results": None, "collector": collector, "buffer": buffer, "stopped_at": done}
@@ -365,8 +373,8 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     return {"results": ds, "collector": collector, "buffer": buffer, "accelerator": acc, "model": base}
 
 
-def _checkpoint(acc, model, optimizer, ckpt: Path, step: int, history, p: RLParams, collector) -> None:
-    """Flush stores, then write policy + optimizer + state atomically (state.json last)."""
+def _checkpoint(acc, model, optimizer, ckpt: Path, step: int, history, p: RLParams, collector, buffer=None, on_step=None) -> None:
+    """Flush stores, then write policy + optimizer (+ ring buffer, online trainer) + state atomically (state.json last)."""
     if collector is not None:
         collector.flush()
     acc.wait_for_everyone()
@@ -378,6 +386,10 @@ def _checkpoint(acc, model, optimizer, ckpt: Path, step: int, history, p: RLPara
     pol.save_policy(pol.unwrap(model), tmp / "policy")
     opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    if buffer is not None:
+        buffer.save(tmp / "buffer")
+    if on_step is not None and hasattr(on_step, "save"):
+        on_step.save(tmp / "on_step")
     (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "fingerprint": p.fingerprint()}))
     commit_dir(tmp, ckpt)
 

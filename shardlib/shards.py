@@ -432,10 +432,40 @@ class OnlineTrainer:
             init_from_data(self.sae, snapshot)
             self.trainer = Trainer(self.sae, p.lr, p.aux_k, p.aux_coef, p.dead_window,
                                    total_variance(snapshot, float(self.sae.scale)))
-        for _ in range(self.k_steps):
-            m = self.trainer.step(buffer.sample(self.p.batch_size, self.gen))
-            m["rl_step"] = step
-            self.history.append(m)
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)  # as offline training: else the gather backward adds in thread order
+        try:
+            for _ in range(self.k_steps):
+                m = self.trainer.step(buffer.sample(self.p.batch_size, self.gen))
+                m["rl_step"] = step
+                self.history.append(m)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+    def save(self, path) -> None:
+        """SAE, optimizer, sampling generator and history into folder ``path`` (saved with each RL checkpoint)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(self.gen.get_state(), path / "generator.pt")
+        state = {"history": self.history, "trainer": None}
+        if self.trainer is not None:
+            self.sae.save(path / "sae")
+            torch.save(self.trainer.opt.state_dict(), path / "optimizer.pt")
+            state["trainer"] = {**self.trainer.state(), "variance": self.trainer.variance}
+        (path / "state.json").write_text(json.dumps(state))
+
+    def load(self, path) -> None:
+        """Restore what ``save`` wrote: a resumed RL run continues the online SAE where it stopped."""
+        path = Path(path)
+        state = json.loads((path / "state.json").read_text())
+        self.gen.set_state(torch.load(path / "generator.pt", weights_only=True))
+        self.history = state["history"]
+        if state["trainer"] is not None:
+            p = self.p
+            self.sae = ShardSAE.load(path / "sae")
+            self.trainer = Trainer(self.sae, p.lr, p.aux_k, p.aux_coef, p.dead_window, state["trainer"]["variance"])
+            self.trainer.opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            self.trainer.load_state(state["trainer"])
 
 
 def frontier(sweep_dir) -> xr.Dataset:

@@ -59,6 +59,23 @@ def test_resume_after_kill_repeats_and_loses_nothing(tmp_path):
     assert st["step"].values.tolist() == list(range(8))
 
 
+def test_resume_continues_the_online_sae_exactly(tmp_path):
+    from shardlib.shards import OnlineTrainer
+
+    kw = dict(buffer_capacity=128, online_sae=True, online_warmup=32, online_batch_size=16, online_n_latents=8, online_k=2)
+    full_p = bandit(tmp_path, "full", **kw)
+    full = OnlineTrainer.from_rl(full_p)
+    rl.train(full_p, progress=False, on_step=full)
+    p = bandit(tmp_path, "killed", **kw)
+    rl.train(p, progress=False, stop_after=5, on_step=OnlineTrainer.from_rl(p))  # killed after step 5; checkpoint at 4
+    resumed = OnlineTrainer.from_rl(p)  # a fresh process: nothing in memory
+    rl.train(p, progress=False, on_step=resumed)
+    assert full.trainer is not None and len(resumed.history) == len(full.history)
+    assert [h["rec"] for h in resumed.history] == [h["rec"] for h in full.history]
+    for k, v in full.sae.state_dict().items():
+        assert torch.equal(v, resumed.sae.state_dict()[k]), k
+
+
 def test_changed_parameters_do_not_resume_silently(tmp_path):
     rl.train(bandit(tmp_path, "x"), progress=False, stop_after=2)
     with pytest.raises(RuntimeError, match="other parameters"):
