@@ -17,13 +17,15 @@ A papermill sweep is a stage with ``sweep: {param: [v1, v2, ...], ...}``: it exp
 one run of its notebook per combination, in ``runs/<run>/<stage>/<p1>=<v1>,<p2>=<v2>/``;
 ``@stage`` (the sweep's folder) makes every combination an input of a later stage.
 
-A stage whose notebook, parameters, inputs and library code (shardlib's source) are
+A stage whose notebook, parameters, inputs and library code (the shardlib modules its
+notebook imports, directly or through other modules: ``library_files``) are
 unchanged since it last finished is skipped; one that was interrupted re-runs in its folder (RL stages resume from their
 checkpoint); one whose configuration changed starts from an empty folder.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import hashlib
 import itertools
@@ -152,17 +154,69 @@ def _notebook_digest(nb: Path) -> str:
     return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
 
 
-def library_digest() -> str:
-    """Hash of shardlib's source: a change to the library's code reruns the stages."""
+def _shardlib_imports(source: str, package_relative: bool) -> set[str]:
+    """shardlib modules a piece of code imports anywhere (function bodies included); "*" = all of them."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name == "shardlib":
+                    found.add("*")
+                elif a.name.startswith("shardlib."):
+                    found.add(a.name.split(".")[1])
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if (package_relative and node.level == 1) or (node.level == 0 and (mod == "shardlib" or mod.startswith("shardlib."))):
+                parts = mod.split(".")[1:] if node.level == 0 else ([mod.split(".")[0]] if mod else [])
+                if parts:
+                    found.add(parts[0])
+                else:  # from shardlib import a, b / from . import a: modules or package attributes
+                    found.update(a.name for a in node.names)
+    return found
+
+
+def library_files(notebook: Path) -> list[Path]:
+    """Files of the library a notebook's code can reach: the shardlib modules it imports, what those
+    import in turn, and, when ``shardlib.figures`` is among them, the figure scripts and their imports."""
+    pkg = ROOT / "shardlib"
+    cells = [c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
+    todo = set()
+    for c in cells:
+        src = "".join(c["source"])
+        try:
+            todo |= _shardlib_imports(src, package_relative=False)
+        except SyntaxError:  # IPython magics: be safe, the whole library
+            todo.add("*")
+    if "*" in todo:
+        todo = {f.stem for f in pkg.glob("*.py")}
+    files, seen = {pkg / "__init__.py"}, set()
+    while todo:
+        name = todo.pop()
+        f = pkg / f"{name}.py"
+        if name in seen or not f.exists():  # a package attribute (e.g. __version__), not a module
+            continue
+        seen.add(name)
+        files.add(f)
+        todo |= _shardlib_imports(f.read_text(), package_relative=True) - seen
+        if name == "figures":
+            for script in sorted((ROOT / "figures").glob("fig_*.py")):
+                files.add(script)
+                todo |= _shardlib_imports(script.read_text(), package_relative=False) - seen
+    return sorted(files)
+
+
+def library_digest(notebook: Path) -> str:
+    """Hash of the library code a notebook can reach (``library_files``): editing a module reruns
+    only the stages whose notebooks import it, directly or through other modules."""
     h = hashlib.sha256()
-    for f in sorted((ROOT / "shardlib").glob("*.py")):
-        h.update(f.name.encode() + f.read_bytes())
+    for f in library_files(notebook):
+        h.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
     return h.hexdigest()
 
 
 def fingerprint(stage: Stage, dep_prints: dict[str, str]) -> str:
     blob = json.dumps(
-        {"nb": _notebook_digest(stage.notebook), "lib": library_digest(), "params": stage.params,
+        {"nb": _notebook_digest(stage.notebook), "lib": library_digest(stage.notebook), "params": stage.params,
          "deps": {d: dep_prints[d] for d in stage.deps}},
         sort_keys=True,
     )

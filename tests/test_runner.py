@@ -56,6 +56,15 @@ def test_unchanged_stages_are_skipped_and_changes_rerun(tiny_run, tmp_path):
     assert [(r["stage"], r["status"]) for r in recs] == [("rl_bandit", "done")]
 
 
+def test_a_stage_hashes_only_the_library_code_its_notebook_reaches():
+    names = lambda nb: {f.name for f in runner.library_files(ROOT / "notebooks" / nb)}  # noqa: E731
+    rl_code, toy_code, fig_code = names("02_rl.ipynb"), names("08_toy_models.ipynb"), names("09_figures.ipynb")
+    assert {"rl.py", "updates.py", "shards.py", "sae.py"} <= rl_code and "toy.py" not in rl_code  # a toy edit keeps RL runs
+    assert {"toy.py", "shards.py", "rl.py"} <= toy_code  # toy -> shards -> rl (make_accelerator), found inside functions
+    assert {"figures.py", "fig_toy_models.py", "toy.py"} <= fig_code  # figure scripts and what they import
+    assert runner.library_digest(ROOT / "notebooks" / "02_rl.ipynb") != runner.library_digest(ROOT / "notebooks" / "08_toy_models.ipynb")
+
+
 def test_config_overrides_and_references():
     cfg = load_config(TINY, ["seed=3", "rl_lm.steps=9"])
     stages = {s.name: s for s in plan(cfg, "/r")}
