@@ -19,7 +19,7 @@ import torch
 
 @dataclass
 class ReconStats:
-    """Sufficient statistics for FVU, L0, dead/dense fractions and shrinkage."""
+    """Sufficient statistics for FVU, L0, dead/dense fractions and shrinkage (plain and norm-weighted)."""
 
     n: int = 0
     sse: float = 0.0
@@ -29,6 +29,8 @@ class ReconStats:
     fires: torch.Tensor | None = None
     shrink_sum: float = 0.0
     n_nonzero: int = 0
+    norm_sum: float = 0.0
+    norm_hat_sum: float = 0.0
 
     def update(self, x: dict[str, torch.Tensor], xhat: dict[str, torch.Tensor], z: torch.Tensor) -> None:
         n = z.shape[0]
@@ -47,6 +49,8 @@ class ReconStats:
         self.fires = f if self.fires is None else self.fires + f
         nz = xs > 0  # shrinkage is undefined for an all-zero update
         self.shrink_sum += float((hs[nz].sqrt() / xs[nz].sqrt()).sum())
+        self.norm_sum += float(xs.sqrt().sum())
+        self.norm_hat_sum += float(hs.sqrt().sum())
         self.n_nonzero += int(nz.sum())
         self.n += n
 
@@ -60,6 +64,8 @@ class ReconStats:
             "dead_fraction": float((freq == 0).double().mean()),
             "dense_fraction": float((freq > 0.1).double().mean()),
             "shrinkage": self.shrink_sum / self.n_nonzero if self.n_nonzero else float("nan"),
+            # E[||xhat||] / E[||x||]: each update weighted by its norm, so tiny updates cannot dominate
+            "shrinkage_weighted": self.norm_hat_sum / self.norm_sum if self.norm_sum > 0 else float("nan"),
         }
 
 

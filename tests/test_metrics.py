@@ -30,6 +30,8 @@ def test_recon_stats_fvu_is_pooled_not_a_mean_of_ratios():
     assert r["dense_fraction"] == pytest.approx(2 / 5)  # latent 0 (100%) and latent 4 (25%)
     shrink = np.mean(np.linalg.norm(xh.reshape(40, -1), axis=1) / np.linalg.norm(x.reshape(40, -1), axis=1))
     assert r["shrinkage"] == pytest.approx(shrink)
+    norms, norms_hat = np.linalg.norm(x.reshape(40, -1), axis=1), np.linalg.norm(xh.reshape(40, -1), axis=1)
+    assert r["shrinkage_weighted"] == pytest.approx(norms_hat.sum() / norms.sum())
 
 
 def test_recon_stats_mean_predictor_gives_fvu_one():

@@ -44,7 +44,7 @@ def test_offline_training_writes_public_outputs(tmp_path):
     freq = (acts["index"].values[:, :, None] == np.arange(6)).any(1).mean(0)
     assert np.allclose(freq, sh["frequency"].values)
     m = load_results(files["results"])
-    for key in ("fvu", "l0", "dead_fraction", "dense_fraction", "shrinkage"):
+    for key in ("fvu", "l0", "dead_fraction", "dense_fraction", "shrinkage", "shrinkage_weighted"):
         assert np.isfinite(float(m[f"heldout_{key}"])), key
     assert float(m.heldout_l0) <= 2
     table = shards.dense_codes(acts, 6).groupby(shards.event_types(acts)).mean()
