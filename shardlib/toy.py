@@ -193,6 +193,26 @@ def columnwise(dW: np.ndarray, W: np.ndarray) -> tuple[float, float]:
     return float(cos.max(0).mean()), float(np.mean(share))
 
 
+@torch.no_grad()
+def gradient_ml2r(sae, data: dict[str, torch.Tensor], feature: np.ndarray, best: np.ndarray) -> float:
+    """ML2R's analogue for gradient shards: how much of a one-feature gradient its matched shard carries.
+
+    For the gradients whose sample has only feature c active: mean ``|z[:, best[c]]|`` (the
+    shard's contribution has that norm: directions are unit norm) over mean ``||y||`` (the
+    gradient as the SAE sees it, scaled and centred by ``b_pre``); averaged over features. 1 = the
+    shard reproduces the feature's gradient at full size, < 1 shrunk (or not firing), > 1 inflated.
+    """
+    sae.eval()
+    xh, z, a, y = sae(data)
+    norm = torch.stack([v.reshape(len(z), -1).pow(2).sum(1) for v in y.values()]).sum(0).sqrt()
+    ratios = []
+    for c, b in enumerate(best):
+        rows = torch.from_numpy(feature == c)
+        if rows.any():
+            ratios.append(float(z[rows, b].abs().mean() / norm[rows].mean().clamp(min=1e-30)))
+    return float(np.mean(ratios)) if ratios else float("nan")
+
+
 def coefficient_r(recovered: np.ndarray, A: np.ndarray) -> float:
     """Mean over rows i of Pearson r(recovered[i] * sign(sum recovered[i]), A[i])."""
     rs = [np.corrcoef(r * (1.0 if r.sum() >= 0 else -1.0), a)[0, 1] for r, a in zip(recovered, A)]
@@ -238,8 +258,8 @@ def make_case(case: str, seed: int, p: ToyParams) -> dict:
 
     Returns {"model", "data": {param: [N, *shape]}, "truth": {param: [n, *shape]},
     "slices": (shard -> [F, m, n] per-feature slices, ground-truth columns [m, n]), "A" (TMCS: the
-    coefficients, else None), and with ``single_feature_control`` "data_single" (gradients of
-    samples with exactly one active feature)}.
+    coefficients, else None), "data_single" (gradients of samples with exactly one active feature)
+    and "single_feature" (that feature, per gradient)}.
     """
     spec = CASES[case]
     n, m = spec["shape"]
@@ -261,14 +281,15 @@ def make_case(case: str, seed: int, p: ToyParams) -> dict:
     def gradients(x):
         d = divergence_gradients(model, x, g, reference)
         nonzero = torch.stack([v.reshape(len(x), -1).abs().sum(1) for v in d.values()]).sum(0) > 0
-        return {k: v[nonzero] for k, v in d.items()}  # an all-zero gradient (every output dead) carries no circuit
+        return {k: v[nonzero] for k, v in d.items()}, nonzero  # an all-zero gradient (every output dead) carries no circuit
 
-    made = {"model": model, "data": gradients(x), "truth": truth, "slices": slices, "A": A}
-    if p.single_feature_control:
-        one = torch.zeros(len(x), n)  # as many samples, each with exactly one active feature
-        one[torch.arange(len(x)), torch.randint(n, (len(x),), generator=g)] = torch.rand(len(x), generator=g)
-        made["data_single"] = gradients(one)
-    return made
+    data, _ = gradients(x)
+    one = torch.zeros(len(x), n)  # as many samples, each with exactly one active feature
+    feature = torch.randint(n, (len(x),), generator=g)
+    one[torch.arange(len(x)), feature] = torch.rand(len(x), generator=g)
+    single, kept = gradients(one)
+    return {"model": model, "data": data, "truth": truth, "slices": slices, "A": A,
+            "data_single": single, "single_feature": feature[kept].numpy()}
 
 
 def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, init_directions=None, data_key: str = "data"):
@@ -307,12 +328,15 @@ def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, ini
         num = sum(((data[k] / sae.scale - xh[k]) ** 2).sum() for k in data)
         den = sum(((data[k] / sae.scale) ** 2).sum() for k in data)
     freq = (z != 0).float().mean(0)
+    ml2r = float("nan")
+    if init_directions is None and data_key == "data":  # magnitude at best match, on one-feature gradients
+        ml2r = gradient_ml2r(sae, made["data_single"], made["single_feature"], column_cos(to_slices(dirs), ref).argmax(0))
     own, curves = float("nan"), None
     if isinstance(made["model"], TMS) and init_directions is None and data_key == "data":  # W0 + delta * shard: which outputs move?
         curves = np.stack([intervention_curve(made["model"], {k: v[i] for k, v in dirs.items()}) for i in range(len(dirs["W"]))])
         own = own_output_share(curves, column_cos(to_slices(dirs), ref).argmax(0))
     return {"mmcs_columnwise": col_mmcs, "mmcs_whole": whole, "ml2r_share": share, "recon_error": float(num / den),
-            "own_output_share": own, "curves": curves,
+            "own_output_share": own, "curves": curves, "ml2r_gradient": ml2r,
             "l0": float((z != 0).sum(1).float().mean()), "dead_fraction": float((freq == 0).float().mean()),
             "coef_r": coef_r, "n_datapoints": N}, sae
 
@@ -357,6 +381,7 @@ METRICS = {
     "mmcs_columnwise": "MMCS per feature slice (TMS: W column c, the papers' column-wise; TMCS: W_in row i)",
     "mmcs_whole": "MMCS of whole directions (every tensor) to the ground-truth circuits",
     "ml2r_share": "share of the matched shard's norm on its feature's slice (not the papers' ML2R)",
+    "ml2r_gradient": "norm ratio at best match in gradient space: on gradients with only feature c active, mean |code| of c's matched shard over mean ||gradient|| (centred and scaled as the SAE sees it), mean over features",
     "mmcs_truth_init": "per-feature MMCS of an SAE started at the ground-truth circuits",
     "mmcs_single_feature": "per-feature MMCS of the signed SAE trained on gradients of samples with exactly one active feature",
     "recon_error_single_feature": "reconstruction error of that SAE on those gradients",
@@ -460,7 +485,7 @@ def comparison_table(ds: xr.Dataset):
         for act in ds.activation.values:
             sel = ds.sel(case=case, activation=act)
             row = {"case": str(case), "activation": str(act)}
-            for k in ("mmcs_columnwise", "mmcs_truth_init", "mmcs_single_feature", "mmcs_whole", "ml2r_share", "own_output_share", "own_output_share_truth", "recon_error", "l0", "dead_fraction", "coef_r", "coef_r_model"):
+            for k in ("mmcs_columnwise", "mmcs_truth_init", "mmcs_single_feature", "mmcs_whole", "ml2r_share", "ml2r_gradient", "own_output_share", "own_output_share_truth", "recon_error", "l0", "dead_fraction", "coef_r", "coef_r_model"):
                 v = sel[k].values
                 row[k] = "–" if np.isnan(v).all() else f"{float(np.nanmean(v)):.3f} ± {float(np.nanstd(v)):.3f}"
             pub = PUBLISHED.get(str(case), {})

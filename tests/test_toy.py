@@ -116,6 +116,7 @@ def test_cases_run_and_the_numbers_do_not_depend_on_workers(tmp_path):
     assert "published_tmcs_recon_error_l3d" in serial.attrs
     assert serial.intervention_tms_5_2.shape == (5, 13, 5) and np.isfinite(tms.own_output_share).all()
     assert np.isnan(tmcs.own_output_share).all() and np.isfinite(tms.own_output_share_truth).all()
+    assert (serial.ml2r_gradient > 0).all()
     # after run, run_case resumes the finished SAEs: the table's numbers, no retraining
     m, _, _ = toy.run_case("tmcs", 0, "signed", toy.ToyParams.from_dict(dict(out_dir=str(tmp_path / "b"), workers=2, **kw)))
     assert m["mmcs_columnwise"] == serial.mmcs_columnwise.sel(case="tmcs", activation="signed", seed=0).item()
@@ -133,3 +134,19 @@ def test_own_output_share_on_constructed_curves():
     curves[1, :, 0], curves[1, :, 1] = 1.0, 3.0  # shard 1 moves output 1 three times as much as output 0
     assert toy.own_output_share(curves, np.array([0, 1])) == pytest.approx((1.0 + 0.75) / 2)
     assert toy.own_output_share(curves, np.array([1, 0])) == pytest.approx((0.25 + 0.0) / 2)
+
+
+def test_gradient_ml2r_is_one_for_an_sae_at_the_truth_and_halves_with_half_codes():
+    from shardlib.sae import ShardSAE
+
+    m = toy.TMS(5, 2, seed=3)
+    truth = toy.circuits(m)
+    sae = ShardSAE({"W": (2, 5), "b": (5,)}, 5, 1, rank=1, signed=True)
+    sae.set_directions_({k: v.clone() for k, v in truth.items()})
+    unit = truth["W"] / truth["W"].flatten(1).norm(dim=1)[:, None, None]
+    data = {"W": 2 * unit, "b": torch.zeros(5, 5)}  # gradient c = twice circuit c: code 2, norm 2
+    assert toy.gradient_ml2r(sae, data, np.arange(5), np.arange(5)) == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        for key in sae.enc:
+            sae.enc[key].mul_(0.5 ** 0.5)  # encoder at half length (U and V each by 1/sqrt 2): codes halve
+    assert toy.gradient_ml2r(sae, data, np.arange(5), np.arange(5)) == pytest.approx(0.5, abs=1e-5)
