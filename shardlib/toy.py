@@ -298,7 +298,7 @@ def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, ini
     Checkpoints go to ``out_dir/sae/<fingerprint of p>/``: a rerun with the same parameters
     resumes, and one with other toy-model parameters never picks up an SAE of other data.
     """
-    from .metrics import mmcs
+    from .metrics import abs_cos
     from .planted import flatten
     from .shards import ShardParams, train
 
@@ -314,28 +314,27 @@ def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, ini
     sae = train(sp, progress=False, data=data, init_directions=init_directions)["sae"].cpu()
     dirs = sae.directions()
     to_slices, ref = made["slices"]
-    col_mmcs, share = columnwise(to_slices(dirs), ref)
+    slices = to_slices(dirs)
+    col_mmcs, share = columnwise(slices, ref)
+    best = column_cos(slices, ref).argmax(0)  # the shard matched to each feature
     names = list(data)
-    G, D = flatten(made["truth"], names), flatten(dirs, names)
-    whole = mmcs(G, D)[0]
+    whole = abs_cos(flatten(made["truth"], names), flatten(dirs, names))
     coef_r = float("nan")
     if made["A"] is not None:
-        cos = np.abs((G / np.linalg.norm(G, axis=1, keepdims=True)) @ (D / np.linalg.norm(D, axis=1, keepdims=True)).T)
-        coef_r = coefficient_r(dirs["b"].numpy()[cos.argmax(1)], made["A"].numpy())
+        coef_r = coefficient_r(dirs["b"].numpy()[whole.argmax(1)], made["A"].numpy())
     with torch.no_grad():
         sae.eval()
         xh, z, *_ = sae(data)
         num = sum(((data[k] / sae.scale - xh[k]) ** 2).sum() for k in data)
         den = sum(((data[k] / sae.scale) ** 2).sum() for k in data)
     freq = (z != 0).float().mean(0)
-    ml2r = float("nan")
-    if init_directions is None and data_key == "data":  # magnitude at best match, on one-feature gradients
-        ml2r = gradient_ml2r(sae, made["data_single"], made["single_feature"], column_cos(to_slices(dirs), ref).argmax(0))
-    own, curves = float("nan"), None
-    if isinstance(made["model"], TMS) and init_directions is None and data_key == "data":  # W0 + delta * shard: which outputs move?
-        curves = np.stack([intervention_curve(made["model"], {k: v[i] for k, v in dirs.items()}) for i in range(len(dirs["W"]))])
-        own = own_output_share(curves, column_cos(to_slices(dirs), ref).argmax(0))
-    return {"mmcs_columnwise": col_mmcs, "mmcs_whole": whole, "ml2r_share": share, "recon_error": float(num / den),
+    ml2r, own, curves = float("nan"), float("nan"), None
+    if init_directions is None and data_key == "data":  # the SAE of the table (not a control)
+        ml2r = gradient_ml2r(sae, made["data_single"], made["single_feature"], best)  # magnitude at best match
+        if isinstance(made["model"], TMS):  # W0 + delta * shard: which outputs move?
+            curves = np.stack([intervention_curve(made["model"], {k: v[i] for k, v in dirs.items()}) for i in range(len(dirs["W"]))])
+            own = own_output_share(curves, best)
+    return {"mmcs_columnwise": col_mmcs, "mmcs_whole": float(whole.max(1).mean()), "ml2r_share": share, "recon_error": float(num / den),
             "own_output_share": own, "curves": curves, "ml2r_gradient": ml2r,
             "l0": float((z != 0).sum(1).float().mean()), "dead_fraction": float((freq == 0).float().mean()),
             "coef_r": coef_r, "n_datapoints": N}, sae
