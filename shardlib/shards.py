@@ -21,6 +21,7 @@ ring buffer while RL runs (``shardlib.rl.train(..., on_step=...)``).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
@@ -217,10 +218,17 @@ def train(p: ShardParams, progress: bool = True, stop_after: int | None = None, 
 
     Returns ``{"sae", "data", "store", "train_idx", "heldout_idx", "history", "seconds"}``.
     """
+    with deterministic():
+        return _train(p, progress, stop_after, data, init_directions)
+
+
+@contextlib.contextmanager
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` inside the block, the previous setting after."""
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(p, progress, stop_after, data, init_directions)
+        yield
     finally:
         torch.use_deterministic_algorithms(previous)
 
@@ -430,17 +438,16 @@ class OnlineTrainer:
             self.sae = ShardSAE(buffer.shapes, p.n_latents, p.k, p.rank, p.activation, p.signed, seed=p.seed)
             snapshot = {n: v[: buffer.size].float() for n, v in buffer.data.items()}
             init_from_data(self.sae, snapshot)
-            self.trainer = Trainer(self.sae, p.lr, p.aux_k, p.aux_coef, p.dead_window,
-                                   total_variance(snapshot, float(self.sae.scale)))
-        previous = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)  # as offline training: else the gather backward adds in thread order
-        try:
+            self.trainer = self._trainer(total_variance(snapshot, float(self.sae.scale)))
+        with deterministic():  # as offline training: else the gather backward adds in thread order
             for _ in range(self.k_steps):
                 m = self.trainer.step(buffer.sample(self.p.batch_size, self.gen))
                 m["rl_step"] = step
                 self.history.append(m)
-        finally:
-            torch.use_deterministic_algorithms(previous)
+
+    def _trainer(self, variance: float) -> Trainer:
+        p = self.p
+        return Trainer(self.sae, p.lr, p.aux_k, p.aux_coef, p.dead_window, variance)
 
     def save(self, path) -> None:
         """SAE, optimizer, sampling generator and history into folder ``path`` (saved with each RL checkpoint)."""
@@ -461,9 +468,8 @@ class OnlineTrainer:
         self.gen.set_state(torch.load(path / "generator.pt", weights_only=True))
         self.history = state["history"]
         if state["trainer"] is not None:
-            p = self.p
             self.sae = ShardSAE.load(path / "sae")
-            self.trainer = Trainer(self.sae, p.lr, p.aux_k, p.aux_coef, p.dead_window, state["trainer"]["variance"])
+            self.trainer = self._trainer(state["trainer"]["variance"])
             self.trainer.opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
             self.trainer.load_state(state["trainer"])
 

@@ -259,7 +259,7 @@ def make_case(case: str, seed: int, p: ToyParams) -> dict:
     Returns {"model", "data": {param: [N, *shape]}, "truth": {param: [n, *shape]},
     "slices": (shard -> [F, m, n] per-feature slices, ground-truth columns [m, n]), "A" (TMCS: the
     coefficients, else None), "data_single" (gradients of samples with exactly one active feature)
-    and "single_feature" (that feature, per gradient)}.
+    "single_feature" (that feature, per gradient) and "model_metrics" (``model_metrics``)}.
     """
     spec = CASES[case]
     n, m = spec["shape"]
@@ -288,8 +288,10 @@ def make_case(case: str, seed: int, p: ToyParams) -> dict:
     feature = torch.randint(n, (len(x),), generator=g)
     one[torch.arange(len(x)), feature] = torch.rand(len(x), generator=g)
     single, kept = gradients(one)
-    return {"model": model, "data": data, "truth": truth, "slices": slices, "A": A,
+    made = {"model": model, "data": data, "truth": truth, "slices": slices, "A": A,
             "data_single": single, "single_feature": feature[kept].numpy()}
+    made["model_metrics"] = model_metrics(made)  # once per model, not once per activation variant
+    return made
 
 
 def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, init_directions=None, data_key: str = "data"):
@@ -362,18 +364,20 @@ def _run_case(case: str, seed: int, activation: str, p: ToyParams, made: dict):
         metrics["mmcs_single_feature"], metrics["recon_error_single_feature"] = single["mmcs_columnwise"], single["recon_error"]
     else:
         metrics["mmcs_single_feature"] = metrics["recon_error_single_feature"] = float("nan")
-    if made["A"] is not None:
+    return {**metrics, **made["model_metrics"]}, sae, made["model"]
+
+
+def model_metrics(made: dict) -> dict:
+    """What the trained toy model itself scores (no SAE): the ceilings the shards are read against."""
+    model, out = made["model"], {"coef_r_model": float("nan"), "own_output_share_truth": float("nan")}
+    if made["A"] is not None:  # TMCS: how well the model's own outputs f(e_i) follow A
         with torch.no_grad():
-            own = made["model"](torch.eye(CASES[case]["shape"][0])).numpy()
-        metrics["coef_r_model"] = coefficient_r(own, made["A"].numpy())
-    else:
-        metrics["coef_r_model"] = float("nan")
-    metrics["own_output_share_truth"] = float("nan")
-    if isinstance(made["model"], TMS):  # the same intervention along the ground-truth circuits themselves
+            out["coef_r_model"] = coefficient_r(model(torch.eye(len(made["A"]))).numpy(), made["A"].numpy())
+    if isinstance(model, TMS):  # the intervention along the ground-truth circuits themselves
         unit = {k: v / made["truth"]["W"].flatten(1).norm(dim=1).view(-1, *([1] * (v.ndim - 1))) for k, v in made["truth"].items()}
-        curves = np.stack([intervention_curve(made["model"], {k: v[i] for k, v in unit.items()}) for i in range(len(unit["W"]))])
-        metrics["own_output_share_truth"] = own_output_share(curves, np.arange(len(curves)))
-    return metrics, sae, made["model"]
+        curves = np.stack([intervention_curve(model, {k: v[i] for k, v in unit.items()}) for i in range(len(unit["W"]))])
+        out["own_output_share_truth"] = own_output_share(curves, np.arange(len(curves)))
+    return out
 
 
 METRICS = {
@@ -411,7 +415,7 @@ def _job(case: str, seed: int, p: ToyParams) -> list[dict]:
     """One (case, seed): the toy model once, then an SAE per activation variant."""
     with one_thread():
         made = make_case(case, seed, p)
-        return [run_case(case, seed, act, p, made)[0] for act in p.activations]
+        return [_run_case(case, seed, act, p, made)[0] for act in p.activations]
 
 
 def run(p: ToyParams, progress: bool = True) -> xr.Dataset:
