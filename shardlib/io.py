@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -52,14 +53,43 @@ def provenance(config: dict | None = None, seed: int | None = None) -> dict:
     }
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it, where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def clean_stale_tmp(path) -> list[Path]:
+    """Remove the ``<name>.*.tmp`` files a killed :func:`atomic_write` of ``path`` left behind."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(glob.escape(path.name) + ".*.tmp")) if path.parent.is_dir() else []
+    for f in stale:
+        if f.is_file():
+            f.unlink()
+    return stale
+
+
 def atomic_write(path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file.
+
+    The file gets the usual mode for new files (0666 less the umask), and temporary files that a
+    killed earlier write of the same ``path`` left are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -69,6 +99,7 @@ def atomic_write(path, write) -> None:
 def atomic_dir(path: Path) -> Path:
     """A fresh ``path.tmp`` folder to write into; :func:`commit_dir` then renames it over ``path``
     (a killed write leaves ``path`` intact)."""
+    recover_dir(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -77,12 +108,76 @@ def atomic_dir(path: Path) -> Path:
 
 
 def commit_dir(tmp: Path, path: Path) -> None:
+    """Replace ``path`` by ``tmp``: ``path`` -> ``path.old``, ``tmp`` -> ``path``, remove ``path.old``.
+
+    A kill between the two renames leaves only ``path.old``; :func:`recover_dir` puts it back."""
     old = path.with_name(path.name + ".old")
+    if old.exists() and path.exists():  # a kill while removing an earlier .old
+        shutil.rmtree(old)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     if old.exists():
         shutil.rmtree(old)
+
+
+def recover_dir(path) -> Path:
+    """Settle a folder that :func:`commit_dir` may have left half-replaced by a kill; returns ``path``.
+
+    ``path`` missing but ``path.old`` present (killed between the renames): ``path.old`` is the
+    last complete version and is moved back. ``path`` and ``path.old`` both present (killed while
+    removing ``path.old``): ``path`` is complete and ``path.old`` is removed.
+    """
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, path)
+    return path
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete, edited, or was written by a run with other parameters."""
+
+
+def read_checkpoint(ckpt, fingerprint: str, counter: str, limit: int, files=()) -> dict | None:
+    """The ``state.json`` of checkpoint folder ``ckpt`` after checking it, or None when there is none.
+
+    Settles a half-finished :func:`commit_dir` first (:func:`recover_dir`). Checks that the
+    checkpoint was written with ``fingerprint``, that ``state[counter]`` (steps or epochs done) is
+    an integer in 1..``limit`` and equals the length of ``state["history"]``, whose rows carry
+    ``counter`` values 0, 1, ..., and that each of ``files`` is present. Raises
+    :class:`CheckpointError` naming the problem and the fix otherwise.
+    """
+    ckpt = recover_dir(ckpt)
+    f = ckpt / "state.json"
+    fix = f"delete {ckpt} (the stage then starts over) or run the stage with --force"
+    if not f.exists():
+        if ckpt.is_dir() and any(ckpt.iterdir()):
+            raise CheckpointError(f"{ckpt} holds files but no state.json, so it is not a complete checkpoint; {fix}")
+        return None
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f} is unreadable ({e}); {fix}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("history"), list):
+        raise CheckpointError(f"{f} is not a checkpoint state (no history); {fix}")
+    if state.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"{ckpt} was written by a run with other parameters; {fix}")
+    n, history = state.get(counter), state["history"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+        raise CheckpointError(f"{f}: {counter} is {n!r}, expected an integer from 1 to {limit}; {fix}")
+    seen = [h.get(counter) if isinstance(h, dict) else None for h in history]
+    if seen != list(range(n)):
+        got = f"{len(seen)} rows" + (f", {counter}s {seen[0]}..{seen[-1]}" if seen else "")
+        raise CheckpointError(f"{f}: {counter} is {n} but its history holds {got} (expected {counter}s 0..{n - 1}): "
+                              f"the checkpoint was edited or mixed with another; {fix}")
+    missing = [x for x in files if not (ckpt / x).exists()]
+    if missing:
+        raise CheckpointError(f"{ckpt} lacks {missing}; {fix}")
+    return state
 
 
 def save_results(ds: xr.Dataset, path, config: dict | None = None, seed: int | None = None) -> Path:

@@ -29,6 +29,7 @@ import xarray as xr
 
 from . import policy as pol
 from .config import Params, param
+from .io import CheckpointError, atomic_dir, commit_dir, read_checkpoint
 from .tasks import ContextualBandit, SyntheticTasks
 from .updates import RingBuffer, UpdateCollector, UpdateStore, select_params, selection_summary
 
@@ -93,6 +94,8 @@ class RLParams(Params):
             raise ValueError("parameter 'init_path': the LM testbed needs a pretrained policy folder (the pretrain stage's 'policy')")
         if self.online_sae and not (self.buffer_capacity and self.collect_params and self.collect_events):
             raise ValueError("parameter 'online_sae': needs collect_params, collect_events=True and buffer_capacity > 0")
+        if self.online_sae and self.online_k > self.online_n_latents:
+            raise ValueError(f"parameter 'online_k': {self.online_k} exceeds online_n_latents={self.online_n_latents}")
         if self.prompts_per_step % self.grad_accum:
             raise ValueError(
                 f"parameter 'grad_accum': {self.grad_accum} must divide prompts_per_step={self.prompts_per_step}"
@@ -214,12 +217,9 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     # ---- resume
     ckpt = out / "checkpoint"
     start, history = 0, []
-    if (ckpt / "state.json").exists():
-        state = json.loads((ckpt / "state.json").read_text())
-        if state["fingerprint"] != p.fingerprint():
-            raise RuntimeError(
-                f"{ckpt} was written by a run with other parameters; delete {out} (or run the stage with --force) to start over"
-            )
+    needs = ["policy", "optimizer.pt"] + (["buffer"] if p.collect_params and p.buffer_capacity else [])
+    state = read_checkpoint(ckpt, p.fingerprint(), "step", p.steps, needs)
+    if state is not None:
         model = pol.load_policy(ckpt / "policy")
         optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
@@ -249,7 +249,7 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
                 s.truncate_from(start * p.inner_epochs)
         if p.buffer_capacity:
             buffer = RingBuffer({n: tuple(t.shape) for n, t in sel.items()}, p.buffer_capacity, torch.float32)
-            if start and (ckpt / "buffer").exists():
+            if start:
                 buffer.load(ckpt / "buffer")
         collector = UpdateCollector(
             base, p.collect_params, lr=p.lr, optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
@@ -257,7 +257,10 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
             scale=1.0 / acc.num_processes, every=p.collect_every, group_by="group" if p.group_events else None,
         )
 
-    if start and on_step is not None and hasattr(on_step, "load") and (ckpt / "on_step").exists():
+    if start and on_step is not None and hasattr(on_step, "load"):
+        if not (ckpt / "on_step").exists():
+            raise CheckpointError(f"{ckpt} holds no on_step/ (online SAE) state, so the online SAE cannot resume exactly; "
+                                  f"delete {ckpt} (the stage then starts over) or run the stage with --force")
         on_step.load(ckpt / "on_step")
 
     if acc.is_main_process and start == 0:
@@ -380,8 +383,6 @@ def _checkpoint(acc, model, optimizer, ckpt: Path, step: int, history, p: RLPara
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return
-    from .io import atomic_dir, commit_dir
-
     tmp = atomic_dir(ckpt)
     pol.save_policy(pol.unwrap(model), tmp / "policy")
     opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer

@@ -34,6 +34,7 @@ import torch
 import xarray as xr
 
 from .config import Params, param
+from .io import atomic_dir, commit_dir, read_checkpoint
 from .metrics import ReconStats
 from .sae import ShardSAE, aux_loss
 from .updates import open_store, update_vars
@@ -197,8 +198,6 @@ def encode_all(sae: ShardSAE, data: dict[str, torch.Tensor], batch_size: int = 5
 
 
 def _checkpoint(path: Path, trainer: Trainer, epoch: int, history: list, fingerprint: str) -> None:
-    from .io import atomic_dir, commit_dir
-
     tmp = atomic_dir(path)
     trainer.sae.save(tmp / "sae")
     torch.save(trainer.opt.state_dict(), tmp / "optimizer.pt")
@@ -260,10 +259,8 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_di
     trainer = Trainer(sae, p.lr, p.aux_k, p.aux_coef, p.dead_window, variance, accelerator=acc)
     ckpt = out / "checkpoint"
     start, history = 0, []
-    if (ckpt / "state.json").exists():
-        st = json.loads((ckpt / "state.json").read_text())
-        if st["fingerprint"] != p.fingerprint():
-            raise RuntimeError(f"{ckpt} was written with other parameters; delete {out} (or --force the stage) to start over")
+    st = read_checkpoint(ckpt, p.fingerprint(), "epoch", p.epochs, ["sae", "optimizer.pt"])
+    if st is not None:
         trainer.sae = sae = ShardSAE.load(ckpt / "sae").to(acc.device)
         trainer.opt = torch.optim.Adam(sae.parameters(), lr=p.lr)
         trainer.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))

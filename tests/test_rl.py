@@ -82,6 +82,35 @@ def test_changed_parameters_do_not_resume_silently(tmp_path):
         rl.train(bandit(tmp_path, "x", lr=0.5), progress=False)
 
 
+def test_an_edited_or_half_replaced_checkpoint_is_refused_or_recovered(tmp_path):
+    import json
+    import shutil
+
+    from shardlib.io import CheckpointError
+
+    full = rl.train(bandit(tmp_path, "full"), progress=False)["results"]
+    p = bandit(tmp_path, "x")
+    rl.train(p, progress=False, stop_after=6)  # checkpoint at step 6
+    ck = tmp_path / "x" / "checkpoint"
+    state = json.loads((ck / "state.json").read_text())
+    (ck / "state.json").write_text(json.dumps({**state, "step": 3}))  # the edit: 6 -> 3
+    with pytest.raises(CheckpointError, match="step is 3 but its history holds 6 rows"):
+        rl.train(p, progress=False)
+    (ck / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(ck / "buffer", ignore_errors=True)
+    os.remove(ck / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="lacks"):
+        rl.train(p, progress=False)
+    # a kill between commit_dir's two renames: only checkpoint.old is left; the run resumes from it
+    q = bandit(tmp_path, "y")
+    rl.train(q, progress=False, stop_after=6)
+    ck = tmp_path / "y" / "checkpoint"
+    os.replace(ck, ck.with_name("checkpoint.old"))
+    resumed = rl.train(q, progress=False)["results"]
+    assert resumed.drop_vars(TIMING).identical(full.drop_vars(TIMING))
+    assert open_store(tmp_path / "y/updates/events").drop_attrs().equals(open_store(tmp_path / "full/updates/events").drop_attrs())
+
+
 def test_bandit_rl_learns(tmp_path):
     ds = rl.train(bandit(tmp_path, "learn", steps=150, lr=0.01, prompts_per_step=32, group_size=8, collect_params=[], eval_prompts=512), progress=False)["results"]
     assert (ds.eval_reward_final > ds.eval_reward_init + 0.2).all()
