@@ -25,11 +25,21 @@ single ``.nc`` file). Each holds one data variable per parameter tensor with dim
 labels are coordinates along ``event``; dataset attributes ``kind`` (``event`` or
 ``step``) and ``convention``. Chunks are written atomically, so a crash loses at most
 the events not yet flushed and never corrupts a chunk.
+
+A store written by :class:`UpdateStore` also holds ``store.json``: the run's fingerprint,
+the kind, and one entry per chunk (its steps, number of events and SHA-256). :func:`open_store`
+checks the folder against it and refuses missing chunks (gaps), files it does not list
+(foreign, copied or duplicated chunks), changed bytes, chunks of another run (their
+``fingerprint`` attribute) and step labels outside the chunk's name, naming the chunk and
+the fix. A folder of chunks without ``store.json`` (written by hand) and a single ``.nc`` file
+are still accepted, with the step checks only.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import itertools
 import json
 import math
 import re
@@ -45,6 +55,8 @@ from .io import NETCDF_ENGINE, atomic_write, provenance
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORE_META = "store.json"
+STORE_FORMAT = 2
+CHUNK_RE = re.compile(r"chunk-(\d{8})-(\d{8})\.nc")
 
 
 class StoreError(ValueError):
@@ -163,32 +175,59 @@ class UpdateStore:
         self._pending_steps: list[int] = []
         meta = self.path / STORE_META
         if meta.exists():
-            old = json.loads(meta.read_text())
+            old = _read_meta(self.path)
             if old.get("fingerprint") != fingerprint or old.get("kind") != kind:
                 raise StoreError(
                     f"{self.path} already holds {old.get('kind')} updates of another run "
                     f"(fingerprint {old.get('fingerprint')}, this run {fingerprint}); "
                     "choose another out_dir, or delete that folder if its updates are no longer wanted"
                 )
+            if old.get("format") != STORE_FORMAT:
+                raise StoreError(f"{self.path} was written by an older shardlib (no chunk list in {STORE_META}); "
+                                 "delete that folder and rerun the stage that writes it")
+            self._manifest = old
         else:
             if self.path.exists() and any(self.path.iterdir()):
                 raise StoreError(f"{self.path} is not empty and holds no {STORE_META}: refusing to write an update store there")
             self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write(meta, lambda t: Path(t).write_text(json.dumps({"fingerprint": fingerprint, "kind": kind})))
+            self._manifest = {"format": STORE_FORMAT, "fingerprint": fingerprint, "kind": kind, "chunks": {}}
+            self._save_manifest()
+        for f in self.path.glob("*.tmp"):  # left by a write a kill interrupted
+            if f.is_file():
+                f.unlink()
+
+    def _save_manifest(self) -> None:
+        text = json.dumps(self._manifest, indent=1, sort_keys=True)
+        atomic_write(self.path / STORE_META, lambda t: Path(t).write_text(text))
 
     def chunks(self) -> list[Path]:
         return sorted(self.path.glob("chunk-*.nc"))
 
     def truncate_from(self, step: int) -> None:
-        """Drop stored events with ``step >= step`` (resuming from a checkpoint at ``step``)."""
+        """Drop stored events with ``step >= step`` (resuming from a checkpoint at ``step``).
+
+        Chunk files the chunk list does not hold yet (a kill between writing a chunk and listing
+        it) always start after the last checkpoint, and are removed here too."""
         self._pending_updates, self._pending_labels, self._pending_steps = {}, {}, []
+        listed = self._manifest["chunks"]
         for f in self.chunks():
-            first, last = (int(x) for x in f.stem.split("-")[1:3])
+            m = CHUNK_RE.fullmatch(f.name)
+            if m is None:
+                continue
+            first, last = int(m[1]), int(m[2])
+            if f.name not in listed:
+                if first >= step:
+                    f.unlink()
+                continue
             if first >= step:
+                del listed[f.name]
+                self._save_manifest()
                 f.unlink()
             elif last >= step:
                 with xr.open_dataset(f, engine=NETCDF_ENGINE) as ds:
                     keep = ds.isel(event=np.flatnonzero(ds["step"].values < step)).load()
+                del listed[f.name]
+                self._save_manifest()
                 f.unlink()
                 self._write(keep, first, step - 1)
 
@@ -218,26 +257,108 @@ class UpdateStore:
         self._pending_updates, self._pending_labels, self._pending_steps = {}, {}, []
 
     def _write(self, ds: xr.Dataset, first: int, last: int) -> None:
+        """Write one chunk atomically, then list it (steps, events, SHA-256) in ``store.json``."""
         ds.attrs.update(self.attrs)
         ds.attrs["store_dtype"] = self.dtype
         f = self.path / f"chunk-{first:08d}-{last:08d}.nc"
-        atomic_write(f, lambda t: ds.to_netcdf(t, engine=NETCDF_ENGINE))
+        entry = {"first": int(first), "last": int(last), "events": int(ds.sizes.get("event", 0))}
+
+        def write(tmp):
+            ds.to_netcdf(tmp, engine=NETCDF_ENGINE)
+            entry["sha256"] = file_sha256(tmp)
+
+        atomic_write(f, write)
+        self._manifest["chunks"][f.name] = entry
+        self._save_manifest()
 
     @property
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.chunks())
 
 
-def open_store(path, lazy_above_bytes: int = 2**30) -> xr.Dataset:
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_meta(folder: Path) -> dict:
+    try:
+        meta = json.loads((folder / STORE_META).read_text())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{folder / STORE_META} is unreadable ({e}); the store's chunk list is lost: rerun the stage that "
+                         "wrote the store") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{folder / STORE_META} is not a JSON object; rerun the stage that wrote the store")
+    return meta
+
+
+def _check_chunk_files(folder: Path, files: list[Path], verify: bool) -> dict:
+    """Check a store folder's chunk files against its ``store.json`` chunk list."""
+    meta = _read_meta(folder)
+    fix = "rerun the stage that wrote the store (its folder is rebuilt), or delete the file if you added it by hand"
+    if meta.get("format") != STORE_FORMAT or not isinstance(meta.get("chunks"), dict):
+        raise StoreError(f"{folder}: {STORE_META} holds no chunk list (written by an older shardlib); "
+                         "rerun the stage that wrote the store")
+    listed = meta["chunks"]
+    names = {f.name for f in files}
+    for f in files:
+        if f.name not in listed:
+            raise StoreError(f"{f} is not part of this store ({STORE_META} does not list it): a copied, foreign or "
+                             f"half-written chunk; {fix}")
+    for name, e in sorted(listed.items()):
+        if name not in names:
+            raise StoreError(f"{folder / name} (steps {e['first']}-{e['last']}, {e['events']} events) is missing: the store "
+                             "has a gap; restore that file, or rerun the stage that wrote the store")
+        if verify and file_sha256(folder / name) != e["sha256"]:
+            raise StoreError(f"{folder / name} differs from the chunk the run wrote (SHA-256 mismatch): it was replaced or "
+                             "corrupted on disk; restore it, or rerun the stage that wrote the store")
+    return meta
+
+
+def _check_chunk(ds: xr.Dataset, f: Path, meta: dict | None) -> tuple[int, int] | None:
+    """Steps a chunk's name promises against its ``step`` labels, its run against the store's."""
+    m = CHUNK_RE.fullmatch(f.name)
+    if meta is not None:
+        e = meta["chunks"][f.name]
+        if ds.attrs.get("fingerprint") != meta.get("fingerprint"):
+            raise StoreError(f"{f} comes from another run (fingerprint {ds.attrs.get('fingerprint')!r}, the store's "
+                             f"{meta.get('fingerprint')!r}); restore the store's own chunk, or rerun the stage that wrote it")
+        if ds.sizes.get("event") != e["events"]:
+            raise StoreError(f"{f} holds {ds.sizes.get('event')} events, the store lists {e['events']}; rerun the stage that wrote it")
+    if m is None:
+        return None
+    first, last = int(m[1]), int(m[2])
+    if "step" in ds.coords and ds.sizes.get("event", 0):
+        steps = np.asarray(ds["step"].values)
+        if steps.min() < first or steps.max() > last:
+            raise StoreError(f"{f}: its step labels run {int(steps.min())}-{int(steps.max())}, outside the steps "
+                             f"{first}-{last} its name promises; the chunk was renamed or edited: restore it, or rerun the stage")
+    return first, last
+
+
+def open_store(path, lazy_above_bytes: int = 2**30, verify: bool = True) -> xr.Dataset:
     """Open an update store (folder of chunks or one ``.nc`` file) as one Dataset along ``event``.
 
     Lazy (dask chunks) when the files are larger than ``lazy_above_bytes``. Rejects a store
     with no parameter variables, wrong dims, NaN/Inf updates or mismatched label lengths,
-    naming the variable and the problem.
+    naming the variable and the problem. A folder is checked against its ``store.json``
+    (gaps, unlisted or foreign chunks, and with ``verify`` each chunk's SHA-256), and its
+    chunks' step ranges must not overlap.
     """
     path = Path(path)
+    meta = None
     if path.is_dir():
-        files = sorted(path.glob("chunk-*.nc")) or sorted(path.glob("*.nc"))
+        files = sorted(path.glob("*.nc"))
+        if (path / STORE_META).exists():
+            meta = _check_chunk_files(path, files, verify)
+        elif any(CHUNK_RE.fullmatch(f.name) for f in files):
+            odd = [f.name for f in files if not CHUNK_RE.fullmatch(f.name)]
+            if odd:
+                raise StoreError(f"{path}: {odd} are not chunk files (chunk-<first step>-<last step>.nc) beside the "
+                                 "chunks; move them out of the store folder")
     elif path.exists():
         files = [path]
     else:
@@ -246,16 +367,24 @@ def open_store(path, lazy_above_bytes: int = 2**30) -> xr.Dataset:
         raise StoreError(f"update store {path} holds no .nc files")
     size = sum(f.stat().st_size for f in files)
     lazy = size > lazy_above_bytes
-    parts = []
+    parts, ranges = [], []
     for f in files:
         try:
             ds = xr.open_dataset(f, engine=NETCDF_ENGINE, chunks={} if lazy else None)
         except Exception as e:  # noqa: BLE001 - any reader error means a broken file
             raise StoreError(f"{f} is not a readable netCDF file: {e}") from e
         validate_store(ds, where=str(f))
+        r = _check_chunk(ds, f, meta)
+        if r is not None:
+            ranges.append((r, f))
         parts.append(ds if lazy else ds.load())
         if not lazy:
             ds.close()
+    ranges.sort()
+    for ((a0, a1), fa), ((b0, b1), fb) in itertools.pairwise(ranges):
+        if b0 <= a1:
+            raise StoreError(f"{fb.name} (steps {b0}-{b1}) overlaps {fa.name} (steps {a0}-{a1}) in {path}: the same steps "
+                             "stored twice; remove the copy, or rerun the stage that wrote the store")
     out = parts[0] if len(parts) == 1 else xr.concat(parts, dim="event", data_vars="all", coords="different", compat="equals", combine_attrs="override")
     return out
 

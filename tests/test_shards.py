@@ -16,7 +16,10 @@ def make_store(path, n=96, seed=0):
     data, truth, codes, _ = planted_updates(shapes, n_shards=3, n_events=n, active_per_event=1.0, seed=seed, noise=0.01)
     st = UpdateStore(path, "event", "sgd", "test", attrs={"task_names": json.dumps(["a", "b", "c"])})
     task = np.abs(codes.numpy()).argmax(1)
-    st.append(data, {"step": np.arange(n) // 8, "task": task, "advantage": np.sign(codes.numpy().sum(1))}, 0)
+    step, adv = np.arange(n) // 8, np.sign(codes.numpy().sum(1))
+    for s in np.unique(step):  # one append per step: a chunk's steps match its labels
+        i = step == s
+        st.append({k: v[torch.from_numpy(i)] for k, v in data.items()}, {"step": step[i], "task": task[i], "advantage": adv[i]}, int(s))
     st.flush()
     return data, truth
 

@@ -257,3 +257,86 @@ def test_ring_buffer_save_and_load_round_trip(tmp_path):
     assert other.data["w"][:, 0, 0].tolist() == [24.0, 6.0, 12.0, 18.0] and other.labels["task"].tolist() == [4, 1, 2, 3]
     with pytest.raises(ValueError, match="capacity"):
         RingBuffer({"w": (2, 3)}, capacity=8).load(tmp_path / "b")
+
+
+def three_chunk_store(path, fingerprint="run-a", scale=1.0):
+    """Steps 0-8, 4 events a step, one chunk per 3 steps (as an RL stage writes it)."""
+    s = UpdateStore(path, "event", "sgd", fingerprint)
+    for step in range(9):
+        s.append({"w": torch.full((4, 2, 3), scale * (step + 1))}, {"step": np.full(4, step)}, step)
+        if step % 3 == 2:
+            s.flush()
+    return path
+
+
+def test_a_store_refuses_gaps_foreign_copied_and_changed_chunks(tmp_path):
+    import shutil
+
+    good = three_chunk_store(tmp_path / "good")
+    assert open_store(good)["step"].values.tolist() == np.repeat(np.arange(9), 4).tolist()
+    names = [f.name for f in sorted(good.glob("chunk-*.nc"))]
+    assert names == ["chunk-00000000-00000002.nc", "chunk-00000003-00000005.nc", "chunk-00000006-00000008.nc"]
+    other = three_chunk_store(tmp_path / "other", fingerprint="run-b", scale=-1.0)  # another seed's run
+
+    def broken(name, change):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        change(d)
+        return d
+
+    gap = broken("gap", lambda d: (d / names[1]).unlink())  # the issue's deleted middle chunk
+    with pytest.raises(StoreError, match=r"chunk-00000003-00000005.nc \(steps 3-5, 12 events\) is missing: the store has a gap"):
+        open_store(gap)
+    appended = broken("appended", lambda d: shutil.copy(other / names[2], d / "chunk-00000009-00000011.nc"))
+    with pytest.raises(StoreError, match="chunk-00000009-00000011.nc is not part of this store"):
+        open_store(appended)
+    copied = broken("copied", lambda d: shutil.copy(d / names[0], d / "chunk-00000000-00000002 (copy).nc"))
+    with pytest.raises(StoreError, match=r"\(copy\).nc is not part of this store"):
+        open_store(copied)
+    swapped = broken("swapped", lambda d: shutil.copy(other / names[1], d / names[1]))
+    with pytest.raises(StoreError, match="chunk-00000003-00000005.nc differs from the chunk the run wrote"):
+        open_store(swapped)
+    with pytest.raises(StoreError, match="comes from another run"):
+        open_store(swapped, verify=False)  # without checksums, the chunk's fingerprint still tells
+
+    def flip_a_byte(d):
+        raw = bytearray((d / names[2]).read_bytes())
+        raw[-200] ^= 0xFF
+        (d / names[2]).write_bytes(bytes(raw))
+
+    with pytest.raises(StoreError, match="chunk-00000006-00000008.nc differs"):
+        open_store(broken("bitrot", flip_a_byte))
+
+
+def test_hand_written_chunk_folders_are_checked_for_overlaps_and_step_labels(tmp_path):
+    import shutil
+
+    good = three_chunk_store(tmp_path / "good")
+    d = tmp_path / "hand"
+    d.mkdir()
+    for f in good.glob("chunk-*.nc"):
+        shutil.copy(f, d / f.name)
+    assert open_store(d).sizes["event"] == 36  # no store.json: accepted, steps checked
+    shutil.copy(d / "chunk-00000003-00000005.nc", d / "chunk-00000005-00000006.nc")
+    with pytest.raises(StoreError, match="step labels run 3-5, outside the steps 5-6 its name promises"):
+        open_store(d)
+    (d / "chunk-00000005-00000006.nc").unlink()
+    shutil.copy(d / "chunk-00000000-00000002.nc", d / "chunk-00000000-00000003.nc")  # an extra copy of steps 0-2
+    with pytest.raises(StoreError, match=r"overlaps chunk-00000000-00000002.nc \(steps 0-2\)"):
+        open_store(d)
+    (d / "notes.nc").write_bytes(b"")
+    with pytest.raises(StoreError, match=r"\['notes.nc'\] are not chunk files"):
+        open_store(d)
+
+
+def test_resuming_a_store_drops_unlisted_chunks_and_stale_tmp_files(tmp_path):
+    d = three_chunk_store(tmp_path / "st")
+    (d / "chunk-00000009-00000009.nc.abc.tmp").write_bytes(b"half")  # a kill during a chunk write
+    import shutil
+
+    shutil.copy(d / "chunk-00000006-00000008.nc", d / "chunk-00000009-00000011.nc")  # written, not yet listed
+    s = UpdateStore(d, "event", "sgd", "run-a")
+    assert not list(d.glob("*.tmp"))
+    s.truncate_from(7)  # resume at step 7
+    assert open_store(d)["step"].values.tolist() == np.repeat(np.arange(7), 4).tolist()
+    assert json.loads((d / "store.json").read_text())["chunks"]["chunk-00000006-00000006.nc"]["events"] == 4
