@@ -6,7 +6,24 @@ import argparse
 import logging
 import sys
 
-from .runner import ROOT, PipelineError, load_config, run
+from .runner import ROOT, PipelineError, check_name, load_config, run, runs_folder
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an I/O error: the file, what went wrong, what to do."""
+    import errno
+
+    what = e.strerror or str(e)
+    where = f"{e.filename}: " if e.filename else ""
+    full = "free some disk space (or give --runs-dir on another disk) and run the same command again: finished stages are kept"
+    hint = {
+        errno.ENOSPC: full,
+        errno.EDQUOT: full,
+        errno.EROFS: "that file system is read-only; give a writable folder with --runs-dir",
+        errno.EACCES: "that folder is not writable for you; give a writable folder with --runs-dir",
+        errno.EPERM: "that folder is not writable for you; give a writable folder with --runs-dir",
+    }.get(e.errno, "check that the path exists and is writable, then run the same command again")
+    return f"error: {where}{what}; {hint}"
 
 
 def main(argv=None) -> int:
@@ -21,17 +38,28 @@ def main(argv=None) -> int:
     r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (their inputs must exist)")
     r.add_argument("--force", action="store_true", help="rerun stages even when unchanged")
     r.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output")
+    r.add_argument("--notebooks-dir", action="append", default=[], metavar="DIR",
+                   help="also allow stage notebooks from this folder (default: only notebooks/; repeatable)")
     f = sub.add_parser("figures", help="regenerate every figure from a run's results (no retraining)")
     f.add_argument("--run", default="default", help="run name (folder under runs/), default: default")
     f.add_argument("--runs-dir", help="where runs are (default: runs/ in the repository)")
     f.add_argument("--out", help="output folder (default: figures/<run>/)")
     args = ap.parse_args(argv)
-    if args.cmd == "figures":
-        from pathlib import Path
+    try:
+        return _main(args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(_os_error(e), file=sys.stderr)
+        return 1
 
+
+def _main(args) -> int:
+    if args.cmd == "figures":
         from .figures import make_all
 
-        run_dir = Path(args.runs_dir or ROOT / "runs") / args.run
+        run_dir = runs_folder(args.runs_dir) / check_name("run", args.run)
         if not run_dir.exists():
             print(f"error: {run_dir} does not exist; run the study first (python -m shardlib run)", file=sys.stderr)
             return 1
@@ -41,17 +69,14 @@ def main(argv=None) -> int:
             return 1
         return 0
     if args.cmd == "run":
-        try:
-            cfg = load_config(args.config, args.sets)
-            if args.run_name:
-                cfg["run"] = args.run_name
-            if not args.quiet:
-                logging.basicConfig(level=logging.WARNING, format="%(message)s")
-                logging.getLogger("papermill").setLevel(logging.INFO)
-            records = run(cfg, force=args.force, runs_dir=args.runs_dir, only=args.only, log_output=not args.quiet)
-        except PipelineError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        cfg = load_config(args.config, args.sets)
+        if args.run_name is not None:
+            cfg["run"] = check_name("run", args.run_name)
+        if not args.quiet:
+            logging.basicConfig(level=logging.WARNING, format="%(message)s")
+            logging.getLogger("papermill").setLevel(logging.INFO)
+        records = run(cfg, force=args.force, runs_dir=args.runs_dir, only=args.only, log_output=not args.quiet,
+                      notebook_dirs=args.notebooks_dir)
         total = sum(r["seconds"] for r in records)
         print("stage wall times: " + ", ".join(f"{r['stage']} {r['seconds']:.1f}s ({r['status']})" for r in records) + f"; total {total:.1f}s")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ def _coerce(name: str, value: Any, tp, f: dataclasses.Field):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"parameter {name!r}: got {value!r}; accepted: a finite {_accepted(f, tp)}")
     elif tp is str:
         if not isinstance(value, str):
             raise bad
@@ -72,8 +75,12 @@ def _coerce(name: str, value: Any, tp, f: dataclasses.Field):
         (inner,) = typing.get_args(tp)
         if isinstance(value, tuple):
             value = list(value)
-        if not isinstance(value, list) or not all(isinstance(v, inner) for v in value):
+        if inner is float and isinstance(value, list):  # YAML's 1 in a list of floats
+            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        if not isinstance(value, list) or not all(isinstance(v, inner) and (inner is bool or not isinstance(v, bool)) for v in value):
             raise bad
+        if inner is float and not all(math.isfinite(v) for v in value):
+            raise ConfigError(f"parameter {name!r}: got {value!r}; accepted: a list of finite floats")
         value = tuple(value)  # frozen
     else:  # pragma: no cover - a programming error in a Params subclass
         raise TypeError(f"unsupported parameter type {tp} for {name}")

@@ -21,6 +21,15 @@ A stage whose notebook, parameters, inputs and library code (the shardlib module
 notebook imports, directly or through other modules: ``library_files``) are
 unchanged since it last finished is skipped; one that was interrupted re-runs in its folder (RL stages resume from their
 checkpoint); one whose configuration changed starts from an empty folder.
+
+What a config may do (it is data, not code): name a run and stages (letters, digits and
+``_ . -``; never a path), choose notebooks inside ``notebooks/`` (or a folder given with
+``--notebooks-dir`` on the command line), and give each stage parameters that its notebook's
+``parameters`` cell already defines, as YAML scalars, lists and mappings. Anything else is
+refused before any file is touched. Every file the runner writes is inside
+``<runs>/<run>/``; it deletes only stage folders that carry its own record (``.stage.json``)
+and refuses to reuse a non-empty folder without one. A run holds ``<runs>/<run>/.lock``
+while it executes, so a second ``shardlib run`` on the same run is refused.
 """
 
 from __future__ import annotations
@@ -30,8 +39,13 @@ import copy
 import hashlib
 import itertools
 import json
+import keyword
+import os
+import re
 import shutil
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +58,59 @@ STAGE_FILE = ".stage.json"
 
 class PipelineError(RuntimeError):
     pass
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+SWEEP_VALUE_RE = re.compile(r"[A-Za-z0-9_.+-]{1,60}")
+LOCK_FILE = ".lock"
+
+
+def check_name(kind: str, name) -> str:
+    """A run or stage name: one folder name (letters, digits, ``_ . -``, starting with a letter
+    or digit), never a path such as ``..`` or ``/abs``."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise PipelineError(
+            f"{kind} name {name!r} is not allowed: use 1-100 letters, digits, '_', '.' or '-', starting with a "
+            f"letter or digit (it names one folder, never a path), e.g. {kind}: my_{kind}"
+        )
+    return name
+
+
+def _yaml_error(where: str, e: Exception) -> PipelineError:
+    mark = getattr(e, "problem_mark", None)
+    at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return PipelineError(f"{where}: not valid YAML{at}: {problem}; fix the syntax (quote strings that hold ':', '[' or '#')")
+
+
+def _check_seed(seed, where: str) -> int:
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise PipelineError(f"{where}: seed must be an integer >= 0, got {seed!r}; e.g. --set seed=1")
+    return seed
+
+
+def _check_value(where: str, v, depth: int = 0):
+    """Parameter values are YAML data: None, booleans, numbers, strings, and lists/mappings of them."""
+    if depth > 8:
+        raise PipelineError(f"{where}: nested too deeply")
+    if v is None or isinstance(v, (bool, int, float, str)) and type(v) in (bool, int, float, str):
+        return
+    if type(v) is list:
+        for x in v:
+            _check_value(where, x, depth + 1)
+        return
+    if type(v) is dict:
+        for k, x in v.items():
+            if type(k) is not str:
+                raise PipelineError(f"{where}: mapping keys must be strings, got {k!r}")
+            _check_value(where, x, depth + 1)
+        return
+    raise PipelineError(
+        f"{where}: value {v!r} of type {type(v).__name__} is not allowed; use numbers, strings, booleans, null, "
+        "or lists/mappings of them (quote dates and other special YAML values)"
+    )
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -62,11 +129,20 @@ def load_config(path, sets: list[str] = ()) -> dict:
     ``--set seed=1`` sets a top-level key; ``--set rl_lm.steps=100`` a stage parameter.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise PipelineError(f"config {path} does not exist; configs live in {ROOT / 'configs'}")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise _yaml_error(f"config {path}", e) from None
+    cfg = {} if cfg is None else cfg
+    if not isinstance(cfg, dict):
+        raise PipelineError(f"config {path}: expected a mapping of run, seed, stages; got {type(cfg).__name__}")
     if "extends" in cfg:
-        parent = (path.parent / cfg.pop("extends")).resolve()
+        ext = cfg.pop("extends")
+        if not isinstance(ext, str):
+            raise PipelineError(f"config {path}: extends must be a file name, got {ext!r}")
+        parent = (path.parent / ext).resolve()
         cfg = _merge(load_config(parent), cfg)
     unknown = set(cfg) - {"run", "seed", "stages", "runs_dir"}
     if unknown:
@@ -75,7 +151,10 @@ def load_config(path, sets: list[str] = ()) -> dict:
         if "=" not in s:
             raise PipelineError(f"--set {s!r}: expected key=value, e.g. --set rl_lm.steps=100")
         key, raw = s.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise _yaml_error(f"--set {s!r}", e) from None
         parts = key.split(".")
         if len(parts) == 1:
             if parts[0] not in ("run", "seed", "runs_dir"):
@@ -83,15 +162,21 @@ def load_config(path, sets: list[str] = ()) -> dict:
             cfg[parts[0]] = value
         elif len(parts) == 2:
             stage, name = parts
-            if stage not in cfg.get("stages", {}):
-                raise PipelineError(f"--set {s!r}: no stage {stage!r}; stages: {list(cfg.get('stages', {}))}")
-            cfg["stages"][stage].setdefault("params", {})[name] = value
+            if stage not in (cfg.get("stages") or {}):
+                raise PipelineError(f"--set {s!r}: no stage {stage!r}; stages: {list(cfg.get('stages') or {})}")
+            if not isinstance(cfg["stages"][stage].get("params") or {}, dict):
+                raise PipelineError(f"{path}: stage {stage!r}: params must be a mapping")
+            cfg["stages"][stage]["params"] = {**(cfg["stages"][stage].get("params") or {}), name: value}
         else:
             raise PipelineError(f"--set {s!r}: expected KEY=VALUE or STAGE.PARAM=VALUE")
     cfg.setdefault("seed", 0)
     cfg.setdefault("run", path.stem)
     if not cfg.get("stages"):
         raise PipelineError(f"{path}: no stages")
+    if not isinstance(cfg["stages"], dict) or not all(isinstance(v, dict) for v in cfg["stages"].values()):
+        raise PipelineError(f"{path}: stages must map each stage name to a mapping with notebook, params (and sweep)")
+    cfg["seed"] = _check_seed(cfg["seed"], str(path))
+    check_name("run", cfg["run"])
     return cfg
 
 
@@ -104,43 +189,170 @@ class Stage:
     out_dir: Path
 
 
-def plan(cfg: dict, runs_dir=None) -> list[Stage]:
-    """Resolve stage folders, ``@stage/...`` references and dependencies, in config order."""
-    runs = Path(runs_dir or cfg.get("runs_dir") or ROOT / "runs")
-    run_dir = runs / str(cfg["run"])
+def runs_folder(runs_dir=None, cfg: dict | None = None) -> Path:
+    """The folder runs go into (absolute). ``runs/`` of the repository by default; a folder inside
+    the repository must be inside ``runs/``, and the repository itself or a folder above it is
+    refused (a run there could overwrite the project's own files)."""
+    runs = Path(runs_dir or (cfg or {}).get("runs_dir") or ROOT / "runs").expanduser().resolve()
+    root = ROOT.resolve()
+    inside_root = runs == root or root in runs.parents
+    if runs == root or runs in root.parents or (inside_root and not (runs == root / "runs" or root / "runs" in runs.parents)):
+        raise PipelineError(
+            f"runs folder {runs} would put runs among the repository's own files; use runs/ (the default) "
+            "or a folder outside the repository (--runs-dir)"
+        )
+    return runs
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def notebook_parameters(nb: Path) -> set[str]:
+    """Names the notebook's ``parameters`` cell assigns: the only names a config may set."""
+    for c in json.loads(nb.read_text())["cells"]:
+        if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", []):
+            names = set()
+            for node in ast.parse("".join(c["source"])).body:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+                names |= {t.id for t in targets if isinstance(t, ast.Name)}
+            return names
+    raise PipelineError(f"notebook {nb} has no cell tagged 'parameters'; papermill needs one to receive a config's parameters")
+
+
+def params_class(nb: Path):
+    """The ``Params`` class a notebook validates its parameters with (``from shardlib.M import XParams`` and
+    ``XParams.from_namespace(...)`` in its code), or None for a notebook that uses none."""
+    import importlib
+
+    imported, used = {}, set()
+    for c in json.loads(nb.read_text())["cells"]:
+        if c["cell_type"] != "code":
+            continue
+        try:
+            tree = ast.parse("".join(c["source"]))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("shardlib"):
+                imported.update({a.asname or a.name: (node.module, a.name) for a in node.names})
+            elif (isinstance(node, ast.Attribute) and node.attr == "from_namespace" and isinstance(node.value, ast.Name)):
+                used.add(node.value.id)
+    for name in sorted(used):
+        if name in imported:
+            module, attr = imported[name]
+            return getattr(importlib.import_module(module), attr)
+    return None
+
+
+def validate(stages: list[Stage]) -> None:
+    """Validate every stage's parameters with its notebook's ``Params`` class before anything runs:
+    a bad value in the last stage is named in a second, not after the stages before it."""
+    from .config import ConfigError
+
+    for st in stages:
+        cls = params_class(st.notebook)
+        if cls is None:
+            continue
+        try:
+            cls.from_dict(st.params)
+        except (ConfigError, ValueError) as e:
+            raise PipelineError(f"stage {st.name!r}: {e}") from None
+
+
+def _notebook(name: str, spec: dict, notebook_dirs) -> Path:
+    rel = spec.get("notebook")
+    if not isinstance(rel, str) or not rel.endswith(".ipynb"):
+        raise PipelineError(f"stage {name!r}: notebook must be a .ipynb file name in {NOTEBOOKS}, got {rel!r}")
+    dirs = [NOTEBOOKS, *(Path(d) for d in notebook_dirs or ())]
+    for d in dirs:
+        nb = d / rel
+        if _inside(nb, d) and nb.resolve() != d.resolve():
+            if nb.is_file():
+                return nb
+        else:
+            raise PipelineError(
+                f"stage {name!r}: notebook {rel!r} leaves the notebook folder {d}; name a notebook inside it "
+                "(other folders are allowed only with --notebooks-dir on the command line)"
+            )
+    raise PipelineError(f"stage {name!r}: notebook {rel!r} does not exist in {', '.join(str(d) for d in dirs)}")
+
+
+def _resolve(name: str, k: str, v, run_dir: Path, seen: set, groups: dict, deps: list):
+    """A parameter value with ``@stage/path`` made a path inside that stage's folder (recorded in ``deps``)."""
+    if isinstance(v, list):
+        return [_resolve(name, k, x, run_dir, seen, groups, deps) for x in v]
+    if isinstance(v, str) and v.startswith("@"):
+        dep, _, rest = v[1:].partition("/")
+        if dep not in seen:
+            raise PipelineError(f"stage {name!r}: parameter {k!r}={v!r} refers to {dep!r}, which is not an earlier stage")
+        target = run_dir / dep / rest if rest else run_dir / dep
+        if Path(rest).is_absolute() or ".." in Path(rest).parts or not _inside(target, run_dir / dep):
+            raise PipelineError(f"stage {name!r}: parameter {k!r}={v!r} leaves the folder of stage {dep!r}; "
+                                "name a path inside it, e.g. @rl_lm/updates/events")
+        deps.extend(groups.get(dep, [dep]))
+        return str(target)
+    return v
+
+
+def plan(cfg: dict, runs_dir=None, notebook_dirs=()) -> list[Stage]:
+    """Resolve stage folders, ``@stage/...`` references and dependencies, in config order.
+
+    Validates everything a config names before any file is touched: run and stage names are
+    single folder names, notebooks lie in ``notebooks/`` (or ``notebook_dirs``), parameter names
+    are those of the notebook's ``parameters`` cell, values are YAML data, ``@stage/path``
+    stays inside that stage's folder and sweep values make plain folder names."""
+    runs = runs_folder(runs_dir, cfg)
+    run_dir = runs / check_name("run", cfg["run"])
+    seed = _check_seed(cfg.get("seed", 0), "config")
     stages, seen, groups = [], set(), {}
     for name, spec in cfg["stages"].items():
+        check_name("stage", name)
+        if not isinstance(spec, dict):
+            raise PipelineError(f"stage {name!r}: expected a mapping with notebook, params (and sweep)")
         unknown = set(spec) - {"notebook", "params", "sweep"}
         if unknown:
             raise PipelineError(f"stage {name!r}: unknown key(s) {sorted(unknown)}; accepted: notebook, params, sweep")
-        nb = NOTEBOOKS / spec["notebook"]
-        if not nb.exists():
-            raise PipelineError(f"stage {name!r}: notebook {nb} does not exist")
+        nb = _notebook(name, spec, notebook_dirs)
+        known = notebook_parameters(nb)
         params, deps = {}, []
-
-        def resolve(k, v):
-            if isinstance(v, list):
-                return [resolve(k, x) for x in v]
-            if isinstance(v, str) and v.startswith("@"):
-                dep, _, rest = v[1:].partition("/")
-                if dep not in seen:
-                    raise PipelineError(f"stage {name!r}: parameter {k!r}={v!r} refers to {dep!r}, which is not an earlier stage")
-                deps.extend(groups.get(dep, [dep]))
-                return str(run_dir / dep / rest) if rest else str(run_dir / dep)
-            return v
-
-        for k, v in (spec.get("params") or {}).items():
-            params[k] = resolve(k, v)
+        stage_params = spec.get("params") or {}
         sweep = spec.get("sweep") or {}
+        if not isinstance(stage_params, dict):
+            raise PipelineError(f"stage {name!r}: params must be a mapping of parameter names to values")
         if not isinstance(sweep, dict) or any(not isinstance(v, list) or not v for v in sweep.values()):
             raise PipelineError(f"stage {name!r}: sweep must map parameter names to non-empty lists")
+        for k in [*stage_params, *sweep]:
+            if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k):
+                raise PipelineError(f"stage {name!r}: parameter name {k!r} is not a Python identifier; names are those of "
+                                    f"{nb.name}'s parameters cell")
+            if k in ("out_dir", "seed"):
+                raise PipelineError(f"stage {name!r}: parameter {k!r} is set by the runner; set seed at the top level "
+                                    "(seed: 1 or --set seed=1) and the folder with the run name (--run)")
+            if k not in known:
+                raise PipelineError(f"stage {name!r}: {nb.name} has no parameter {k!r}; its parameters: {sorted(known)}")
+
+        for k, v in stage_params.items():
+            _check_value(f"stage {name!r}: parameter {k!r}", v)
+            params[k] = _resolve(name, k, v, run_dir, seen, groups, deps)
+        for k, vals in sweep.items():
+            for v in vals:
+                _check_value(f"stage {name!r}: sweep {k!r}", v)
+                if isinstance(v, (list, dict)) or not SWEEP_VALUE_RE.fullmatch(str(v)):
+                    raise PipelineError(
+                        f"stage {name!r}: sweep value {k}={v!r} cannot name a folder; sweep over numbers, booleans or "
+                        "plain strings (letters, digits, '_', '.', '+', '-')"
+                    )
         combos = [dict(zip(sweep, vals)) for vals in itertools.product(*sweep.values())] if sweep else [{}]
         groups[name] = []
         for combo in combos:
             tag = ",".join(f"{k}={v}" for k, v in combo.items())
             sname = f"{name}[{tag}]" if tag else name
             out = run_dir / name / tag if tag else run_dir / name
-            sp = {**params, **combo, "out_dir": str(out), "seed": int(cfg["seed"])}
+            if not _inside(out, run_dir) or out.resolve() == run_dir.resolve():  # belt and braces
+                raise PipelineError(f"stage {sname!r}: folder {out} is not inside the run folder {run_dir}")
+            sp = {**params, **combo, "out_dir": str(out), "seed": seed}
             stages.append(Stage(sname, nb, sp, sorted(set(deps)), out))
             groups[name].append(sname)
         seen.add(name)
@@ -224,8 +436,21 @@ def fingerprint(stage: Stage, dep_prints: dict[str, str]) -> str:
 
 
 def _read_state(out: Path) -> dict:
-    f = out / STAGE_FILE
-    return json.loads(f.read_text()) if f.exists() else {}
+    """The runner's record of a stage folder, or {} when it is missing or unreadable."""
+    try:
+        state = json.loads((out / STAGE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _is_record(state: dict, st: Stage) -> bool:
+    """Whether ``state`` is a record this runner wrote for this very stage folder."""
+    try:
+        return (isinstance(state.get("fingerprint"), str) and state.get("status") in ("running", "done", "failed")
+                and Path(state["params"]["out_dir"]).resolve() == st.out_dir.resolve())
+    except (KeyError, TypeError):
+        return False
 
 
 def _write_state(out: Path, state: dict) -> None:
@@ -234,11 +459,88 @@ def _write_state(out: Path, state: dict) -> None:
     atomic_write(out / STAGE_FILE, lambda t: Path(t).write_text(json.dumps(state, indent=1)))
 
 
-def run(cfg: dict, force: bool = False, runs_dir=None, only: list[str] | None = None, log=print, log_output: bool = False) -> list[dict]:
-    """Execute the stages; returns one record per stage (name, status, seconds)."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``run_dir/.lock`` (pid, host, start time) while the block runs.
+
+    A lock held by a live process refuses the second run, naming the owner; a lock left by a
+    process that no longer exists (on this host) is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+                pid, host = int(owner["pid"]), str(owner["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                owner, pid, host = {}, None, me["host"]  # unreadable: a writer died mid-write
+            if pid is not None and (host != me["host"] or _pid_alive(pid)):
+                where = "" if host == me["host"] else f" on host {host}"
+                raise PipelineError(
+                    f"run folder {run_dir} is in use by process {pid}{where} (since {owner.get('started', '?')}); wait for it "
+                    f"to finish or stop it, or use another run name (--run). If that process is gone, delete {lock}"
+                ) from None
+            try:
+                lock.unlink()  # stale: its process is gone
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise PipelineError(f"could not take the lock {lock}; another process keeps replacing it")
+    try:
+        yield lock
+    finally:
+        try:
+            if json.loads(lock.read_text()).get("pid") == me["pid"]:
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def _fresh_stage_dir(st: Stage, state: dict, fp: str, force: bool) -> None:
+    """Make ``st.out_dir`` ready: keep it (resume) when its record matches, empty it when the runner's
+    own record says the configuration changed, refuse when it holds files without such a record."""
+    out = st.out_dir
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"stage {st.name!r}: {out} is a file, not a stage folder; move it away or choose another run name (--run)")
+    if out.is_dir():
+        if not _is_record(state, st):
+            if any(out.iterdir()):
+                raise PipelineError(
+                    f"stage {st.name!r}: {out} holds files but no valid {STAGE_FILE}, so the runner did not write it and "
+                    "will not delete it; move or delete that folder yourself, or choose another run name (--run)"
+                )
+        elif force or state["fingerprint"] != fp:
+            shutil.rmtree(out)  # the runner's own folder, configuration changed (or --force): start clean
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run(cfg: dict, force: bool = False, runs_dir=None, only: list[str] | None = None, log=print, log_output: bool = False,
+        notebook_dirs=()) -> list[dict]:
+    """Execute the stages; returns one record per stage (name, status, seconds).
+
+    Everything is validated (:func:`plan`) before any file is touched; the run folder is locked
+    while the stages execute."""
     import papermill as pm
 
-    stages = plan(cfg, runs_dir)
+    stages = plan(cfg, runs_dir, notebook_dirs)
+    validate(stages)
     if only:
         expanded = []
         for o in only:
@@ -246,38 +548,39 @@ def run(cfg: dict, force: bool = False, runs_dir=None, only: list[str] | None = 
         missing = {o for o in only if not any(s.name == o or s.name.startswith(o + "[") for s in stages)}
         if missing:
             raise PipelineError(f"--only: no stage(s) {sorted(missing)}; stages: {[s.name for s in stages]}")
+    run_dir = runs_folder(runs_dir, cfg) / cfg["run"]
     prints, records = {}, []
     n = len(stages)
-    for k, st in enumerate(stages, 1):
-        fp = fingerprint(st, prints)
-        prints[st.name] = fp
-        if only and st.name not in expanded:
-            continue
-        state = _read_state(st.out_dir)
-        if state.get("fingerprint") == fp and state.get("status") == "done" and not force:
-            log(f"[{k}/{n}] {st.name}: unchanged, skipped (--force reruns)")
-            records.append({"stage": st.name, "status": "skipped", "seconds": 0.0})
-            continue
-        if st.out_dir.exists() and (force or state.get("fingerprint") != fp):
-            shutil.rmtree(st.out_dir)  # configuration changed (or --force): start clean
-        st.out_dir.mkdir(parents=True, exist_ok=True)
-        _write_state(st.out_dir, {"fingerprint": fp, "status": "running", "params": st.params})
-        log(f"[{k}/{n}] {st.name}: running {st.notebook.name} -> {st.out_dir}")
-        t0 = time.perf_counter()
-        out_nb = st.out_dir / "notebook.ipynb"
-        try:
-            pm.execute_notebook(
-                str(st.notebook), str(out_nb), parameters=st.params, kernel_name="python3",
-                cwd=str(st.out_dir), progress_bar=False, log_output=log_output,
-            )
-        except pm.PapermillExecutionError as e:
-            _write_state(st.out_dir, {"fingerprint": fp, "status": "failed", "params": st.params})
-            raise PipelineError(
-                f"stage {st.name!r} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
-                f"the executed notebook is at {out_nb}"
-            ) from None
-        dt = time.perf_counter() - t0
-        _write_state(st.out_dir, {"fingerprint": fp, "status": "done", "params": st.params, "seconds": round(dt, 2)})
-        log(f"[{k}/{n}] {st.name}: done in {dt:.1f} s")
-        records.append({"stage": st.name, "status": "done", "seconds": dt})
+    with run_lock(run_dir):
+        for k, st in enumerate(stages, 1):
+            fp = fingerprint(st, prints)
+            prints[st.name] = fp
+            if only and st.name not in expanded:
+                continue
+            state = _read_state(st.out_dir)
+            if _is_record(state, st) and state["fingerprint"] == fp and state["status"] == "done" and not force:
+                log(f"[{k}/{n}] {st.name}: unchanged, skipped (--force reruns)")
+                records.append({"stage": st.name, "status": "skipped", "seconds": 0.0})
+                continue
+            _fresh_stage_dir(st, state, fp, force)
+            record = {"fingerprint": fp, "run": cfg["run"], "stage": st.name, "params": st.params}
+            _write_state(st.out_dir, {**record, "status": "running"})
+            log(f"[{k}/{n}] {st.name}: running {st.notebook.name} -> {st.out_dir}")
+            t0 = time.perf_counter()
+            out_nb = st.out_dir / "notebook.ipynb"
+            try:
+                pm.execute_notebook(
+                    str(st.notebook), str(out_nb), parameters=st.params, kernel_name="python3",
+                    cwd=str(st.out_dir), progress_bar=False, log_output=log_output,
+                )
+            except pm.PapermillExecutionError as e:
+                _write_state(st.out_dir, {**record, "status": "failed"})
+                raise PipelineError(
+                    f"stage {st.name!r} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
+                    f"the executed notebook is at {out_nb}"
+                ) from None
+            dt = time.perf_counter() - t0
+            _write_state(st.out_dir, {**record, "status": "done", "seconds": round(dt, 2)})
+            log(f"[{k}/{n}] {st.name}: done in {dt:.1f} s")
+            records.append({"stage": st.name, "status": "done", "seconds": dt})
     return records

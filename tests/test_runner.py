@@ -1,4 +1,6 @@
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,11 +80,12 @@ def test_config_overrides_and_references():
 
 
 def test_a_failing_stage_names_its_cell_and_keeps_the_notebook(tmp_path):
-    cfg = load_config(TINY, ["rl_bandit.stepz=3"])
-    cfg["stages"] = {"rl_bandit": cfg["stages"]["rl_bandit"]}
-    with pytest.raises(PipelineError, match=r"stage 'rl_bandit' failed in cell \d+ \(ConfigError: unknown parameter\(s\) \['stepz'\]") as e:
+    cfg = load_config(TINY, [f"rl_lm.init_path={tmp_path / 'no_policy'}"])  # valid parameters, fails when it runs
+    cfg["stages"] = {"rl_lm": cfg["stages"]["rl_lm"]}
+    with pytest.raises(PipelineError, match=r"stage 'rl_lm' failed in cell \d+ \(\w+: .*no_policy") as e:
         runner.run(cfg, runs_dir=tmp_path)
-    assert (tmp_path / "tiny" / "rl_bandit" / "notebook.ipynb").exists()
+    assert (tmp_path / "tiny" / "rl_lm" / "notebook.ipynb").exists()
+    assert json.loads((tmp_path / "tiny" / "rl_lm" / ".stage.json").read_text())["status"] == "failed"
     assert "notebook.ipynb" in str(e.value)
 
 
@@ -122,3 +125,161 @@ def test_figures_regenerate_byte_identical_from_results(tiny_run, tmp_path):
     skipped = []
     assert make_all(tmp_path / "empty_run", tmp_path / "c", log=skipped.append) == {}
     assert len(skipped) == len(scripts()) and "missing" in skipped[0]
+
+
+# ---------------------------------------------------------------------------
+# safety of runs: the issue's reproductions
+
+
+def _tiny(tmp_path, stages=None, **top):
+    cfg = load_config(TINY)
+    if stages is not None:
+        cfg["stages"] = {k: cfg["stages"][k] for k in stages}
+    cfg.update(top)
+    return cfg
+
+
+def test_run_name_dotdot_cannot_delete_the_repositorys_figures(tmp_path, capsys):
+    from shardlib.__main__ import main
+
+    runs = tmp_path / "repo" / "runs"
+    runs.mkdir(parents=True)
+    victim = tmp_path / "repo" / "figures"  # what runs/../figures would reach
+    victim.mkdir()
+    (victim / "fig_keep.py").write_text("precious")
+    for name in ("..", "../escaped_run", "/abs/path", ".", "a/b", "", "x" * 101):
+        assert main(["run", "--config", str(TINY), "--run", name, "--only", "figures", "--runs-dir", str(runs), "--quiet"]) == 1
+        assert "run name" in capsys.readouterr().err
+    assert (victim / "fig_keep.py").read_text() == "precious"
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["figures", "runs"] and not any(runs.iterdir())
+    assert main(["figures", "--run", "..", "--runs-dir", str(runs)]) == 1
+    with pytest.raises(PipelineError, match="run name '..' is not allowed"):
+        plan({**load_config(TINY), "run": ".."})  # the default runs folder: refused before any path is formed
+
+
+def test_stage_names_references_notebooks_and_runs_folders_stay_inside(tmp_path):
+    cfg = _tiny(tmp_path)
+    st = cfg["stages"]
+    bad = [
+        ({"stages": {"../../../victim": st["pretrain"]}}, "stage name '../../../victim' is not allowed"),
+        ({"stages": {"pretrain": {**st["pretrain"], "notebook": "../../evil.ipynb"}}}, "leaves the notebook folder"),
+        ({"stages": {"pretrain": {**st["pretrain"], "notebook": "/etc/passwd"}}}, "must be a .ipynb file"),
+        ({"stages": {"pretrain": st["pretrain"], "rl_lm": {**st["rl_lm"], "params": {"init_path": "@pretrain/../../x"}}}},
+         "leaves the folder of stage 'pretrain'"),
+        ({"stages": {"pretrain": st["pretrain"], "lr_sweep": {**st["lr_sweep"], "sweep": {"algorithm": ["../../x"]}}}},
+         "sweep value algorithm='../../x' cannot name a folder"),
+    ]
+    for change, message in bad:
+        with pytest.raises(PipelineError, match=message):
+            plan({**cfg, **change}, tmp_path / "runs")
+    from shardlib.runner import ROOT as REPO
+
+    for runs in (REPO, REPO.parent, REPO / "figures", REPO / "shardlib" / "x"):
+        with pytest.raises(PipelineError, match="among the repository's own files"):
+            plan(cfg, runs)
+    assert plan(cfg, REPO / "runs" / "sub")[0].out_dir == REPO / "runs" / "sub" / "tiny" / "pretrain"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_config_cannot_run_code_through_parameter_names_or_values(tmp_path):
+    marker = tmp_path / "marker"
+    evil = f"x = 1\nopen({str(marker)!r}, 'w').write('hi')\ny"
+    cfg = _tiny(tmp_path, ["rl_bandit"])
+    for params, message in [
+        ({evil: 1}, "is not a Python identifier"),
+        ({"import": 1}, "is not a Python identifier"),
+        ({"stepz": 3}, "02_rl.ipynb has no parameter 'stepz'"),
+        ({"out_dir": "/tmp/elsewhere"}, "'out_dir' is set by the runner"),
+        ({"steps": b'"+open("x","w").write("1")+"'}, "of type bytes is not allowed"),
+    ]:
+        cfg["stages"]["rl_bandit"]["params"] = params
+        with pytest.raises(PipelineError, match=message):
+            runner.run(cfg, runs_dir=tmp_path / "runs")
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+    (tmp_path / "bad.yaml").write_text("run: x\nstages: {a: {notebook: 01_pretrain.ipynb, params: {steps: [1, }}\n")
+    with pytest.raises(PipelineError, match=r"bad.yaml: not valid YAML \(line 2"):
+        load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("rl_bandit.lr=.nan", "'lr': got nan; accepted: a finite float > 0"),
+    ("rl_bandit.temperature=.inf", "'temperature': got inf"),
+    ("shards_bandit.holdout_frac=.nan", "parameter 'holdout_frac': got nan"),
+    ("rl_bandit.steps=2.5", "parameter 'steps': got 2.5"),
+    ("rl_bandit.online_k=99", "parameter 'online_k': 99 exceeds online_n_latents"),
+    ("seed=1.7", "seed must be an integer >= 0, got 1.7"),
+    ("seed=abc", "seed must be an integer >= 0, got 'abc'"),
+    ("seed=true", "seed must be an integer >= 0, got True"),
+    ("rl_lm.steps=[a", "not valid YAML"),
+])
+def test_bad_values_are_named_before_any_stage_runs(tmp_path, capsys, setting, message):
+    from shardlib.__main__ import main
+
+    assert main(["run", "--config", str(TINY), "--set", setting, "--runs-dir", str(tmp_path / "runs"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_runner_never_deletes_a_folder_it_did_not_write(tmp_path):
+    cfg = _tiny(tmp_path, ["pretrain"])
+    stage = tmp_path / "runs" / "tiny" / "pretrain"
+    stage.mkdir(parents=True)
+    (stage / "precious.txt").write_text("mine")
+    with pytest.raises(PipelineError, match="holds files but no valid .stage.json.*will not delete it"):
+        runner.run(cfg, runs_dir=tmp_path / "runs")
+    (stage / ".stage.json").write_text(json.dumps({"fingerprint": "x", "status": "done", "params": {"out_dir": "/elsewhere"}}))
+    with pytest.raises(PipelineError, match="will not delete it"):  # a record for another folder is not this folder's
+        runner.run(cfg, runs_dir=tmp_path / "runs")
+    assert (stage / "precious.txt").read_text() == "mine"
+
+
+def test_a_second_run_on_the_same_run_name_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    cfg = _tiny(tmp_path, ["pretrain"])
+    run_dir = tmp_path / "runs" / "tiny"
+    with runner.run_lock(run_dir):  # this process holds the run, as a first `shardlib run` would
+        with pytest.raises(PipelineError, match=rf"in use by process {os.getpid()}"):
+            runner.run(cfg, runs_dir=tmp_path / "runs")
+        lock = json.loads((run_dir / ".lock").read_text())
+        assert lock["pid"] == os.getpid()
+    assert not (run_dir / ".lock").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run_dir / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "then"}))
+    with runner.run_lock(run_dir):  # its owner is gone: taken over
+        assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
+    (run_dir / ".lock").write_text("")  # a lock a kill left half-written
+    with runner.run_lock(run_dir):
+        pass
+
+
+def test_two_concurrent_cli_runs_on_one_run_name(tmp_path):
+    """A real second process: the first holds the lock while it runs a stage; the second is refused."""
+    import time
+
+    runs = str(tmp_path / "runs")
+    args = [sys.executable, "-m", "shardlib", "run", "--config", str(TINY), "--only", "pretrain", "--runs-dir", runs, "--quiet"]
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "runs" / "tiny" / ".lock"
+    for _ in range(600):
+        if lock.exists() or first.poll() is not None:
+            break
+        time.sleep(0.05)
+    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 1 and f"in use by process {first.pid}" in second.stderr, second.stderr
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("errno_,fragment", [(28, "free some disk space"), (30, "read-only; give a writable folder")])
+def test_io_errors_end_in_one_error_line(tmp_path, capsys, monkeypatch, errno_, fragment):
+    from shardlib import __main__ as cli
+
+    def fail(*a, **k):
+        raise OSError(errno_, os.strerror(errno_), str(tmp_path / "runs" / "tiny" / "pretrain" / "results.nc"))
+
+    monkeypatch.setattr(cli, "run", fail)
+    assert cli.main(["run", "--config", str(TINY), "--runs-dir", str(tmp_path / "runs"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}/runs/tiny/pretrain/results.nc: ") and fragment in err and err.count("\n") == 1
