@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 
-.PHONY: setup study test figures bench
+.PHONY: setup study test lint format figures bench
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
@@ -15,5 +15,15 @@ study: setup
 test: setup
 	$(PY) -m pytest -q
 
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# the benchmarks that exist (bench_rl needs the default study's pretrained policy: make study first)
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_sae.py
+	$(PY) benchmarks/bench_rl.py

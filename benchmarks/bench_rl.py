@@ -32,8 +32,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def lm_params(tmp, pretrained, steps, collect):
     cfg = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["stages"]["rl_lm"]["params"]
-    cfg = {**cfg, "init_path": pretrained, "steps": steps, "out_dir": str(tmp), "device": "cpu", "eval_prompts": 8,
-           "checkpoint_every": 10_000, "collect_every": 1, "buffer_capacity": 0, "online_sae": False}
+    cfg = {
+        **cfg,
+        "init_path": pretrained,
+        "steps": steps,
+        "out_dir": str(tmp),
+        "device": "cpu",
+        "eval_prompts": 8,
+        "checkpoint_every": 10_000,
+        "collect_every": 1,
+        "buffer_capacity": 0,
+        "online_sae": False,
+    }
     if not collect:
         cfg["collect_params"] = []
     return rl.RLParams.from_dict(cfg)
@@ -71,7 +81,9 @@ def per_event_throughput(model, names, n_events=256, repeats=3):
 
     def one_loss(sp, prompt, c, m, a):
         logits = functional_call(model, {**params, **sp}, (torch.cat([prompt, c])[None],), {"use_cache": False}).logits
-        logp = torch.log_softmax(logits[0, prompt.shape[0] - 1 : -1, : tasks.vocab_size], -1).gather(-1, c[:, None])[:, 0]
+        logp = torch.log_softmax(logits[0, prompt.shape[0] - 1 : -1, : tasks.vocab_size], -1).gather(-1, c[:, None])[
+            :, 0
+        ]
         return -(logp * a * m).sum()
 
     def vmapped():
@@ -99,7 +111,9 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     if not Path(args.pretrained).exists():
-        raise SystemExit(f"{args.pretrained} does not exist: run `make study` (or the pretrain stage) first, or pass --pretrained")
+        raise SystemExit(
+            f"{args.pretrained} does not exist: run `make study` (or the pretrain stage) first, or pass --pretrained"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         # alternate the two variants, twice, to spread machine noise over both
         plain, collect, tok = [], [], []
@@ -135,7 +149,9 @@ def main():
     (out / "bench_rl.json").write_text(json.dumps(result, indent=1))
     for k, v in result.items():
         print(f"{k:40s} {v}")
-    print(f"target: collection overhead <= 1.3x -> {'MET' if result['collection_overhead_ratio'] <= 1.3 else 'NOT MET'}")
+    print(
+        f"target: collection overhead <= 1.3x -> {'MET' if result['collection_overhead_ratio'] <= 1.3 else 'NOT MET'}"
+    )
 
 
 if __name__ == "__main__":

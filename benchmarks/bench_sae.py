@@ -45,8 +45,20 @@ def variant(config: str, rank: int) -> dict:
         t0 = time.perf_counter()
         ds, saes = run_control(p, progress=False)
         total = time.perf_counter() - t0
-    row = {k: float(ds[k].values.ravel()[0]) for k in ("mmcs_g2d", "r_at_0.9", "uniqueness", "hungarian_mcc", "fvu", "l0",
-                                                       "seconds", "seconds_per_epoch", "n_parameters")}
+    row = {
+        k: float(ds[k].values.ravel()[0])
+        for k in (
+            "mmcs_g2d",
+            "r_at_0.9",
+            "uniqueness",
+            "hungarian_mcc",
+            "fvu",
+            "l0",
+            "seconds",
+            "seconds_per_epoch",
+            "n_parameters",
+        )
+    }
     row["seconds_with_data"] = total
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
@@ -54,7 +66,7 @@ def variant(config: str, rank: int) -> dict:
 
 def baseline_rss() -> float:
     """Peak RSS of a process that imports everything and builds the data but trains nothing."""
-    import shardlib.planted  # noqa: F401
+    import shardlib.planted
     import shardlib.shards  # noqa: F401
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -83,8 +95,18 @@ def step_flops(config: str) -> tuple[float, float]:
 
     p = planted_params(config, 1, "/tmp/unused")
     shapes = model_shapes(p.d_model, p.d_ff, p.n_layers, tuple(p.tensors))
-    data, *_ = planted_updates(shapes, p.n_shards, p.n_events, p.active_per_event, p.planted_rank, p.tensors_per_shard,
-                               p.zipf, p.noise, True, p.data_seed)
+    data, *_ = planted_updates(
+        shapes,
+        p.n_shards,
+        p.n_events,
+        p.active_per_event,
+        p.planted_rank,
+        p.tensors_per_shard,
+        p.zipf,
+        p.noise,
+        True,
+        p.data_seed,
+    )
     sae = ShardSAE(shapes, p.n_latents, p.k, 1, signed=p.signed)
     init_from_data(sae, data)
     tr = Trainer(sae, p.lr, 0, 1 / 32, 10**9, total_variance(data, float(sae.scale)))
@@ -114,7 +136,9 @@ def main():
     torch.manual_seed(0)
 
     def child(*extra):
-        r = subprocess.run([sys.executable, __file__, "--config", args.config, *extra], capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--config", args.config, *extra], capture_output=True, text=True, check=True
+        )
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     base = child("--baseline")["peak_rss_mib"]
@@ -136,7 +160,8 @@ def main():
     targets = {
         "recovery R@0.9 >= 0.9 and MMCS(G->D) >= 0.95": low["r_at_0.9"] >= 0.9 and low["mmcs_g2d"] >= 0.95,
         "low-rank planted run under 2 minutes": low["seconds_with_data"] < 120,
-        "no worse recovery than dense": low["r_at_0.9"] >= dense["r_at_0.9"] and low["mmcs_g2d"] >= dense["mmcs_g2d"] - 1e-3,
+        "no worse recovery than dense": low["r_at_0.9"] >= dense["r_at_0.9"]
+        and low["mmcs_g2d"] >= dense["mmcs_g2d"] - 1e-3,
         ">= 10x fewer SAE parameters": res["param_ratio_dense_over_lowrank"] >= 10,
         "no slower per epoch than dense": res["epoch_time_ratio_dense_over_lowrank"] >= 1.0,
     }

@@ -16,12 +16,21 @@ def make(run_dir):
     for ax, f, title in zip(axes[:2], INPUTS, ["bandit", "LM"]):
         ds = load_results(run_dir / f)
         a = float(ds.alpha.max())
-        plotting.heatmap(ds.add_effect.sel(alpha=a), ax, center=True, title=f"{title}: Δ reward, base + {a:g}·|Δθ|·shard")
+        plotting.heatmap(
+            ds.add_effect.sel(alpha=a), ax, center=True, title=f"{title}: Δ reward, base + {a:g}·|Δθ|·shard"
+        )
         spec.append((title, ds.specificity.values, ds.random_specificity.values))
     ax = axes[2]
-    for i, (title, s, r) in enumerate(spec):
+    for i, (_title, s, r) in enumerate(spec):
         ax.bar([2 * i], [np.nanmean(s)], yerr=[np.nanstd(s)], capsize=3, color="C0", label="shards" if i == 0 else None)
-        ax.bar([2 * i + 0.8], [np.nanmean(r)], yerr=[np.nanstd(r)], capsize=3, color="C7", label="random" if i == 0 else None)
+        ax.bar(
+            [2 * i + 0.8],
+            [np.nanmean(r)],
+            yerr=[np.nanstd(r)],
+            capsize=3,
+            color="C7",
+            label="random" if i == 0 else None,
+        )
     ax.set_xticks([0.4, 2.4], [t for t, _, _ in spec])
     ax.set(ylabel="specificity max|E|/Σ|E|", title="effect specificity", ylim=(0, 1.05))
     ax.legend()

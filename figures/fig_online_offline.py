@@ -11,8 +11,12 @@ INPUTS = ["analysis_bandit/results.nc", "analysis_lm/results.nc"]
 
 def make(run_dir):
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    keys = [("online_offline_match", "online↔offline\n(Hungarian |cos|)"), ("type_match", "offline↔type means"),
-            ("online_type_match", "online↔type means"), ("type_match_random", "random↔type means")]
+    keys = [
+        ("online_offline_match", "online↔offline\n(Hungarian |cos|)"),
+        ("type_match", "offline↔type means"),
+        ("online_type_match", "online↔type means"),
+        ("type_match_random", "random↔type means"),
+    ]
     for i, f in enumerate(INPUTS):
         ds = load_results(run_dir / f)
         vals = [float(np.ravel(ds[k].values)[0]) if k in ds else np.nan for k, _ in keys]

@@ -24,7 +24,9 @@ def make(run_dir):
         axes[0].plot(x, start, "kx", label=f"{ds.activation.values[0]}, started at the truth")
     if "mmcs_single_feature" in ds:
         one = ds.mmcs_single_feature.sel(activation=ds.activation.values[0]).mean("seed")
-        axes[0].plot(x, one, "k^", markerfacecolor="none", label=f"{ds.activation.values[0]}, one active feature per sample")
+        axes[0].plot(
+            x, one, "k^", markerfacecolor="none", label=f"{ds.activation.values[0]}, one active feature per sample"
+        )
     styles = {"mmcs_apd": ("APD", ":"), "mmcs_spd": ("SPD", "--"), "recon_error_l3d": ("L3D", ":")}
     seen = set()
     for i, case in enumerate(ds.case.values):
@@ -33,8 +35,14 @@ def make(run_dir):
                 continue
             label, ls = styles[metric]
             ax = axes[1] if metric.startswith("recon") else axes[0]
-            ax.hlines(value, i - w / 2, i + w * (ds.sizes["activation"] - 0.5), colors="k", linestyles=ls,
-                      label=label if label not in seen else None)
+            ax.hlines(
+                value,
+                i - w / 2,
+                i + w * (ds.sizes["activation"] - 0.5),
+                colors="k",
+                linestyles=ls,
+                label=label if label not in seen else None,
+            )
             seen.add(label)
     for ax, t in zip(axes, ["MMCS per feature to the ground-truth circuits", "reconstruction error (batch-pooled)"]):
         ax.set_xticks(x + w * (ds.sizes["activation"] - 1) / 2, [str(c) for c in ds.case.values])

@@ -30,16 +30,29 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m shardlib", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute the stage notebooks in order with papermill")
-    r.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"), help="YAML config (default: configs/default.yaml)")
-    r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override: seed=1, run=NAME, or STAGE.PARAM=VALUE (repeatable)")
+    r.add_argument(
+        "--config", default=str(ROOT / "configs" / "default.yaml"), help="YAML config (default: configs/default.yaml)"
+    )
+    r.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override: seed=1, run=NAME, or STAGE.PARAM=VALUE (repeatable)",
+    )
     r.add_argument("--run", dest="run_name", help="run name (folder under runs/); default: the config's")
     r.add_argument("--runs-dir", help="where runs go (default: runs/ in the repository)")
     r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (their inputs must exist)")
     r.add_argument("--force", action="store_true", help="rerun stages even when unchanged")
     r.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output")
-    r.add_argument("--notebooks-dir", action="append", default=[], metavar="DIR",
-                   help="also allow stage notebooks from this folder (default: only notebooks/; repeatable)")
+    r.add_argument(
+        "--notebooks-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also allow stage notebooks from this folder (default: only notebooks/; repeatable)",
+    )
     f = sub.add_parser("figures", help="regenerate every figure from a run's results (no retraining)")
     f.add_argument("--run", default="default", help="run name (folder under runs/), default: default")
     f.add_argument("--runs-dir", help="where runs are (default: runs/ in the repository)")
@@ -75,10 +88,20 @@ def _main(args) -> int:
         if not args.quiet:
             logging.basicConfig(level=logging.WARNING, format="%(message)s")
             logging.getLogger("papermill").setLevel(logging.INFO)
-        records = run(cfg, force=args.force, runs_dir=args.runs_dir, only=args.only, log_output=not args.quiet,
-                      notebook_dirs=args.notebooks_dir)
+        records = run(
+            cfg,
+            force=args.force,
+            runs_dir=args.runs_dir,
+            only=args.only,
+            log_output=not args.quiet,
+            notebook_dirs=args.notebooks_dir,
+        )
         total = sum(r["seconds"] for r in records)
-        print("stage wall times: " + ", ".join(f"{r['stage']} {r['seconds']:.1f}s ({r['status']})" for r in records) + f"; total {total:.1f}s")
+        print(
+            "stage wall times: "
+            + ", ".join(f"{r['stage']} {r['seconds']:.1f}s ({r['status']})" for r in records)
+            + f"; total {total:.1f}s"
+        )
     return 0
 
 

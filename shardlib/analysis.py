@@ -31,7 +31,6 @@ from scipy.stats import rankdata
 from .config import Params, param
 from .metrics import abs_cos, hungarian_mcc
 
-
 # ---------------------------------------------------------------------------
 # alignment metrics
 
@@ -78,15 +77,23 @@ def random_dictionary(shapes: dict[str, tuple], n: int, rank: int, seed: int = 0
     out = {}
     for name, s in shapes.items():
         if rank > 0 and len(s) == 2:
-            out[name] = torch.einsum("for,fir->foi", torch.randn(n, s[0], rank, generator=g), torch.randn(n, s[1], rank, generator=g))
+            out[name] = torch.einsum(
+                "for,fir->foi", torch.randn(n, s[0], rank, generator=g), torch.randn(n, s[1], rank, generator=g)
+            )
         else:
             out[name] = torch.randn(n, *s, generator=g)
     norm = sum((v.reshape(n, -1) ** 2).sum(1) for v in out.values()).sqrt()
     return {k: v / norm.view(-1, *([1] * (v.ndim - 1))) for k, v in out.items()}
 
 
-def alignment(codes: np.ndarray, types: np.ndarray, updates: np.ndarray, directions: np.ndarray,
-              random_dirs: np.ndarray, seed: int = 0) -> dict[str, float]:
+def alignment(
+    codes: np.ndarray,
+    types: np.ndarray,
+    updates: np.ndarray,
+    directions: np.ndarray,
+    random_dirs: np.ndarray,
+    seed: int = 0,
+) -> dict[str, float]:
     """Purity, mean best-latent AUROC and Hungarian match to type means, with both baselines."""
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(types)
@@ -140,7 +147,9 @@ class AnalysisParams(Params):
     shards_dir: str = param("", "a shard stage's folder (shards.nc, activations.nc, results.nc)")
     rl_dir: str = param("", "the RL stage folder whose updates the shards were trained on (init_policy/, policy/)")
     extra_seeds: list[int] = param([1, 2], "more SAE seeds trained on the same store, for seed-to-seed stability")
-    alphas: list[float] = param([-1.0, 1.0], "intervention strengths, relative to the total RL update's norm on the shard's tensors")
+    alphas: list[float] = param(
+        [-1.0, 1.0], "intervention strengths, relative to the total RL update's norm on the shard's tensors"
+    )
     n_shards: int = param(16, "intervene on this many most frequent shards", ge=1)
     n_random: int = param(16, "random directions of the same structure as the intervention baseline", ge=1)
     eval_prompts: int = param(512, "held-out prompts per intervention evaluation", ge=1)
@@ -182,7 +191,7 @@ def intervention_effects(p: AnalysisParams, dirs: dict[str, np.ndarray], order: 
     names = list(dirs)
     delta = param_delta(base, final, names)
     scale = float(sum((d**2).sum() for d in delta.values()).sqrt())
-    ev = lambda m: np.array(evaluate(m, testbed, p.eval_prompts, p.seed, rp.temperature)["reward"])  # noqa: E731
+    ev = lambda m: np.array(evaluate(m, testbed, p.eval_prompts, p.seed, rp.temperature)["reward"])
     r_base, r_final = ev(base), ev(final)
     shard_ids = order[: p.n_shards]
     rand = random_dictionary({n: dirs[n].shape[1:] for n in names}, p.n_random, rank, p.seed + 1)
@@ -246,9 +255,14 @@ def run(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     keys = list(rows[seeds[0]])
     out = xr.Dataset({k: ("sae_seed", [rows[s][k] for s in seeds]) for k in keys}, coords={"sae_seed": seeds})
     pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1 :]]
-    out["seed_stability"] = float(np.mean([hungarian_mcc(seed_dirs[a], seed_dirs[b]) for a, b in pairs])) if pairs else np.nan
+    out["seed_stability"] = (
+        float(np.mean([hungarian_mcc(seed_dirs[a], seed_dirs[b]) for a, b in pairs])) if pairs else np.nan
+    )
     # per-type AUROC of this SAE, against shuffled labels
-    au, au_s = best_latent_auroc(codes, types), best_latent_auroc(codes, np.random.default_rng(p.seed).permutation(types))
+    au, au_s = (
+        best_latent_auroc(codes, types),
+        best_latent_auroc(codes, np.random.default_rng(p.seed).permutation(types)),
+    )
     out["type_auroc"] = ("event_type", list(au.values()))
     out["type_auroc_shuffled"] = ("event_type", [au_s[t] for t in au])
     out = out.assign_coords(event_type=list(au))
@@ -273,15 +287,19 @@ def run(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
         from .io import load_results
 
         on = load_results(online)
-        O = np.concatenate([sh_mod.shard_directions(on)[n].reshape(on.sizes["shard"], -1) for n in names], 1)
-        out["online_type_match"] = hungarian_mcc(type_means(X, types)[0], O)
-        out["online_offline_match"] = hungarian_mcc(D, O)
-        out["online_offline_mmcs"] = float(abs_cos(D, O).max(1).mean())
+        on_dirs = np.concatenate([sh_mod.shard_directions(on)[n].reshape(on.sizes["shard"], -1) for n in names], 1)
+        out["online_type_match"] = hungarian_mcc(type_means(X, types)[0], on_dirs)
+        out["online_offline_match"] = hungarian_mcc(D, on_dirs)
+        out["online_offline_mmcs"] = float(abs_cos(D, on_dirs).max(1).mean())
     # interventions on the most frequent shards
     order = np.argsort(-sh["frequency"].values)
     eff = intervention_effects(p, dirs, order, sp.rank)
-    own = np.array([np.argmax([codes[task == t, i].mean() if (task == t).any() else -1 for t in range(eff.sizes["task"])])
-                    for i in eff["shard"].values])
+    own = np.array(
+        [
+            np.argmax([codes[task == t, i].mean() if (task == t).any() else -1 for t in range(eff.sizes["task"])])
+            for i in eff["shard"].values
+        ]
+    )
     pos = eff["add_effect"].sel(alpha=max(p.alphas)).values
     out_eff = eff.rename({"shard": "intervened_shard"})
     out_eff["own_task"] = ("intervened_shard", own)
@@ -290,7 +308,10 @@ def run(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     out_eff["own_task_hit"] = ("intervened_shard", (np.abs(pos).argmax(1) == own).astype(float))
     tot = np.abs(pos).sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out_eff["own_share"] = ("intervened_shard", np.where(tot > 0, np.abs(pos)[np.arange(len(own)), own] / tot, np.nan))
+        out_eff["own_share"] = (
+            "intervened_shard",
+            np.where(tot > 0, np.abs(pos)[np.arange(len(own)), own] / tot, np.nan),
+        )
     out = xr.merge([out, out_eff], combine_attrs="override")
     out.attrs["store_path"] = sp.store_path
     return out

@@ -49,9 +49,7 @@ def _accepted(f: dataclasses.Field, tp) -> str:
 
 def _coerce(name: str, value: Any, tp, f: dataclasses.Field):
     origin = typing.get_origin(tp)
-    bad = ConfigError(
-        f"parameter {name!r}: got {value!r} ({type(value).__name__}); accepted: {_accepted(f, tp)}"
-    )
+    bad = ConfigError(f"parameter {name!r}: got {value!r} ({type(value).__name__}); accepted: {_accepted(f, tp)}")
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -77,7 +75,9 @@ def _coerce(name: str, value: Any, tp, f: dataclasses.Field):
             value = list(value)
         if inner is float and isinstance(value, list):  # YAML's 1 in a list of floats
             value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
-        if not isinstance(value, list) or not all(isinstance(v, inner) and (inner is bool or not isinstance(v, bool)) for v in value):
+        if not isinstance(value, list) or not all(
+            isinstance(v, inner) and (inner is bool or not isinstance(v, bool)) for v in value
+        ):
             raise bad
         if inner is float and not all(math.isfinite(v) for v in value):
             raise ConfigError(f"parameter {name!r}: got {value!r}; accepted: a list of finite floats")
@@ -113,13 +113,13 @@ class Params:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ConfigError(
-                f"unknown parameter(s) {unknown} for {cls.__name__}; accepted: {sorted(fields)}"
-            )
+            raise ConfigError(f"unknown parameter(s) {unknown} for {cls.__name__}; accepted: {sorted(fields)}")
         full = {}
         for name, f in fields.items():
-            full[name] = values[name] if name in values else (
-                f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            full[name] = (
+                values[name]
+                if name in values
+                else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
             )
         kwargs = {k: _coerce(k, v, hints[k], fields[k]) for k, v in full.items()}
         obj = cls(**kwargs)

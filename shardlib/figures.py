@@ -50,19 +50,22 @@ def make_all(run_dir, out_dir=None, log=print) -> dict[str, list[Path]]:
     return written
 
 
-
 @dataclass(frozen=True)
 class FiguresParams(Params):
     """Parameters of the figures stage (``notebooks/09_figures.ipynb``)."""
 
-    inputs: list[str] = param([], "stage folders of one run whose results the figures read (their parent is the run folder)")
+    inputs: list[str] = param(
+        [], "stage folders of one run whose results the figures read (their parent is the run folder)"
+    )
 
     def check(self):
         if not self.inputs:
             raise ValueError("parameter 'inputs': give at least one stage folder of the run")
         parents = {str(Path(i).parent) for i in self.inputs}
         if len(parents) != 1:
-            raise ValueError(f"parameter 'inputs': all folders must be in one run folder, got parents {sorted(parents)}")
+            raise ValueError(
+                f"parameter 'inputs': all folders must be in one run folder, got parents {sorted(parents)}"
+            )
 
     def run_dir(self) -> Path:
         return Path(self.inputs[0]).parent

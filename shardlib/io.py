@@ -172,8 +172,10 @@ def read_checkpoint(ckpt, fingerprint: str, counter: str, limit: int, files=()) 
     seen = [h.get(counter) if isinstance(h, dict) else None for h in history]
     if seen != list(range(n)):
         got = f"{len(seen)} rows" + (f", {counter}s {seen[0]}..{seen[-1]}" if seen else "")
-        raise CheckpointError(f"{f}: {counter} is {n} but its history holds {got} (expected {counter}s 0..{n - 1}): "
-                              f"the checkpoint was edited or mixed with another; {fix}")
+        raise CheckpointError(
+            f"{f}: {counter} is {n} but its history holds {got} (expected {counter}s 0..{n - 1}): "
+            f"the checkpoint was edited or mixed with another; {fix}"
+        )
     missing = [x for x in files if not (ckpt / x).exists()]
     if missing:
         raise CheckpointError(f"{ckpt} lacks {missing}; {fix}")

@@ -43,7 +43,7 @@ class ReconStats:
             self.sum_x[k] = self.sum_x.get(k, 0) + v64.sum(0)
             xs += (v64**2).sum(1)
             hs += (h64**2).sum(1)
-        active = (z != 0)
+        active = z != 0
         self.l0_sum += float(active.sum())
         f = active.sum(0).double().cpu()
         self.fires = f if self.fires is None else self.fires + f

@@ -23,8 +23,7 @@ def model_shapes(d_model: int = 64, d_ff: int = 128, n_layers: int = 2, patterns
 
     m = tiny_lm(32, d_model, n_layers, max(1, d_model // 16), d_ff)
     keep = {"mlp": "mlp.", "attn": "self_attn."}
-    return {n: tuple(p.shape) for n, p in m.named_parameters()
-            if p.ndim == 2 and any(keep[k] in n for k in patterns)}
+    return {n: tuple(p.shape) for n, p in m.named_parameters() if p.ndim == 2 and any(keep[k] in n for k in patterns)}
 
 
 def planted_updates(
@@ -62,7 +61,11 @@ def planted_updates(
     freq = np.clip(c * base, 0, 1)
     active = torch.rand(n_events, n_shards, generator=g) < torch.tensor(freq, dtype=torch.float32)
     mag = 0.5 + torch.rand(n_events, n_shards, generator=g)
-    sign = torch.where(torch.rand(n_events, n_shards, generator=g) < 0.5, -1.0, 1.0) if signed else torch.ones(n_events, n_shards)
+    sign = (
+        torch.where(torch.rand(n_events, n_shards, generator=g) < 0.5, -1.0, 1.0)
+        if signed
+        else torch.ones(n_events, n_shards)
+    )
     codes = active * mag * sign
     D = sum(math.prod(s) for s in shapes.values())
     updates = {}
@@ -113,7 +116,9 @@ class PlantedParams(Params):
     def check(self):
         bad = [t for t in self.tensors if t not in ("mlp", "attn")]
         if bad or not self.tensors:
-            raise ValueError(f"parameter 'tensors': got {list(self.tensors)}; accepted: a non-empty list of 'mlp', 'attn'")
+            raise ValueError(
+                f"parameter 'tensors': got {list(self.tensors)}; accepted: a non-empty list of 'mlp', 'attn'"
+            )
         if any(r < 0 for r in self.ranks) or not self.ranks:
             raise ValueError(f"parameter 'ranks': got {list(self.ranks)}; accepted: ranks >= 0 (0 = dense)")
         if not self.seeds:
@@ -131,19 +136,53 @@ def run_control(p: PlantedParams, progress: bool = True):
     from .shards import ShardParams, evaluate, train
 
     shapes = model_shapes(p.d_model, p.d_ff, p.n_layers, tuple(p.tensors))
-    data, truth, codes, freq = planted_updates(shapes, p.n_shards, p.n_events, p.active_per_event, p.planted_rank,
-                                               p.tensors_per_shard, p.zipf, p.noise, True, p.data_seed)
+    data, truth, codes, freq = planted_updates(
+        shapes,
+        p.n_shards,
+        p.n_events,
+        p.active_per_event,
+        p.planted_rank,
+        p.tensors_per_shard,
+        p.zipf,
+        p.noise,
+        True,
+        p.data_seed,
+    )
     names = list(shapes)
     G = flatten(truth, names)
     rows, saes = {}, {}
-    keys = ["mmcs_g2d", "mmcs_d2g", "r@0.9", "uniqueness", "hungarian_mcc", "fvu", "l0", "dead_fraction",
-            "seconds", "seconds_per_epoch", "n_parameters"]
+    keys = [
+        "mmcs_g2d",
+        "mmcs_d2g",
+        "r@0.9",
+        "uniqueness",
+        "hungarian_mcc",
+        "fvu",
+        "l0",
+        "dead_fraction",
+        "seconds",
+        "seconds_per_epoch",
+        "n_parameters",
+    ]
     for rank in tqdm(p.ranks, desc="ranks", disable=not progress):
         for seed in p.seeds:
-            sp = ShardParams.from_dict({"out_dir": f"{p.out_dir}/sae_rank{rank}_seed{seed}", "seed": seed, "store_path": "planted",
-                                        "n_latents": p.n_latents, "k": p.k, "rank": rank, "signed": p.signed, "epochs": p.epochs,
-                                        "batch_size": p.batch_size, "lr": p.lr, "device": p.device, "skip_zero_updates": False,
-                                        "checkpoint_every": p.epochs})
+            sp = ShardParams.from_dict(
+                {
+                    "out_dir": f"{p.out_dir}/sae_rank{rank}_seed{seed}",
+                    "seed": seed,
+                    "store_path": "planted",
+                    "n_latents": p.n_latents,
+                    "k": p.k,
+                    "rank": rank,
+                    "signed": p.signed,
+                    "epochs": p.epochs,
+                    "batch_size": p.batch_size,
+                    "lr": p.lr,
+                    "device": p.device,
+                    "skip_zero_updates": False,
+                    "checkpoint_every": p.epochs,
+                }
+            )
             t0 = time.perf_counter()
             res = train(sp, progress=False, data=data)
             dt = time.perf_counter() - t0
@@ -155,13 +194,19 @@ def run_control(p: PlantedParams, progress: bool = True):
             rows[(rank, seed)] = m
             saes[(rank, seed)] = sae
     ds = xr.Dataset(
-        {k.replace("@", "_at_"): (("rank", "seed"), [[rows[(r, s)][k] for s in p.seeds] for r in p.ranks]) for k in keys},
+        {
+            k.replace("@", "_at_"): (("rank", "seed"), [[rows[(r, s)][k] for s in p.seeds] for r in p.ranks])
+            for k in keys
+        },
         coords={"rank": list(p.ranks), "seed": list(p.seeds)},
     )
     stab = []
     for r in p.ranks:
         pairs = [(a, b) for i, a in enumerate(p.seeds) for b in p.seeds[i + 1 :]]
-        vals = [metrics.hungarian_mcc(flatten(saes[(r, a)].directions(), names), flatten(saes[(r, b)].directions(), names)) for a, b in pairs]
+        vals = [
+            metrics.hungarian_mcc(flatten(saes[(r, a)].directions(), names), flatten(saes[(r, b)].directions(), names))
+            for a, b in pairs
+        ]
         stab.append(float(np.mean(vals)) if vals else float("nan"))
     ds["seed_stability"] = ("rank", stab)
     ds["frequency"] = ("truth", freq)

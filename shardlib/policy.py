@@ -33,7 +33,9 @@ class MLPPolicy(nn.Module):
         return self.net(x)
 
 
-def tiny_lm(vocab_size: int, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, d_ff: int = 128, max_len: int = 32):
+def tiny_lm(
+    vocab_size: int, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, d_ff: int = 128, max_len: int = 32
+):
     """A tiny Llama trained from scratch (transformers architecture, no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -58,7 +58,14 @@ def train(p: PretrainParams, progress: bool = True) -> xr.Dataset:
         pol.check_vocab(model, tasks)
     else:
         torch.manual_seed(p.seed)
-        model = pol.tiny_lm(tasks.vocab_size, p.d_model, p.n_layers, p.n_heads, p.d_ff, max_len=tasks.prompt_len + tasks.max_new_tokens + 4)
+        model = pol.tiny_lm(
+            tasks.vocab_size,
+            p.d_model,
+            p.n_layers,
+            p.n_heads,
+            p.d_ff,
+            max_len=tasks.prompt_len + tasks.max_new_tokens + 4,
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
     model, opt = acc.prepare(model, opt)
     base = pol.unwrap(model)
@@ -91,5 +98,8 @@ def train(p: PretrainParams, progress: bool = True) -> xr.Dataset:
             "eval_n": ("task", final["n"]),
         },
         coords={"step": np.arange(p.steps), "task": list(p.tasks), "clause": clauses},
-        attrs={"n_parameters": sum(x.numel() for x in base.parameters()), "policy_config": json.dumps(base.config.to_dict(), default=str)},
+        attrs={
+            "n_parameters": sum(x.numel() for x in base.parameters()),
+            "policy_config": json.dumps(base.config.to_dict(), default=str),
+        },
     )

@@ -17,9 +17,9 @@ decompose).
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +38,13 @@ from .updates import RingBuffer, UpdateCollector, UpdateStore, select_params, se
 class RLParams(Params):
     """Parameters of the RL fine-tuning stage (``notebooks/02_rl.ipynb``)."""
 
-    testbed: str = param("bandit", "which testbed: the contextual bandit or the synthetic-task LM", choices=("bandit", "lm"))
+    testbed: str = param(
+        "bandit", "which testbed: the contextual bandit or the synthetic-task LM", choices=("bandit", "lm")
+    )
     algorithm: str = param("grpo", "GRPO fine-tuning, or the SFT control on the same prompts", choices=("grpo", "sft"))
-    init_path: str = param("", "starting policy folder (LM: required, the pretrain stage's policy); '' = fresh bandit MLP")
+    init_path: str = param(
+        "", "starting policy folder (LM: required, the pretrain stage's policy); '' = fresh bandit MLP"
+    )
     steps: int = param(60, "rollout steps (each makes inner_epochs optimizer steps)", ge=1)
     prompts_per_step: int = param(32, "prompts (bandit: contexts) per step and process", ge=1)
     group_size: int = param(8, "GRPO: completions per prompt (G)", ge=2)
@@ -74,10 +78,14 @@ class RLParams(Params):
     collect_params: list[str] = param([], "glob patterns of parameters whose updates are collected ([] = none)")
     collect_events: bool = param(True, "collect one update per reinforcement event")
     collect_steps: bool = param(True, "collect one update per optimizer step")
-    convention: str = param("sgd", "event update scaling: -lr*g ('sgd') or Adam-preconditioned ('adam')", choices=("sgd", "adam"))
+    convention: str = param(
+        "sgd", "event update scaling: -lr*g ('sgd') or Adam-preconditioned ('adam')", choices=("sgd", "adam")
+    )
     store_dtype: str = param("float32", "dtype of stored updates", choices=("float32", "bfloat16", "float16"))
     collect_every: int = param(1, "collect on every k-th optimizer step", ge=1)
-    group_events: bool = param(False, "store one update per prompt (the sum over its G completions) instead of one per completion")
+    group_events: bool = param(
+        False, "store one update per prompt (the sum over its G completions) instead of one per completion"
+    )
     buffer_capacity: int = param(0, "ring buffer capacity in events for online SAE training (0 = no buffer)", ge=0)
     # online shards (issue 4)
     online_sae: bool = param(False, "train a shard SAE online from the ring buffer while RL runs")
@@ -91,9 +99,13 @@ class RLParams(Params):
 
     def check(self):
         if self.testbed == "lm" and not self.init_path:
-            raise ValueError("parameter 'init_path': the LM testbed needs a pretrained policy folder (the pretrain stage's 'policy')")
+            raise ValueError(
+                "parameter 'init_path': the LM testbed needs a pretrained policy folder (the pretrain stage's 'policy')"
+            )
         if self.online_sae and not (self.buffer_capacity and self.collect_params and self.collect_events):
-            raise ValueError("parameter 'online_sae': needs collect_params, collect_events=True and buffer_capacity > 0")
+            raise ValueError(
+                "parameter 'online_sae': needs collect_params, collect_events=True and buffer_capacity > 0"
+            )
         if self.online_sae and self.online_k > self.online_n_latents:
             raise ValueError(f"parameter 'online_k': {self.online_k} exceeds online_n_latents={self.online_n_latents}")
         if self.prompts_per_step % self.grad_accum:
@@ -105,7 +117,14 @@ class RLParams(Params):
 def make_testbed(p: RLParams):
     if p.testbed == "bandit":
         return ContextualBandit(
-            p.n_clusters, p.n_arms, p.context_dim, p.context_noise, p.shared_arms, p.rare_cluster_prob, p.negative_rewards, p.env_seed
+            p.n_clusters,
+            p.n_arms,
+            p.context_dim,
+            p.context_noise,
+            p.shared_arms,
+            p.rare_cluster_prob,
+            p.negative_rewards,
+            p.env_seed,
         )
     return SyntheticTasks(tuple(p.tasks), p.n_digits, p.format_bonus, p.spurious_bonus)
 
@@ -115,7 +134,11 @@ def make_accelerator(device: str, mixed_precision: str = "no", grad_accum: int =
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but no GPU is visible; use device='cpu' or 'auto'")
-    return Accelerator(cpu=(device == "cpu" or not torch.cuda.is_available()), mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
+    return Accelerator(
+        cpu=(device == "cpu" or not torch.cuda.is_available()),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+    )
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -159,7 +182,13 @@ def evaluate(model, testbed, n_prompts: int, seed: int, temperature: float = 1.0
         sel = batch["task"] == k
         out["reward"].append(float(total[sel].mean()) if sel.any() else float("nan"))
         out["n"].append(int(sel.sum()))
-    out["clauses"] = {c: [float(v[batch["task"] == k].mean()) if (batch["task"] == k).any() else float("nan") for k in range(len(testbed.task_names))] for c, v in clauses.items()}
+    out["clauses"] = {
+        c: [
+            float(v[batch["task"] == k].mean()) if (batch["task"] == k).any() else float("nan")
+            for k in range(len(testbed.task_names))
+        ]
+        for c, v in clauses.items()
+    }
     return out
 
 
@@ -207,7 +236,9 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
             pol.check_vocab(model, testbed)
             for key in ("tasks", "n_digits"):
                 if key in extra and list(np.atleast_1d(extra[key])) != list(np.atleast_1d(getattr(p, key))):
-                    raise ValueError(f"parameter {key!r}={getattr(p, key)!r} differs from the pretrained policy's {extra[key]!r}")
+                    raise ValueError(
+                        f"parameter {key!r}={getattr(p, key)!r} differs from the pretrained policy's {extra[key]!r}"
+                    )
     elif p.testbed == "bandit":
         torch.manual_seed(p.seed)
         model = pol.MLPPolicy(p.context_dim, p.n_arms, p.hidden)
@@ -240,8 +271,16 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
         if acc.is_main_process:
             log("collecting updates of:\n" + selection_summary(sel))
         fp = p.fingerprint()
-        mk = lambda kind: UpdateStore(out / "updates" / f"{kind}s", kind, p.convention if kind == "event" else "step", fp, p.store_dtype, p.to_dict(), p.seed,
-                                   {"task_names": json.dumps(list(testbed.task_names)), "testbed": p.testbed, "algorithm": p.algorithm})  # noqa: E731
+        mk = lambda kind: UpdateStore(
+            out / "updates" / f"{kind}s",
+            kind,
+            p.convention if kind == "event" else "step",
+            fp,
+            p.store_dtype,
+            p.to_dict(),
+            p.seed,
+            {"task_names": json.dumps(list(testbed.task_names)), "testbed": p.testbed, "algorithm": p.algorithm},
+        )
         estore = mk("event") if (p.collect_events and acc.is_main_process) else None
         sstore = mk("step") if (p.collect_steps and acc.is_main_process) else None
         for s in (estore, sstore):
@@ -252,15 +291,26 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
             if start:
                 buffer.load(ckpt / "buffer")
         collector = UpdateCollector(
-            base, p.collect_params, lr=p.lr, optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-            convention=p.convention, event_store=estore, step_store=sstore, buffer=buffer, events=p.collect_events,
-            scale=1.0 / acc.num_processes, every=p.collect_every, group_by="group" if p.group_events else None,
+            base,
+            p.collect_params,
+            lr=p.lr,
+            optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+            convention=p.convention,
+            event_store=estore,
+            step_store=sstore,
+            buffer=buffer,
+            events=p.collect_events,
+            scale=1.0 / acc.num_processes,
+            every=p.collect_every,
+            group_by="group" if p.group_events else None,
         )
 
     if start and on_step is not None and hasattr(on_step, "load"):
         if not (ckpt / "on_step").exists():
-            raise CheckpointError(f"{ckpt} holds no on_step/ (online SAE) state, so the online SAE cannot resume exactly; "
-                                  f"delete {ckpt} (the stage then starts over) or run the stage with --force")
+            raise CheckpointError(
+                f"{ckpt} holds no on_step/ (online SAE) state, so the online SAE cannot resume exactly; "
+                f"delete {ckpt} (the stage then starts over) or run the stage with --force"
+            )
         on_step.load(ckpt / "on_step")
 
     if acc.is_main_process and start == 0:
@@ -268,7 +318,9 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     else:
         init_eval = history[0]["init_eval"] if history else None
 
-    bar = tqdm(total=p.steps, initial=start, desc=f"{p.algorithm}:{p.testbed}", disable=not (progress and acc.is_main_process))
+    bar = tqdm(
+        total=p.steps, initial=start, desc=f"{p.algorithm}:{p.testbed}", disable=not (progress and acc.is_main_process)
+    )
     n_micro = p.grad_accum
     for step in range(start, p.steps):
         t0 = time.perf_counter()
@@ -313,7 +365,15 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
                         msk = mask_d[sl].float()
                         ntok = msk.sum().clamp(min=1)
                         if p.algorithm == "grpo":
-                            tok, kl = grpo_token_loss(logp, old_logp[sl], adv_d[sl], msk, p.clip_eps, None if ref_logp is None else ref_logp[sl], p.kl_beta)
+                            tok, kl = grpo_token_loss(
+                                logp,
+                                old_logp[sl],
+                                adv_d[sl],
+                                msk,
+                                p.clip_eps,
+                                None if ref_logp is None else ref_logp[sl],
+                                p.kl_beta,
+                            )
                         else:
                             tok, kl = -logp * msk, torch.zeros_like(logp)
                         loss = tok.sum() / ntok
@@ -333,8 +393,10 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
         # ---- metrics (averaged over processes)
         dt = time.perf_counter() - t0
         tokens = float(mask.sum())
-        vec = torch.tensor([float(total.mean()), tokens, stats["loss"], stats["kl"], stats["entropy"]]
-                           + [float(v.mean()) for v in clauses.values()])
+        vec = torch.tensor(
+            [float(total.mean()), tokens, stats["loss"], stats["kl"], stats["entropy"]]
+            + [float(v.mean()) for v in clauses.values()]
+        )
         task_sum = torch.zeros(len(testbed.task_names)).index_add_(0, rep["task"], total)
         task_cnt = torch.zeros(len(testbed.task_names)).index_add_(0, rep["task"], torch.ones_like(total))
         if acc.num_processes > 1:
@@ -370,13 +432,17 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     final_eval = evaluate(base, testbed, p.eval_prompts, p.seed, p.temperature, acc.device)
     ds = None
     if acc.is_main_process:
-        pol.save_policy(base, out / "policy", extra={"tasks": list(p.tasks), "n_digits": p.n_digits} if p.testbed == "lm" else None)
+        pol.save_policy(
+            base, out / "policy", extra={"tasks": list(p.tasks), "n_digits": p.n_digits} if p.testbed == "lm" else None
+        )
         ds = history_dataset(history, testbed, history[0]["init_eval"], final_eval)
     acc.wait_for_everyone()
     return {"results": ds, "collector": collector, "buffer": buffer, "accelerator": acc, "model": base}
 
 
-def _checkpoint(acc, model, optimizer, ckpt: Path, step: int, history, p: RLParams, collector, buffer=None, on_step=None) -> None:
+def _checkpoint(
+    acc, model, optimizer, ckpt: Path, step: int, history, p: RLParams, collector, buffer=None, on_step=None
+) -> None:
     """Flush stores, then write policy + optimizer (+ ring buffer, online trainer) + state atomically (state.json last)."""
     if collector is not None:
         collector.flush()

@@ -35,6 +35,7 @@ while it executes, so a second ``shardlib run`` on the same run is refused.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -45,7 +46,6 @@ import re
 import shutil
 import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +80,9 @@ def _yaml_error(where: str, e: Exception) -> PipelineError:
     mark = getattr(e, "problem_mark", None)
     at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    return PipelineError(f"{where}: not valid YAML{at}: {problem}; fix the syntax (quote strings that hold ':', '[' or '#')")
+    return PipelineError(
+        f"{where}: not valid YAML{at}: {problem}; fix the syntax (quote strings that hold ':', '[' or '#')"
+    )
 
 
 def _check_seed(seed, where: str) -> int:
@@ -146,7 +148,9 @@ def load_config(path, sets: list[str] = ()) -> dict:
         cfg = _merge(load_config(parent), cfg)
     unknown = set(cfg) - {"run", "seed", "stages", "runs_dir"}
     if unknown:
-        raise PipelineError(f"{path}: unknown top-level key(s) {sorted(unknown)}; accepted: run, seed, stages, runs_dir, extends")
+        raise PipelineError(
+            f"{path}: unknown top-level key(s) {sorted(unknown)}; accepted: run, seed, stages, runs_dir, extends"
+        )
     for s in sets:
         if "=" not in s:
             raise PipelineError(f"--set {s!r}: expected key=value, e.g. --set rl_lm.steps=100")
@@ -158,7 +162,9 @@ def load_config(path, sets: list[str] = ()) -> dict:
         parts = key.split(".")
         if len(parts) == 1:
             if parts[0] not in ("run", "seed", "runs_dir"):
-                raise PipelineError(f"--set {s!r}: top-level keys are run, seed, runs_dir; stage parameters are STAGE.NAME")
+                raise PipelineError(
+                    f"--set {s!r}: top-level keys are run, seed, runs_dir; stage parameters are STAGE.NAME"
+                )
             cfg[parts[0]] = value
         elif len(parts) == 2:
             stage, name = parts
@@ -196,7 +202,11 @@ def runs_folder(runs_dir=None, cfg: dict | None = None) -> Path:
     runs = Path(runs_dir or (cfg or {}).get("runs_dir") or ROOT / "runs").expanduser().resolve()
     root = ROOT.resolve()
     inside_root = runs == root or root in runs.parents
-    if runs == root or runs in root.parents or (inside_root and not (runs == root / "runs" or root / "runs" in runs.parents)):
+    if (
+        runs == root
+        or runs in root.parents
+        or (inside_root and not (runs == root / "runs" or root / "runs" in runs.parents))
+    ):
         raise PipelineError(
             f"runs folder {runs} would put runs among the repository's own files; use runs/ (the default) "
             "or a folder outside the repository (--runs-dir)"
@@ -215,10 +225,18 @@ def notebook_parameters(nb: Path) -> set[str]:
         if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", []):
             names = set()
             for node in ast.parse("".join(c["source"])).body:
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+                targets = (
+                    node.targets
+                    if isinstance(node, ast.Assign)
+                    else [node.target]
+                    if isinstance(node, ast.AnnAssign)
+                    else []
+                )
                 names |= {t.id for t in targets if isinstance(t, ast.Name)}
             return names
-    raise PipelineError(f"notebook {nb} has no cell tagged 'parameters'; papermill needs one to receive a config's parameters")
+    raise PipelineError(
+        f"notebook {nb} has no cell tagged 'parameters'; papermill needs one to receive a config's parameters"
+    )
 
 
 def params_class(nb: Path):
@@ -237,7 +255,7 @@ def params_class(nb: Path):
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("shardlib"):
                 imported.update({a.asname or a.name: (node.module, a.name) for a in node.names})
-            elif (isinstance(node, ast.Attribute) and node.attr == "from_namespace" and isinstance(node.value, ast.Name)):
+            elif isinstance(node, ast.Attribute) and node.attr == "from_namespace" and isinstance(node.value, ast.Name):
                 used.add(node.value.id)
     for name in sorted(used):
         if name in imported:
@@ -286,11 +304,15 @@ def _resolve(name: str, k: str, v, run_dir: Path, seen: set, groups: dict, deps:
     if isinstance(v, str) and v.startswith("@"):
         dep, _, rest = v[1:].partition("/")
         if dep not in seen:
-            raise PipelineError(f"stage {name!r}: parameter {k!r}={v!r} refers to {dep!r}, which is not an earlier stage")
+            raise PipelineError(
+                f"stage {name!r}: parameter {k!r}={v!r} refers to {dep!r}, which is not an earlier stage"
+            )
         target = run_dir / dep / rest if rest else run_dir / dep
         if Path(rest).is_absolute() or ".." in Path(rest).parts or not _inside(target, run_dir / dep):
-            raise PipelineError(f"stage {name!r}: parameter {k!r}={v!r} leaves the folder of stage {dep!r}; "
-                                "name a path inside it, e.g. @rl_lm/updates/events")
+            raise PipelineError(
+                f"stage {name!r}: parameter {k!r}={v!r} leaves the folder of stage {dep!r}; "
+                "name a path inside it, e.g. @rl_lm/updates/events"
+            )
         deps.extend(groups.get(dep, [dep]))
         return str(target)
     return v
@@ -325,13 +347,19 @@ def plan(cfg: dict, runs_dir=None, notebook_dirs=()) -> list[Stage]:
             raise PipelineError(f"stage {name!r}: sweep must map parameter names to non-empty lists")
         for k in [*stage_params, *sweep]:
             if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k):
-                raise PipelineError(f"stage {name!r}: parameter name {k!r} is not a Python identifier; names are those of "
-                                    f"{nb.name}'s parameters cell")
+                raise PipelineError(
+                    f"stage {name!r}: parameter name {k!r} is not a Python identifier; names are those of "
+                    f"{nb.name}'s parameters cell"
+                )
             if k in ("out_dir", "seed"):
-                raise PipelineError(f"stage {name!r}: parameter {k!r} is set by the runner; set seed at the top level "
-                                    "(seed: 1 or --set seed=1) and the folder with the run name (--run)")
+                raise PipelineError(
+                    f"stage {name!r}: parameter {k!r} is set by the runner; set seed at the top level "
+                    "(seed: 1 or --set seed=1) and the folder with the run name (--run)"
+                )
             if k not in known:
-                raise PipelineError(f"stage {name!r}: {nb.name} has no parameter {k!r}; its parameters: {sorted(known)}")
+                raise PipelineError(
+                    f"stage {name!r}: {nb.name} has no parameter {k!r}; its parameters: {sorted(known)}"
+                )
 
         for k, v in stage_params.items():
             _check_value(f"stage {name!r}: parameter {k!r}", v)
@@ -378,7 +406,9 @@ def _shardlib_imports(source: str, package_relative: bool) -> set[str]:
                     found.add(a.name.split(".")[1])
         elif isinstance(node, ast.ImportFrom):
             mod = node.module or ""
-            if (package_relative and node.level == 1) or (node.level == 0 and (mod == "shardlib" or mod.startswith("shardlib."))):
+            if (package_relative and node.level == 1) or (
+                node.level == 0 and (mod == "shardlib" or mod.startswith("shardlib."))
+            ):
                 parts = mod.split(".")[1:] if node.level == 0 else ([mod.split(".")[0]] if mod else [])
                 if parts:
                     found.add(parts[0])
@@ -428,8 +458,12 @@ def library_digest(notebook: Path) -> str:
 
 def fingerprint(stage: Stage, dep_prints: dict[str, str]) -> str:
     blob = json.dumps(
-        {"nb": _notebook_digest(stage.notebook), "lib": library_digest(stage.notebook), "params": stage.params,
-         "deps": {d: dep_prints[d] for d in stage.deps}},
+        {
+            "nb": _notebook_digest(stage.notebook),
+            "lib": library_digest(stage.notebook),
+            "params": stage.params,
+            "deps": {d: dep_prints[d] for d in stage.deps},
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -447,8 +481,11 @@ def _read_state(out: Path) -> dict:
 def _is_record(state: dict, st: Stage) -> bool:
     """Whether ``state`` is a record this runner wrote for this very stage folder."""
     try:
-        return (isinstance(state.get("fingerprint"), str) and state.get("status") in ("running", "done", "failed")
-                and Path(state["params"]["out_dir"]).resolve() == st.out_dir.resolve())
+        return (
+            isinstance(state.get("fingerprint"), str)
+            and state.get("status") in ("running", "done", "failed")
+            and Path(state["params"]["out_dir"]).resolve() == st.out_dir.resolve()
+        )
     except (KeyError, TypeError):
         return False
 
@@ -469,7 +506,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-@contextmanager
+@contextlib.contextmanager
 def run_lock(run_dir: Path):
     """Hold ``run_dir/.lock`` (pid, host, start time) while the block runs.
 
@@ -493,10 +530,8 @@ def run_lock(run_dir: Path):
                     f"run folder {run_dir} is in use by process {pid}{where} (since {owner.get('started', '?')}); wait for it "
                     f"to finish or stop it, or use another run name (--run). If that process is gone, delete {lock}"
                 ) from None
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 lock.unlink()  # stale: its process is gone
-            except FileNotFoundError:
-                pass
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
@@ -518,7 +553,9 @@ def _fresh_stage_dir(st: Stage, state: dict, fp: str, force: bool) -> None:
     own record says the configuration changed, refuse when it holds files without such a record."""
     out = st.out_dir
     if out.exists() and not out.is_dir():
-        raise PipelineError(f"stage {st.name!r}: {out} is a file, not a stage folder; move it away or choose another run name (--run)")
+        raise PipelineError(
+            f"stage {st.name!r}: {out} is a file, not a stage folder; move it away or choose another run name (--run)"
+        )
     if out.is_dir():
         if not _is_record(state, st):
             if any(out.iterdir()):
@@ -531,8 +568,15 @@ def _fresh_stage_dir(st: Stage, state: dict, fp: str, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run(cfg: dict, force: bool = False, runs_dir=None, only: list[str] | None = None, log=print, log_output: bool = False,
-        notebook_dirs=()) -> list[dict]:
+def run(
+    cfg: dict,
+    force: bool = False,
+    runs_dir=None,
+    only: list[str] | None = None,
+    log=print,
+    log_output: bool = False,
+    notebook_dirs=(),
+) -> list[dict]:
     """Execute the stages; returns one record per stage (name, status, seconds).
 
     Everything is validated (:func:`plan`) before any file is touched; the run folder is locked
@@ -570,8 +614,13 @@ def run(cfg: dict, force: bool = False, runs_dir=None, only: list[str] | None = 
             out_nb = st.out_dir / "notebook.ipynb"
             try:
                 pm.execute_notebook(
-                    str(st.notebook), str(out_nb), parameters=st.params, kernel_name="python3",
-                    cwd=str(st.out_dir), progress_bar=False, log_output=log_output,
+                    str(st.notebook),
+                    str(out_nb),
+                    parameters=st.params,
+                    kernel_name="python3",
+                    cwd=str(st.out_dir),
+                    progress_bar=False,
+                    log_output=log_output,
                 )
             except pm.PapermillExecutionError as e:
                 _write_state(st.out_dir, {**record, "status": "failed"})

@@ -145,7 +145,9 @@ class ShardSAE(nn.Module):
         for j, n in enumerate(self.names):
             d = directions[n].to(self.b_enc)
             if tuple(d.shape) != (self.n_latents, *self.shapes[n]):
-                raise ValueError(f"directions[{n!r}] has shape {tuple(d.shape)}; expected {(self.n_latents, *self.shapes[n])}")
+                raise ValueError(
+                    f"directions[{n!r}] has shape {tuple(d.shape)}; expected {(self.n_latents, *self.shapes[n])}"
+                )
             if self.lowrank(n):
                 U, S, Vh = torch.linalg.svd(d, full_matrices=False)
                 r = self.rank
@@ -236,11 +238,13 @@ class ShardSAE(nn.Module):
     def save(self, path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / "sae.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / "sae.safetensors")
+        )
         (path / "cfg.json").write_text(json.dumps(self.config(), indent=1))
 
     @classmethod
-    def load(cls, path) -> "ShardSAE":
+    def load(cls, path) -> ShardSAE:
         path = Path(path)
         cfg = json.loads((path / "cfg.json").read_text())
         sae = cls(**cfg)

@@ -57,15 +57,21 @@ class ShardParams(Params):
     aux_k: int = param(0, "latents in the AuxK reconstruction (0 = n_latents // 2)", ge=0)
     aux_coef: float = param(1 / 32, "weight of the AuxK loss", ge=0)
     dead_window: int = param(5000, "a latent not fired within this many samples is dead", ge=1)
-    skip_zero_updates: bool = param(True, "leave out events whose update is exactly zero (zero advantage: nothing reinforced)")
+    skip_zero_updates: bool = param(
+        True, "leave out events whose update is exactly zero (zero advantage: nothing reinforced)"
+    )
     holdout_frac: float = param(0.1, "fraction of events held out for evaluation", ge=0, lt=1)
     checkpoint_every: int = param(10, "epochs between checkpoints", ge=1)
     device: str = param("auto", "'cpu', 'cuda' or 'auto'", choices=("auto", "cpu", "cuda"))
-    online_shards_path: str = param("", "shards.nc of an online SAE trained during the same RL run, to compare ('' = none)")
+    online_shards_path: str = param(
+        "", "shards.nc of an online SAE trained during the same RL run, to compare ('' = none)"
+    )
 
     def check(self):
         if not self.store_path:
-            raise ValueError("parameter 'store_path': give the update store to train on (e.g. runs/default/rl_lm/updates/events)")
+            raise ValueError(
+                "parameter 'store_path': give the update store to train on (e.g. runs/default/rl_lm/updates/events)"
+            )
         if self.k > self.n_latents:
             raise ValueError(f"parameter 'k': {self.k} exceeds n_latents={self.n_latents}")
 
@@ -81,7 +87,9 @@ def load_updates(store_path, patterns=(), skip_zero: bool = False) -> tuple[dict
     if patterns:
         names = {p: v for p, v in names.items() if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)}
         if not names:
-            raise ValueError(f"parameter 'params': {list(patterns)} matches none of the store's tensors {list(update_vars(ds))}")
+            raise ValueError(
+                f"parameter 'params': {list(patterns)} matches none of the store's tensors {list(update_vars(ds))}"
+            )
     data = {p: torch.from_numpy(np.asarray(ds[v].values, dtype=np.float32)) for p, v in names.items()}
     ds = ds.assign_coords(store_event=("event", np.arange(ds.sizes["event"])))
     if skip_zero:
@@ -108,14 +116,18 @@ def init_from_data(sae: ShardSAE, data: dict[str, torch.Tensor]) -> None:
 
 
 def total_variance(data: dict[str, torch.Tensor], scale: float) -> float:
-    return float(sum(((v.double() / scale - v.double().mean(0) / scale) ** 2).sum() for v in data.values()) / len(next(iter(data.values()))))
+    return float(
+        sum(((v.double() / scale - v.double().mean(0) / scale) ** 2).sum() for v in data.values())
+        / len(next(iter(data.values())))
+    )
 
 
 class Trainer:
     """One SAE and its optimizer; ``step(batch)`` is one training step (shared offline and online)."""
 
-    def __init__(self, sae: ShardSAE, lr: float, aux_k: int, aux_coef: float, dead_window: int, variance: float,
-                 accelerator=None):
+    def __init__(
+        self, sae: ShardSAE, lr: float, aux_k: int, aux_coef: float, dead_window: int, variance: float, accelerator=None
+    ):
         self.sae, self.aux_coef, self.dead_window = sae, aux_coef, dead_window
         # several processes: each takes a slice of every batch; gradients are averaged and
         # firing records combined across processes, so every process keeps the same SAE
@@ -156,8 +168,13 @@ class Trainer:
             fired = self.acc.reduce(fired.float(), "sum") > 0
         fired = fired.cpu()
         self.last_fired[fired] = self.samples
-        return {"loss": float(loss.detach()), "rec": float(rec.detach()), "aux": float(aux.detach()),
-                "l0": float((z != 0).sum(1).float().mean()), "dead": float(dead.float().mean())}
+        return {
+            "loss": float(loss.detach()),
+            "rec": float(rec.detach()),
+            "aux": float(aux.detach()),
+            "l0": float((z != 0).sum(1).float().mean()),
+            "dead": float(dead.float().mean()),
+        }
 
     def state(self) -> dict:
         return {"samples": self.samples, "last_fired": self.last_fired.tolist()}
@@ -168,7 +185,9 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(sae: ShardSAE, data: dict[str, torch.Tensor], idx: np.ndarray, batch_size: int = 512, device="cpu") -> dict:
+def evaluate(
+    sae: ShardSAE, data: dict[str, torch.Tensor], idx: np.ndarray, batch_size: int = 512, device="cpu"
+) -> dict:
     """Metrics (FVU from sufficient statistics, L0, dead/dense fractions, shrinkage) on events ``idx``."""
     sae.eval()
     stats = ReconStats()
@@ -201,11 +220,15 @@ def _checkpoint(path: Path, trainer: Trainer, epoch: int, history: list, fingerp
     tmp = atomic_dir(path)
     trainer.sae.save(tmp / "sae")
     torch.save(trainer.opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "fingerprint": fingerprint, **trainer.state()}))
+    (tmp / "state.json").write_text(
+        json.dumps({"epoch": epoch, "history": history, "fingerprint": fingerprint, **trainer.state()})
+    )
     commit_dir(tmp, path)
 
 
-def train(p: ShardParams, progress: bool = True, stop_after: int | None = None, data=None, init_directions=None) -> dict:
+def train(
+    p: ShardParams, progress: bool = True, stop_after: int | None = None, data=None, init_directions=None
+) -> dict:
     """Train offline on ``p.store_path``; resumes from ``out_dir/checkpoint``.
 
     ``data`` ({name: [N, *shape]}) replaces the store; ``init_directions`` ({name: [F, *shape]})
@@ -250,7 +273,9 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_di
     if n < 2:
         raise ValueError(f"store {p.store_path} holds {n} event(s); an SAE needs at least 2")
     train_idx, held_idx = split_events(n, p.holdout_frac, p.seed)
-    sae = ShardSAE({k: tuple(v.shape[1:]) for k, v in data.items()}, p.n_latents, p.k, p.rank, p.activation, p.signed, seed=p.seed)
+    sae = ShardSAE(
+        {k: tuple(v.shape[1:]) for k, v in data.items()}, p.n_latents, p.k, p.rank, p.activation, p.signed, seed=p.seed
+    )
     init_from_data(sae, {k: v[train_idx] for k, v in data.items()})
     if init_directions is not None:
         sae.set_directions_(init_directions)
@@ -295,8 +320,17 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_di
             bar.close()
             return {"sae": sae, "stopped_at": done}
     bar.close()
-    return {"sae": sae, "data": data, "store": store, "train_idx": train_idx, "heldout_idx": held_idx,
-            "history": history, "seconds": time.perf_counter() - t0, "device": acc.device, "accelerator": acc}
+    return {
+        "sae": sae,
+        "data": data,
+        "store": store,
+        "train_idx": train_idx,
+        "heldout_idx": held_idx,
+        "history": history,
+        "seconds": time.perf_counter() - t0,
+        "device": acc.device,
+        "accelerator": acc,
+    }
 
 
 def dense_parameter_count(shapes: dict[str, tuple], n_latents: int) -> int:
@@ -317,14 +351,21 @@ def shards_dataset(sae: ShardSAE, frequency=None, mean_activation=None) -> xr.Da
         dims = ("shard",) + tuple(f"{vn}_dim{i}" for i in range(len(sae.shapes[n])))
         vars_[vn] = xr.Variable(dims, dirs[n].cpu().numpy(), attrs={"param": n})
         if sae.lowrank(n):
-            vars_[f"{vn}__U"] = xr.Variable(("shard", dims[1], "rank"), (sae.dec[f"{j}_U"].detach() / nrm).cpu().numpy())
-            vars_[f"{vn}__V"] = xr.Variable(("shard", dims[2], "rank"), (sae.dec[f"{j}_V"].detach() / nrm).cpu().numpy())
+            vars_[f"{vn}__U"] = xr.Variable(
+                ("shard", dims[1], "rank"), (sae.dec[f"{j}_U"].detach() / nrm).cpu().numpy()
+            )
+            vars_[f"{vn}__V"] = xr.Variable(
+                ("shard", dims[2], "rank"), (sae.dec[f"{j}_V"].detach() / nrm).cpu().numpy()
+            )
     if frequency is not None:
         vars_["frequency"] = xr.Variable("shard", np.asarray(frequency))
     if mean_activation is not None:
         vars_["mean_activation"] = xr.Variable("shard", np.asarray(mean_activation))
-    return xr.Dataset(vars_, coords={"shard": np.arange(sae.n_latents)},
-                      attrs={"sae_config": json.dumps(sae.config()), "input_scale": float(sae.scale)})
+    return xr.Dataset(
+        vars_,
+        coords={"shard": np.arange(sae.n_latents)},
+        attrs={"sae_config": json.dumps(sae.config()), "input_scale": float(sae.scale)},
+    )
 
 
 def shard_directions(ds: xr.Dataset) -> dict[str, np.ndarray]:
@@ -353,8 +394,10 @@ def write_outputs(p: ShardParams, res: dict) -> dict[str, Path]:
     store = res.get("store")
     if store is not None:
         labels = {c: ("event", store[c].values) for c in store.coords if store[c].dims == ("event",)}
-    acts = xr.Dataset({"index": (("event", "slot"), idx.astype(np.int32)), "value": (("event", "slot"), val.astype(np.float32))},
-                      coords={**labels, "split": ("event", split.astype(str))})
+    acts = xr.Dataset(
+        {"index": (("event", "slot"), idx.astype(np.int32)), "value": (("event", "slot"), val.astype(np.float32))},
+        coords={**labels, "split": ("event", split.astype(str))},
+    )
     if store is not None and "task_names" in store.attrs:
         acts.attrs["task_names"] = store.attrs["task_names"]
     save_results(acts, out / "activations.nc", p.to_dict(), p.seed)
@@ -419,12 +462,20 @@ class OnlineTrainer:
         self.history: list[dict] = []
 
     @classmethod
-    def from_rl(cls, rp) -> "OnlineTrainer":
+    def from_rl(cls, rp) -> OnlineTrainer:
         """The online trainer an RL stage's ``online_*`` parameters describe."""
-        p = ShardParams.from_dict({
-            "out_dir": rp.out_dir, "seed": rp.seed, "store_path": "ring buffer", "n_latents": rp.online_n_latents,
-            "k": rp.online_k, "rank": rp.online_rank, "lr": rp.online_lr, "batch_size": rp.online_batch_size,
-        })
+        p = ShardParams.from_dict(
+            {
+                "out_dir": rp.out_dir,
+                "seed": rp.seed,
+                "store_path": "ring buffer",
+                "n_latents": rp.online_n_latents,
+                "k": rp.online_k,
+                "rank": rp.online_rank,
+                "lr": rp.online_lr,
+                "batch_size": rp.online_batch_size,
+            }
+        )
         return cls(p, warmup=rp.online_warmup, steps_per_rl_step=rp.online_steps_per_rl_step)
 
     def __call__(self, step: int, buffer) -> None:

@@ -32,7 +32,15 @@ def cumulative(base_path, final_path, taus=TAUS) -> xr.Dataset:
     """Per-tensor lenses of the cumulative update final - base (all parameters)."""
     before, after = _state(base_path), _state(final_path)
     names = list(before)
-    rows = {"unchanged": [], "bf16_unchanged": [], "mukherjee_unchanged": [], "rank_ratio": [], "rows_touched": [], "cols_touched": [], "size": []}
+    rows = {
+        "unchanged": [],
+        "bf16_unchanged": [],
+        "mukherjee_unchanged": [],
+        "rank_ratio": [],
+        "rows_touched": [],
+        "cols_touched": [],
+        "size": [],
+    }
     for n in names:
         d = after[n] - before[n]
         rows["unchanged"].append(metrics.unchanged_fraction(d, taus))
@@ -44,8 +52,10 @@ def cumulative(base_path, final_path, taus=TAUS) -> xr.Dataset:
         rows["cols_touched"].append(c)
         rows["size"].append(d.numel())
     return xr.Dataset(
-        {"unchanged": (("tensor", "tau"), np.array(rows["unchanged"])),
-         **{k: ("tensor", np.array(v, dtype=float)) for k, v in rows.items() if k != "unchanged"}},
+        {
+            "unchanged": (("tensor", "tau"), np.array(rows["unchanged"])),
+            **{k: ("tensor", np.array(v, dtype=float)) for k, v in rows.items() if k != "unchanged"},
+        },
         coords={"tensor": names, "tau": list(taus)},
     )
 
@@ -69,8 +79,10 @@ def per_update(store_path, taus=TAUS, max_updates: int = 256, seed: int = 0) -> 
         out["cols_touched"].append(tt[:, 1].mean())
         out["size"].append(u[0].numel())
     return xr.Dataset(
-        {"unchanged": (("tensor", "tau"), np.array(out["unchanged"])),
-         **{k: ("tensor", np.array(v, dtype=float)) for k, v in out.items() if k != "unchanged"}},
+        {
+            "unchanged": (("tensor", "tau"), np.array(out["unchanged"])),
+            **{k: ("tensor", np.array(v, dtype=float)) for k, v in out.items() if k != "unchanged"},
+        },
         coords={"tensor": names, "tau": list(taus)},
         attrs={"n_updates": len(pick), "kind": ds.attrs.get("kind", "")},
     )
@@ -117,7 +129,9 @@ class SparsityParams(Params):
 
     def check(self):
         if len(self.run_dirs) != len(self.run_names) or not self.run_dirs:
-            raise ValueError(f"parameters 'run_dirs' and 'run_names': need one name per folder, got {len(self.run_dirs)} and {len(self.run_names)}")
+            raise ValueError(
+                f"parameters 'run_dirs' and 'run_names': need one name per folder, got {len(self.run_dirs)} and {len(self.run_names)}"
+            )
 
 
 def study(p: SparsityParams) -> xr.Dataset:
@@ -129,7 +143,9 @@ def study(p: SparsityParams) -> xr.Dataset:
         for scope, sub in (("step", "steps"), ("event", "events")):
             if (d / "updates" / sub).exists():
                 scopes[scope] = per_update(d / "updates" / sub, tuple(p.taus), p.max_updates, p.seed)
-        summ = xr.concat([overall(v) for v in scopes.values()], dim="scope", join="outer").assign_coords(scope=list(scopes))
+        summ = xr.concat([overall(v) for v in scopes.values()], dim="scope", join="outer").assign_coords(
+            scope=list(scopes)
+        )
         summaries.append(summ.expand_dims(run=[name]))
         cum = scopes["cumulative"].rename({k: f"tensor_{k}" for k in scopes["cumulative"].data_vars})
         tensors.append(cum.expand_dims(run=[name]))

@@ -56,10 +56,17 @@ from .config import Params, param
 
 PUBLISHED = {
     # case: {metric: (value, source)}
-    "tms_5_2": {"mmcs_apd": (0.998, "APD, Braun et al. 2025"), "mmcs_spd": (1.000, "SPD, Bushnaq et al. 2025"),
-                "ml2r_spd": (0.99, "SPD, Bushnaq et al. 2025"), "recon_error_l3d": (0.19, "L3D, Chrisman et al. 2025")},
+    "tms_5_2": {
+        "mmcs_apd": (0.998, "APD, Braun et al. 2025"),
+        "mmcs_spd": (1.000, "SPD, Bushnaq et al. 2025"),
+        "ml2r_spd": (0.99, "SPD, Bushnaq et al. 2025"),
+        "recon_error_l3d": (0.19, "L3D, Chrisman et al. 2025"),
+    },
     "tms_40_10": {"mmcs_apd": (0.996, "APD, Braun et al. 2025"), "mmcs_spd": (1.000, "SPD, Bushnaq et al. 2025")},
-    "tmcs": {"recon_error_l3d": (0.064, "L3D, Chrisman et al. 2025"), "coef_r_l3d": (0.92, "L3D, Chrisman et al. 2025")},
+    "tmcs": {
+        "recon_error_l3d": (0.064, "L3D, Chrisman et al. 2025"),
+        "coef_r_l3d": (0.92, "L3D, Chrisman et al. 2025"),
+    },
 }
 
 # model, (features, hidden), default k: about the number of feature circuits one gradient
@@ -77,7 +84,9 @@ class TMS(torch.nn.Module):
     def __init__(self, n_features: int, n_hidden: int, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.W = torch.nn.Parameter(torch.randn(n_hidden, n_features, generator=g) * (2 / (n_hidden + n_features)) ** 0.5)
+        self.W = torch.nn.Parameter(
+            torch.randn(n_hidden, n_features, generator=g) * (2 / (n_hidden + n_features)) ** 0.5
+        )
         self.b = torch.nn.Parameter(torch.zeros(n_features))
 
     def forward(self, x):
@@ -90,8 +99,12 @@ class TMCS(torch.nn.Module):
     def __init__(self, n_inputs: int, n_hidden: int, n_outputs: int, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.W_in = torch.nn.Parameter(torch.randn(n_inputs, n_hidden, generator=g) * (2 / (n_inputs + n_hidden)) ** 0.5)
-        self.W_out = torch.nn.Parameter(torch.randn(n_hidden, n_outputs, generator=g) * (2 / (n_hidden + n_outputs)) ** 0.5)
+        self.W_in = torch.nn.Parameter(
+            torch.randn(n_inputs, n_hidden, generator=g) * (2 / (n_inputs + n_hidden)) ** 0.5
+        )
+        self.W_out = torch.nn.Parameter(
+            torch.randn(n_hidden, n_outputs, generator=g) * (2 / (n_hidden + n_outputs)) ** 0.5
+        )
         self.b = torch.nn.Parameter(torch.zeros(n_outputs))
 
     def forward(self, x):
@@ -114,21 +127,38 @@ def _fit(model, target, n_features: int, p: float, steps: int, batch: int, lr: f
     return model
 
 
-def train_tms(n_features: int, n_hidden: int, p: float = 0.05, steps: int = 4000, batch: int = 1024, lr: float = 3e-3, seed: int = 0) -> TMS:
+def train_tms(
+    n_features: int,
+    n_hidden: int,
+    p: float = 0.05,
+    steps: int = 4000,
+    batch: int = 1024,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> TMS:
     g = torch.Generator().manual_seed(seed + 1)
     return _fit(TMS(n_features, n_hidden, seed), lambda x: x, n_features, p, steps, batch, lr, g)
 
 
-def train_tmcs(n_inputs: int = 10, n_hidden: int = 5, n_outputs: int = TMCS_OUTPUTS, p: float = 0.05, steps: int = 4000,
-               batch: int = 1024, lr: float = 3e-3, seed: int = 0) -> tuple[TMCS, torch.Tensor]:
+def train_tmcs(
+    n_inputs: int = 10,
+    n_hidden: int = 5,
+    n_outputs: int = TMCS_OUTPUTS,
+    p: float = 0.05,
+    steps: int = 4000,
+    batch: int = 1024,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> tuple[TMCS, torch.Tensor]:
     """A TMCS trained to compute ``x A``; returns (model, A [inputs, outputs])."""
     g = torch.Generator().manual_seed(seed + 1)
     A = torch.rand(n_inputs, n_outputs, generator=g) * TMCS_MAX_COEF
     return _fit(TMCS(n_inputs, n_hidden, n_outputs, seed), lambda x: x @ A, n_inputs, p, steps, batch, lr, g), A
 
 
-def divergence_gradients(model: torch.nn.Module, x: torch.Tensor, generator: torch.Generator | None = None,
-                         reference: str = "sample") -> dict[str, torch.Tensor]:
+def divergence_gradients(
+    model: torch.nn.Module, x: torch.Tensor, generator: torch.Generator | None = None, reference: str = "sample"
+) -> dict[str, torch.Tensor]:
     """Per-sample gradients of 1/2 ||f(x_i) - stopgrad ref_i||^2 with respect to every parameter.
 
     ``reference="sample"``: ref_i = f(x_r), x_r another sample of the batch (a permutation drawn
@@ -227,18 +257,39 @@ class ToyParams(Params):
     seeds: list[int] = param([0, 1, 2], "seeds (toy-model training, gradient sampling and SAE)")
     feature_prob: float = param(0.05, "probability a feature is active", gt=0, le=1)
     model_steps: int = param(4000, "toy-model training steps (Adam, batches of 1024)", ge=1)
-    n_samples: int = param(8192, "samples drawn for the gradient data (those with no active feature are dropped)", ge=16)
-    k: int = param(0, "SAE active latents per gradient (0 = each case's own: 1 on tms_5_2 and tmcs, 3 on tms_40_10)", ge=0)
-    sae_activation: str = param("batchtopk", "BatchTopK over the batch (as L3D) or TopK per gradient", choices=("topk", "batchtopk"))
+    n_samples: int = param(
+        8192, "samples drawn for the gradient data (those with no active feature are dropped)", ge=16
+    )
+    k: int = param(
+        0, "SAE active latents per gradient (0 = each case's own: 1 on tms_5_2 and tmcs, 3 on tms_40_10)", ge=0
+    )
+    sae_activation: str = param(
+        "batchtopk", "BatchTopK over the batch (as L3D) or TopK per gradient", choices=("topk", "batchtopk")
+    )
     sae_steps: int = param(500, "SAE optimizer steps (the number of epochs follows from the number of gradients)", ge=1)
-    latents_per_feature: int = param(1, "SAE latents per ground-truth feature (1 = as many shards as circuits, as L3D)", ge=1)
-    lr: float = param(2e-2, "SAE learning rate (L3D uses 1e-2 with step decay; 2e-2 without decay fell into fewer poor optima on TMS 40->10)", gt=0)
+    latents_per_feature: int = param(
+        1, "SAE latents per ground-truth feature (1 = as many shards as circuits, as L3D)", ge=1
+    )
+    lr: float = param(
+        2e-2,
+        "SAE learning rate (L3D uses 1e-2 with step decay; 2e-2 without decay fell into fewer poor optima on TMS 40->10)",
+        gt=0,
+    )
     batch_size: int = param(256, "SAE batch size", ge=1)
     activations: list[str] = param(["signed", "relu"], "activation variants: signed (L3D) and ReLU")
-    truth_init: bool = param(True, "also train the signed SAE from the ground-truth circuits (diagnostic: where does training take them?)")
-    single_feature_control: bool = param(True, "also train the signed SAE on gradients of samples with exactly one active feature (diagnostic: do several active features cause a shortfall?)")
-    workers: int = param(2, "processes running (case, seed) jobs on CPU, one thread each (results do not depend on it)", ge=1)
-    device: str = param("cpu", "'cpu', 'cuda' or 'auto' (not 'cpu': jobs run one after another)", choices=("auto", "cpu", "cuda"))
+    truth_init: bool = param(
+        True, "also train the signed SAE from the ground-truth circuits (diagnostic: where does training take them?)"
+    )
+    single_feature_control: bool = param(
+        True,
+        "also train the signed SAE on gradients of samples with exactly one active feature (diagnostic: do several active features cause a shortfall?)",
+    )
+    workers: int = param(
+        2, "processes running (case, seed) jobs on CPU, one thread each (results do not depend on it)", ge=1
+    )
+    device: str = param(
+        "cpu", "'cpu', 'cuda' or 'auto' (not 'cpu': jobs run one after another)", choices=("auto", "cpu", "cuda")
+    )
 
     def check(self):
         bad = [c for c in self.cases if c not in CASES]
@@ -249,8 +300,10 @@ class ToyParams(Params):
             raise ValueError(f"parameter 'activations': got {list(self.activations)}; accepted: signed, relu")
         too_big = [c for c in self.cases if self.k > CASES[c]["shape"][0] * self.latents_per_feature]
         if too_big:
-            raise ValueError(f"parameter 'k': {self.k} exceeds the number of latents of {too_big}; use k <= "
-                             f"{min(CASES[c]['shape'][0] * self.latents_per_feature for c in too_big)} or 0 for each case's own")
+            raise ValueError(
+                f"parameter 'k': {self.k} exceeds the number of latents of {too_big}; use k <= "
+                f"{min(CASES[c]['shape'][0] * self.latents_per_feature for c in too_big)} or 0 for each case's own"
+            )
 
 
 def make_case(case: str, seed: int, p: ToyParams) -> dict:
@@ -281,20 +334,31 @@ def make_case(case: str, seed: int, p: ToyParams) -> dict:
     def gradients(x):
         d = divergence_gradients(model, x, g, reference)
         nonzero = torch.stack([v.reshape(len(x), -1).abs().sum(1) for v in d.values()]).sum(0) > 0
-        return {k: v[nonzero] for k, v in d.items()}, nonzero  # an all-zero gradient (every output dead) carries no circuit
+        return {
+            k: v[nonzero] for k, v in d.items()
+        }, nonzero  # an all-zero gradient (every output dead) carries no circuit
 
     data, _ = gradients(x)
     one = torch.zeros(len(x), n)  # as many samples, each with exactly one active feature
     feature = torch.randint(n, (len(x),), generator=g)
     one[torch.arange(len(x)), feature] = torch.rand(len(x), generator=g)
     single, kept = gradients(one)
-    made = {"model": model, "data": data, "truth": truth, "slices": slices, "A": A,
-            "data_single": single, "single_feature": feature[kept].numpy()}
+    made = {
+        "model": model,
+        "data": data,
+        "truth": truth,
+        "slices": slices,
+        "A": A,
+        "data_single": single,
+        "single_feature": feature[kept].numpy(),
+    }
     made["model_metrics"] = model_metrics(made)  # once per model, not once per activation variant
     return made
 
 
-def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, init_directions=None, data_key: str = "data"):
+def fit_sae(
+    made: dict, case: str, seed: int, activation: str, p: ToyParams, init_directions=None, data_key: str = "data"
+):
     """Train the SAE on a case's gradients; returns (metrics, sae).
 
     Checkpoints go to ``out_dir/sae/<fingerprint of p>/``: a rerun with the same parameters
@@ -309,10 +373,25 @@ def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, ini
     N = len(next(iter(data.values())))
     epochs = max(1, math.ceil(p.sae_steps / math.ceil(N / p.batch_size)))
     tag = ("truthinit_" if init_directions is not None else "") + ("" if data_key == "data" else f"{data_key}_")
-    sp = ShardParams.from_dict({"store_path": "toy", "out_dir": f"{p.out_dir}/sae/{p.fingerprint()[:12]}/{case}_{activation}_{tag}seed{seed}", "seed": seed,
-                                "n_latents": n * p.latents_per_feature, "k": p.k or CASES[case]["k"], "rank": 1, "activation": p.sae_activation,
-                                "signed": activation == "signed", "epochs": epochs, "lr": p.lr, "batch_size": p.batch_size,
-                                "holdout_frac": 0.0, "skip_zero_updates": False, "checkpoint_every": epochs, "device": p.device})
+    sp = ShardParams.from_dict(
+        {
+            "store_path": "toy",
+            "out_dir": f"{p.out_dir}/sae/{p.fingerprint()[:12]}/{case}_{activation}_{tag}seed{seed}",
+            "seed": seed,
+            "n_latents": n * p.latents_per_feature,
+            "k": p.k or CASES[case]["k"],
+            "rank": 1,
+            "activation": p.sae_activation,
+            "signed": activation == "signed",
+            "epochs": epochs,
+            "lr": p.lr,
+            "batch_size": p.batch_size,
+            "holdout_frac": 0.0,
+            "skip_zero_updates": False,
+            "checkpoint_every": epochs,
+            "device": p.device,
+        }
+    )
     sae = train(sp, progress=False, data=data, init_directions=init_directions)["sae"].cpu()
     dirs = sae.directions()
     to_slices, ref = made["slices"]
@@ -334,15 +413,28 @@ def fit_sae(made: dict, case: str, seed: int, activation: str, p: ToyParams, ini
     if init_directions is None and data_key == "data":  # the SAE of the table (not a control)
         ml2r = gradient_ml2r(sae, made["data_single"], made["single_feature"], best)  # magnitude at best match
         if isinstance(made["model"], TMS):  # W0 + delta * shard: which outputs move?
-            curves = np.stack([intervention_curve(made["model"], {k: v[i] for k, v in dirs.items()}) for i in range(len(dirs["W"]))])
+            curves = np.stack(
+                [intervention_curve(made["model"], {k: v[i] for k, v in dirs.items()}) for i in range(len(dirs["W"]))]
+            )
             own = own_output_share(curves, best)
-    return {"mmcs_columnwise": col_mmcs, "mmcs_whole": float(whole.max(1).mean()), "ml2r_share": share, "recon_error": float(num / den),
-            "own_output_share": own, "curves": curves, "ml2r_gradient": ml2r,
-            "l0": float((z != 0).sum(1).float().mean()), "dead_fraction": float((freq == 0).float().mean()),
-            "coef_r": coef_r, "n_datapoints": N}, sae
+    return {
+        "mmcs_columnwise": col_mmcs,
+        "mmcs_whole": float(whole.max(1).mean()),
+        "ml2r_share": share,
+        "recon_error": float(num / den),
+        "own_output_share": own,
+        "curves": curves,
+        "ml2r_gradient": ml2r,
+        "l0": float((z != 0).sum(1).float().mean()),
+        "dead_fraction": float((freq == 0).float().mean()),
+        "coef_r": coef_r,
+        "n_datapoints": N,
+    }, sae
 
 
-def run_case(case: str, seed: int, activation: str, p: ToyParams, made: dict | None = None) -> tuple[dict, object, torch.nn.Module]:
+def run_case(
+    case: str, seed: int, activation: str, p: ToyParams, made: dict | None = None
+) -> tuple[dict, object, torch.nn.Module]:
     """Train the toy model (unless ``made`` is given), its gradient data and the SAE; returns (metrics, sae, model).
 
     On one CPU thread; SAEs resume from their checkpoints, so calling this again after ``run``
@@ -356,12 +448,17 @@ def run_case(case: str, seed: int, activation: str, p: ToyParams, made: dict | N
 def _run_case(case: str, seed: int, activation: str, p: ToyParams, made: dict):
     metrics, sae = fit_sae(made, case, seed, activation, p)
     if p.truth_init and activation == "signed":
-        metrics["mmcs_truth_init"] = fit_sae(made, case, seed, activation, p, init_directions=made["truth"])[0]["mmcs_columnwise"]
+        metrics["mmcs_truth_init"] = fit_sae(made, case, seed, activation, p, init_directions=made["truth"])[0][
+            "mmcs_columnwise"
+        ]
     else:
         metrics["mmcs_truth_init"] = float("nan")
     if p.single_feature_control and activation == "signed":
         single = fit_sae(made, case, seed, activation, p, data_key="data_single")[0]
-        metrics["mmcs_single_feature"], metrics["recon_error_single_feature"] = single["mmcs_columnwise"], single["recon_error"]
+        metrics["mmcs_single_feature"], metrics["recon_error_single_feature"] = (
+            single["mmcs_columnwise"],
+            single["recon_error"],
+        )
     else:
         metrics["mmcs_single_feature"] = metrics["recon_error_single_feature"] = float("nan")
     return {**metrics, **made["model_metrics"]}, sae, made["model"]
@@ -374,8 +471,13 @@ def model_metrics(made: dict) -> dict:
         with torch.no_grad():
             out["coef_r_model"] = coefficient_r(model(torch.eye(len(made["A"]))).numpy(), made["A"].numpy())
     if isinstance(model, TMS):  # the intervention along the ground-truth circuits themselves
-        unit = {k: v / made["truth"]["W"].flatten(1).norm(dim=1).view(-1, *([1] * (v.ndim - 1))) for k, v in made["truth"].items()}
-        curves = np.stack([intervention_curve(model, {k: v[i] for k, v in unit.items()}) for i in range(len(unit["W"]))])
+        unit = {
+            k: v / made["truth"]["W"].flatten(1).norm(dim=1).view(-1, *([1] * (v.ndim - 1)))
+            for k, v in made["truth"].items()
+        }
+        curves = np.stack(
+            [intervention_curve(model, {k: v[i] for k, v in unit.items()}) for i in range(len(unit["W"]))]
+        )
         out["own_output_share_truth"] = own_output_share(curves, np.arange(len(curves)))
     return out
 
@@ -448,12 +550,19 @@ def run(p: ToyParams, progress: bool = True) -> xr.Dataset:
         for j, m in enumerate(per_act):
             for k in keys:
                 vals[k][i, j, s] = m[k]
-    ds = xr.Dataset({k: (("case", "activation", "seed"), v, {"description": METRICS[k]}) for k, v in vals.items()},
-                    coords={"case": list(p.cases), "activation": list(p.activations), "seed": list(p.seeds)})
+    ds = xr.Dataset(
+        {k: (("case", "activation", "seed"), v, {"description": METRICS[k]}) for k, v in vals.items()},
+        coords={"case": list(p.cases), "activation": list(p.activations), "seed": list(p.seeds)},
+    )
     if "tms_5_2" in p.cases:  # the intervention curves of one run, for the figure
         curves = results[(list(p.cases).index("tms_5_2"), 0)][0]["curves"]
-        ds["intervention_tms_5_2"] = (("shard", "delta", "output"), curves, {
-            "description": f"TMS 5->2, seed {p.seeds[0]}, {p.activations[0]}: mean |output change| under W0 + delta * ||W|| * shard"})
+        ds["intervention_tms_5_2"] = (
+            ("shard", "delta", "output"),
+            curves,
+            {
+                "description": f"TMS 5->2, seed {p.seeds[0]}, {p.activations[0]}: mean |output change| under W0 + delta * ||W|| * shard"
+            },
+        )
         ds = ds.assign_coords(delta=INTERVENTION_DELTAS)
     for case in p.cases:
         for metric, (v, src) in PUBLISHED.get(case, {}).items():
@@ -464,7 +573,9 @@ def run(p: ToyParams, progress: bool = True) -> xr.Dataset:
 INTERVENTION_DELTAS = np.linspace(-3, 3, 13)
 
 
-def intervention_curve(model: TMS, direction: dict[str, torch.Tensor], deltas=INTERVENTION_DELTAS, n: int = 2048, seed: int = 0) -> np.ndarray:
+def intervention_curve(
+    model: TMS, direction: dict[str, torch.Tensor], deltas=INTERVENTION_DELTAS, n: int = 2048, seed: int = 0
+) -> np.ndarray:
     """Mean |output change| per output feature under W0 + delta * shard: [len(deltas), n_features]."""
     g = torch.Generator().manual_seed(seed)
     x = sample_features(n, model.W.shape[1], 0.05, g)
@@ -488,7 +599,21 @@ def comparison_table(ds: xr.Dataset):
         for act in ds.activation.values:
             sel = ds.sel(case=case, activation=act)
             row = {"case": str(case), "activation": str(act)}
-            for k in ("mmcs_columnwise", "mmcs_truth_init", "mmcs_single_feature", "mmcs_whole", "ml2r_share", "ml2r_gradient", "own_output_share", "own_output_share_truth", "recon_error", "l0", "dead_fraction", "coef_r", "coef_r_model"):
+            for k in (
+                "mmcs_columnwise",
+                "mmcs_truth_init",
+                "mmcs_single_feature",
+                "mmcs_whole",
+                "ml2r_share",
+                "ml2r_gradient",
+                "own_output_share",
+                "own_output_share_truth",
+                "recon_error",
+                "l0",
+                "dead_fraction",
+                "coef_r",
+                "coef_r_model",
+            ):
                 v = sel[k].values
                 row[k] = "–" if np.isnan(v).all() else f"{float(np.nanmean(v)):.3f} ± {float(np.nanstd(v)):.3f}"
             pub = PUBLISHED.get(str(case), {})

@@ -82,7 +82,9 @@ def select_params(model: nn.Module, patterns) -> dict[str, nn.Parameter]:
 def selection_summary(params: dict[str, torch.Tensor]) -> str:
     total = sum(p.numel() for p in params.values())
     lines = [f"{n}: {tuple(p.shape)}" for n, p in params.items()]
-    return "\n".join(lines + [f"{len(params)} tensors, {total:,} parameters ({4 * total / 2**10:.1f} KiB per fp32 update)"])
+    return "\n".join(
+        lines + [f"{len(params)} tensors, {total:,} parameters ({4 * total / 2**10:.1f} KiB per fp32 update)"]
+    )
 
 
 def var_name(param: str) -> str:
@@ -138,8 +140,17 @@ class RingBuffer:
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.data.items()}, str(path / "data.safetensors"))
         np.savez(path / "labels.npz", **self.labels)
-        (path / "state.json").write_text(json.dumps({"size": self.size, "cursor": self.cursor, "total_added": self.total_added,
-                                                     "capacity": self.capacity, "shapes": {k: list(v) for k, v in self.shapes.items()}}))
+        (path / "state.json").write_text(
+            json.dumps(
+                {
+                    "size": self.size,
+                    "cursor": self.cursor,
+                    "total_added": self.total_added,
+                    "capacity": self.capacity,
+                    "shapes": {k: list(v) for k, v in self.shapes.items()},
+                }
+            )
+        )
 
     def load(self, path) -> None:
         """Restore what ``save`` wrote; the buffer must have the same capacity and tensors."""
@@ -148,8 +159,10 @@ class RingBuffer:
         path = Path(path)
         st = json.loads((path / "state.json").read_text())
         if st["capacity"] != self.capacity or st["shapes"] != {k: list(v) for k, v in self.shapes.items()}:
-            raise ValueError(f"{path} holds a ring buffer of capacity {st['capacity']} over {st['shapes']}; this one has "
-                             f"capacity {self.capacity} over {self.shapes}")
+            raise ValueError(
+                f"{path} holds a ring buffer of capacity {st['capacity']} over {st['shapes']}; this one has "
+                f"capacity {self.capacity} over {self.shapes}"
+            )
         data = load_file(str(path / "data.safetensors"))
         self.data = {k: data[k].to(self.data[k].dtype) for k in self.data}
         with np.load(path / "labels.npz") as z:
@@ -164,12 +177,28 @@ class RingBuffer:
 class UpdateStore:
     """Appends updates to a folder of netCDF chunks; one store = one run's updates of one kind."""
 
-    def __init__(self, path, kind: str, convention: str, fingerprint: str, dtype: str = "float32", config=None, seed=None, attrs=None):
+    def __init__(
+        self,
+        path,
+        kind: str,
+        convention: str,
+        fingerprint: str,
+        dtype: str = "float32",
+        config=None,
+        seed=None,
+        attrs=None,
+    ):
         if kind not in ("event", "step"):
             raise ValueError(f"kind must be 'event' or 'step', got {kind!r}")
         self.path = Path(path)
         self.kind, self.convention, self.dtype = kind, convention, dtype
-        self.attrs = {**provenance(config, seed), "kind": kind, "convention": convention, "fingerprint": fingerprint, **(attrs or {})}
+        self.attrs = {
+            **provenance(config, seed),
+            "kind": kind,
+            "convention": convention,
+            "fingerprint": fingerprint,
+            **(attrs or {}),
+        }
         self._pending_updates: dict[str, list] = {}
         self._pending_labels: dict[str, list] = {}
         self._pending_steps: list[int] = []
@@ -183,12 +212,16 @@ class UpdateStore:
                     "choose another out_dir, or delete that folder if its updates are no longer wanted"
                 )
             if old.get("format") != STORE_FORMAT:
-                raise StoreError(f"{self.path} was written by an older shardlib (no chunk list in {STORE_META}); "
-                                 "delete that folder and rerun the stage that writes it")
+                raise StoreError(
+                    f"{self.path} was written by an older shardlib (no chunk list in {STORE_META}); "
+                    "delete that folder and rerun the stage that writes it"
+                )
             self._manifest = old
         else:
             if self.path.exists() and any(self.path.iterdir()):
-                raise StoreError(f"{self.path} is not empty and holds no {STORE_META}: refusing to write an update store there")
+                raise StoreError(
+                    f"{self.path} is not empty and holds no {STORE_META}: refusing to write an update store there"
+                )
             self.path.mkdir(parents=True, exist_ok=True)
             self._manifest = {"format": STORE_FORMAT, "fingerprint": fingerprint, "kind": kind, "chunks": {}}
             self._save_manifest()
@@ -288,8 +321,10 @@ def _read_meta(folder: Path) -> dict:
     try:
         meta = json.loads((folder / STORE_META).read_text())
     except (OSError, ValueError) as e:
-        raise StoreError(f"{folder / STORE_META} is unreadable ({e}); the store's chunk list is lost: rerun the stage that "
-                         "wrote the store") from None
+        raise StoreError(
+            f"{folder / STORE_META} is unreadable ({e}); the store's chunk list is lost: rerun the stage that "
+            "wrote the store"
+        ) from None
     if not isinstance(meta, dict):
         raise StoreError(f"{folder / STORE_META} is not a JSON object; rerun the stage that wrote the store")
     return meta
@@ -300,21 +335,29 @@ def _check_chunk_files(folder: Path, files: list[Path], verify: bool) -> dict:
     meta = _read_meta(folder)
     fix = "rerun the stage that wrote the store (its folder is rebuilt), or delete the file if you added it by hand"
     if meta.get("format") != STORE_FORMAT or not isinstance(meta.get("chunks"), dict):
-        raise StoreError(f"{folder}: {STORE_META} holds no chunk list (written by an older shardlib); "
-                         "rerun the stage that wrote the store")
+        raise StoreError(
+            f"{folder}: {STORE_META} holds no chunk list (written by an older shardlib); "
+            "rerun the stage that wrote the store"
+        )
     listed = meta["chunks"]
     names = {f.name for f in files}
     for f in files:
         if f.name not in listed:
-            raise StoreError(f"{f} is not part of this store ({STORE_META} does not list it): a copied, foreign or "
-                             f"half-written chunk; {fix}")
+            raise StoreError(
+                f"{f} is not part of this store ({STORE_META} does not list it): a copied, foreign or "
+                f"half-written chunk; {fix}"
+            )
     for name, e in sorted(listed.items()):
         if name not in names:
-            raise StoreError(f"{folder / name} (steps {e['first']}-{e['last']}, {e['events']} events) is missing: the store "
-                             "has a gap; restore that file, or rerun the stage that wrote the store")
+            raise StoreError(
+                f"{folder / name} (steps {e['first']}-{e['last']}, {e['events']} events) is missing: the store "
+                "has a gap; restore that file, or rerun the stage that wrote the store"
+            )
         if verify and file_sha256(folder / name) != e["sha256"]:
-            raise StoreError(f"{folder / name} differs from the chunk the run wrote (SHA-256 mismatch): it was replaced or "
-                             "corrupted on disk; restore it, or rerun the stage that wrote the store")
+            raise StoreError(
+                f"{folder / name} differs from the chunk the run wrote (SHA-256 mismatch): it was replaced or "
+                "corrupted on disk; restore it, or rerun the stage that wrote the store"
+            )
     return meta
 
 
@@ -324,18 +367,24 @@ def _check_chunk(ds: xr.Dataset, f: Path, meta: dict | None) -> tuple[int, int] 
     if meta is not None:
         e = meta["chunks"][f.name]
         if ds.attrs.get("fingerprint") != meta.get("fingerprint"):
-            raise StoreError(f"{f} comes from another run (fingerprint {ds.attrs.get('fingerprint')!r}, the store's "
-                             f"{meta.get('fingerprint')!r}); restore the store's own chunk, or rerun the stage that wrote it")
+            raise StoreError(
+                f"{f} comes from another run (fingerprint {ds.attrs.get('fingerprint')!r}, the store's "
+                f"{meta.get('fingerprint')!r}); restore the store's own chunk, or rerun the stage that wrote it"
+            )
         if ds.sizes.get("event") != e["events"]:
-            raise StoreError(f"{f} holds {ds.sizes.get('event')} events, the store lists {e['events']}; rerun the stage that wrote it")
+            raise StoreError(
+                f"{f} holds {ds.sizes.get('event')} events, the store lists {e['events']}; rerun the stage that wrote it"
+            )
     if m is None:
         return None
     first, last = int(m[1]), int(m[2])
     if "step" in ds.coords and ds.sizes.get("event", 0):
         steps = np.asarray(ds["step"].values)
         if steps.min() < first or steps.max() > last:
-            raise StoreError(f"{f}: its step labels run {int(steps.min())}-{int(steps.max())}, outside the steps "
-                             f"{first}-{last} its name promises; the chunk was renamed or edited: restore it, or rerun the stage")
+            raise StoreError(
+                f"{f}: its step labels run {int(steps.min())}-{int(steps.max())}, outside the steps "
+                f"{first}-{last} its name promises; the chunk was renamed or edited: restore it, or rerun the stage"
+            )
     return first, last
 
 
@@ -357,8 +406,10 @@ def open_store(path, lazy_above_bytes: int = 2**30, verify: bool = True) -> xr.D
         elif any(CHUNK_RE.fullmatch(f.name) for f in files):
             odd = [f.name for f in files if not CHUNK_RE.fullmatch(f.name)]
             if odd:
-                raise StoreError(f"{path}: {odd} are not chunk files (chunk-<first step>-<last step>.nc) beside the "
-                                 "chunks; move them out of the store folder")
+                raise StoreError(
+                    f"{path}: {odd} are not chunk files (chunk-<first step>-<last step>.nc) beside the "
+                    "chunks; move them out of the store folder"
+                )
     elif path.exists():
         files = [path]
     else:
@@ -371,7 +422,7 @@ def open_store(path, lazy_above_bytes: int = 2**30, verify: bool = True) -> xr.D
     for f in files:
         try:
             ds = xr.open_dataset(f, engine=NETCDF_ENGINE, chunks={} if lazy else None)
-        except Exception as e:  # noqa: BLE001 - any reader error means a broken file
+        except Exception as e:
             raise StoreError(f"{f} is not a readable netCDF file: {e}") from e
         validate_store(ds, where=str(f))
         r = _check_chunk(ds, f, meta)
@@ -383,9 +434,17 @@ def open_store(path, lazy_above_bytes: int = 2**30, verify: bool = True) -> xr.D
     ranges.sort()
     for ((a0, a1), fa), ((b0, b1), fb) in itertools.pairwise(ranges):
         if b0 <= a1:
-            raise StoreError(f"{fb.name} (steps {b0}-{b1}) overlaps {fa.name} (steps {a0}-{a1}) in {path}: the same steps "
-                             "stored twice; remove the copy, or rerun the stage that wrote the store")
-    out = parts[0] if len(parts) == 1 else xr.concat(parts, dim="event", data_vars="all", coords="different", compat="equals", combine_attrs="override")
+            raise StoreError(
+                f"{fb.name} (steps {b0}-{b1}) overlaps {fa.name} (steps {a0}-{a1}) in {path}: the same steps "
+                "stored twice; remove the copy, or rerun the stage that wrote the store"
+            )
+    out = (
+        parts[0]
+        if len(parts) == 1
+        else xr.concat(
+            parts, dim="event", data_vars="all", coords="different", compat="equals", combine_attrs="override"
+        )
+    )
     return out
 
 
@@ -476,7 +535,7 @@ class UpdateCollector:
         if events:
             owners = {}
             for mname, mod in model.named_modules():
-                for pname, p in mod.named_parameters(recurse=False):
+                for pname, _p in mod.named_parameters(recurse=False):
                     owners[f"{mname}.{pname}" if mname else pname] = (mname, mod, pname)
             for n in self.params:
                 mname, mod, pname = owners[n]
@@ -522,7 +581,7 @@ class UpdateCollector:
 
     def _per_event_grads(self) -> dict[str, torch.Tensor]:
         out = {}
-        for mname, (mod, pnames) in self._linear.items():
+        for mname, (_mod, pnames) in self._linear.items():
             if len(self._acts[mname]) != 1 or len(self._grads[mname]) != 1:
                 raise RuntimeError(
                     f"layer {mname} ran {len(self._acts[mname])} forward(s) and {len(self._grads[mname])} backward(s) "
@@ -546,7 +605,9 @@ class UpdateCollector:
 
     def event_gradients(self) -> dict[str, torch.Tensor]:
         """Raw per-event gradients captured since the last step, concatenated over micro-batches."""
-        return {n: torch.cat([g[n] for g in self._event_grads]) for n in self._event_grads[0]} if self._event_grads else {}
+        return (
+            {n: torch.cat([g[n] for g in self._event_grads]) for n in self._event_grads[0]} if self._event_grads else {}
+        )
 
     def _preconditioner(self, name: str) -> torch.Tensor:
         p = self.params[name]
@@ -557,7 +618,9 @@ class UpdateCollector:
         v_hat = state["exp_avg_sq"].float() / (1 - beta2**t)
         return 1.0 / (v_hat.sqrt() + eps)
 
-    def after_step(self, step: int, labels: dict[str, np.ndarray] | None = None, gather=None) -> dict[str, torch.Tensor]:
+    def after_step(
+        self, step: int, labels: dict[str, np.ndarray] | None = None, gather=None
+    ) -> dict[str, torch.Tensor]:
         """Turn captured gradients into event updates and the parameter change into a step update.
 
         ``gather`` (e.g. ``accelerator.gather``) collects tensors from every process.

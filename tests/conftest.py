@@ -13,5 +13,10 @@ def tiny_lm_dir(tmp_path_factory):
     from shardlib.pretrain import PretrainParams, train
 
     out = tmp_path_factory.mktemp("pretrain")
-    train(PretrainParams(out_dir=str(out), steps=5, batch_size=8, d_model=16, d_ff=32, n_heads=2, eval_prompts=8, device="cpu"), progress=False)
+    train(
+        PretrainParams(
+            out_dir=str(out), steps=5, batch_size=8, d_model=16, d_ff=32, n_heads=2, eval_prompts=8, device="cpu"
+        ),
+        progress=False,
+    )
     return str(out / "policy")

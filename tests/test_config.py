@@ -58,7 +58,9 @@ def test_from_namespace_ignores_ipython_and_modules():
 
 
 def _params_cell(nb):
-    cells = [c for c in json.loads((NB / nb).read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    cells = [
+        c for c in json.loads((NB / nb).read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])
+    ]
     assert len(cells) == 1, f"{nb} must have exactly one parameters cell"
     return "".join(cells[0]["source"])
 

@@ -1,6 +1,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ def test_atomic_write_gives_the_umask_mode_and_cleans_stale_tmp_files(tmp_path):
     other.write_text("x")
     old = os.umask(0o022)
     try:
-        atomic_write(target, lambda t: open(t, "w").write("{}"))
+        atomic_write(target, lambda t: Path(t).write_text("{}"))
     finally:
         os.umask(old)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644  # not mkstemp's 0600
@@ -28,7 +29,7 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_tmp(tmp_path):
     target.write_text("old")
 
     def boom(tmp):
-        open(tmp, "w").write("partial")
+        Path(tmp).write_text("partial")
         raise OSError(28, "No space left on device", str(tmp))
 
     with pytest.raises(OSError):

@@ -42,7 +42,7 @@ def test_recon_stats_mean_predictor_gives_fvu_one():
 
 
 def test_recovery_metrics_on_a_constructed_dictionary():
-    G = np.eye(4)[:3]                     # three ground-truth directions
+    G = np.eye(4)[:3]  # three ground-truth directions
     D = np.stack([-G[0], G[1], G[1] + 0.01 * np.eye(4)[3], np.eye(4)[3]])  # G2 missing, G1 twice, one junk latent
     r = metrics.recovery(G, D)
     assert r["mmcs_g2d"] == pytest.approx((1 + 1 + 0) / 3)

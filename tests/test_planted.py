@@ -7,14 +7,26 @@ from shardlib.planted import PlantedParams, flatten, model_shapes, planted_updat
 
 def test_model_shapes_come_from_the_tiny_llama():
     s = model_shapes(16, 32, 1, ("mlp",))
-    assert s == {"model.layers.0.mlp.gate_proj.weight": (32, 16), "model.layers.0.mlp.up_proj.weight": (32, 16),
-                 "model.layers.0.mlp.down_proj.weight": (16, 32)}
+    assert s == {
+        "model.layers.0.mlp.gate_proj.weight": (32, 16),
+        "model.layers.0.mlp.up_proj.weight": (32, 16),
+        "model.layers.0.mlp.down_proj.weight": (16, 32),
+    }
 
 
 def test_planted_truth_is_unit_sparse_low_rank_and_zipfian():
     shapes = {"a": (8, 6), "b": (6, 8), "c": (5, 5)}
-    data, truth, codes, freq = planted_updates(shapes, n_shards=6, n_events=20000, active_per_event=2.0, rank=2,
-                                               tensors_per_shard=2, zipf=1.0, noise=0.0, seed=0)
+    data, truth, codes, freq = planted_updates(
+        shapes,
+        n_shards=6,
+        n_events=20000,
+        active_per_event=2.0,
+        rank=2,
+        tensors_per_shard=2,
+        zipf=1.0,
+        noise=0.0,
+        seed=0,
+    )
     G = flatten(truth)
     assert np.allclose(np.linalg.norm(G, axis=1), 1, atol=1e-5)
     for j in range(6):
@@ -28,8 +40,23 @@ def test_planted_truth_is_unit_sparse_low_rank_and_zipfian():
 
 
 def test_control_runs_and_reports_every_metric(tmp_path):
-    p = PlantedParams.from_dict(dict(out_dir=str(tmp_path), n_events=64, n_shards=3, n_latents=6, k=2, ranks=[1, 0], seeds=[0, 1],
-                                     epochs=2, batch_size=32, d_model=16, d_ff=32, n_layers=1, device="cpu"))
+    p = PlantedParams.from_dict(
+        dict(
+            out_dir=str(tmp_path),
+            n_events=64,
+            n_shards=3,
+            n_latents=6,
+            k=2,
+            ranks=[1, 0],
+            seeds=[0, 1],
+            epochs=2,
+            batch_size=32,
+            d_model=16,
+            d_ff=32,
+            n_layers=1,
+            device="cpu",
+        )
+    )
     ds, saes = run_control(p, progress=False)
     for v in ("mmcs_g2d", "mmcs_d2g", "r_at_0.9", "uniqueness", "hungarian_mcc", "fvu", "l0", "seed_stability"):
         assert v in ds and np.isfinite(ds[v].values).all(), v

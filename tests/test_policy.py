@@ -24,11 +24,15 @@ def test_any_causal_lm_checkpoint_loads_and_samples(tmp_path):
 
     tasks = SyntheticTasks(("max",), n_digits=2)
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16)).save_pretrained(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16)).save_pretrained(
+        tmp_path / "gpt2"
+    )
     m = pol.load_policy(tmp_path / "gpt2")
     pol.check_vocab(m, tasks)
     b = tasks.sample(3, torch.Generator().manual_seed(0))
-    comp, mask = pol.sample(m, b["prompt"], tasks.max_new_tokens, torch.Generator().manual_seed(1), vocab_size=tasks.vocab_size)
+    comp, mask = pol.sample(
+        m, b["prompt"], tasks.max_new_tokens, torch.Generator().manual_seed(1), vocab_size=tasks.vocab_size
+    )
     assert comp.shape == (3, tasks.max_new_tokens) and comp.max() < tasks.vocab_size
     logp, ent = pol.logprobs(m, b["prompt"], comp, tasks.vocab_size)
     assert logp.shape == comp.shape and (logp <= 0).all() and (ent >= 0).all()

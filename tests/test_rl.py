@@ -13,8 +13,17 @@ TIMING = ["tokens_per_s", "steps_per_s"]
 
 
 def bandit(tmp_path, name, **kw):
-    base = dict(out_dir=str(tmp_path / name), testbed="bandit", steps=8, prompts_per_step=8, group_size=4,
-                eval_prompts=64, device="cpu", checkpoint_every=2, collect_params=["*"])
+    base = dict(
+        out_dir=str(tmp_path / name),
+        testbed="bandit",
+        steps=8,
+        prompts_per_step=8,
+        group_size=4,
+        eval_prompts=64,
+        device="cpu",
+        checkpoint_every=2,
+        collect_params=["*"],
+    )
     return rl.RLParams.from_dict({**base, **kw})
 
 
@@ -29,7 +38,9 @@ def test_group_advantages():
 def test_clipped_surrogate_and_k3_kl():
     logp = torch.log(torch.tensor([[0.5, 0.5]]))
     old = torch.log(torch.tensor([[0.25, 0.5]]))  # ratio 2 on the first token
-    loss, kl = rl.grpo_token_loss(logp, old, torch.tensor([1.0]), torch.tensor([[1.0, 0.0]]), 0.2, ref_logp=old, kl_beta=0.0)
+    loss, kl = rl.grpo_token_loss(
+        logp, old, torch.tensor([1.0]), torch.tensor([[1.0, 0.0]]), 0.2, ref_logp=old, kl_beta=0.0
+    )
     assert loss[0, 0].item() == pytest.approx(-1.2)  # clipped at 1 + eps
     assert loss[0, 1].item() == 0.0  # masked
     assert kl[0, 0].item() == pytest.approx(0.5 - np.log(0.5) - 1)
@@ -62,7 +73,9 @@ def test_resume_after_kill_repeats_and_loses_nothing(tmp_path):
 def test_resume_continues_the_online_sae_exactly(tmp_path):
     from shardlib.shards import OnlineTrainer
 
-    kw = dict(buffer_capacity=128, online_sae=True, online_warmup=32, online_batch_size=16, online_n_latents=8, online_k=2)
+    kw = dict(
+        buffer_capacity=128, online_sae=True, online_warmup=32, online_batch_size=16, online_n_latents=8, online_k=2
+    )
     full_p = bandit(tmp_path, "full", **kw)
     full = OnlineTrainer.from_rl(full_p)
     rl.train(full_p, progress=False, on_step=full)
@@ -108,19 +121,49 @@ def test_an_edited_or_half_replaced_checkpoint_is_refused_or_recovered(tmp_path)
     os.replace(ck, ck.with_name("checkpoint.old"))
     resumed = rl.train(q, progress=False)["results"]
     assert resumed.drop_vars(TIMING).identical(full.drop_vars(TIMING))
-    assert open_store(tmp_path / "y/updates/events").drop_attrs().equals(open_store(tmp_path / "full/updates/events").drop_attrs())
+    assert (
+        open_store(tmp_path / "y/updates/events")
+        .drop_attrs()
+        .equals(open_store(tmp_path / "full/updates/events").drop_attrs())
+    )
 
 
 def test_bandit_rl_learns(tmp_path):
-    ds = rl.train(bandit(tmp_path, "learn", steps=150, lr=0.01, prompts_per_step=32, group_size=8, collect_params=[], eval_prompts=512), progress=False)["results"]
+    ds = rl.train(
+        bandit(
+            tmp_path,
+            "learn",
+            steps=150,
+            lr=0.01,
+            prompts_per_step=32,
+            group_size=8,
+            collect_params=[],
+            eval_prompts=512,
+        ),
+        progress=False,
+    )["results"]
     assert (ds.eval_reward_final > ds.eval_reward_init + 0.2).all()
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "sft"])
 def test_lm_stage_runs_with_accumulation_and_kl(tmp_path, tiny_lm_dir, algorithm):
-    p = rl.RLParams.from_dict(dict(out_dir=str(tmp_path / "lm"), testbed="lm", init_path=tiny_lm_dir, algorithm=algorithm,
-                                   steps=2, prompts_per_step=4, group_size=2, grad_accum=2, kl_beta=0.1, inner_epochs=2,
-                                   eval_prompts=8, device="cpu", collect_params=["*.mlp.down_proj.weight"]))
+    p = rl.RLParams.from_dict(
+        dict(
+            out_dir=str(tmp_path / "lm"),
+            testbed="lm",
+            init_path=tiny_lm_dir,
+            algorithm=algorithm,
+            steps=2,
+            prompts_per_step=4,
+            group_size=2,
+            grad_accum=2,
+            kl_beta=0.1,
+            inner_epochs=2,
+            eval_prompts=8,
+            device="cpu",
+            collect_params=["*.mlp.down_proj.weight"],
+        )
+    )
     ds = rl.train(p, progress=False)["results"]
     assert ds.sizes["step"] == 2 and np.isfinite(ds.loss).all()
     ev = open_store(tmp_path / "lm/updates/events")
@@ -132,16 +175,35 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2`` with device=cpu runs 2 gloo processes."""
     out = tmp_path / "mp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "-m", "shardlib.launch", "rl", f"out_dir={out}", "testbed=bandit", "device=cpu", "steps=4",
-           "prompts_per_step=4", "group_size=4", "eval_prompts=32", "checkpoint_every=2", "collect_params=['*']"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "-m",
+        "shardlib.launch",
+        "rl",
+        f"out_dir={out}",
+        "testbed=bandit",
+        "device=cpu",
+        "steps=4",
+        "prompts_per_step=4",
+        "group_size=4",
+        "eval_prompts=32",
+        "checkpoint_every=2",
+        "collect_params=['*']",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "processes=2 distributed_type=DistributedType.MULTI_CPU" in r.stdout
     from shardlib.io import load_results
 
     ds = load_results(out / "results.nc")
-    single = rl.train(bandit(tmp_path, "single", steps=4, prompts_per_step=4, eval_prompts=32), progress=False)["results"]
+    single = rl.train(bandit(tmp_path, "single", steps=4, prompts_per_step=4, eval_prompts=32), progress=False)[
+        "results"
+    ]
     assert set(ds.data_vars) == set(single.data_vars)
     ev = open_store(out / "updates/events")
     assert ev.sizes["event"] == 4 * 2 * 4 * 4  # steps x processes x prompts x group

@@ -25,8 +25,23 @@ def tiny_run(tmp_path_factory):
 def test_tiny_pipeline_writes_notebooks_results_and_plots(tiny_run):
     run_dir, records = tiny_run
     assert all(r["status"] == "done" for r in records) and len(records) == len(plan(load_config(TINY), run_dir.parent))
-    for stage in ("pretrain", "rl_bandit", "rl_lm", "sft_lm", "shards_bandit", "shards_lm", "planted", "sparsity", "frontier",
-                  "analysis_bandit", "analysis_lm", "toy_models", "figures", "frontier_events/rank=1,k=1", "lr_sweep/lr=0.01"):
+    for stage in (
+        "pretrain",
+        "rl_bandit",
+        "rl_lm",
+        "sft_lm",
+        "shards_bandit",
+        "shards_lm",
+        "planted",
+        "sparsity",
+        "frontier",
+        "analysis_bandit",
+        "analysis_lm",
+        "toy_models",
+        "figures",
+        "frontier_events/rank=1,k=1",
+        "lr_sweep/lr=0.01",
+    ):
         d = run_dir / stage
         nb = json.loads((d / "notebook.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
@@ -59,12 +74,23 @@ def test_unchanged_stages_are_skipped_and_changes_rerun(tiny_run, tmp_path):
 
 
 def test_a_stage_hashes_only_the_library_code_its_notebook_reaches():
-    names = lambda nb: {f.name for f in runner.library_files(ROOT / "notebooks" / nb)}  # noqa: E731
+    names = lambda nb: {f.name for f in runner.library_files(ROOT / "notebooks" / nb)}
     rl_code, toy_code, fig_code = names("02_rl.ipynb"), names("08_toy_models.ipynb"), names("09_figures.ipynb")
-    assert {"rl.py", "updates.py", "shards.py", "sae.py"} <= rl_code and "toy.py" not in rl_code  # a toy edit keeps RL runs
-    assert {"toy.py", "shards.py", "rl.py"} <= toy_code  # toy -> shards -> rl (make_accelerator), found inside functions
+    assert {
+        "rl.py",
+        "updates.py",
+        "shards.py",
+        "sae.py",
+    } <= rl_code and "toy.py" not in rl_code  # a toy edit keeps RL runs
+    assert {
+        "toy.py",
+        "shards.py",
+        "rl.py",
+    } <= toy_code  # toy -> shards -> rl (make_accelerator), found inside functions
     assert {"figures.py", "fig_toy_models.py", "toy.py"} <= fig_code  # figure scripts and what they import
-    assert runner.library_digest(ROOT / "notebooks" / "02_rl.ipynb") != runner.library_digest(ROOT / "notebooks" / "08_toy_models.ipynb")
+    assert runner.library_digest(ROOT / "notebooks" / "02_rl.ipynb") != runner.library_digest(
+        ROOT / "notebooks" / "08_toy_models.ipynb"
+    )
 
 
 def test_config_overrides_and_references():
@@ -91,13 +117,54 @@ def test_a_failing_stage_names_its_cell_and_keeps_the_notebook(tmp_path):
 
 def test_plain_papermill_cli_runs_a_notebook_alone_and_validates(tmp_path):
     nb = ROOT / "notebooks" / "02_rl.ipynb"
-    ok = subprocess.run([sys.executable, "-m", "papermill", str(nb), str(tmp_path / "ok.ipynb"), "-p", "out_dir", str(tmp_path / "o"),
-                         "-p", "steps", "3", "-p", "eval_prompts", "16", "-p", "device", "cpu", "-k", "python3"],
-                        capture_output=True, text=True, timeout=240)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "papermill",
+            str(nb),
+            str(tmp_path / "ok.ipynb"),
+            "-p",
+            "out_dir",
+            str(tmp_path / "o"),
+            "-p",
+            "steps",
+            "3",
+            "-p",
+            "eval_prompts",
+            "16",
+            "-p",
+            "device",
+            "cpu",
+            "-k",
+            "python3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (tmp_path / "o" / "results.nc").exists()
-    bad = subprocess.run([sys.executable, "-m", "papermill", str(nb), str(tmp_path / "bad.ipynb"), "-p", "out_dir", str(tmp_path / "b"),
-                          "-p", "steps", "-2", "-k", "python3"], capture_output=True, text=True, timeout=240)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "papermill",
+            str(nb),
+            str(tmp_path / "bad.ipynb"),
+            "-p",
+            "out_dir",
+            str(tmp_path / "b"),
+            "-p",
+            "steps",
+            "-2",
+            "-k",
+            "python3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert bad.returncode != 0
     assert "parameter 'steps': got -2 (int); accepted: int >= 1" in bad.stderr + bad.stdout
     assert not (tmp_path / "b" / "results.nc").exists()
@@ -148,7 +215,10 @@ def test_run_name_dotdot_cannot_delete_the_repositorys_figures(tmp_path, capsys)
     victim.mkdir()
     (victim / "fig_keep.py").write_text("precious")
     for name in ("..", "../escaped_run", "/abs/path", ".", "a/b", "", "x" * 101):
-        assert main(["run", "--config", str(TINY), "--run", name, "--only", "figures", "--runs-dir", str(runs), "--quiet"]) == 1
+        assert (
+            main(["run", "--config", str(TINY), "--run", name, "--only", "figures", "--runs-dir", str(runs), "--quiet"])
+            == 1
+        )
         assert "run name" in capsys.readouterr().err
     assert (victim / "fig_keep.py").read_text() == "precious"
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["figures", "runs"] and not any(runs.iterdir())
@@ -164,10 +234,24 @@ def test_stage_names_references_notebooks_and_runs_folders_stay_inside(tmp_path)
         ({"stages": {"../../../victim": st["pretrain"]}}, "stage name '../../../victim' is not allowed"),
         ({"stages": {"pretrain": {**st["pretrain"], "notebook": "../../evil.ipynb"}}}, "leaves the notebook folder"),
         ({"stages": {"pretrain": {**st["pretrain"], "notebook": "/etc/passwd"}}}, "must be a .ipynb file"),
-        ({"stages": {"pretrain": st["pretrain"], "rl_lm": {**st["rl_lm"], "params": {"init_path": "@pretrain/../../x"}}}},
-         "leaves the folder of stage 'pretrain'"),
-        ({"stages": {"pretrain": st["pretrain"], "lr_sweep": {**st["lr_sweep"], "sweep": {"algorithm": ["../../x"]}}}},
-         "sweep value algorithm='../../x' cannot name a folder"),
+        (
+            {
+                "stages": {
+                    "pretrain": st["pretrain"],
+                    "rl_lm": {**st["rl_lm"], "params": {"init_path": "@pretrain/../../x"}},
+                }
+            },
+            "leaves the folder of stage 'pretrain'",
+        ),
+        (
+            {
+                "stages": {
+                    "pretrain": st["pretrain"],
+                    "lr_sweep": {**st["lr_sweep"], "sweep": {"algorithm": ["../../x"]}},
+                }
+            },
+            "sweep value algorithm='../../x' cannot name a folder",
+        ),
     ]
     for change, message in bad:
         with pytest.raises(PipelineError, match=message):
@@ -201,17 +285,20 @@ def test_a_config_cannot_run_code_through_parameter_names_or_values(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
-@pytest.mark.parametrize("setting,message", [
-    ("rl_bandit.lr=.nan", "'lr': got nan; accepted: a finite float > 0"),
-    ("rl_bandit.temperature=.inf", "'temperature': got inf"),
-    ("shards_bandit.holdout_frac=.nan", "parameter 'holdout_frac': got nan"),
-    ("rl_bandit.steps=2.5", "parameter 'steps': got 2.5"),
-    ("rl_bandit.online_k=99", "parameter 'online_k': 99 exceeds online_n_latents"),
-    ("seed=1.7", "seed must be an integer >= 0, got 1.7"),
-    ("seed=abc", "seed must be an integer >= 0, got 'abc'"),
-    ("seed=true", "seed must be an integer >= 0, got True"),
-    ("rl_lm.steps=[a", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("rl_bandit.lr=.nan", "'lr': got nan; accepted: a finite float > 0"),
+        ("rl_bandit.temperature=.inf", "'temperature': got inf"),
+        ("shards_bandit.holdout_frac=.nan", "parameter 'holdout_frac': got nan"),
+        ("rl_bandit.steps=2.5", "parameter 'steps': got 2.5"),
+        ("rl_bandit.online_k=99", "parameter 'online_k': 99 exceeds online_n_latents"),
+        ("seed=1.7", "seed must be an integer >= 0, got 1.7"),
+        ("seed=abc", "seed must be an integer >= 0, got 'abc'"),
+        ("seed=true", "seed must be an integer >= 0, got True"),
+        ("rl_lm.steps=[a", "not valid YAML"),
+    ],
+)
 def test_bad_values_are_named_before_any_stage_runs(tmp_path, capsys, setting, message):
     from shardlib.__main__ import main
 
@@ -228,7 +315,9 @@ def test_the_runner_never_deletes_a_folder_it_did_not_write(tmp_path):
     (stage / "precious.txt").write_text("mine")
     with pytest.raises(PipelineError, match="holds files but no valid .stage.json.*will not delete it"):
         runner.run(cfg, runs_dir=tmp_path / "runs")
-    (stage / ".stage.json").write_text(json.dumps({"fingerprint": "x", "status": "done", "params": {"out_dir": "/elsewhere"}}))
+    (stage / ".stage.json").write_text(
+        json.dumps({"fingerprint": "x", "status": "done", "params": {"out_dir": "/elsewhere"}})
+    )
     with pytest.raises(PipelineError, match="will not delete it"):  # a record for another folder is not this folder's
         runner.run(cfg, runs_dir=tmp_path / "runs")
     assert (stage / "precious.txt").read_text() == "mine"
@@ -258,7 +347,19 @@ def test_two_concurrent_cli_runs_on_one_run_name(tmp_path):
     import time
 
     runs = str(tmp_path / "runs")
-    args = [sys.executable, "-m", "shardlib", "run", "--config", str(TINY), "--only", "pretrain", "--runs-dir", runs, "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "shardlib",
+        "run",
+        "--config",
+        str(TINY),
+        "--only",
+        "pretrain",
+        "--runs-dir",
+        runs,
+        "--quiet",
+    ]
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = tmp_path / "runs" / "tiny" / ".lock"
     for _ in range(600):
@@ -282,4 +383,8 @@ def test_io_errors_end_in_one_error_line(tmp_path, capsys, monkeypatch, errno_, 
     monkeypatch.setattr(cli, "run", fail)
     assert cli.main(["run", "--config", str(TINY), "--runs-dir", str(tmp_path / "runs"), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {tmp_path}/runs/tiny/pretrain/results.nc: ") and fragment in err and err.count("\n") == 1
+    assert (
+        err.startswith(f"error: {tmp_path}/runs/tiny/pretrain/results.nc: ")
+        and fragment in err
+        and err.count("\n") == 1
+    )

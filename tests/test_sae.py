@@ -166,8 +166,15 @@ def test_signed_coefficients_recover_a_signed_direction():
     data = {"w": c[:, None, None] * d + 0.01 * torch.randn(512, 6, 5, generator=g)}
     sae = ShardSAE({"w": (6, 5)}, 2, 1, rank=1, signed=True, seed=0)
     init_from_data(sae, data)
-    tr = Trainer(sae, lr=0.01, aux_k=1, aux_coef=1 / 32, dead_window=10_000, variance=float((data["w"] / sae.scale).pow(2).sum() / 512))
-    for epoch in range(30):
+    tr = Trainer(
+        sae,
+        lr=0.01,
+        aux_k=1,
+        aux_coef=1 / 32,
+        dead_window=10_000,
+        variance=float((data["w"] / sae.scale).pow(2).sum() / 512),
+    )
+    for _epoch in range(30):
         for s in range(0, 512, 64):
             tr.step({"w": data["w"][s : s + 64]})
     cos = (sae.directions()["w"].reshape(2, -1) @ d.reshape(-1)).abs().max()

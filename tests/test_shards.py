@@ -19,14 +19,28 @@ def make_store(path, n=96, seed=0):
     step, adv = np.arange(n) // 8, np.sign(codes.numpy().sum(1))
     for s in np.unique(step):  # one append per step: a chunk's steps match its labels
         i = step == s
-        st.append({k: v[torch.from_numpy(i)] for k, v in data.items()}, {"step": step[i], "task": task[i], "advantage": adv[i]}, int(s))
+        st.append(
+            {k: v[torch.from_numpy(i)] for k, v in data.items()},
+            {"step": step[i], "task": task[i], "advantage": adv[i]},
+            int(s),
+        )
     st.flush()
     return data, truth
 
 
 def params(tmp_path, **kw):
-    base = dict(out_dir=str(tmp_path / "out"), store_path=str(tmp_path / "store"), n_latents=6, k=2, rank=1, signed=True,
-                epochs=4, batch_size=16, device="cpu", checkpoint_every=2)
+    base = dict(
+        out_dir=str(tmp_path / "out"),
+        store_path=str(tmp_path / "store"),
+        n_latents=6,
+        k=2,
+        rank=1,
+        signed=True,
+        epochs=4,
+        batch_size=16,
+        device="cpu",
+        checkpoint_every=2,
+    )
     return shards.ShardParams.from_dict({**base, **kw})
 
 
@@ -97,7 +111,9 @@ def test_online_trainer_learns_from_the_ring_buffer():
     shapes = {"w": (6, 5)}
     data, truth, _, _ = planted_updates(shapes, n_shards=2, n_events=512, active_per_event=1.0, seed=1, noise=0.0)
     buf = RingBuffer(shapes, capacity=128)
-    p = shards.ShardParams.from_dict({"store_path": "buffer", "n_latents": 4, "k": 1, "signed": True, "batch_size": 32, "lr": 0.01})
+    p = shards.ShardParams.from_dict(
+        {"store_path": "buffer", "n_latents": 4, "k": 1, "signed": True, "batch_size": 32, "lr": 0.01}
+    )
     online = shards.OnlineTrainer(p, warmup=64, steps_per_rl_step=4)
     for step in range(0, 512, 16):
         buf.add({"w": data["w"][step : step + 16]}, {})
@@ -118,18 +134,48 @@ def test_two_process_training_matches_one_process(tmp_path):
     from shardlib.metrics import hungarian_mcc
 
     make_store(tmp_path / "store", n=128)
-    args = [f"store_path={tmp_path / 'store'}", "device=cpu", "n_latents=6", "k=2", "signed=true", "epochs=3", "batch_size=32"]
+    args = [
+        f"store_path={tmp_path / 'store'}",
+        "device=cpu",
+        "n_latents=6",
+        "k=2",
+        "signed=true",
+        "epochs=3",
+        "batch_size=32",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m",
-                          "shardlib.launch", "shards", f"out_dir={tmp_path / 'two'}", *args], capture_output=True, text=True, env=env, timeout=240)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "-m",
+            "shardlib.launch",
+            "shards",
+            f"out_dir={tmp_path / 'two'}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "processes=2 distributed_type=DistributedType.MULTI_CPU" in two.stdout
-    one = subprocess.run([sys.executable, "-m", "shardlib.launch", "shards", f"out_dir={tmp_path / 'one'}", *args],
-                         capture_output=True, text=True, env=env, timeout=240)
+    one = subprocess.run(
+        [sys.executable, "-m", "shardlib.launch", "shards", f"out_dir={tmp_path / 'one'}", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     a = shards.shard_directions(load_results(tmp_path / "one" / "shards.nc"))
     b = shards.shard_directions(load_results(tmp_path / "two" / "shards.nc"))
-    flat = lambda d: np.concatenate([d[k].reshape(6, -1) for k in sorted(d)], 1)  # noqa: E731
+    flat = lambda d: np.concatenate([d[k].reshape(6, -1) for k in sorted(d)], 1)
     assert hungarian_mcc(flat(a), flat(b)) > 0.999
     fa = float(load_results(tmp_path / "one" / "results.nc").heldout_fvu)
     fb = float(load_results(tmp_path / "two" / "results.nc").heldout_fvu)

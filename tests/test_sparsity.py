@@ -37,6 +37,8 @@ def test_cumulative_lenses_between_two_policies(tmp_path):
     ds = sparsity.cumulative(tmp_path / "a", tmp_path / "b")
     w = ds.sel(tensor="net.0.weight")
     assert float(w.unchanged.sel(tau=0.0)) == pytest.approx(1 - 3 / 12)
-    assert float(w.rows_touched) == 0.25 and float(w.cols_touched) == 1.0 and float(w.rank_ratio) == pytest.approx(1 / 3)
+    assert (
+        float(w.rows_touched) == 0.25 and float(w.cols_touched) == 1.0 and float(w.rank_ratio) == pytest.approx(1 / 3)
+    )
     assert float(ds.sel(tensor="net.2.bias").unchanged.sel(tau=0.0)) == 1.0
     assert sparsity.layer_of("model.layers.1.mlp.up_proj.weight") == "layer 1"

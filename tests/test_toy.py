@@ -32,7 +32,9 @@ def test_circuits_are_rank_one_feature_columns():
     assert c["W"].shape == (5, 2, 5)
     for k in range(5):
         assert torch.linalg.matrix_rank(c["W"][k]) == 1
-        assert torch.equal(c["W"][k][:, k], m.W.detach()[:, k]) and c["W"][k].abs().sum() == m.W.detach()[:, k].abs().sum()
+        assert (
+            torch.equal(c["W"][k][:, k], m.W.detach()[:, k]) and c["W"][k].abs().sum() == m.W.detach()[:, k].abs().sum()
+        )
 
 
 def test_columnwise_mmcs_and_ml2r_on_a_constructed_example():
@@ -109,16 +111,21 @@ def test_cases_run_and_the_numbers_do_not_depend_on_workers(tmp_path):
     for k in serial.data_vars:
         assert np.array_equal(serial[k].values, pooled[k].values, equal_nan=True), k
     tms, tmcs = serial.sel(case="tms_5_2"), serial.sel(case="tmcs")
-    assert ((0 <= tms.mmcs_columnwise) & (tms.mmcs_columnwise <= 1)).all() and (serial.recon_error >= 0).all()
+    assert ((tms.mmcs_columnwise >= 0) & (tms.mmcs_columnwise <= 1)).all() and (serial.recon_error >= 0).all()
     assert np.isnan(tms.coef_r).all() and np.isfinite(tmcs.coef_r).all()
     for control in ("mmcs_truth_init", "mmcs_single_feature", "recon_error_single_feature"):  # signed only
-        assert np.isfinite(serial[control].sel(activation="signed")).all() and np.isnan(serial[control].sel(activation="relu")).all()
+        assert (
+            np.isfinite(serial[control].sel(activation="signed")).all()
+            and np.isnan(serial[control].sel(activation="relu")).all()
+        )
     assert "published_tmcs_recon_error_l3d" in serial.attrs
     assert serial.intervention_tms_5_2.shape == (5, 13, 5) and np.isfinite(tms.own_output_share).all()
     assert np.isnan(tmcs.own_output_share).all() and np.isfinite(tms.own_output_share_truth).all()
     assert (serial.ml2r_gradient > 0).all()
     # after run, run_case resumes the finished SAEs: the table's numbers, no retraining
-    m, _, _ = toy.run_case("tmcs", 0, "signed", toy.ToyParams.from_dict(dict(out_dir=str(tmp_path / "b"), workers=2, **kw)))
+    m, _, _ = toy.run_case(
+        "tmcs", 0, "signed", toy.ToyParams.from_dict(dict(out_dir=str(tmp_path / "b"), workers=2, **kw))
+    )
     assert m["mmcs_columnwise"] == serial.mmcs_columnwise.sel(case="tmcs", activation="signed", seed=0).item()
 
 
@@ -148,5 +155,5 @@ def test_gradient_ml2r_is_one_for_an_sae_at_the_truth_and_halves_with_half_codes
     assert toy.gradient_ml2r(sae, data, np.arange(5), np.arange(5)) == pytest.approx(1.0, abs=1e-5)
     with torch.no_grad():
         for key in sae.enc:
-            sae.enc[key].mul_(0.5 ** 0.5)  # encoder at half length (U and V each by 1/sqrt 2): codes halve
+            sae.enc[key].mul_(0.5**0.5)  # encoder at half length (U and V each by 1/sqrt 2): codes halve
     assert toy.gradient_ml2r(sae, data, np.arange(5), np.arange(5)) == pytest.approx(0.5, abs=1e-5)

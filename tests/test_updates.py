@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,14 @@ from torch import nn
 from shardlib import policy as pol
 from shardlib.rl import RLParams, train
 from shardlib.updates import (
-    RingBuffer, StoreError, UpdateCollector, UpdateStore, open_store, select_params, update_norms, update_vars,
+    RingBuffer,
+    StoreError,
+    UpdateCollector,
+    UpdateStore,
+    open_store,
+    select_params,
+    update_norms,
+    update_vars,
 )
 
 
@@ -139,9 +147,15 @@ def test_lazy_open_for_large_stores(tmp_path):
     "breakage,message",
     [
         (lambda ds: ds.assign(w=ds["w"].assign_attrs(param=None).drop_attrs()), "no parameter variable"),
-        (lambda ds: ds.assign(w=ds["w"].transpose("w_dim0", "event", "w_dim1")), "'w' has dims .* the first must be 'event'"),
+        (
+            lambda ds: ds.assign(w=ds["w"].transpose("w_dim0", "event", "w_dim1")),
+            "'w' has dims .* the first must be 'event'",
+        ),
         (lambda ds: ds.assign(w=ds["w"].where(ds.step != 2, np.nan)), "'w' holds NaN or Inf"),
-        (lambda ds: ds.assign_coords(reward=("label", np.arange(4.0))), "label 'reward' has dims \\('label',\\) \\(4 values\\) but the store has 5 events"),
+        (
+            lambda ds: ds.assign_coords(reward=("label", np.arange(4.0))),
+            "label 'reward' has dims \\('label',\\) \\(4 values\\) but the store has 5 events",
+        ),
         (lambda ds: ds.drop_attrs(deep=False), "attribute 'kind'"),
     ],
 )
@@ -169,7 +183,7 @@ def test_crash_mid_write_leaves_a_readable_store(tmp_path):
         from shardlib.io import atomic_write
 
         def half(tmp):
-            open(tmp, "wb").write(b"CDF\x01 half a file")
+            Path(tmp).write_bytes(b"CDF\x01 half a file")
             raise Boom
 
         atomic_write(self.path / f"chunk-{first:08d}-{last:08d}.nc", half)
@@ -217,8 +231,20 @@ def test_ring_buffer_keeps_the_most_recent_and_bounds_memory():
 
 
 def test_subsampling_and_half_precision_storage(tmp_path):
-    p = RLParams.from_dict(dict(out_dir=str(tmp_path / "r"), testbed="bandit", steps=6, prompts_per_step=4, group_size=2,
-                                eval_prompts=8, device="cpu", collect_params=["net.2.*"], collect_every=3, store_dtype="bfloat16"))
+    p = RLParams.from_dict(
+        dict(
+            out_dir=str(tmp_path / "r"),
+            testbed="bandit",
+            steps=6,
+            prompts_per_step=4,
+            group_size=2,
+            eval_prompts=8,
+            device="cpu",
+            collect_params=["net.2.*"],
+            collect_every=3,
+            store_dtype="bfloat16",
+        )
+    )
     train(p, progress=False)
     ev = open_store(tmp_path / "r/updates/events")
     assert sorted(set(ev["step"].values.tolist())) == [0, 3]
@@ -231,13 +257,29 @@ def test_grouping_events_per_prompt_sums_updates_and_averages_rewards(tmp_path):
     from shardlib.updates import group_events
 
     ups = {"w": torch.arange(8.0).view(4, 2)}
-    labels = {"group": np.array([5, 5, 7, 7]), "reward": np.array([1.0, 0.0, 1.0, 1.0], dtype=np.float32),
-              "task": np.array([2, 2, 0, 0])}
+    labels = {
+        "group": np.array([5, 5, 7, 7]),
+        "reward": np.array([1.0, 0.0, 1.0, 1.0], dtype=np.float32),
+        "task": np.array([2, 2, 0, 0]),
+    }
     out, lab = group_events(ups, labels)
     assert out["w"].tolist() == [[2.0, 4.0], [10.0, 12.0]]
-    assert lab["reward"].tolist() == [0.5, 1.0] and lab["task"].tolist() == [2, 0] and lab["n_events"].tolist() == [2, 2]
-    p = RLParams.from_dict(dict(out_dir=str(tmp_path / "g"), testbed="bandit", steps=2, prompts_per_step=4, group_size=3,
-                                eval_prompts=8, device="cpu", collect_params=["*"], group_events=True))
+    assert (
+        lab["reward"].tolist() == [0.5, 1.0] and lab["task"].tolist() == [2, 0] and lab["n_events"].tolist() == [2, 2]
+    )
+    p = RLParams.from_dict(
+        dict(
+            out_dir=str(tmp_path / "g"),
+            testbed="bandit",
+            steps=2,
+            prompts_per_step=4,
+            group_size=3,
+            eval_prompts=8,
+            device="cpu",
+            collect_params=["*"],
+            group_events=True,
+        )
+    )
     train(p, progress=False)
     ev = open_store(tmp_path / "g/updates/events")
     assert ev.sizes["event"] == 2 * 4 and (ev["n_events"].values == 3).all()
@@ -254,7 +296,12 @@ def test_ring_buffer_save_and_load_round_trip(tmp_path):
     assert torch.equal(other.data["w"], buf.data["w"]) and (other.labels["task"] == buf.labels["task"]).all()
     assert (other.size, other.cursor, other.total_added) == (4, 1, 5)
     # five events into four slots: the last four stay, the newest where the cursor left off
-    assert other.data["w"][:, 0, 0].tolist() == [24.0, 6.0, 12.0, 18.0] and other.labels["task"].tolist() == [4, 1, 2, 3]
+    assert other.data["w"][:, 0, 0].tolist() == [24.0, 6.0, 12.0, 18.0] and other.labels["task"].tolist() == [
+        4,
+        1,
+        2,
+        3,
+    ]
     with pytest.raises(ValueError, match="capacity"):
         RingBuffer({"w": (2, 3)}, capacity=8).load(tmp_path / "b")
 
@@ -285,7 +332,9 @@ def test_a_store_refuses_gaps_foreign_copied_and_changed_chunks(tmp_path):
         return d
 
     gap = broken("gap", lambda d: (d / names[1]).unlink())  # the deleted middle chunk
-    with pytest.raises(StoreError, match=r"chunk-00000003-00000005.nc \(steps 3-5, 12 events\) is missing: the store has a gap"):
+    with pytest.raises(
+        StoreError, match=r"chunk-00000003-00000005.nc \(steps 3-5, 12 events\) is missing: the store has a gap"
+    ):
         open_store(gap)
     appended = broken("appended", lambda d: shutil.copy(other / names[2], d / "chunk-00000009-00000011.nc"))
     with pytest.raises(StoreError, match="chunk-00000009-00000011.nc is not part of this store"):
