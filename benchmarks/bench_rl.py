@@ -51,7 +51,7 @@ def lm_params(tmp, pretrained, steps, collect):
 
 def timed_train(p):
     res = rl.train(p, progress=False)
-    ds = res["results"]
+    ds = res.results
     # the first steps include warm-up; use the median step time
     return float(statistics.median(1 / ds.steps_per_s.values[2:])), float(ds.tokens_per_s.values[2:].mean())
 

@@ -29,6 +29,8 @@ import xarray as xr
 from scipy.stats import rankdata
 
 from .config import Params, param
+from .events import event_type_labels
+from .io import save_results
 from .metrics import abs_cos, hungarian_mcc
 
 # ---------------------------------------------------------------------------
@@ -162,7 +164,8 @@ class AnalysisParams(Params):
 def load_inputs(p: AnalysisParams):
     """Shard directions, activations, the SAE config, and the store's updates (flattened, same events)."""
     from .io import load_results
-    from .shards import ShardParams, load_updates, shard_directions
+    from .shardfile import shard_directions
+    from .shards import ShardParams, load_updates
 
     sd = Path(p.shards_dir)
     sh, acts, res = load_results(sd / "shards.nc"), load_results(sd / "activations.nc"), load_results(sd / "results.nc")
@@ -171,18 +174,11 @@ def load_inputs(p: AnalysisParams):
     return sh, acts, res, sp, data, store, shard_directions(sh)
 
 
-def event_type_labels(acts: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(type label per event = task, correctness clause where present, advantage sign; task index per event)."""
-    from .shards import event_types
-
-    return event_types(acts), acts["task"].values
-
-
 def intervention_effects(p: AnalysisParams, dirs: dict[str, np.ndarray], order: np.ndarray, rank: int):
     """Effect of adding each shard (and random directions) to the base policy, and of ablating
     each shard from the fine-tuned policy: reward change per task family."""
-    from .policy import load_policy
-    from .rl import RLParams, evaluate, make_testbed
+    from .policy import evaluate, load_policy
+    from .rl import RLParams, make_testbed
 
     rp = RLParams.from_dict(json.loads(xr.open_dataset(Path(p.rl_dir) / "results.nc").attrs["config"]))
     testbed = make_testbed(rp)
@@ -229,15 +225,23 @@ def specificity(effect: np.ndarray) -> np.ndarray:
 
 
 def run(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
+    """The stage: :func:`analyse`, written to ``results.nc``."""
+    ds = analyse(p, progress)
+    save_results(ds, Path(p.out_dir) / "results.nc", p.to_dict(), p.seed)
+    return ds
+
+
+def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     """Alignment (this SAE and extra seeds), where shards live, and interventions, as one Dataset."""
+    from . import shardfile
     from . import shards as sh_mod
-    from .planted import flatten
+    from .common import flatten
     from .sparsity import layer_of
 
     sh, acts, res, sp, data, store, dirs = load_inputs(p)
     names = list(dirs)
     F = sh.sizes["shard"]
-    codes = sh_mod.dense_codes(acts, F).values
+    codes = shardfile.dense_codes(acts, F).values
     types, task = event_type_labels(acts)
     X = flatten({n: data[n] for n in names}, names)
     D = np.concatenate([dirs[n].reshape(F, -1) for n in names], 1)
@@ -247,8 +251,8 @@ def run(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     for s in p.extra_seeds:
         q = sp.replace(seed=s, out_dir=str(Path(p.out_dir) / f"sae_seed{s}"), online_shards_path="")
         r = sh_mod.train(q, progress=False, data=data)
-        _, _, z = sh_mod.encode_all(r["sae"].cpu(), data)
-        Ds = flatten(r["sae"].directions(), names)
+        _, _, z = sh_mod.encode_all(r.sae.cpu(), data)
+        Ds = flatten(r.sae.directions(), names)
         rows[s] = alignment(z.abs().numpy(), types, X, Ds, R, p.seed)
         seed_dirs[s] = Ds
     seeds = list(rows)
@@ -287,7 +291,7 @@ def run(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
         from .io import load_results
 
         on = load_results(online)
-        on_dirs = np.concatenate([sh_mod.shard_directions(on)[n].reshape(on.sizes["shard"], -1) for n in names], 1)
+        on_dirs = np.concatenate([shardfile.shard_directions(on)[n].reshape(on.sizes["shard"], -1) for n in names], 1)
         out["online_type_match"] = hungarian_mcc(type_means(X, types)[0], on_dirs)
         out["online_offline_match"] = hungarian_mcc(D, on_dirs)
         out["online_offline_mmcs"] = float(abs_cos(D, on_dirs).max(1).mean())

@@ -69,3 +69,23 @@ class FiguresParams(Params):
 
     def run_dir(self) -> Path:
         return Path(self.inputs[0]).parent
+
+
+@dataclass
+class FiguresRun:
+    """What :func:`run` returns: the list of figures (also in ``results.nc``) and their files."""
+
+    results: object
+    written: dict[str, list[Path]]
+
+
+def run(p: FiguresParams) -> FiguresRun:
+    """The stage: every figure from the run's results into ``out_dir``; ``results.nc`` lists them."""
+    import xarray as xr
+
+    from .io import save_results
+
+    written = make_all(p.run_dir(), p.out_dir)
+    ds = xr.Dataset(coords={"figure": list(written)})
+    save_results(ds, Path(p.out_dir) / "results.nc", p.to_dict(), p.seed)
+    return FiguresRun(ds, written)

@@ -138,6 +138,31 @@ def recover_dir(path) -> Path:
     return path
 
 
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def write_checkpoint(path, state: dict, savers: dict, optimizer=None) -> None:
+    """Write checkpoint folder ``path`` atomically: each ``savers[name](folder)`` writes ``path/name``
+    (safetensors + JSON), the optimizer's state goes to ``optimizer.pt``, and ``state.json`` (JSON:
+    the counter, history, fingerprint) is written last; :func:`read_checkpoint` checks it on resume."""
+    import torch
+
+    tmp = atomic_dir(Path(path))
+    for name, save in savers.items():
+        save(tmp / name)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    (tmp / "state.json").write_text(json.dumps(state))
+    commit_dir(tmp, Path(path))
+
+
+def load_optimizer(optimizer, folder) -> None:
+    """Restore an optimizer's state from ``folder/optimizer.pt`` (tensors and plain data only)."""
+    import torch
+
+    optimizer.load_state_dict(torch.load(Path(folder) / OPTIMIZER_FILE, weights_only=True))
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, edited, or was written by a run with other parameters."""
 

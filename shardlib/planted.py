@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import xarray as xr
 
+from .common import dense_parameter_count, flatten
 from .config import Params, param
 
 
@@ -76,13 +78,6 @@ def planted_updates(
     return updates, truth, codes, freq
 
 
-def flatten(tensors: dict[str, torch.Tensor], names=None) -> np.ndarray:
-    """Concatenate per-tensor [F, *shape] into [F, D] (in ``names`` order)."""
-    names = names or list(tensors)
-    n = tensors[names[0]].shape[0]
-    return torch.cat([tensors[k].reshape(n, -1) for k in names], 1).numpy()
-
-
 # ---------------------------------------------------------------------------
 # the positive-control experiment
 
@@ -129,7 +124,6 @@ def run_control(p: PlantedParams, progress: bool = True):
     """Train an SAE per (rank, seed) on the same planted data; returns (results Dataset, SAEs)."""
     import time
 
-    import xarray as xr
     from tqdm.auto import tqdm
 
     from . import metrics
@@ -186,10 +180,10 @@ def run_control(p: PlantedParams, progress: bool = True):
             t0 = time.perf_counter()
             res = train(sp, progress=False, data=data)
             dt = time.perf_counter() - t0
-            sae = res["sae"].cpu()
+            sae = res.sae.cpu()
             D = flatten(sae.directions(), names)
             m = metrics.recovery(G, D)
-            m.update(evaluate(sae, data, res["heldout_idx"]))
+            m.update(evaluate(sae, data, res.heldout_idx))
             m.update(seconds=dt, seconds_per_epoch=dt / p.epochs, n_parameters=sae.n_parameters())
             rows[(rank, seed)] = m
             saes[(rank, seed)] = sae
@@ -210,7 +204,18 @@ def run_control(p: PlantedParams, progress: bool = True):
         stab.append(float(np.mean(vals)) if vals else float("nan"))
     ds["seed_stability"] = ("rank", stab)
     ds["frequency"] = ("truth", freq)
-    ds["dense_n_parameters"] = 2 * p.n_latents * G.shape[1] + p.n_latents + G.shape[1]
+    ds["dense_n_parameters"] = dense_parameter_count({"update": (G.shape[1],)}, p.n_latents)
     ds.attrs["n_params_per_update"] = int(G.shape[1])
     ds.attrs["tensors"] = ",".join(names)
     return ds, saes
+
+
+def run(p: PlantedParams, progress: bool = True) -> xr.Dataset:
+    """The stage: :func:`run_control`, written to ``results.nc``."""
+    from pathlib import Path
+
+    from .io import save_results
+
+    ds, _ = run_control(p, progress)
+    save_results(ds, Path(p.out_dir) / "results.nc", p.to_dict(), p.seed)
+    return ds

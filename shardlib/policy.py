@@ -155,3 +155,27 @@ def sample(model, prompt, max_new_tokens: int, generator: torch.Generator, tempe
         seq = torch.cat([seq, nxt], dim=1)
     completion = seq[:, prompt.shape[1] :]
     return completion, completion_mask(completion)
+
+
+@torch.no_grad()
+def evaluate(model, testbed, n_prompts: int, seed: int, temperature: float = 1.0, device="cpu") -> dict:
+    """Mean reward and per-clause reward by task family on a fixed held-out prompt set."""
+    gen = torch.Generator().manual_seed(10_000_019 + seed)
+    batch = testbed.sample(n_prompts, gen)
+    vs = getattr(testbed, "vocab_size", None)
+    comp, mask = sample(model, batch["prompt"].to(device), testbed.max_new_tokens, gen, temperature, vs)
+    clauses = testbed.rewards(batch, comp.cpu(), mask.cpu())
+    total = sum(clauses.values())
+    out = {"reward": [], "n": []}
+    for k in range(len(testbed.task_names)):
+        sel = batch["task"] == k
+        out["reward"].append(float(total[sel].mean()) if sel.any() else float("nan"))
+        out["n"].append(int(sel.sum()))
+    out["clauses"] = {
+        c: [
+            float(v[batch["task"] == k].mean()) if (batch["task"] == k).any() else float("nan")
+            for k in range(len(testbed.task_names))
+        ]
+        for c, v in clauses.items()
+    }
+    return out

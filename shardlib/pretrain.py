@@ -17,8 +17,8 @@ import torch
 import xarray as xr
 
 from . import policy as pol
+from .common import make_accelerator, step_generator
 from .config import Params, param
-from .rl import evaluate, make_accelerator, step_generator
 from .tasks import SyntheticTasks
 
 
@@ -69,7 +69,7 @@ def train(p: PretrainParams, progress: bool = True) -> xr.Dataset:
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
     model, opt = acc.prepare(model, opt)
     base = pol.unwrap(model)
-    init = evaluate(base, tasks, p.eval_prompts, p.seed, device=acc.device)
+    init = pol.evaluate(base, tasks, p.eval_prompts, p.seed, device=acc.device)
     losses, times = [], []
     for step in tqdm(range(p.steps), desc="pretrain", disable=not progress):
         t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def train(p: PretrainParams, progress: bool = True) -> xr.Dataset:
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         times.append(time.perf_counter() - t0)
-    final = evaluate(base, tasks, p.eval_prompts, p.seed, device=acc.device)
+    final = pol.evaluate(base, tasks, p.eval_prompts, p.seed, device=acc.device)
     if acc.is_main_process:
         pol.save_policy(base, Path(p.out_dir) / "policy", extra={"tasks": list(p.tasks), "n_digits": p.n_digits})
     clauses = list(final["clauses"])
@@ -103,3 +103,12 @@ def train(p: PretrainParams, progress: bool = True) -> xr.Dataset:
             "policy_config": json.dumps(base.config.to_dict(), default=str),
         },
     )
+
+
+def run(p: PretrainParams, progress: bool = True) -> xr.Dataset:
+    """The stage: pretrain, then write ``results.nc`` (the policy is in ``policy/``)."""
+    from .io import save_results
+
+    ds = train(p, progress=progress)
+    save_results(ds, Path(p.out_dir) / "results.nc", p.to_dict(), p.seed)
+    return ds

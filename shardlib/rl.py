@@ -22,14 +22,16 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 
 from . import policy as pol
+from .common import make_accelerator, step_generator
 from .config import Params, param
-from .io import CheckpointError, atomic_dir, commit_dir, read_checkpoint
+from .io import OPTIMIZER_FILE, CheckpointError, load_optimizer, read_checkpoint, write_checkpoint
 from .tasks import ContextualBandit, SyntheticTasks
 from .updates import RingBuffer, UpdateCollector, UpdateStore, select_params, selection_summary
 
@@ -129,23 +131,6 @@ def make_testbed(p: RLParams):
     return SyntheticTasks(tuple(p.tasks), p.n_digits, p.format_bonus, p.spurious_bonus)
 
 
-def make_accelerator(device: str, mixed_precision: str = "no", grad_accum: int = 1):
-    from accelerate import Accelerator
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but no GPU is visible; use device='cpu' or 'auto'")
-    return Accelerator(
-        cpu=(device == "cpu" or not torch.cuda.is_available()),
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=grad_accum,
-    )
-
-
-def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """A generator per (seed, step, process): a resumed run draws exactly what an uninterrupted one would."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + step * 7919 + rank * 104_729 + 17)
-
-
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
     r = rewards.view(-1, group_size)
     a = r - r.mean(1, keepdim=True)
@@ -168,48 +153,56 @@ def grpo_token_loss(logp, old_logp, adv, mask, clip_eps, ref_logp=None, kl_beta=
     return loss * mask, kl * mask
 
 
-@torch.no_grad()
-def evaluate(model, testbed, n_prompts: int, seed: int, temperature: float = 1.0, device="cpu") -> dict:
-    """Mean reward and per-clause reward by task family on a fixed held-out prompt set."""
-    gen = torch.Generator().manual_seed(10_000_019 + seed)
-    batch = testbed.sample(n_prompts, gen)
-    vs = getattr(testbed, "vocab_size", None)
-    comp, mask = pol.sample(model, batch["prompt"].to(device), testbed.max_new_tokens, gen, temperature, vs)
-    clauses = testbed.rewards(batch, comp.cpu(), mask.cpu())
-    total = sum(clauses.values())
-    out = {"reward": [], "n": []}
-    for k in range(len(testbed.task_names)):
-        sel = batch["task"] == k
-        out["reward"].append(float(total[sel].mean()) if sel.any() else float("nan"))
-        out["n"].append(int(sel.sum()))
-    out["clauses"] = {
-        c: [
-            float(v[batch["task"] == k].mean()) if (batch["task"] == k).any() else float("nan")
-            for k in range(len(testbed.task_names))
-        ]
-        for c, v in clauses.items()
-    }
-    return out
-
-
-def _labels(step, rank, batch_task, group, clauses, total, adv, mask, epoch) -> dict[str, np.ndarray]:
+def _labels(step: int, rank: int, ro: Rollout, epoch: int) -> dict[str, np.ndarray]:
+    n = len(ro.total)
     lab = {
-        "step": np.full(len(total), step, dtype=np.int64),
-        "epoch": np.full(len(total), epoch, dtype=np.int64),
-        "rank": np.full(len(total), rank, dtype=np.int64),
-        "group": group.numpy().astype(np.int64),
-        "task": batch_task.numpy().astype(np.int64),
-        "reward": total.numpy().astype(np.float32),
-        "advantage": adv.numpy().astype(np.float32),
-        "length": mask.sum(1).numpy().astype(np.int64),
+        "step": np.full(n, step, dtype=np.int64),
+        "epoch": np.full(n, epoch, dtype=np.int64),
+        "rank": np.full(n, rank, dtype=np.int64),
+        "group": ro.group.numpy().astype(np.int64),
+        "task": ro.rep["task"].numpy().astype(np.int64),
+        "reward": ro.total.numpy().astype(np.float32),
+        "advantage": ro.adv.numpy().astype(np.float32),
+        "length": ro.mask.sum(1).numpy().astype(np.int64),
     }
-    for c, v in clauses.items():
+    for c, v in ro.clauses.items():
         lab[f"reward_{c}"] = v.numpy().astype(np.float32)
     return lab
 
 
-def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None = None, on_step=None) -> dict:
-    """Run the stage; returns ``{"results": Dataset, "collector": ..., "buffer": ...}``.
+@dataclass
+class RLResult:
+    """What :func:`train` returns."""
+
+    results: xr.Dataset | None
+    """Training curves and the before/after evaluation (main process; None elsewhere or when stopped)."""
+    model: torch.nn.Module | None = None
+    """The trained policy (unwrapped)."""
+    accelerator: Any = None
+    collector: UpdateCollector | None = None
+    buffer: RingBuffer | None = None
+    """The ring buffer of recent event updates (``buffer_capacity > 0``)."""
+    stopped_at: int | None = None
+    """The step ``stop_after`` stopped at (as a kill would), else None."""
+    online: Any = None
+    """The :class:`~shardlib.shards.OnlineTrainer` (``run`` with ``online_sae``), else None."""
+
+
+@dataclass
+class Rollout:
+    """One rollout step on this process: prompts (repeated per completion), completions, rewards."""
+
+    rep: dict[str, torch.Tensor]
+    comp: torch.Tensor
+    mask: torch.Tensor
+    clauses: dict[str, torch.Tensor]
+    total: torch.Tensor
+    adv: torch.Tensor
+    group: torch.Tensor
+
+
+def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None = None, on_step=None) -> RLResult:
+    """Run the fine-tune (cleanrl style: one loop, read top to bottom).
 
     Resumes from ``out_dir/checkpoint`` when it exists and was written with the same
     parameters. ``stop_after`` stops (as a kill would) after that many rollout steps.
@@ -226,85 +219,26 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     acc = make_accelerator(p.device, p.mixed_precision, p.grad_accum)
     set_seed(p.seed)
     testbed = make_testbed(p)
-    vs = getattr(testbed, "vocab_size", None)
-
-    # ---- policy
-    if p.init_path:
-        model = pol.load_policy(p.init_path)
-        extra = pol.load_extra(p.init_path)
-        if p.testbed == "lm":
-            pol.check_vocab(model, testbed)
-            for key in ("tasks", "n_digits"):
-                if key in extra and list(np.atleast_1d(extra[key])) != list(np.atleast_1d(getattr(p, key))):
-                    raise ValueError(
-                        f"parameter {key!r}={getattr(p, key)!r} differs from the pretrained policy's {extra[key]!r}"
-                    )
-    elif p.testbed == "bandit":
-        torch.manual_seed(p.seed)
-        model = pol.MLPPolicy(p.context_dim, p.n_arms, p.hidden)
+    model = initial_policy(p, testbed)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if p.kl_beta > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
 
-    # ---- resume
     ckpt = out / "checkpoint"
-    start, history = 0, []
-    needs = ["policy", "optimizer.pt"] + (["buffer"] if p.collect_params and p.buffer_capacity else [])
+    needs = ["policy", OPTIMIZER_FILE] + (["buffer"] if p.collect_params and p.buffer_capacity else [])
     state = read_checkpoint(ckpt, p.fingerprint(), "step", p.steps, needs)
+    start, history = (state["step"], state["history"]) if state else (0, [])
     if state is not None:
         model = pol.load_policy(ckpt / "policy")
         optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        start, history = state["step"], state["history"]
+        load_optimizer(optimizer, ckpt)
         log(f"resuming from checkpoint at step {start}")
-
     if start == 0 and acc.is_main_process:  # the starting point, for cumulative-update analyses
         pol.save_policy(model, out / "init_policy")
     model, optimizer = acc.prepare(model, optimizer)
-    if ref is not None:
-        ref = ref.to(acc.device)
+    ref = ref.to(acc.device) if ref is not None else None
     base = pol.unwrap(model)
 
-    # ---- update collection
-    collector = buffer = None
-    if p.collect_params:
-        sel = select_params(base, p.collect_params)
-        if acc.is_main_process:
-            log("collecting updates of:\n" + selection_summary(sel))
-        fp = p.fingerprint()
-        mk = lambda kind: UpdateStore(
-            out / "updates" / f"{kind}s",
-            kind,
-            p.convention if kind == "event" else "step",
-            fp,
-            p.store_dtype,
-            p.to_dict(),
-            p.seed,
-            {"task_names": json.dumps(list(testbed.task_names)), "testbed": p.testbed, "algorithm": p.algorithm},
-        )
-        estore = mk("event") if (p.collect_events and acc.is_main_process) else None
-        sstore = mk("step") if (p.collect_steps and acc.is_main_process) else None
-        for s in (estore, sstore):
-            if s is not None:
-                s.truncate_from(start * p.inner_epochs)
-        if p.buffer_capacity:
-            buffer = RingBuffer({n: tuple(t.shape) for n, t in sel.items()}, p.buffer_capacity, torch.float32)
-            if start:
-                buffer.load(ckpt / "buffer")
-        collector = UpdateCollector(
-            base,
-            p.collect_params,
-            lr=p.lr,
-            optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-            convention=p.convention,
-            event_store=estore,
-            step_store=sstore,
-            buffer=buffer,
-            events=p.collect_events,
-            scale=1.0 / acc.num_processes,
-            every=p.collect_every,
-            group_by="group" if p.group_events else None,
-        )
-
+    collector, buffer = make_collector(p, acc, base, optimizer, testbed, start, ckpt, log)
     if start and on_step is not None and hasattr(on_step, "load"):
         if not (ckpt / "on_step").exists():
             raise CheckpointError(
@@ -312,108 +246,19 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
                 f"delete {ckpt} (the stage then starts over) or run the stage with --force"
             )
         on_step.load(ckpt / "on_step")
-
     if acc.is_main_process and start == 0:
-        init_eval = evaluate(base, testbed, p.eval_prompts, p.seed, p.temperature, acc.device)
+        init_eval = pol.evaluate(base, testbed, p.eval_prompts, p.seed, p.temperature, acc.device)
     else:
         init_eval = history[0]["init_eval"] if history else None
 
-    bar = tqdm(
-        total=p.steps, initial=start, desc=f"{p.algorithm}:{p.testbed}", disable=not (progress and acc.is_main_process)
-    )
-    n_micro = p.grad_accum
+    show = progress and acc.is_main_process
+    bar = tqdm(total=p.steps, initial=start, desc=f"{p.algorithm}:{p.testbed}", disable=not show)
     for step in range(start, p.steps):
         t0 = time.perf_counter()
-        gen = step_generator(p.seed, step, acc.process_index)
-        batch = testbed.sample(p.prompts_per_step, gen)
-        if p.algorithm == "grpo":
-            G = p.group_size
-            rep = {k: v.repeat_interleave(G, 0) for k, v in batch.items()}
-            model.eval()
-            comp, mask = pol.sample(base, rep["prompt"].to(acc.device), testbed.max_new_tokens, gen, p.temperature, vs)
-            comp, mask = comp.cpu(), mask.cpu()
-            clauses = testbed.rewards(rep, comp, mask)
-            total = sum(clauses.values())
-            adv = group_advantages(total, G, p.scale_rewards)
-            group = torch.arange(p.prompts_per_step).repeat_interleave(G)
-        else:
-            rep = batch
-            comp, mask = testbed.sft_targets(batch)
-            clauses = testbed.rewards(rep, comp, mask)
-            total = sum(clauses.values())
-            adv = torch.ones_like(total)  # SFT = every target reinforced with advantage 1
-            group = torch.arange(p.prompts_per_step)
-        group = group + (step * acc.num_processes + acc.process_index) * p.prompts_per_step
-        prompt_d, comp_d, mask_d, adv_d = (x.to(acc.device) for x in (rep["prompt"], comp, mask, adv))
-        with torch.no_grad():
-            old_logp = pol.logprobs(base, prompt_d, comp_d, vs)[0]
-            ref_logp = pol.logprobs(ref, prompt_d, comp_d, vs)[0] if ref is not None else None
-
-        model.train()
-        N = comp.shape[0]
-        mb = N // n_micro
-        stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0}
-        for epoch in range(p.inner_epochs):
-            opt_step = step * p.inner_epochs + epoch
-            collect = collector is not None and collector.active(opt_step)
-            for m in range(n_micro):
-                sl = slice(m * mb, (m + 1) * mb)
-                with acc.accumulate(model):
-                    ctx = collector.capture(collect) if collector is not None else nullcontext()
-                    with ctx:
-                        logp, ent = pol.logprobs(model, prompt_d[sl], comp_d[sl], vs)
-                        msk = mask_d[sl].float()
-                        ntok = msk.sum().clamp(min=1)
-                        if p.algorithm == "grpo":
-                            tok, kl = grpo_token_loss(
-                                logp,
-                                old_logp[sl],
-                                adv_d[sl],
-                                msk,
-                                p.clip_eps,
-                                None if ref_logp is None else ref_logp[sl],
-                                p.kl_beta,
-                            )
-                        else:
-                            tok, kl = -logp * msk, torch.zeros_like(logp)
-                        loss = tok.sum() / ntok
-                        acc.backward(loss)
-                    if acc.sync_gradients and collect:
-                        collector.before_step()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                stats["loss"] += float(loss.detach()) / (n_micro * p.inner_epochs)
-                stats["kl"] += float(kl.detach().sum() / ntok) / (n_micro * p.inner_epochs)
-                stats["entropy"] += float((ent.detach() * msk).sum() / ntok) / (n_micro * p.inner_epochs)
-            if collect:
-                labels = _labels(opt_step, acc.process_index, rep["task"], group, clauses, total, adv, mask, epoch)
-                if acc.num_processes > 1:
-                    labels = {k: acc.gather(torch.from_numpy(v)).numpy() for k, v in labels.items()}
-                collector.after_step(opt_step, labels, gather=acc.gather if acc.num_processes > 1 else None)
-        # ---- metrics (averaged over processes)
-        dt = time.perf_counter() - t0
-        tokens = float(mask.sum())
-        vec = torch.tensor(
-            [float(total.mean()), tokens, stats["loss"], stats["kl"], stats["entropy"]]
-            + [float(v.mean()) for v in clauses.values()]
-        )
-        task_sum = torch.zeros(len(testbed.task_names)).index_add_(0, rep["task"], total)
-        task_cnt = torch.zeros(len(testbed.task_names)).index_add_(0, rep["task"], torch.ones_like(total))
-        if acc.num_processes > 1:
-            vec = acc.reduce(vec.to(acc.device), "mean").cpu()
-            task_sum = acc.reduce(task_sum.to(acc.device), "sum").cpu()
-            task_cnt = acc.reduce(task_cnt.to(acc.device), "sum").cpu()
-        row = {
-            "step": step,
-            "reward": float(vec[0]),
-            "tokens_per_s": float(vec[1]) * acc.num_processes / dt,
-            "steps_per_s": 1.0 / dt,
-            "loss": float(vec[2]),
-            "kl": float(vec[3]),
-            "entropy": float(vec[4]),
-            "clauses": {c: float(vec[5 + i]) for i, c in enumerate(clauses)},
-            "task_reward": (task_sum / task_cnt.clamp(min=1)).where(task_cnt > 0, torch.tensor(float("nan"))).tolist(),
-        }
+        model.eval()
+        ro = rollout(p, testbed, base, step, acc)
+        stats = optimize(p, acc, model, optimizer, ref, ro, step, collector, testbed)
+        row = metrics_row(step, ro, stats, acc, testbed, time.perf_counter() - t0)
         if not history:
             row["init_eval"] = init_eval
         history.append(row)
@@ -426,18 +271,186 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
             _checkpoint(acc, model, optimizer, ckpt, done, history, p, collector, buffer, on_step)
         if stop_after is not None and done - start >= stop_after and done < p.steps:
             bar.close()
-            return {"results": None, "collector": collector, "buffer": buffer, "stopped_at": done}
+            return RLResult(None, base, acc, collector, buffer, stopped_at=done)
     bar.close()
 
-    final_eval = evaluate(base, testbed, p.eval_prompts, p.seed, p.temperature, acc.device)
+    final_eval = pol.evaluate(base, testbed, p.eval_prompts, p.seed, p.temperature, acc.device)
     ds = None
     if acc.is_main_process:
-        pol.save_policy(
-            base, out / "policy", extra={"tasks": list(p.tasks), "n_digits": p.n_digits} if p.testbed == "lm" else None
-        )
+        extra = {"tasks": list(p.tasks), "n_digits": p.n_digits} if p.testbed == "lm" else None
+        pol.save_policy(base, out / "policy", extra=extra)
         ds = history_dataset(history, testbed, history[0]["init_eval"], final_eval)
     acc.wait_for_everyone()
-    return {"results": ds, "collector": collector, "buffer": buffer, "accelerator": acc, "model": base}
+    return RLResult(ds, base, acc, collector, buffer)
+
+
+def initial_policy(p: RLParams, testbed) -> torch.nn.Module:
+    """The policy the fine-tune starts from: ``init_path`` (checked against the testbed), or a fresh bandit MLP."""
+    if p.init_path:
+        model = pol.load_policy(p.init_path)
+        extra = pol.load_extra(p.init_path)
+        if p.testbed == "lm":
+            pol.check_vocab(model, testbed)
+            for key in ("tasks", "n_digits"):
+                if key in extra and list(np.atleast_1d(extra[key])) != list(np.atleast_1d(getattr(p, key))):
+                    raise ValueError(
+                        f"parameter {key!r}={getattr(p, key)!r} differs from the pretrained policy's {extra[key]!r}"
+                    )
+        return model
+    torch.manual_seed(p.seed)
+    return pol.MLPPolicy(p.context_dim, p.n_arms, p.hidden)
+
+
+def make_collector(p: RLParams, acc, base, optimizer, testbed, start: int, ckpt: Path, log=print):
+    """(collector, ring buffer) for ``collect_params``, or (None, None). Stores are opened on the main process
+    and truncated to the resume point; the buffer is restored from the checkpoint."""
+    if not p.collect_params:
+        return None, None
+    sel = select_params(base, p.collect_params)
+    if acc.is_main_process:
+        log("collecting updates of:\n" + selection_summary(sel))
+    attrs = {"task_names": json.dumps(list(testbed.task_names)), "testbed": p.testbed, "algorithm": p.algorithm}
+
+    def store(kind: str) -> UpdateStore | None:
+        wanted = p.collect_events if kind == "event" else p.collect_steps
+        if not (wanted and acc.is_main_process):
+            return None
+        convention = p.convention if kind == "event" else "step"
+        s = UpdateStore(
+            Path(p.out_dir) / "updates" / f"{kind}s",
+            kind,
+            convention,
+            p.fingerprint(),
+            p.store_dtype,
+            p.to_dict(),
+            p.seed,
+            attrs,
+        )
+        s.truncate_from(start * p.inner_epochs)
+        return s
+
+    estore, sstore = store("event"), store("step")
+    buffer = None
+    if p.buffer_capacity:
+        buffer = RingBuffer({n: tuple(t.shape) for n, t in sel.items()}, p.buffer_capacity, torch.float32)
+        if start:
+            buffer.load(ckpt / "buffer")
+    collector = UpdateCollector(
+        base,
+        p.collect_params,
+        lr=p.lr,
+        optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+        convention=p.convention,
+        event_store=estore,
+        step_store=sstore,
+        buffer=buffer,
+        events=p.collect_events,
+        scale=1.0 / acc.num_processes,
+        every=p.collect_every,
+        group_by="group" if p.group_events else None,
+    )
+    return collector, buffer
+
+
+def rollout(p: RLParams, testbed, base, step: int, acc) -> Rollout:
+    """Sample this step's prompts and (GRPO) G completions each, or (SFT) the correct answers; score them."""
+    gen = step_generator(p.seed, step, acc.process_index)
+    batch = testbed.sample(p.prompts_per_step, gen)
+    if p.algorithm == "grpo":
+        G = p.group_size
+        rep = {k: v.repeat_interleave(G, 0) for k, v in batch.items()}
+        vs = getattr(testbed, "vocab_size", None)
+        comp, mask = pol.sample(base, rep["prompt"].to(acc.device), testbed.max_new_tokens, gen, p.temperature, vs)
+        comp, mask = comp.cpu(), mask.cpu()
+        clauses = testbed.rewards(rep, comp, mask)
+        total = sum(clauses.values())
+        adv = group_advantages(total, G, p.scale_rewards)
+        group = torch.arange(p.prompts_per_step).repeat_interleave(G)
+    else:
+        rep = batch
+        comp, mask = testbed.sft_targets(batch)
+        clauses = testbed.rewards(rep, comp, mask)
+        total = sum(clauses.values())
+        adv = torch.ones_like(total)  # SFT = every target reinforced with advantage 1
+        group = torch.arange(p.prompts_per_step)
+    group = group + (step * acc.num_processes + acc.process_index) * p.prompts_per_step
+    return Rollout(rep, comp, mask, clauses, total, adv, group)
+
+
+def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, collector, testbed) -> dict[str, float]:
+    """``inner_epochs`` optimizer steps on one rollout (``grad_accum`` micro-batches each), collecting
+    event and step updates where ``collector`` is active; returns mean loss, KL and entropy."""
+    base = pol.unwrap(model)
+    vs = getattr(testbed, "vocab_size", None)
+    prompt_d, comp_d, mask_d, adv_d = (x.to(acc.device) for x in (ro.rep["prompt"], ro.comp, ro.mask, ro.adv))
+    with torch.no_grad():
+        old_logp = pol.logprobs(base, prompt_d, comp_d, vs)[0]
+        ref_logp = pol.logprobs(ref, prompt_d, comp_d, vs)[0] if ref is not None else None
+    model.train()
+    n_micro = p.grad_accum
+    mb = ro.comp.shape[0] // n_micro
+    parts = n_micro * p.inner_epochs  # the mean over micro-batches and inner epochs
+    stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0}
+    for epoch in range(p.inner_epochs):
+        opt_step = step * p.inner_epochs + epoch
+        collect = collector is not None and collector.active(opt_step)
+        for m in range(n_micro):
+            sl = slice(m * mb, (m + 1) * mb)
+            with acc.accumulate(model):
+                with collector.capture(collect) if collector is not None else nullcontext():
+                    logp, ent = pol.logprobs(model, prompt_d[sl], comp_d[sl], vs)
+                    msk = mask_d[sl].float()
+                    ntok = msk.sum().clamp(min=1)
+                    if p.algorithm == "grpo":
+                        ref_sl = None if ref_logp is None else ref_logp[sl]
+                        tok, kl = grpo_token_loss(logp, old_logp[sl], adv_d[sl], msk, p.clip_eps, ref_sl, p.kl_beta)
+                    else:
+                        tok, kl = -logp * msk, torch.zeros_like(logp)
+                    loss = tok.sum() / ntok
+                    acc.backward(loss)
+                if acc.sync_gradients and collect:
+                    collector.before_step()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            stats["loss"] += float(loss.detach()) / parts
+            stats["kl"] += float(kl.detach().sum() / ntok) / parts
+            stats["entropy"] += float((ent.detach() * msk).sum() / ntok) / parts
+        if collect:
+            labels = _labels(opt_step, acc.process_index, ro, epoch)
+            if acc.num_processes > 1:
+                labels = {k: acc.gather(torch.from_numpy(v)).numpy() for k, v in labels.items()}
+            collector.after_step(opt_step, labels, gather=acc.gather if acc.num_processes > 1 else None)
+    return stats
+
+
+def metrics_row(step: int, ro: Rollout, stats: dict[str, float], acc, testbed, seconds: float) -> dict:
+    """One row of the training history, averaged (rewards, losses) or summed (per-task counts) over processes."""
+    means = {
+        "reward": float(ro.total.mean()),
+        "tokens": float(ro.mask.sum()),
+        **stats,
+        **{f"clause/{c}": float(v.mean()) for c, v in ro.clauses.items()},
+    }
+    n_tasks = len(testbed.task_names)
+    task_sum = torch.zeros(n_tasks).index_add_(0, ro.rep["task"], ro.total)
+    task_cnt = torch.zeros(n_tasks).index_add_(0, ro.rep["task"], torch.ones_like(ro.total))
+    vec = torch.tensor(list(means.values()))
+    if acc.num_processes > 1:
+        vec = acc.reduce(vec.to(acc.device), "mean").cpu()
+        task_sum = acc.reduce(task_sum.to(acc.device), "sum").cpu()
+        task_cnt = acc.reduce(task_cnt.to(acc.device), "sum").cpu()
+    m = dict(zip(means, vec.tolist()))
+    return {
+        "step": step,
+        "reward": m["reward"],
+        "tokens_per_s": m["tokens"] * acc.num_processes / seconds,
+        "steps_per_s": 1.0 / seconds,
+        "loss": m["loss"],
+        "kl": m["kl"],
+        "entropy": m["entropy"],
+        "clauses": {c: m[f"clause/{c}"] for c in ro.clauses},
+        "task_reward": (task_sum / task_cnt.clamp(min=1)).where(task_cnt > 0, torch.tensor(float("nan"))).tolist(),
+    }
 
 
 def _checkpoint(
@@ -449,16 +462,13 @@ def _checkpoint(
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return
-    tmp = atomic_dir(ckpt)
-    pol.save_policy(pol.unwrap(model), tmp / "policy")
-    opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    savers = {"policy": lambda d: pol.save_policy(pol.unwrap(model), d)}
     if buffer is not None:
-        buffer.save(tmp / "buffer")
+        savers["buffer"] = buffer.save
     if on_step is not None and hasattr(on_step, "save"):
-        on_step.save(tmp / "on_step")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "fingerprint": p.fingerprint()}))
-    commit_dir(tmp, ckpt)
+        savers["on_step"] = on_step.save
+    opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    write_checkpoint(ckpt, {"step": step, "history": history, "fingerprint": p.fingerprint()}, savers, opt)
 
 
 def history_dataset(history: list[dict], testbed, init_eval: dict, final_eval: dict) -> xr.Dataset:
@@ -487,3 +497,25 @@ def history_dataset(history: list[dict], testbed, init_eval: dict, final_eval: d
     ds["eval_reward_init"].attrs["long_name"] = "mean reward on held-out prompts, starting policy"
     ds["eval_reward_final"].attrs["long_name"] = "mean reward on held-out prompts, fine-tuned policy"
     return ds
+
+
+def run(p: RLParams, progress: bool = True) -> RLResult:
+    """The stage, the same from a notebook and from ``launch.py``: fine-tune (with the online SAE when
+    ``online_sae``), then on the main process write ``results.nc`` and, when the online SAE warmed
+    up, ``online_sae/`` and ``online_shards.nc``."""
+    from .io import save_results
+    from .shardfile import shards_dataset
+    from .shards import OnlineTrainer
+
+    online = OnlineTrainer.from_rl(p) if p.online_sae else None
+    res = train(p, progress=progress, on_step=online)
+    res.online = online
+    acc, out = res.accelerator, Path(p.out_dir)
+    if acc.is_main_process:
+        res.results.attrs["num_processes"] = acc.num_processes
+        save_results(res.results, out / "results.nc", p.to_dict(), p.seed)
+        if online is not None and online.sae is not None:
+            online.sae.save(out / "online_sae")
+            save_results(shards_dataset(online.sae), out / "online_shards.nc", p.to_dict(), p.seed)
+    acc.wait_for_everyone()
+    return res

@@ -29,12 +29,45 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 Tensors = dict[str, torch.Tensor]
+
+
+class ForwardOutput(NamedTuple):
+    """What :meth:`ShardSAE.forward` returns; every tensor is in normalized units (input / ``scale``)."""
+
+    xhat: Tensors
+    """Reconstruction per tensor, ``b_pre`` included: ``b_pre + sum_i z_i D_i``."""
+
+    codes: torch.Tensor
+    """Sparse codes z [N, F]: the activation of ``pre_acts`` (zero outside the active latents)."""
+
+    pre_acts: torch.Tensor
+    """Encoder scores a [N, F] = <x - b_pre, E_i> + b_enc, before the activation."""
+
+    centered: Tensors
+    """The input minus ``b_pre``, per tensor (what the latents reconstruct)."""
+
+
+class LossOutput(NamedTuple):
+    """What :func:`sae_loss` returns: the training loss and its parts (scalars), and the forward pass."""
+
+    loss: torch.Tensor
+    """``rec + aux_coef * aux``: what the optimizer minimizes."""
+
+    rec: torch.Tensor
+    """Reconstruction error of the batch over the data's total variance (a batch FVU estimate)."""
+
+    aux: torch.Tensor
+    """AuxK loss of the dead latents (zero when none is dead or ``aux_coef`` is 0)."""
+
+    out: ForwardOutput
+    """The forward pass the losses were computed from."""
 
 
 class ShardSAE(nn.Module):
@@ -209,17 +242,15 @@ class ShardSAE(nn.Module):
             out[n] = xh + self.b_pre[str(j)] if with_bias else xh
         return out
 
-    def forward(self, x: Tensors):
-        """(reconstruction in normalized units, codes z, pre-activations a, centered input y)."""
+    def forward(self, x: Tensors) -> ForwardOutput:
         y = self.center(x)
         a = self.pre_acts(y)
         z = self.activate(a)
-        return self.decode_active(z), z, a, y
+        return ForwardOutput(xhat=self.decode_active(z), codes=z, pre_acts=a, centered=y)
 
     def reconstruct(self, x: Tensors) -> Tensors:
         """Reconstruction in the input's units."""
-        xh, *_ = self.forward(x)
-        return {n: v * self.scale for n, v in xh.items()}
+        return {n: v * self.scale for n, v in self.forward(x).xhat.items()}
 
     @torch.no_grad()
     def directions(self) -> Tensors:
@@ -250,6 +281,23 @@ class ShardSAE(nn.Module):
         sae = cls(**cfg)
         sae.load_state_dict(load_file(str(path / "sae.safetensors")))
         return sae
+
+
+def sae_loss(sae: ShardSAE, x: Tensors, variance: float, dead: torch.Tensor, aux_k: int, aux_coef: float) -> LossOutput:
+    """The whole training loss of one batch ``x`` (input units): ``L = L_rec + aux_coef * L_aux``.
+
+    ``L_rec = sum_b ||x_b / scale - xhat_b||^2 / (N * variance)``, with ``variance`` the training
+    data's total variance per event in normalized units (so ``L_rec`` estimates the FVU); ``L_aux``
+    is :func:`aux_loss` over the ``dead`` latents with ``aux_k`` of them.
+    """
+    out = sae(x)
+    n = out.codes.shape[0]
+    rec = sum(((x[name] / sae.scale - out.xhat[name]) ** 2).sum() for name in sae.names) / (n * variance)
+    aux = rec.new_zeros(())
+    if aux_coef > 0:
+        recon = {name: out.xhat[name] - sae.b_pre[str(j)] for j, name in enumerate(sae.names)}
+        aux = aux_loss(sae, out.pre_acts, out.centered, recon, dead.to(out.codes.device), aux_k)
+    return LossOutput(loss=rec + aux_coef * aux, rec=rec, aux=aux, out=out)
 
 
 def aux_loss(sae: ShardSAE, a: torch.Tensor, y: Tensors, xhat: Tensors, dead: torch.Tensor, k_aux: int) -> torch.Tensor:

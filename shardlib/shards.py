@@ -1,19 +1,11 @@
-"""Train shards: fit a :class:`~shardlib.sae.ShardSAE` to an update store, offline or online.
+"""The shard stage: fit a :class:`~shardlib.sae.ShardSAE` to an update store, offline or online.
 
 Offline: :func:`train` reads a store (any store in the public format), holds out a
 fraction of events for evaluation, trains with Accelerate (progress bar, periodic
-metrics, checkpoints as safetensors + cfg.json, exact resume) and :func:`write_outputs`
-writes the public outputs:
-
-- ``shards.nc``: one variable per parameter tensor, dims ``("shard", <tensor axes>)`` =
-  each latent's dense unit-norm decoder direction (norm over all tensors together),
-  attribute ``param``; the low-rank factors (``<var>__U``, ``<var>__V``); per-shard
-  ``frequency`` and ``mean_activation``; the SAE config and provenance as attributes.
-- ``activations.nc``: for every event of the store, the indices and values of its active
-  latents (dims ``("event", "slot")``, index -1 = empty slot), with the store's labels and
-  ``split`` (train / heldout).
-- ``results.nc``: held-out and train metrics (FVU, L0, dead fraction, dense fraction,
-  shrinkage), the loss curve, parameter counts.
+metrics, checkpoints as safetensors + cfg.json, exact resume); :func:`run` is the stage
+(train, then write ``sae/``, ``shards.nc`` and ``activations.nc`` in the public format of
+:mod:`shardlib.shardfile`, and ``results.nc``: held-out and train metrics (FVU, L0, dead
+fraction, dense fraction, shrinkage), the loss curve, parameter counts).
 
 Online: :class:`OnlineTrainer` takes SAE steps on batches sampled from the RL loop's
 ring buffer while RL runs (``shardlib.rl.train(..., on_step=...)``).
@@ -21,7 +13,6 @@ ring buffer while RL runs (``shardlib.rl.train(..., on_step=...)``).
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import math
@@ -33,10 +24,12 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .common import dense_parameter_count, deterministic, make_accelerator
 from .config import Params, param
-from .io import atomic_dir, commit_dir, read_checkpoint
+from .io import OPTIMIZER_FILE, load_optimizer, load_results, read_checkpoint, save_results, write_checkpoint
 from .metrics import ReconStats
-from .sae import ShardSAE, aux_loss
+from .sae import ShardSAE, sae_loss
+from .shardfile import activations_dataset, shards_dataset
 from .updates import open_store, update_vars
 
 
@@ -144,14 +137,9 @@ class Trainer:
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         sae = self.sae
         sae.train()
-        xhat, z, a, y = sae(batch)
-        xn = {n: batch[n] / sae.scale for n in sae.names}
+        dead = self.dead()
+        loss, rec, aux, (_, z, _, _) = sae_loss(sae, batch, self.variance, dead, self.aux_k, self.aux_coef)
         N = z.shape[0]
-        rec = sum(((xn[n] - xhat[n]) ** 2).sum() for n in sae.names) / (N * self.variance)
-        dead = self.dead().to(z.device)
-        yc = {n: xhat[n] - sae.b_pre[str(j)] for j, n in enumerate(sae.names)}
-        aux = aux_loss(sae, a, y, yc, dead, self.aux_k) if self.aux_coef > 0 else rec.new_zeros(())
-        loss = rec + self.aux_coef * aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.acc is not None:
@@ -193,8 +181,8 @@ def evaluate(
     stats = ReconStats()
     for s in range(0, len(idx), batch_size):
         b = {n: v[idx[s : s + batch_size]].to(device) for n, v in data.items()}
-        xhat, z, *_ = sae(b)
-        stats.update({n: b[n] / sae.scale for n in sae.names}, xhat, z)
+        out = sae(b)
+        stats.update({n: b[n] / sae.scale for n in sae.names}, out.xhat, out.codes)
     return stats.result() if stats.n else {}
 
 
@@ -206,8 +194,7 @@ def encode_all(sae: ShardSAE, data: dict[str, torch.Tensor], batch_size: int = 5
     n = len(next(iter(data.values())))
     for s in range(0, n, batch_size):
         b = {k: v[s : s + batch_size].to(device) for k, v in data.items()}
-        _, z, *_ = sae(b)
-        codes.append(z.cpu())
+        codes.append(sae(b).codes.cpu())
     z = torch.cat(codes)
     kk = max(1, int((z != 0).sum(1).max()))
     mag, idx = z.abs().topk(kk, dim=1)
@@ -217,18 +204,33 @@ def encode_all(sae: ShardSAE, data: dict[str, torch.Tensor], batch_size: int = 5
 
 
 def _checkpoint(path: Path, trainer: Trainer, epoch: int, history: list, fingerprint: str) -> None:
-    tmp = atomic_dir(path)
-    trainer.sae.save(tmp / "sae")
-    torch.save(trainer.opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(
-        json.dumps({"epoch": epoch, "history": history, "fingerprint": fingerprint, **trainer.state()})
-    )
-    commit_dir(tmp, path)
+    state = {"epoch": epoch, "history": history, "fingerprint": fingerprint, **trainer.state()}
+    write_checkpoint(path, state, {"sae": trainer.sae.save}, trainer.opt)
+
+
+@dataclass
+class ShardTraining:
+    """What :func:`train` returns."""
+
+    sae: ShardSAE
+    """The trained SAE (on the training device)."""
+    data: dict[str, torch.Tensor] | None = None
+    """The updates trained on, ``{param: [event, *shape]}`` (None when stopped early)."""
+    store: xr.Dataset | None = None
+    """The store's labels for the same events (None when ``data`` was given)."""
+    train_idx: np.ndarray | None = None
+    heldout_idx: np.ndarray | None = None
+    history: list[dict] | None = None
+    """Per-epoch means of the training metrics."""
+    seconds: float = float("nan")
+    accelerator: object = None
+    stopped_at: int | None = None
+    """The epoch ``stop_after`` stopped at (as a kill would), else None."""
 
 
 def train(
     p: ShardParams, progress: bool = True, stop_after: int | None = None, data=None, init_directions=None
-) -> dict:
+) -> ShardTraining:
     """Train offline on ``p.store_path``; resumes from ``out_dir/checkpoint``.
 
     ``data`` ({name: [N, *shape]}) replaces the store; ``init_directions`` ({name: [F, *shape]})
@@ -237,58 +239,42 @@ def train(
     Runs with ``torch.use_deterministic_algorithms(True)``: the backward of the gathered
     factors (an accumulating index_put) otherwise adds in a thread-dependent order on CPU,
     and two runs of the same config drift apart.
-
-    Returns ``{"sae", "data", "store", "train_idx", "heldout_idx", "history", "seconds"}``.
     """
     with deterministic():
         return _train(p, progress, stop_after, data, init_directions)
 
 
-@contextlib.contextmanager
-def deterministic():
-    """``torch.use_deterministic_algorithms(True)`` inside the block, the previous setting after."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_directions) -> dict:
+def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_directions) -> ShardTraining:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-
-    from .rl import make_accelerator
 
     out = Path(p.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     acc = make_accelerator(p.device)
     set_seed(p.seed)
+    store = None
     if data is None:
         data, store = load_updates(p.store_path, p.params, p.skip_zero_updates)
-    else:
-        store = None
     n = len(next(iter(data.values())))
     if n < 2:
         raise ValueError(f"store {p.store_path} holds {n} event(s); an SAE needs at least 2")
     train_idx, held_idx = split_events(n, p.holdout_frac, p.seed)
-    sae = ShardSAE(
-        {k: tuple(v.shape[1:]) for k, v in data.items()}, p.n_latents, p.k, p.rank, p.activation, p.signed, seed=p.seed
-    )
-    init_from_data(sae, {k: v[train_idx] for k, v in data.items()})
+    train_data = {k: v[train_idx] for k, v in data.items()}
+    shapes = {k: tuple(v.shape[1:]) for k, v in data.items()}
+    sae = ShardSAE(shapes, p.n_latents, p.k, p.rank, p.activation, p.signed, seed=p.seed)
+    init_from_data(sae, train_data)
     if init_directions is not None:
         sae.set_directions_(init_directions)
     sae.to(acc.device)
-    variance = total_variance({k: v[train_idx] for k, v in data.items()}, float(sae.scale))
+    variance = total_variance(train_data, float(sae.scale))
     trainer = Trainer(sae, p.lr, p.aux_k, p.aux_coef, p.dead_window, variance, accelerator=acc)
     ckpt = out / "checkpoint"
     start, history = 0, []
-    st = read_checkpoint(ckpt, p.fingerprint(), "epoch", p.epochs, ["sae", "optimizer.pt"])
+    st = read_checkpoint(ckpt, p.fingerprint(), "epoch", p.epochs, ["sae", OPTIMIZER_FILE])
     if st is not None:
         trainer.sae = sae = ShardSAE.load(ckpt / "sae").to(acc.device)
         trainer.opt = torch.optim.Adam(sae.parameters(), lr=p.lr)
-        trainer.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        load_optimizer(trainer.opt, ckpt)
         trainer.load_state(st)
         start, history = st["epoch"], st["history"]
     t0 = time.perf_counter()
@@ -303,8 +289,7 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_di
                 bar.update(1)
                 continue
             chunk = chunk[acc.process_index :: acc.num_processes]
-            b = {k: v[chunk].to(acc.device) for k, v in data.items()}
-            m = trainer.step(b)
+            m = trainer.step({k: v[chunk].to(acc.device) for k, v in data.items()})
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + v / steps_per_epoch
             bar.update(1)
@@ -318,90 +303,52 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_di
             acc.wait_for_everyone()
         if stop_after is not None and done - start >= stop_after and done < p.epochs:
             bar.close()
-            return {"sae": sae, "stopped_at": done}
+            return ShardTraining(sae, accelerator=acc, stopped_at=done)
     bar.close()
-    return {
-        "sae": sae,
-        "data": data,
-        "store": store,
-        "train_idx": train_idx,
-        "heldout_idx": held_idx,
-        "history": history,
-        "seconds": time.perf_counter() - t0,
-        "device": acc.device,
-        "accelerator": acc,
-    }
+    return ShardTraining(sae, data, store, train_idx, held_idx, history, time.perf_counter() - t0, acc)
 
 
-def dense_parameter_count(shapes: dict[str, tuple], n_latents: int) -> int:
-    """Parameters of the dense (full-rank) SAE of the same size: encoder, decoder, biases."""
-    D = sum(math.prod(s) for s in shapes.values())
-    return 2 * n_latents * D + n_latents + D
+@dataclass
+class ShardRun:
+    """What :func:`run` returns: the stage's metrics and where its files are (None on other processes)."""
+
+    results: xr.Dataset | None
+    """The content of ``results.nc``."""
+    files: dict[str, Path] | None
+    """``shards``, ``activations``, ``results``: the files written (``sae/`` beside them)."""
+    n_train: int
+    n_heldout: int
+    accelerator: object = None
 
 
-def shards_dataset(sae: ShardSAE, frequency=None, mean_activation=None) -> xr.Dataset:
-    """The public ``shards.nc`` content: dense unit directions per tensor, factors, statistics."""
-    from .updates import var_name
-
-    dirs = sae.directions()
-    vars_ = {}
-    nrm = sae.decoder_norms().detach().sqrt()[:, None, None]
-    for j, n in enumerate(sae.names):
-        vn = var_name(n)
-        dims = ("shard",) + tuple(f"{vn}_dim{i}" for i in range(len(sae.shapes[n])))
-        vars_[vn] = xr.Variable(dims, dirs[n].cpu().numpy(), attrs={"param": n})
-        if sae.lowrank(n):
-            vars_[f"{vn}__U"] = xr.Variable(
-                ("shard", dims[1], "rank"), (sae.dec[f"{j}_U"].detach() / nrm).cpu().numpy()
-            )
-            vars_[f"{vn}__V"] = xr.Variable(
-                ("shard", dims[2], "rank"), (sae.dec[f"{j}_V"].detach() / nrm).cpu().numpy()
-            )
-    if frequency is not None:
-        vars_["frequency"] = xr.Variable("shard", np.asarray(frequency))
-    if mean_activation is not None:
-        vars_["mean_activation"] = xr.Variable("shard", np.asarray(mean_activation))
-    return xr.Dataset(
-        vars_,
-        coords={"shard": np.arange(sae.n_latents)},
-        attrs={"sae_config": json.dumps(sae.config()), "input_scale": float(sae.scale)},
-    )
+def run(p: ShardParams, progress: bool = True) -> ShardRun:
+    """The stage: train, then (main process) write ``sae/``, ``shards.nc``, ``activations.nc`` and ``results.nc``."""
+    res = train(p, progress=progress)
+    acc = res.accelerator
+    results = files = None
+    if acc.is_main_process:
+        files = write_outputs(p, res)
+        results = load_results(files["results"])
+    acc.wait_for_everyone()
+    return ShardRun(results, files, len(res.train_idx), len(res.heldout_idx), acc)
 
 
-def shard_directions(ds: xr.Dataset) -> dict[str, np.ndarray]:
-    """``{param: [shard, *shape]}`` from a ``shards.nc`` dataset."""
-    return {ds[v].attrs["param"]: ds[v].values for v in ds.data_vars if "param" in ds[v].attrs}
-
-
-def write_outputs(p: ShardParams, res: dict) -> dict[str, Path]:
+def write_outputs(p: ShardParams, res: ShardTraining) -> dict[str, Path]:
     """Write ``sae/``, ``shards.nc``, ``activations.nc`` and ``results.nc`` into ``out_dir``."""
-    from .io import save_results
-
     out = Path(p.out_dir)
-    sae, data = res["sae"].cpu(), res["data"]
+    sae, data = res.sae.cpu(), res.data
     sae.save(out / "sae")
     idx, val, z = encode_all(sae, data)
-    held = evaluate(sae, data, res["heldout_idx"])
-    train_m = evaluate(sae, data, res["train_idx"])
+    held = evaluate(sae, data, res.heldout_idx)
+    train_m = evaluate(sae, data, res.train_idx)
     freq = (z != 0).float().mean(0).numpy()
     mean_act = (z.abs().sum(0) / (z != 0).sum(0).clamp(min=1)).numpy()
     shards = shards_dataset(sae, freq, mean_act)
     shards.attrs["store_path"] = p.store_path
     save_results(shards, out / "shards.nc", p.to_dict(), p.seed)
-    split = np.array(["train"] * len(idx), dtype=object)
-    split[res["heldout_idx"]] = "heldout"
-    labels = {}
-    store = res.get("store")
-    if store is not None:
-        labels = {c: ("event", store[c].values) for c in store.coords if store[c].dims == ("event",)}
-    acts = xr.Dataset(
-        {"index": (("event", "slot"), idx.astype(np.int32)), "value": (("event", "slot"), val.astype(np.float32))},
-        coords={**labels, "split": ("event", split.astype(str))},
-    )
-    if store is not None and "task_names" in store.attrs:
-        acts.attrs["task_names"] = store.attrs["task_names"]
+    acts = activations_dataset(idx, val, res.heldout_idx, res.store)
     save_results(acts, out / "activations.nc", p.to_dict(), p.seed)
-    hist = res["history"]
+    hist = res.history
     metrics = xr.Dataset(
         {
             **{f"heldout_{k}": v for k, v in held.items()},
@@ -409,40 +356,12 @@ def write_outputs(p: ShardParams, res: dict) -> dict[str, Path]:
             **{f"curve_{k}": ("epoch", [h[k] for h in hist]) for k in ("loss", "rec", "aux", "l0", "dead")},
             "n_parameters": sae.n_parameters(),
             "dense_n_parameters": dense_parameter_count(sae.shapes, sae.n_latents),
-            "train_seconds": res.get("seconds", float("nan")),
+            "train_seconds": res.seconds,
         },
         coords={"epoch": [h["epoch"] for h in hist]},
     )
     save_results(metrics, out / "results.nc", p.to_dict(), p.seed)
     return {"shards": out / "shards.nc", "activations": out / "activations.nc", "results": out / "results.nc"}
-
-
-def dense_codes(acts: xr.Dataset, n_latents: int):
-    """|activation| of every shard on every event, as a pandas frame [event, shard], from ``activations.nc``."""
-    import pandas as pd
-
-    idx, val = acts["index"].values, acts["value"].values
-    dense = np.zeros((idx.shape[0], n_latents), dtype=np.float32)
-    rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
-    ok = idx.reshape(-1) >= 0
-    dense[rows[ok], idx.reshape(-1)[ok]] = np.abs(val.reshape(-1)[ok])
-    return pd.DataFrame(dense)
-
-
-def event_types(acts: xr.Dataset) -> np.ndarray:
-    """Event type per event: task family, the task's correctness clause when the store has one
-    (LM: ``ok`` / ``wrong``), and the sign of the advantage, e.g. ``"max ok +"``."""
-    names = json.loads(acts.attrs["task_names"]) if "task_names" in acts.attrs else None
-    task = acts["task"].values
-    label = [names[t] if names else str(t) for t in task]
-    correct = [c for c in acts.coords if str(c).startswith("reward_correct_")]
-    if correct:
-        ok = np.any([acts[c].values > 0 for c in correct], axis=0)
-        label = [f"{a} {'ok' if o else 'wrong'}" for a, o in zip(label, ok)]
-    if "advantage" in acts.coords:
-        sign = np.where(acts["advantage"].values > 0, "+", np.where(acts["advantage"].values < 0, "-", "0"))
-        label = [f"{a} {s}" for a, s in zip(label, sign)]
-    return np.array(label)
 
 
 class OnlineTrainer:
@@ -505,7 +424,7 @@ class OnlineTrainer:
         state = {"history": self.history, "trainer": None}
         if self.trainer is not None:
             self.sae.save(path / "sae")
-            torch.save(self.trainer.opt.state_dict(), path / "optimizer.pt")
+            torch.save(self.trainer.opt.state_dict(), path / OPTIMIZER_FILE)
             state["trainer"] = {**self.trainer.state(), "variance": self.trainer.variance}
         (path / "state.json").write_text(json.dumps(state))
 
@@ -518,34 +437,5 @@ class OnlineTrainer:
         if state["trainer"] is not None:
             self.sae = ShardSAE.load(path / "sae")
             self.trainer = self._trainer(state["trainer"]["variance"])
-            self.trainer.opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            load_optimizer(self.trainer.opt, path)
             self.trainer.load_state(state["trainer"])
-
-
-def frontier(sweep_dir) -> xr.Dataset:
-    """Combine a sweep of shard stages (subfolders of ``sweep_dir``) into held-out metrics over (rank, k)."""
-    rows = []
-    for d in sorted(Path(sweep_dir).iterdir()):
-        f = d / "results.nc"
-        if not f.exists():
-            continue
-        with xr.open_dataset(f) as r:
-            cfg = json.loads(r.attrs["config"])
-            m = {k: float(r[f"heldout_{k}"]) for k in ("fvu", "l0", "dead_fraction", "dense_fraction")}
-            m["n_parameters"] = float(r["n_parameters"])
-        rows.append(xr.Dataset(m).expand_dims(rank=[cfg["rank"]], k=[cfg["k"]]))
-    if not rows:
-        raise FileNotFoundError(f"{sweep_dir} holds no finished shard runs (subfolders with results.nc)")
-    return xr.combine_by_coords(rows).sortby(["rank", "k"])
-
-
-@dataclass(frozen=True)
-class FrontierParams(Params):
-    """Parameters of the reconstruction frontier (``notebooks/06_frontier.ipynb``)."""
-
-    sweep_dirs: list[str] = param([], "folders of shard-stage sweeps over k and rank, one per store")
-    sweep_names: list[str] = param([], "a name per sweep folder (e.g. events, steps)")
-
-    def check(self):
-        if len(self.sweep_dirs) != len(self.sweep_names) or not self.sweep_dirs:
-            raise ValueError("parameters 'sweep_dirs' and 'sweep_names': one name per folder, at least one folder")

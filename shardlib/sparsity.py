@@ -171,3 +171,14 @@ def lr_sweep(sweep_dir, taus=TAUS) -> xr.Dataset:
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no finished runs (subfolders with results.nc)")
     return xr.concat(rows, dim="lr").sortby("lr").rename({k: f"lr_{k}" for k in rows[0].data_vars})
+
+
+def run(p: SparsityParams) -> xr.Dataset:
+    """The stage: every lens on every run (:func:`study`), with the learning-rate sweep when given, to ``results.nc``."""
+    from .io import save_results
+
+    ds = study(p)
+    if p.lr_sweep_dir:
+        ds = xr.merge([ds, lr_sweep(p.lr_sweep_dir, tuple(p.taus))])
+    save_results(ds, Path(p.out_dir) / "results.nc", p.to_dict(), p.seed)
+    return ds

@@ -233,7 +233,7 @@ def gradient_ml2r(sae, data: dict[str, torch.Tensor], feature: np.ndarray, best:
     shard reproduces the feature's gradient at full size, < 1 shrunk (or not firing), > 1 inflated.
     """
     sae.eval()
-    xh, z, a, y = sae(data)
+    _, z, _, y = sae(data)
     norm = torch.stack([v.reshape(len(z), -1).pow(2).sum(1) for v in y.values()]).sum(0).sqrt()
     ratios = []
     for c, b in enumerate(best):
@@ -364,8 +364,8 @@ def fit_sae(
     Checkpoints go to ``out_dir/sae/<fingerprint of p>/``: a rerun with the same parameters
     resumes, and one with other toy-model parameters never picks up an SAE of other data.
     """
+    from .common import flatten
     from .metrics import abs_cos
-    from .planted import flatten
     from .shards import ShardParams, train
 
     n = CASES[case]["shape"][0]
@@ -392,7 +392,7 @@ def fit_sae(
             "device": p.device,
         }
     )
-    sae = train(sp, progress=False, data=data, init_directions=init_directions)["sae"].cpu()
+    sae = train(sp, progress=False, data=data, init_directions=init_directions).sae.cpu()
     dirs = sae.directions()
     to_slices, ref = made["slices"]
     slices = to_slices(dirs)
@@ -521,6 +521,17 @@ def _job(case: str, seed: int, p: ToyParams) -> list[dict]:
 
 
 def run(p: ToyParams, progress: bool = True) -> xr.Dataset:
+    """The stage: :func:`results` of every (case, activation, seed), written to ``results.nc``."""
+    from pathlib import Path
+
+    from .io import save_results
+
+    ds = results(p, progress)
+    save_results(ds, Path(p.out_dir) / "results.nc", p.to_dict(), p.seed)
+    return ds
+
+
+def results(p: ToyParams, progress: bool = True) -> xr.Dataset:
     import concurrent.futures as cf
     import multiprocessing as mp
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from shardlib.planted import PlantedParams, flatten, model_shapes, planted_updates, run_control
+from shardlib.common import flatten
+from shardlib.planted import PlantedParams, model_shapes, planted_updates, run_control
 
 
 def test_model_shapes_come_from_the_tiny_llama():

@@ -47,21 +47,21 @@ def test_clipped_surrogate_and_k3_kl():
 
 
 def test_same_seed_same_numbers(tmp_path):
-    a = rl.train(bandit(tmp_path, "a"), progress=False)["results"]
-    b = rl.train(bandit(tmp_path, "b"), progress=False)["results"]
+    a = rl.train(bandit(tmp_path, "a"), progress=False).results
+    b = rl.train(bandit(tmp_path, "b"), progress=False).results
     assert a.drop_vars(TIMING).identical(b.drop_vars(TIMING))
     ea, eb = open_store(tmp_path / "a/updates/events"), open_store(tmp_path / "b/updates/events")
     assert ea.drop_attrs().equals(eb.drop_attrs())
-    c = rl.train(bandit(tmp_path, "c", seed=1), progress=False)["results"]
+    c = rl.train(bandit(tmp_path, "c", seed=1), progress=False).results
     assert not np.allclose(a.reward, c.reward)
 
 
 def test_resume_after_kill_repeats_and_loses_nothing(tmp_path):
-    full = rl.train(bandit(tmp_path, "full"), progress=False)["results"]
+    full = rl.train(bandit(tmp_path, "full"), progress=False).results
     p = bandit(tmp_path, "killed")
     stopped = rl.train(p, progress=False, stop_after=5)  # killed after step 5; last checkpoint at 4
-    assert stopped["stopped_at"] == 5
-    resumed = rl.train(p, progress=False)["results"]
+    assert stopped.stopped_at == 5
+    resumed = rl.train(p, progress=False).results
     assert resumed.drop_vars(TIMING).identical(full.drop_vars(TIMING))
     ev_full, ev_res = open_store(tmp_path / "full/updates/events"), open_store(tmp_path / "killed/updates/events")
     assert ev_res.sizes["event"] == ev_full.sizes["event"] == 8 * 8 * 4
@@ -101,7 +101,7 @@ def test_an_edited_or_half_replaced_checkpoint_is_refused_or_recovered(tmp_path)
 
     from shardlib.io import CheckpointError
 
-    full = rl.train(bandit(tmp_path, "full"), progress=False)["results"]
+    full = rl.train(bandit(tmp_path, "full"), progress=False).results
     p = bandit(tmp_path, "x")
     rl.train(p, progress=False, stop_after=6)  # checkpoint at step 6
     ck = tmp_path / "x" / "checkpoint"
@@ -119,7 +119,7 @@ def test_an_edited_or_half_replaced_checkpoint_is_refused_or_recovered(tmp_path)
     rl.train(q, progress=False, stop_after=6)
     ck = tmp_path / "y" / "checkpoint"
     os.replace(ck, ck.with_name("checkpoint.old"))
-    resumed = rl.train(q, progress=False)["results"]
+    resumed = rl.train(q, progress=False).results
     assert resumed.drop_vars(TIMING).identical(full.drop_vars(TIMING))
     assert (
         open_store(tmp_path / "y/updates/events")
@@ -141,7 +141,7 @@ def test_bandit_rl_learns(tmp_path):
             eval_prompts=512,
         ),
         progress=False,
-    )["results"]
+    ).results
     assert (ds.eval_reward_final > ds.eval_reward_init + 0.2).all()
 
 
@@ -164,7 +164,7 @@ def test_lm_stage_runs_with_accumulation_and_kl(tmp_path, tiny_lm_dir, algorithm
             collect_params=["*.mlp.down_proj.weight"],
         )
     )
-    ds = rl.train(p, progress=False)["results"]
+    ds = rl.train(p, progress=False).results
     assert ds.sizes["step"] == 2 and np.isfinite(ds.loss).all()
     ev = open_store(tmp_path / "lm/updates/events")
     assert ev.sizes["event"] == 2 * 2 * (8 if algorithm == "grpo" else 4)
@@ -201,10 +201,8 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path):
     from shardlib.io import load_results
 
     ds = load_results(out / "results.nc")
-    single = rl.train(bandit(tmp_path, "single", steps=4, prompts_per_step=4, eval_prompts=32), progress=False)[
-        "results"
-    ]
-    assert set(ds.data_vars) == set(single.data_vars)
+    single = rl.train(bandit(tmp_path, "single", steps=4, prompts_per_step=4, eval_prompts=32), progress=False).results
+    assert set(ds.data_vars) == set(single.data_vars) and ds.attrs["num_processes"] == 2
     ev = open_store(out / "updates/events")
     assert ev.sizes["event"] == 4 * 2 * 4 * 4  # steps x processes x prompts x group
     assert sorted(set(ev["rank"].values.tolist())) == [0, 1]

@@ -143,7 +143,7 @@ def test_lowrank_has_far_fewer_parameters_than_dense():
     big = {"w": (128, 64), "u": (64, 128)}
     lr, dense = ShardSAE(big, 32, 4, rank=1).n_parameters(), ShardSAE(big, 32, 4, rank=0).n_parameters()
     assert dense / lr > 10
-    from shardlib.shards import dense_parameter_count
+    from shardlib.common import dense_parameter_count
 
     assert dense_parameter_count(big, 32) == dense
 

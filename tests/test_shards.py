@@ -5,9 +5,10 @@ import pytest
 import torch
 import xarray as xr
 
-from shardlib import shards
+from shardlib import events, shardfile, shards
+from shardlib.common import flatten
 from shardlib.io import load_results
-from shardlib.planted import flatten, planted_updates
+from shardlib.planted import planted_updates
 from shardlib.updates import StoreError, UpdateStore
 
 
@@ -47,9 +48,9 @@ def params(tmp_path, **kw):
 def test_offline_training_writes_public_outputs(tmp_path):
     data, _ = make_store(tmp_path / "store")
     p = params(tmp_path)
-    files = shards.write_outputs(p, shards.train(p, progress=False))
+    files = shards.run(p, progress=False).files
     sh = load_results(files["shards"])
-    dirs = shards.shard_directions(sh)
+    dirs = shardfile.shard_directions(sh)
     assert set(dirs) == {"layer.w", "layer.b"} and dirs["layer.w"].shape == (6, 6, 5)
     total = np.sqrt(sum((v.reshape(6, -1) ** 2).sum(1) for v in dirs.values()))
     assert np.allclose(total, 1, atol=1e-5)  # unit norm over all tensors together
@@ -64,7 +65,7 @@ def test_offline_training_writes_public_outputs(tmp_path):
     for key in ("fvu", "l0", "dead_fraction", "dense_fraction", "shrinkage", "shrinkage_weighted"):
         assert np.isfinite(float(m[f"heldout_{key}"])), key
     assert float(m.heldout_l0) <= 2
-    table = shards.dense_codes(acts, 6).groupby(shards.event_types(acts)).mean()
+    table = shardfile.dense_codes(acts, 6).groupby(events.event_types(acts)).mean()
     assert table.shape[1] == 6 and all(lbl.split()[0] in "abc" for lbl in table.index)
 
 
@@ -72,17 +73,17 @@ def test_resume_is_exact(tmp_path):
     make_store(tmp_path / "store")
     full = shards.train(params(tmp_path, out_dir=str(tmp_path / "full")), progress=False)
     p = params(tmp_path, out_dir=str(tmp_path / "killed"))
-    assert shards.train(p, progress=False, stop_after=3)["stopped_at"] == 3  # last checkpoint at epoch 2
+    assert shards.train(p, progress=False, stop_after=3).stopped_at == 3  # last checkpoint at epoch 2
     resumed = shards.train(p, progress=False)
-    for k, v in full["sae"].state_dict().items():
-        assert torch.equal(v, resumed["sae"].state_dict()[k]), k
-    assert full["history"] == resumed["history"]
+    for k, v in full.sae.state_dict().items():
+        assert torch.equal(v, resumed.sae.state_dict()[k]), k
+    assert full.history == resumed.history
 
 
 def test_same_seed_same_shards(tmp_path):
     make_store(tmp_path / "store")
-    a = shards.train(params(tmp_path, out_dir=str(tmp_path / "a")), progress=False)["sae"]
-    b = shards.train(params(tmp_path, out_dir=str(tmp_path / "b")), progress=False)["sae"]
+    a = shards.train(params(tmp_path, out_dir=str(tmp_path / "a")), progress=False).sae
+    b = shards.train(params(tmp_path, out_dir=str(tmp_path / "b")), progress=False).sae
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
@@ -173,8 +174,8 @@ def test_two_process_training_matches_one_process(tmp_path):
         timeout=240,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    a = shards.shard_directions(load_results(tmp_path / "one" / "shards.nc"))
-    b = shards.shard_directions(load_results(tmp_path / "two" / "shards.nc"))
+    a = shardfile.shard_directions(load_results(tmp_path / "one" / "shards.nc"))
+    b = shardfile.shard_directions(load_results(tmp_path / "two" / "shards.nc"))
     flat = lambda d: np.concatenate([d[k].reshape(6, -1) for k in sorted(d)], 1)
     assert hungarian_mcc(flat(a), flat(b)) > 0.999
     fa = float(load_results(tmp_path / "one" / "results.nc").heldout_fvu)

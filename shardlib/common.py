@@ -1,0 +1,50 @@
+"""Helpers every stage uses, below the stage modules: devices, seeds, determinism, flattening."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+
+
+def make_accelerator(device: str, mixed_precision: str = "no", grad_accum: int = 1):
+    from accelerate import Accelerator
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no GPU is visible; use device='cpu' or 'auto'")
+    return Accelerator(
+        cpu=(device == "cpu" or not torch.cuda.is_available()),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+    )
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """A generator per (seed, step, process): a resumed run draws exactly what an uninterrupted one would."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + step * 7919 + rank * 104_729 + 17)
+
+
+@contextlib.contextmanager
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` inside the block, the previous setting after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def dense_parameter_count(shapes: dict[str, tuple], n_latents: int) -> int:
+    """Parameters of the dense (full-rank) SAE of the same size: encoder, decoder, biases."""
+    D = sum(math.prod(s) for s in shapes.values())
+    return 2 * n_latents * D + n_latents + D
+
+
+def flatten(tensors: dict[str, torch.Tensor], names=None) -> np.ndarray:
+    """Concatenate per-tensor [F, *shape] into [F, D] (in ``names`` order)."""
+    names = names or list(tensors)
+    n = tensors[names[0]].shape[0]
+    return torch.cat([tensors[k].reshape(n, -1) for k in names], 1).numpy()

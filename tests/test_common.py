@@ -1,0 +1,26 @@
+import numpy as np
+import torch
+
+from shardlib.common import deterministic, flatten, step_generator
+
+
+def test_step_generators_repeat_per_seed_step_and_process():
+    draw = lambda *a: torch.rand(4, generator=step_generator(*a))
+    assert torch.equal(draw(0, 5, 0), draw(0, 5, 0))  # a resumed run draws what an uninterrupted one would
+    assert not torch.equal(draw(0, 5, 0), draw(0, 6, 0))
+    assert not torch.equal(draw(0, 5, 0), draw(0, 5, 1))
+    assert not torch.equal(draw(0, 5, 0), draw(1, 5, 0))
+
+
+def test_deterministic_restores_the_previous_setting():
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic():
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_flatten_concatenates_tensors_in_the_given_order():
+    t = {"b": torch.arange(6.0).view(2, 3), "a": torch.arange(8.0).view(2, 2, 2)}
+    out = flatten(t, ["a", "b"])
+    assert out.shape == (2, 7)
+    assert np.array_equal(out[1], [4, 5, 6, 7, 3, 4, 5])
