@@ -15,10 +15,7 @@ def make(run_dir):
     spec = []
     for ax, f, title in zip(axes[:2], INPUTS, ["bandit", "LM"]):
         ds = load_results(run_dir / f)
-        a = float(ds.alpha.max())
-        plotting.heatmap(
-            ds.add_effect.sel(alpha=a), ax, center=True, title=f"{title}: Δ reward, base + {a:g}·|Δθ|·shard"
-        )
+        plotting.add_effect(ds, ax, title=f"{title}: ")
         spec.append((title, ds.specificity.values, ds.random_specificity.values))
     ax = axes[2]
     for i, (_title, s, r) in enumerate(spec):

@@ -13,12 +13,7 @@ def make(run_dir):
     fig, axes = plt.subplots(2, 1, figsize=(9, 6))
     for ax, f, title in zip(axes, INPUTS, ["bandit", "LM"]):
         ds = load_results(run_dir / f)
-        plotting.heatmap(
-            ds.activation_by_type.T,
-            ax,
-            xlabel="shard",
-            title=f"{title}: purity {float(ds.purity[0]):.2f} (shuffled {float(ds.purity_shuffled[0]):.2f})",
-        )
+        plotting.event_heatmap(ds, ax, title=f"{title}: ")
     fig.suptitle("Which reinforcement events each shard fires on (task × sign of advantage)")
     fig.tight_layout()
     return fig

@@ -1,4 +1,4 @@
-"""Command line: ``python -m shardlib run|figures``."""
+"""Command line: ``python -m shardlib run|figures|compare``."""
 
 from __future__ import annotations
 
@@ -57,6 +57,11 @@ def main(argv=None) -> int:
     f.add_argument("--run", default="default", help="run name (folder under runs/), default: default")
     f.add_argument("--runs-dir", help="where runs are (default: runs/ in the repository)")
     f.add_argument("--out", help="output folder (default: figures/<run>/)")
+    c = sub.add_parser(
+        "compare", help="compare the results files of two runs (values only; provenance and timings left out)"
+    )
+    c.add_argument("run_a", help="a run folder, e.g. runs/default")
+    c.add_argument("run_b", help="the run folder to compare it with")
     args = ap.parse_args(argv)
     try:
         return _main(args)
@@ -69,6 +74,22 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    if args.cmd == "compare":
+        from pathlib import Path
+
+        from .compare import compare_runs
+
+        for d in (args.run_a, args.run_b):
+            if not Path(d).is_dir():
+                print(f"error: {d} is not a run folder", file=sys.stderr)
+                return 1
+        rows = compare_runs(args.run_a, args.run_b)
+        for r in rows:
+            if r.status != "identical":
+                print(f"{r.status}: {r.path} {r.detail}")
+        same = sum(r.status == "identical" for r in rows)
+        print(f"{same} of {len(rows)} results files identical (values; provenance and wall-clock times left out)")
+        return 0 if rows and same == len(rows) else 1
     if args.cmd == "figures":
         from .figures import make_all
 

@@ -31,7 +31,7 @@ from scipy.stats import rankdata
 from .config import Params, param
 from .events import event_type_labels
 from .io import save_results
-from .metrics import abs_cos, hungarian_mcc
+from .metrics import abs_cos, hungarian_mcc, seed_stability
 
 # ---------------------------------------------------------------------------
 # alignment metrics
@@ -161,17 +161,41 @@ class AnalysisParams(Params):
             raise ValueError("parameters 'shards_dir' and 'rl_dir': both folders are needed")
 
 
-def load_inputs(p: AnalysisParams):
-    """Shard directions, activations, the SAE config, and the store's updates (flattened, same events)."""
+@dataclass
+class AnalysisInputs:
+    """What the analysis reads: a shard stage's files and the update store it was trained on."""
+
+    shards: xr.Dataset
+    """``shards.nc`` of the shard stage."""
+    acts: xr.Dataset
+    """``activations.nc``: every event's active shards and labels."""
+    sae_params: object
+    """The shard stage's :class:`~shardlib.shards.ShardParams`."""
+    data: dict[str, torch.Tensor]
+    """The store's updates, the same events as ``acts``."""
+    dirs: dict[str, np.ndarray]
+    """Each shard's unit direction per tensor, ``{param: [shard, *shape]}``."""
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.dirs)
+
+    @property
+    def n_shards(self) -> int:
+        return self.shards.sizes["shard"]
+
+
+def load_inputs(p: AnalysisParams) -> AnalysisInputs:
+    """Shard directions, activations, the SAE config, and the store's updates (same events)."""
     from .io import load_results
     from .shardfile import shard_directions
     from .shards import ShardParams, load_updates
 
     sd = Path(p.shards_dir)
-    sh, acts, res = load_results(sd / "shards.nc"), load_results(sd / "activations.nc"), load_results(sd / "results.nc")
+    sh, acts = load_results(sd / "shards.nc"), load_results(sd / "activations.nc")
     sp = ShardParams.from_dict(json.loads(sh.attrs["config"]))
-    data, store = load_updates(sp.store_path, sp.params, sp.skip_zero_updates)
-    return sh, acts, res, sp, data, store, shard_directions(sh)
+    data, _ = load_updates(sp.store_path, sp.params, sp.skip_zero_updates)
+    return AnalysisInputs(sh, acts, sp, data, shard_directions(sh))
 
 
 def intervention_effects(p: AnalysisParams, dirs: dict[str, np.ndarray], order: np.ndarray, rank: int):
@@ -233,51 +257,77 @@ def run(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
 
 def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     """Alignment (this SAE and extra seeds), where shards live, and interventions, as one Dataset."""
-    from . import shardfile
+    from .common import flatten
+    from .shardfile import dense_codes
+
+    inp = load_inputs(p)
+    names, F = inp.names, inp.n_shards
+    codes = dense_codes(inp.acts, F).values
+    types, task = event_type_labels(inp.acts)
+    X = flatten({n: inp.data[n] for n in names}, names)
+    D = np.concatenate([inp.dirs[n].reshape(F, -1) for n in names], 1)
+    parts = [
+        seed_alignment(p, inp, codes, types, X, D),
+        type_views(codes, types, p.seed),
+        where_shards_live(inp.dirs),
+        online_comparison(Path(p.rl_dir) / "online_shards.nc", names, X, types, D),
+        intervention_results(p, inp, codes, task),
+    ]
+    out = xr.merge(parts, combine_attrs="override")
+    out.attrs["store_path"] = inp.sae_params.store_path
+    return out
+
+
+def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -> xr.Dataset:
+    """:func:`alignment` of this SAE and of one more SAE per ``extra_seeds`` (same data), and their
+    seed-to-seed stability (mean Hungarian |cos| over pairs)."""
     from . import shards as sh_mod
     from .common import flatten
-    from .sparsity import layer_of
 
-    sh, acts, res, sp, data, store, dirs = load_inputs(p)
-    names = list(dirs)
-    F = sh.sizes["shard"]
-    codes = shardfile.dense_codes(acts, F).values
-    types, task = event_type_labels(acts)
-    X = flatten({n: data[n] for n in names}, names)
-    D = np.concatenate([dirs[n].reshape(F, -1) for n in names], 1)
-    R = flatten(random_dictionary({n: dirs[n].shape[1:] for n in names}, F, sp.rank, p.seed + 7), names)
+    sp, names, F = inp.sae_params, inp.names, inp.n_shards
+    R = flatten(random_dictionary({n: inp.dirs[n].shape[1:] for n in names}, F, sp.rank, p.seed + 7), names)
     rows = {sp.seed: alignment(codes, types, X, D, R, p.seed)}
     seed_dirs = {sp.seed: D}
     for s in p.extra_seeds:
         q = sp.replace(seed=s, out_dir=str(Path(p.out_dir) / f"sae_seed{s}"), online_shards_path="")
-        r = sh_mod.train(q, progress=False, data=data)
-        _, _, z = sh_mod.encode_all(r.sae.cpu(), data)
+        r = sh_mod.train(q, progress=False, data=inp.data)
+        _, _, z = sh_mod.encode_all(r.sae.cpu(), inp.data)
         Ds = flatten(r.sae.directions(), names)
         rows[s] = alignment(z.abs().numpy(), types, X, Ds, R, p.seed)
         seed_dirs[s] = Ds
     seeds = list(rows)
-    keys = list(rows[seeds[0]])
-    out = xr.Dataset({k: ("sae_seed", [rows[s][k] for s in seeds]) for k in keys}, coords={"sae_seed": seeds})
-    pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1 :]]
-    out["seed_stability"] = (
-        float(np.mean([hungarian_mcc(seed_dirs[a], seed_dirs[b]) for a, b in pairs])) if pairs else np.nan
-    )
-    # per-type AUROC of this SAE, against shuffled labels
-    au, au_s = (
-        best_latent_auroc(codes, types),
-        best_latent_auroc(codes, np.random.default_rng(p.seed).permutation(types)),
-    )
-    out["type_auroc"] = ("event_type", list(au.values()))
-    out["type_auroc_shuffled"] = ("event_type", [au_s[t] for t in au])
-    out = out.assign_coords(event_type=list(au))
-    # shard x event type: mean |activation|
+    out = xr.Dataset({k: ("sae_seed", [rows[s][k] for s in seeds]) for k in rows[seeds[0]]}, coords={"sae_seed": seeds})
+    out["seed_stability"] = seed_stability([seed_dirs[s] for s in seeds])
+    return out
+
+
+def type_views(codes: np.ndarray, types: np.ndarray, seed: int) -> xr.Dataset:
+    """Per-type best-latent AUROC (and with shuffled labels), and each shard's mean |activation| per type."""
+    au = best_latent_auroc(codes, types)
+    au_s = best_latent_auroc(codes, np.random.default_rng(seed).permutation(types))
     uniq = [str(t) for t in np.unique(types)]
-    out["activation_by_type"] = (("shard", "event_type_all"), np.stack([codes[types == t].mean(0) for t in uniq], 1))
-    out = out.assign_coords(shard=np.arange(F), event_type_all=uniq)
-    # where shards live: norm share per tensor and per layer, rank spectrum
+    return xr.Dataset(
+        {
+            "type_auroc": ("event_type", list(au.values())),
+            "type_auroc_shuffled": ("event_type", [au_s[t] for t in au]),
+            "activation_by_type": (("shard", "event_type_all"), np.stack([codes[types == t].mean(0) for t in uniq], 1)),
+        },
+        coords={"event_type": list(au), "shard": np.arange(codes.shape[1]), "event_type_all": uniq},
+    )
+
+
+def where_shards_live(dirs: dict[str, np.ndarray]) -> xr.Dataset:
+    """Each shard's squared-norm share per tensor (with the tensor's layer), and the normalized singular
+    values of its matrix parts (how low-rank a shard is)."""
+    from .sparsity import layer_of
+
+    names = list(dirs)
+    F = len(next(iter(dirs.values())))
     share = np.stack([(dirs[n].reshape(F, -1) ** 2).sum(1) for n in names], 1)
-    out["norm_share"] = (("shard", "tensor"), share)
-    out = out.assign_coords(tensor=names, tensor_layer=("tensor", [layer_of(n) for n in names]))
+    out = xr.Dataset(
+        {"norm_share": (("shard", "tensor"), share)},
+        coords={"shard": np.arange(F), "tensor": names, "tensor_layer": ("tensor", [layer_of(n) for n in names])},
+    )
     mats = [n for n in names if dirs[n].ndim == 3]
     if mats:
         k = min(min(dirs[n].shape[1:]) for n in mats)
@@ -285,19 +335,33 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
         spec = spec / np.clip(spec[..., :1], 1e-30, None)
         out["rank_spectrum"] = (("shard", "matrix", "singular"), spec)
         out = out.assign_coords(matrix=mats, singular=np.arange(k))
-    # online vs offline, when the RL run trained online shards
-    online = Path(p.rl_dir) / "online_shards.nc"
-    if online.exists():
-        from .io import load_results
+    return out
 
-        on = load_results(online)
-        on_dirs = np.concatenate([shardfile.shard_directions(on)[n].reshape(on.sizes["shard"], -1) for n in names], 1)
-        out["online_type_match"] = hungarian_mcc(type_means(X, types)[0], on_dirs)
-        out["online_offline_match"] = hungarian_mcc(D, on_dirs)
-        out["online_offline_mmcs"] = float(abs_cos(D, on_dirs).max(1).mean())
-    # interventions on the most frequent shards
-    order = np.argsort(-sh["frequency"].values)
-    eff = intervention_effects(p, dirs, order, sp.rank)
+
+def online_comparison(online: Path, names: list[str], X, types, D) -> xr.Dataset:
+    """Online shards (trained from the ring buffer during RL) against offline shards and type means;
+    empty when the RL run trained none."""
+    if not online.exists():
+        return xr.Dataset()
+    from .io import load_results
+    from .shardfile import shard_directions
+
+    on = load_results(online)
+    on_dirs = np.concatenate([shard_directions(on)[n].reshape(on.sizes["shard"], -1) for n in names], 1)
+    return xr.Dataset(
+        {
+            "online_type_match": hungarian_mcc(type_means(X, types)[0], on_dirs),
+            "online_offline_match": hungarian_mcc(D, on_dirs),
+            "online_offline_mmcs": float(abs_cos(D, on_dirs).max(1).mean()),
+        }
+    )
+
+
+def intervention_results(p: AnalysisParams, inp: AnalysisInputs, codes: np.ndarray, task: np.ndarray) -> xr.Dataset:
+    """:func:`intervention_effects` on the most frequent shards, with each shard's own task (where it fires
+    most), the specificity of its effect (and of random directions), and whether it hits its own task."""
+    order = np.argsort(-inp.shards["frequency"].values)
+    eff = intervention_effects(p, inp.dirs, order, inp.sae_params.rank)
     own = np.array(
         [
             np.argmax([codes[task == t, i].mean() if (task == t).any() else -1 for t in range(eff.sizes["task"])])
@@ -305,17 +369,13 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
         ]
     )
     pos = eff["add_effect"].sel(alpha=max(p.alphas)).values
-    out_eff = eff.rename({"shard": "intervened_shard"})
-    out_eff["own_task"] = ("intervened_shard", own)
-    out_eff["specificity"] = ("intervened_shard", specificity(pos))
-    out_eff["random_specificity"] = ("random", specificity(eff["random_add_effect"].sel(alpha=max(p.alphas)).values))
-    out_eff["own_task_hit"] = ("intervened_shard", (np.abs(pos).argmax(1) == own).astype(float))
+    out = eff.rename({"shard": "intervened_shard"})
+    out["own_task"] = ("intervened_shard", own)
+    out["specificity"] = ("intervened_shard", specificity(pos))
+    out["random_specificity"] = ("random", specificity(eff["random_add_effect"].sel(alpha=max(p.alphas)).values))
+    out["own_task_hit"] = ("intervened_shard", (np.abs(pos).argmax(1) == own).astype(float))
     tot = np.abs(pos).sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out_eff["own_share"] = (
-            "intervened_shard",
-            np.where(tot > 0, np.abs(pos)[np.arange(len(own)), own] / tot, np.nan),
-        )
-    out = xr.merge([out, out_eff], combine_attrs="override")
-    out.attrs["store_path"] = sp.store_path
+        own_share = np.where(tot > 0, np.abs(pos)[np.arange(len(own)), own] / tot, np.nan)
+    out["own_share"] = ("intervened_shard", own_share)
     return out

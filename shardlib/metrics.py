@@ -106,6 +106,13 @@ def hungarian_mcc(G, D) -> float:
     return float(C[r, c].sum() / len(G))
 
 
+def seed_stability(dictionaries: list) -> float:
+    """Mean Hungarian |cos| over every pair of dictionaries [F, D] (SAEs of several seeds on the same data);
+    NaN with fewer than two."""
+    pairs = [(a, b) for i, a in enumerate(dictionaries) for b in dictionaries[i + 1 :]]
+    return float(np.mean([hungarian_mcc(a, b) for a, b in pairs])) if pairs else float("nan")
+
+
 def recovery(G, D, t: float = 0.9) -> dict[str, float]:
     g2d, d2g = mmcs(G, D)
     r, uniq = recall_at(G, D, t)

@@ -120,14 +120,26 @@ class PlantedParams(Params):
             raise ValueError("parameter 'seeds': give at least one seed")
 
 
+RECOVERY_KEYS = [
+    "mmcs_g2d",
+    "mmcs_d2g",
+    "r@0.9",
+    "uniqueness",
+    "hungarian_mcc",
+    "fvu",
+    "l0",
+    "dead_fraction",
+    "seconds",
+    "seconds_per_epoch",
+    "n_parameters",
+]
+
+
 def run_control(p: PlantedParams, progress: bool = True):
     """Train an SAE per (rank, seed) on the same planted data; returns (results Dataset, SAEs)."""
-    import time
-
     from tqdm.auto import tqdm
 
     from . import metrics
-    from .shards import ShardParams, evaluate, train
 
     shapes = model_shapes(p.d_model, p.d_ff, p.n_layers, tuple(p.tensors))
     data, truth, codes, freq = planted_updates(
@@ -145,69 +157,57 @@ def run_control(p: PlantedParams, progress: bool = True):
     names = list(shapes)
     G = flatten(truth, names)
     rows, saes = {}, {}
-    keys = [
-        "mmcs_g2d",
-        "mmcs_d2g",
-        "r@0.9",
-        "uniqueness",
-        "hungarian_mcc",
-        "fvu",
-        "l0",
-        "dead_fraction",
-        "seconds",
-        "seconds_per_epoch",
-        "n_parameters",
-    ]
     for rank in tqdm(p.ranks, desc="ranks", disable=not progress):
         for seed in p.seeds:
-            sp = ShardParams.from_dict(
-                {
-                    "out_dir": f"{p.out_dir}/sae_rank{rank}_seed{seed}",
-                    "seed": seed,
-                    "store_path": "planted",
-                    "n_latents": p.n_latents,
-                    "k": p.k,
-                    "rank": rank,
-                    "signed": p.signed,
-                    "epochs": p.epochs,
-                    "batch_size": p.batch_size,
-                    "lr": p.lr,
-                    "device": p.device,
-                    "skip_zero_updates": False,
-                    "checkpoint_every": p.epochs,
-                }
-            )
-            t0 = time.perf_counter()
-            res = train(sp, progress=False, data=data)
-            dt = time.perf_counter() - t0
-            sae = res.sae.cpu()
-            D = flatten(sae.directions(), names)
-            m = metrics.recovery(G, D)
-            m.update(evaluate(sae, data, res.heldout_idx))
-            m.update(seconds=dt, seconds_per_epoch=dt / p.epochs, n_parameters=sae.n_parameters())
-            rows[(rank, seed)] = m
-            saes[(rank, seed)] = sae
+            rows[(rank, seed)], saes[(rank, seed)] = fit_one(p, rank, seed, data, G, names)
     ds = xr.Dataset(
         {
             k.replace("@", "_at_"): (("rank", "seed"), [[rows[(r, s)][k] for s in p.seeds] for r in p.ranks])
-            for k in keys
+            for k in RECOVERY_KEYS
         },
         coords={"rank": list(p.ranks), "seed": list(p.seeds)},
     )
-    stab = []
-    for r in p.ranks:
-        pairs = [(a, b) for i, a in enumerate(p.seeds) for b in p.seeds[i + 1 :]]
-        vals = [
-            metrics.hungarian_mcc(flatten(saes[(r, a)].directions(), names), flatten(saes[(r, b)].directions(), names))
-            for a, b in pairs
-        ]
-        stab.append(float(np.mean(vals)) if vals else float("nan"))
-    ds["seed_stability"] = ("rank", stab)
+    stability = [metrics.seed_stability([flatten(saes[(r, s)].directions(), names) for s in p.seeds]) for r in p.ranks]
+    ds["seed_stability"] = ("rank", stability)
     ds["frequency"] = ("truth", freq)
     ds["dense_n_parameters"] = dense_parameter_count({"update": (G.shape[1],)}, p.n_latents)
     ds.attrs["n_params_per_update"] = int(G.shape[1])
     ds.attrs["tensors"] = ",".join(names)
     return ds, saes
+
+
+def fit_one(p: PlantedParams, rank: int, seed: int, data, G: np.ndarray, names: list[str]):
+    """One SAE of the control: its recovery of the planted directions ``G``, held-out metrics, time; (row, SAE)."""
+    import time
+
+    from . import metrics
+    from .shards import ShardParams, evaluate, train
+
+    sp = ShardParams.from_dict(
+        {
+            "out_dir": f"{p.out_dir}/sae_rank{rank}_seed{seed}",
+            "seed": seed,
+            "store_path": "planted",
+            "n_latents": p.n_latents,
+            "k": p.k,
+            "rank": rank,
+            "signed": p.signed,
+            "epochs": p.epochs,
+            "batch_size": p.batch_size,
+            "lr": p.lr,
+            "device": p.device,
+            "skip_zero_updates": False,
+            "checkpoint_every": p.epochs,
+        }
+    )
+    t0 = time.perf_counter()
+    res = train(sp, progress=False, data=data)
+    dt = time.perf_counter() - t0
+    sae = res.sae.cpu()
+    m = metrics.recovery(G, flatten(sae.directions(), names))
+    m.update(evaluate(sae, data, res.heldout_idx))
+    m.update(seconds=dt, seconds_per_epoch=dt / p.epochs, n_parameters=sae.n_parameters())
+    return m, sae
 
 
 def run(p: PlantedParams, progress: bool = True) -> xr.Dataset:

@@ -133,3 +133,64 @@ def intervention_curves(da, title: str = ""):
     if title:
         fig.suptitle(title, fontsize=9, y=1.04)
     return fig
+
+
+def planted_recovery(ds):
+    """Planted control: MMCS(G→D), R@0.9 and held-out FVU by SAE rank (dense = rank 0), mean ± std over seeds."""
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+    labels = ["dense" if r == 0 else f"rank {r}" for r in ds["rank"].values]
+    x = np.arange(len(labels))
+    for ax, v, t in zip(axes, ["mmcs_g2d", "r_at_0.9", "fvu"], ["MMCS(G→D)", "R@0.9", "held-out FVU"]):
+        ax.bar(x, ds[v].mean("seed"), yerr=ds[v].std("seed"), capsize=3)
+        ax.set_xticks(x, labels)
+        ax.set_title(t)
+    fig.suptitle("Planted shards: recovery of known ground-truth directions")
+    return fig
+
+
+def sparsity_lenses(ds):
+    """Fraction of parameters unchanged under |Δ| ≤ τ for cumulative, step and event updates, and against lr."""
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    for ax, scope in zip(axes[:3], ["cumulative", "step", "event"]):
+        for run in ds.run.values:
+            ax.plot(range(ds.sizes["tau"]), ds.unchanged.sel(run=run, scope=scope), marker="o", label=str(run))
+        ax.set_xticks(range(ds.sizes["tau"]), [f"{t:g}" for t in ds.tau.values], rotation=45)
+        ax.set(xlabel="τ", title=f"{scope} update", ylim=(-0.02, 1.02))
+    axes[0].set_ylabel("fraction with |Δ| ≤ τ")
+    axes[0].legend()
+    ax = axes[3]
+    if "lr" in ds.dims:
+        ax.plot(ds.lr, ds.lr_bf16_unchanged, marker="o", label="bf16 unchanged")
+        ax.plot(ds.lr, ds.lr_mukherjee_unchanged, marker="s", label="bf16, |Δ| ≤ 1e-5")
+        ax.plot(ds.lr, ds.lr_unchanged.sel(tau=0.0), marker="^", label="fp32 exact zeros")
+        ax.set(xscale="log", xlabel="learning rate", title="cumulative, GRPO on LM", ylim=(-0.02, 1.02))
+        ax.legend()
+    fig.suptitle("How sparse are the updates? Fraction of parameters unchanged, by lens")
+    return fig
+
+
+def frontier_panels(ds, store_label: str = "{store} updates"):
+    """One :func:`frontier` panel per store (events, steps)."""
+    fig, axes = plt.subplots(1, ds.sizes["store"], figsize=(4.5 * ds.sizes["store"], 3.2), squeeze=False)
+    for ax, store in zip(axes[0], ds.store.values):
+        frontier(ds.sel(store=store), ax, title=store_label.format(store=store))
+    fig.suptitle("Reconstruction frontier (dashed: FVU 0.1 and 0.01)")
+    return fig
+
+
+def event_heatmap(ds, ax=None, title: str = ""):
+    """Mean |activation| of each shard by event type, titled with purity and its shuffled baseline."""
+    return heatmap(
+        ds.activation_by_type.T,
+        ax,
+        xlabel="shard",
+        title=f"{title}purity {float(ds.purity[0]):.2f} (shuffled {float(ds.purity_shuffled[0]):.2f})",
+    )
+
+
+def add_effect(ds, ax=None, title: str = ""):
+    """Reward change per task when each shard is added to the base policy at the largest strength."""
+    a = float(ds.alpha.max())
+    return heatmap(ds.add_effect.sel(alpha=a), ax, center=True, title=f"{title}Δ reward, base + {a:g}·|Δθ|·shard")

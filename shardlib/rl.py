@@ -224,14 +224,7 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
 
     ckpt = out / "checkpoint"
-    needs = ["policy", OPTIMIZER_FILE] + (["buffer"] if p.collect_params and p.buffer_capacity else [])
-    state = read_checkpoint(ckpt, p.fingerprint(), "step", p.steps, needs)
-    start, history = (state["step"], state["history"]) if state else (0, [])
-    if state is not None:
-        model = pol.load_policy(ckpt / "policy")
-        optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
-        load_optimizer(optimizer, ckpt)
-        log(f"resuming from checkpoint at step {start}")
+    start, history, model, optimizer = resume(p, ckpt, model, optimizer, log)
     if start == 0 and acc.is_main_process:  # the starting point, for cumulative-update analyses
         pol.save_policy(model, out / "init_policy")
     model, optimizer = acc.prepare(model, optimizer)
@@ -282,6 +275,20 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
         ds = history_dataset(history, testbed, history[0]["init_eval"], final_eval)
     acc.wait_for_everyone()
     return RLResult(ds, base, acc, collector, buffer)
+
+
+def resume(p: RLParams, ckpt: Path, model, optimizer, log=print):
+    """(steps done, history, policy, optimizer): from the checkpoint when there is one (checked by
+    :func:`~shardlib.io.read_checkpoint`), else (0, [], the given policy and optimizer)."""
+    needs = ["policy", OPTIMIZER_FILE] + (["buffer"] if p.collect_params and p.buffer_capacity else [])
+    state = read_checkpoint(ckpt, p.fingerprint(), "step", p.steps, needs)
+    if state is None:
+        return 0, [], model, optimizer
+    model = pol.load_policy(ckpt / "policy")
+    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
+    load_optimizer(optimizer, ckpt)
+    log(f"resuming from checkpoint at step {state['step']}")
+    return state["step"], state["history"], model, optimizer
 
 
 def initial_policy(p: RLParams, testbed) -> torch.nn.Module:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -306,14 +306,36 @@ class ToyParams(Params):
             )
 
 
-def make_case(case: str, seed: int, p: ToyParams) -> dict:
-    """Train the case's toy model and build its gradient data and ground truth (no SAE yet).
+@dataclass
+class ToyCase:
+    """A trained toy model with its gradient data and ground truth (what every SAE of a (case, seed) shares)."""
 
-    Returns {"model", "data": {param: [N, *shape]}, "truth": {param: [n, *shape]},
-    "slices": (shard -> [F, m, n] per-feature slices, ground-truth columns [m, n]), "A" (TMCS: the
-    coefficients, else None), "data_single" (gradients of samples with exactly one active feature)
-    "single_feature" (that feature, per gradient) and "model_metrics" (``model_metrics``)}.
-    """
+    model: torch.nn.Module
+    data: dict[str, torch.Tensor]
+    """Per-sample divergence gradients ``{param: [N, *shape]}`` (all-zero gradients dropped)."""
+    truth: dict[str, torch.Tensor]
+    """Ground-truth circuits ``{param: [n_features, *shape]}``."""
+    slice_param: str
+    """The weight whose per-feature slices the column-wise MMCS compares: TMS ``W``, TMCS ``W_in``."""
+    truth_slices: np.ndarray
+    """Ground-truth slices [m, n]: TMS ``W[:, c]``; TMCS ``W_in``'s row i, transposed."""
+    A: torch.Tensor | None
+    """TMCS: the coefficients the model was trained to compute; else None."""
+    data_single: dict[str, torch.Tensor]
+    """Gradients of samples with exactly one active feature (the single-feature control)."""
+    single_feature: np.ndarray
+    """That feature, per gradient of ``data_single``."""
+    model_metrics: dict[str, float] = field(default_factory=dict)
+    """What the trained model itself scores (:func:`model_metrics`)."""
+
+    def slices(self, dirs: dict[str, torch.Tensor]) -> np.ndarray:
+        """Per-feature slices of shard directions, [F, m, n], comparable with ``truth_slices``."""
+        d = dirs[self.slice_param]
+        return (d if self.slice_param == "W" else d.transpose(1, 2)).numpy()
+
+
+def make_case(case: str, seed: int, p: ToyParams) -> ToyCase:
+    """Train the case's toy model and build its gradient data and ground truth (no SAE yet)."""
     spec = CASES[case]
     n, m = spec["shape"]
     g = torch.Generator().manual_seed(seed + 2)
@@ -323,13 +345,12 @@ def make_case(case: str, seed: int, p: ToyParams) -> dict:
     if spec["model"] == "tms":
         model = train_tms(n, m, p.feature_prob, p.model_steps, seed=seed)
         truth, A = circuits(model), None
-        W = model.W.detach().numpy()
-        slices = (lambda d: d["W"].numpy(), W)
+        slice_param, truth_slices = "W", model.W.detach().numpy()
     else:
         model, A = train_tmcs(n, m, TMCS_OUTPUTS, p.feature_prob, p.model_steps, seed=seed)
         truth = tmcs_circuits(model)
-        rows = truth["W_in"][torch.arange(n), torch.arange(n)].numpy().T  # [hidden, inputs]: input i's W_in row
-        slices = (lambda d: d["W_in"].transpose(1, 2).numpy(), rows)
+        slice_param = "W_in"
+        truth_slices = truth["W_in"][torch.arange(n), torch.arange(n)].numpy().T  # [hidden, inputs]: input i's W_in row
 
     def gradients(x):
         d = divergence_gradients(model, x, g, reference)
@@ -343,36 +364,51 @@ def make_case(case: str, seed: int, p: ToyParams) -> dict:
     feature = torch.randint(n, (len(x),), generator=g)
     one[torch.arange(len(x)), feature] = torch.rand(len(x), generator=g)
     single, kept = gradients(one)
-    made = {
-        "model": model,
-        "data": data,
-        "truth": truth,
-        "slices": slices,
-        "A": A,
-        "data_single": single,
-        "single_feature": feature[kept].numpy(),
-    }
-    made["model_metrics"] = model_metrics(made)  # once per model, not once per activation variant
+    made = ToyCase(model, data, truth, slice_param, truth_slices, A, single, feature[kept].numpy())
+    made.model_metrics = model_metrics(made)  # once per model, not once per activation variant
     return made
 
 
-def fit_sae(
-    made: dict, case: str, seed: int, activation: str, p: ToyParams, init_directions=None, data_key: str = "data"
-):
-    """Train the SAE on a case's gradients; returns (metrics, sae).
+@dataclass
+class SAEFit:
+    """One SAE fitted to a toy case's gradients, and what it scores (see ``METRICS``)."""
 
-    Checkpoints go to ``out_dir/sae/<fingerprint of p>/``: a rerun with the same parameters
-    resumes, and one with other toy-model parameters never picks up an SAE of other data.
+    sae: object
+    mmcs_columnwise: float
+    mmcs_whole: float
+    ml2r_share: float
+    recon_error: float
+    l0: float
+    dead_fraction: float
+    coef_r: float
+    n_datapoints: int
+    ml2r_gradient: float = float("nan")
+    """Only for the table's SAE (not the controls)."""
+    own_output_share: float = float("nan")
+    """TMS, only for the table's SAE."""
+    curves: np.ndarray | None = None
+    """TMS, only for the table's SAE: intervention curves [shard, delta, output]."""
+
+
+def fit_sae(
+    made: ToyCase, case: str, seed: int, activation: str, p: ToyParams, *, init_directions=None, single_feature=False
+) -> SAEFit:
+    """Train the SAE on a case's gradients (or, with ``single_feature``, on the single-feature
+    control's), started at ``init_directions`` when given (the truth-start control).
+
+    Only the table's SAE (neither control) also gets the gradient ML2R and, on TMS, the
+    intervention curves. Checkpoints go to ``out_dir/sae/<fingerprint of p>/``: a rerun with the
+    same parameters resumes, and one with other toy-model parameters never picks up an SAE of other data.
     """
     from .common import flatten
     from .metrics import abs_cos
     from .shards import ShardParams, train
 
     n = CASES[case]["shape"][0]
-    data = made[data_key]
+    data = made.data_single if single_feature else made.data
     N = len(next(iter(data.values())))
     epochs = max(1, math.ceil(p.sae_steps / math.ceil(N / p.batch_size)))
-    tag = ("truthinit_" if init_directions is not None else "") + ("" if data_key == "data" else f"{data_key}_")
+    tag = ("truthinit_" if init_directions is not None else "") + ("data_single_" if single_feature else "")
     sp = ShardParams.from_dict(
         {
             "store_path": "toy",
@@ -394,86 +430,75 @@ def fit_sae(
     )
     sae = train(sp, progress=False, data=data, init_directions=init_directions).sae.cpu()
     dirs = sae.directions()
-    to_slices, ref = made["slices"]
-    slices = to_slices(dirs)
-    col_mmcs, share = columnwise(slices, ref)
-    best = column_cos(slices, ref).argmax(0)  # the shard matched to each feature
+    slices = made.slices(dirs)
+    col_mmcs, share = columnwise(slices, made.truth_slices)
+    best = column_cos(slices, made.truth_slices).argmax(0)  # the shard matched to each feature
     names = list(data)
-    whole = abs_cos(flatten(made["truth"], names), flatten(dirs, names))
+    whole = abs_cos(flatten(made.truth, names), flatten(dirs, names))
     coef_r = float("nan")
-    if made["A"] is not None:
-        coef_r = coefficient_r(dirs["b"].numpy()[whole.argmax(1)], made["A"].numpy())
+    if made.A is not None:
+        coef_r = coefficient_r(dirs["b"].numpy()[whole.argmax(1)], made.A.numpy())
     with torch.no_grad():
         sae.eval()
         xh, z, *_ = sae(data)
         num = sum(((data[k] / sae.scale - xh[k]) ** 2).sum() for k in data)
         den = sum(((data[k] / sae.scale) ** 2).sum() for k in data)
     freq = (z != 0).float().mean(0)
-    ml2r, own, curves = float("nan"), float("nan"), None
-    if init_directions is None and data_key == "data":  # the SAE of the table (not a control)
-        ml2r = gradient_ml2r(sae, made["data_single"], made["single_feature"], best)  # magnitude at best match
-        if isinstance(made["model"], TMS):  # W0 + delta * shard: which outputs move?
-            curves = np.stack(
-                [intervention_curve(made["model"], {k: v[i] for k, v in dirs.items()}) for i in range(len(dirs["W"]))]
+    fit = SAEFit(
+        sae,
+        mmcs_columnwise=col_mmcs,
+        mmcs_whole=float(whole.max(1).mean()),
+        ml2r_share=share,
+        recon_error=float(num / den),
+        l0=float((z != 0).sum(1).float().mean()),
+        dead_fraction=float((freq == 0).float().mean()),
+        coef_r=coef_r,
+        n_datapoints=N,
+    )
+    if init_directions is None and not single_feature:  # the SAE of the table (not a control)
+        fit.ml2r_gradient = gradient_ml2r(sae, made.data_single, made.single_feature, best)  # magnitude at best match
+        if isinstance(made.model, TMS):  # W0 + delta * shard: which outputs move?
+            fit.curves = np.stack(
+                [intervention_curve(made.model, {k: v[i] for k, v in dirs.items()}) for i in range(len(dirs["W"]))]
             )
-            own = own_output_share(curves, best)
-    return {
-        "mmcs_columnwise": col_mmcs,
-        "mmcs_whole": float(whole.max(1).mean()),
-        "ml2r_share": share,
-        "recon_error": float(num / den),
-        "own_output_share": own,
-        "curves": curves,
-        "ml2r_gradient": ml2r,
-        "l0": float((z != 0).sum(1).float().mean()),
-        "dead_fraction": float((freq == 0).float().mean()),
-        "coef_r": coef_r,
-        "n_datapoints": N,
-    }, sae
+            fit.own_output_share = own_output_share(fit.curves, best)
+    return fit
 
 
-def run_case(
-    case: str, seed: int, activation: str, p: ToyParams, made: dict | None = None
-) -> tuple[dict, object, torch.nn.Module]:
-    """Train the toy model (unless ``made`` is given), its gradient data and the SAE; returns (metrics, sae, model).
+def case_row(made: ToyCase, case: str, seed: int, activation: str, p: ToyParams) -> tuple[dict, SAEFit]:
+    """The results-table row of one (case, seed, activation) (every ``METRICS`` key), with the table's SAE fit.
 
-    On one CPU thread; SAEs resume from their checkpoints, so calling this again after ``run``
-    with the same parameters returns the SAE of the results table without training it again.
+    The controls (truth start, single-feature data) run for the signed variant only. SAEs resume
+    from their checkpoints, so calling this again after ``run`` with the same parameters returns
+    the table's numbers without training again.
     """
-    with one_thread():
-        made = made or make_case(case, seed, p)
-        return _run_case(case, seed, activation, p, made)
-
-
-def _run_case(case: str, seed: int, activation: str, p: ToyParams, made: dict):
-    metrics, sae = fit_sae(made, case, seed, activation, p)
+    fit = fit_sae(made, case, seed, activation, p)
+    row = {k: getattr(fit, k) for k in METRICS if hasattr(fit, k)}
+    nan = float("nan")
+    row["mmcs_truth_init"] = row["mmcs_single_feature"] = row["recon_error_single_feature"] = nan
     if p.truth_init and activation == "signed":
-        metrics["mmcs_truth_init"] = fit_sae(made, case, seed, activation, p, init_directions=made["truth"])[0][
-            "mmcs_columnwise"
-        ]
-    else:
-        metrics["mmcs_truth_init"] = float("nan")
+        row["mmcs_truth_init"] = fit_sae(made, case, seed, activation, p, init_directions=made.truth).mmcs_columnwise
     if p.single_feature_control and activation == "signed":
-        single = fit_sae(made, case, seed, activation, p, data_key="data_single")[0]
-        metrics["mmcs_single_feature"], metrics["recon_error_single_feature"] = (
-            single["mmcs_columnwise"],
-            single["recon_error"],
-        )
-    else:
-        metrics["mmcs_single_feature"] = metrics["recon_error_single_feature"] = float("nan")
-    return {**metrics, **made["model_metrics"]}, sae, made["model"]
+        single = fit_sae(made, case, seed, activation, p, single_feature=True)
+        row["mmcs_single_feature"], row["recon_error_single_feature"] = single.mmcs_columnwise, single.recon_error
+    return {**row, **made.model_metrics}, fit
 
 
-def model_metrics(made: dict) -> dict:
+def run_case(case: str, seed: int, activation: str, p: ToyParams) -> tuple[dict, SAEFit]:
+    """One (case, seed, activation) alone, on one CPU thread: the toy model, its gradients, the SAE and its row."""
+    with one_thread():
+        return case_row(make_case(case, seed, p), case, seed, activation, p)
+
+
+def model_metrics(made: ToyCase) -> dict:
     """What the trained toy model itself scores (no SAE): the ceilings the shards are read against."""
-    model, out = made["model"], {"coef_r_model": float("nan"), "own_output_share_truth": float("nan")}
-    if made["A"] is not None:  # TMCS: how well the model's own outputs f(e_i) follow A
+    model, out = made.model, {"coef_r_model": float("nan"), "own_output_share_truth": float("nan")}
+    if made.A is not None:  # TMCS: how well the model's own outputs f(e_i) follow A
         with torch.no_grad():
-            out["coef_r_model"] = coefficient_r(model(torch.eye(len(made["A"]))).numpy(), made["A"].numpy())
+            out["coef_r_model"] = coefficient_r(model(torch.eye(len(made.A))).numpy(), made.A.numpy())
     if isinstance(model, TMS):  # the intervention along the ground-truth circuits themselves
         unit = {
-            k: v / made["truth"]["W"].flatten(1).norm(dim=1).view(-1, *([1] * (v.ndim - 1)))
-            for k, v in made["truth"].items()
+            k: v / made.truth["W"].flatten(1).norm(dim=1).view(-1, *([1] * (v.ndim - 1))) for k, v in made.truth.items()
         }
         curves = np.stack(
             [intervention_curve(model, {k: v[i] for k, v in unit.items()}) for i in range(len(unit["W"]))]
@@ -513,11 +538,15 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def _job(case: str, seed: int, p: ToyParams) -> list[dict]:
-    """One (case, seed): the toy model once, then an SAE per activation variant."""
+def _job(case: str, seed: int, p: ToyParams) -> list[tuple[dict, np.ndarray | None]]:
+    """One (case, seed): the toy model once, then an SAE per activation variant: (row, intervention curves)."""
     with one_thread():
         made = make_case(case, seed, p)
-        return [_run_case(case, seed, act, p, made)[0] for act in p.activations]
+        out = []
+        for act in p.activations:
+            row, fit = case_row(made, case, seed, act, p)
+            out.append((row, fit.curves))
+        return out
 
 
 def run(p: ToyParams, progress: bool = True) -> xr.Dataset:
@@ -558,7 +587,7 @@ def results(p: ToyParams, progress: bool = True) -> xr.Dataset:
             bar.update(1)
     bar.close()
     for (i, s), per_act in results.items():
-        for j, m in enumerate(per_act):
+        for j, (m, _) in enumerate(per_act):
             for k in keys:
                 vals[k][i, j, s] = m[k]
     ds = xr.Dataset(
@@ -566,7 +595,7 @@ def results(p: ToyParams, progress: bool = True) -> xr.Dataset:
         coords={"case": list(p.cases), "activation": list(p.activations), "seed": list(p.seeds)},
     )
     if "tms_5_2" in p.cases:  # the intervention curves of one run, for the figure
-        curves = results[(list(p.cases).index("tms_5_2"), 0)][0]["curves"]
+        curves = results[(list(p.cases).index("tms_5_2"), 0)][0][1]
         ds["intervention_tms_5_2"] = (
             ("shard", "delta", "output"),
             curves,

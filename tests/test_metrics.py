@@ -58,3 +58,13 @@ def test_perfect_dictionary_up_to_sign_and_permutation():
     D = -G[[3, 1, 4, 0, 2]] * 2.5
     r = metrics.recovery(G, D)
     assert r["mmcs_g2d"] == pytest.approx(1) and r["hungarian_mcc"] == pytest.approx(1) and r["uniqueness"] == 1
+
+
+def test_seed_stability_is_one_for_permuted_copies_and_nan_for_one_seed():
+    from shardlib.metrics import seed_stability
+
+    rng = np.random.default_rng(0)
+    D = rng.standard_normal((5, 12))
+    assert np.isclose(seed_stability([D, -D[::-1], D[[2, 0, 1, 4, 3]]]), 1.0)  # sign and order do not matter
+    assert np.isnan(seed_stability([D]))
+    assert seed_stability([D, rng.standard_normal((5, 12))]) < 0.9

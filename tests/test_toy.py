@@ -123,7 +123,7 @@ def test_cases_run_and_the_numbers_do_not_depend_on_workers(tmp_path):
     assert np.isnan(tmcs.own_output_share).all() and np.isfinite(tms.own_output_share_truth).all()
     assert (serial.ml2r_gradient > 0).all()
     # after run, run_case resumes the finished SAEs: the table's numbers, no retraining
-    m, _, _ = toy.run_case(
+    m, _ = toy.run_case(
         "tmcs", 0, "signed", toy.ToyParams.from_dict(dict(out_dir=str(tmp_path / "b"), workers=2, **kw))
     )
     assert m["mmcs_columnwise"] == serial.mmcs_columnwise.sel(case="tmcs", activation="signed", seed=0).item()
