@@ -14,6 +14,6 @@ def make(run_dir):
     for ax, f, title in zip(axes, INPUTS, ["bandit", "LM"]):
         ds = load_results(run_dir / f)
         plotting.event_heatmap(ds, ax, title=f"{title}: ")
-    fig.suptitle("Which reinforcement events each shard fires on (task × sign of advantage)")
+    fig.suptitle("Which reinforcement events each shard fires on (bandit: cluster × arm; LM: task × correctness)")
     fig.tight_layout()
     return fig

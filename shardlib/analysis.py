@@ -29,25 +29,12 @@ import xarray as xr
 from scipy.stats import rankdata
 
 from .config import Params, param
-from .events import event_type_labels
+from .events import event_type_labels, event_types
 from .io import save_results
 from .metrics import abs_cos, hungarian_mcc, seed_stability
 
 # ---------------------------------------------------------------------------
 # alignment metrics
-
-
-def purity(codes: np.ndarray, types: np.ndarray) -> float:
-    """Mean over firing latents of the majority event type's share of their firing events."""
-    codes = np.asarray(codes) != 0
-    types = np.asarray(types)
-    out = []
-    for i in range(codes.shape[1]):
-        t = types[codes[:, i]]
-        if len(t):
-            _, counts = np.unique(t, return_counts=True)
-            out.append(counts.max() / len(t))
-    return float(np.mean(out)) if out else float("nan")
 
 
 def auroc(score: np.ndarray, label: np.ndarray) -> float:
@@ -58,13 +45,6 @@ def auroc(score: np.ndarray, label: np.ndarray) -> float:
         return float("nan")
     r = rankdata(score)
     return float((r[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def best_latent_auroc(codes: np.ndarray, types: np.ndarray) -> dict[str, float]:
-    """For each event type, the best latent's AUROC (|activation| as the score)."""
-    codes = np.abs(np.asarray(codes))
-    types = np.asarray(types)
-    return {str(t): max(auroc(codes[:, i], types == t) for i in range(codes.shape[1])) for t in np.unique(types)}
 
 
 def type_means(updates: np.ndarray, types: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -88,29 +68,54 @@ def random_dictionary(shapes: dict[str, tuple], n: int, rank: int, seed: int = 0
     return {k: v / norm.view(-1, *([1] * (v.ndim - 1))) for k, v in out.items()}
 
 
+ALIGNMENT_METRICS = {
+    "purity": "firing-weighted purity of (latent, sign) clusters: share of firings on their cluster's majority type",
+    "nmi": "normalized mutual information between each event's top (latent, sign) and its type (scikit-learn)",
+    "ari": "adjusted Rand index between each event's top (latent, sign) and its type (scikit-learn; chance = 0)",
+    "auroc": "mean over types of the best (latent, sign)'s AUROC, signed code as the score",
+    "type_match": "Hungarian mean |cos| between type-mean updates and dictionary directions",
+    "types_matched": "types whose mean update has a dictionary direction at |cos| > 0.9",
+}
+
+
 def alignment(
     codes: np.ndarray,
     types: np.ndarray,
     updates: np.ndarray,
     directions: np.ndarray,
     random_dirs: np.ndarray,
+    k: int,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Purity, mean best-latent AUROC and Hungarian match to type means, with both baselines."""
-    rng = np.random.default_rng(seed)
-    shuffled = rng.permutation(types)
-    means, _ = type_means(updates, types)
-    au = best_latent_auroc(codes, types)
-    au_s = best_latent_auroc(codes, shuffled)
-    return {
-        "purity": purity(codes, types),
-        "purity_shuffled": purity(codes, shuffled),
-        "auroc": float(np.nanmean(list(au.values()))),
-        "auroc_shuffled": float(np.nanmean(list(au_s.values()))),
-        "type_match": hungarian_mcc(means, directions),
-        "type_match_random": hungarian_mcc(means, random_dirs),
-        "type_match_shuffled": hungarian_mcc(type_means(updates, shuffled)[0], directions),
+    """Every ``ALIGNMENT_METRICS`` entry, with ``_shuffled`` (the same codes, event types permuted) and
+    ``_random`` (a random dictionary of the SAE's structure: its top-``k`` signed projections as codes,
+    its directions for the type matches) baselines, and ``n_types``."""
+    from . import metrics as M
+
+    shuffled = np.random.default_rng(seed).permutation(types)
+    rand_codes = M.random_codes(updates, random_dirs, k)
+    means, means_s = type_means(updates, types)[0], type_means(updates, shuffled)[0]
+    clustering = {
+        "purity": M.weighted_purity,
+        "nmi": M.nmi,
+        "ari": M.ari,
+        "auroc": lambda c, t: float(np.nanmean(list(M.best_signed_auroc(c, t).values()))),
     }
+    out = {}
+    for name, f in clustering.items():
+        out[name], out[f"{name}_shuffled"], out[f"{name}_random"] = (
+            f(codes, types),
+            f(codes, shuffled),
+            f(rand_codes, types),
+        )
+    out["type_match"] = hungarian_mcc(means, directions)
+    out["type_match_shuffled"] = hungarian_mcc(means_s, directions)
+    out["type_match_random"] = hungarian_mcc(means, random_dirs)
+    out["types_matched"] = M.types_matched(means, directions)
+    out["types_matched_shuffled"] = M.types_matched(means_s, directions)
+    out["types_matched_random"] = M.types_matched(means, random_dirs)
+    out["n_types"] = len(means)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -151,6 +156,12 @@ class AnalysisParams(Params):
     extra_seeds: list[int] = param([1, 2], "more SAE seeds trained on the same store, for seed-to-seed stability")
     alphas: list[float] = param(
         [-1.0, 1.0], "intervention strengths, relative to the total RL update's norm on the shard's tensors"
+    )
+    settings_k: list[int] = param(
+        [1, 4], "settings comparison: k of the SAEs trained (other parameters: the shard stage's)"
+    )
+    settings_normalize: list[bool] = param(
+        [False, True], "settings comparison: raw and/or unit-normalised updates ([] = no comparison)"
     )
     n_shards: int = param(16, "intervene on this many most frequent shards", ge=1)
     n_random: int = param(16, "random directions of the same structure as the intervention baseline", ge=1)
@@ -194,7 +205,7 @@ def load_inputs(p: AnalysisParams) -> AnalysisInputs:
     sd = Path(p.shards_dir)
     sh, acts = load_results(sd / "shards.nc"), load_results(sd / "activations.nc")
     sp = ShardParams.from_dict(json.loads(sh.attrs["config"]))
-    data, _ = load_updates(sp.store_path, sp.params, sp.skip_zero_updates)
+    data, _ = load_updates(sp.store_path, sp.params, sp.skip_zero_updates, sp.normalize)
     return AnalysisInputs(sh, acts, sp, data, shard_directions(sh))
 
 
@@ -262,15 +273,16 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
 
     inp = load_inputs(p)
     names, F = inp.names, inp.n_shards
-    codes = dense_codes(inp.acts, F).values
+    codes = dense_codes(inp.acts, F, signed=True).values  # signed: a (latent, sign) is a cluster
     types, task = event_type_labels(inp.acts)
     X = flatten({n: inp.data[n] for n in names}, names)
     D = np.concatenate([inp.dirs[n].reshape(F, -1) for n in names], 1)
     parts = [
         seed_alignment(p, inp, codes, types, X, D),
-        type_views(codes, types, p.seed),
+        type_views(codes, types, X, p.seed),
         where_shards_live(inp.dirs),
         online_comparison(Path(p.rl_dir) / "online_shards.nc", names, X, types, D),
+        settings_comparison(p, inp),
         intervention_results(p, inp, codes, task),
     ]
     out = xr.merge(parts, combine_attrs="override")
@@ -286,14 +298,14 @@ def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -
 
     sp, names, F = inp.sae_params, inp.names, inp.n_shards
     R = flatten(random_dictionary({n: inp.dirs[n].shape[1:] for n in names}, F, sp.rank, p.seed + 7), names)
-    rows = {sp.seed: alignment(codes, types, X, D, R, p.seed)}
+    rows = {sp.seed: alignment(codes, types, X, D, R, sp.k, p.seed)}
     seed_dirs = {sp.seed: D}
     for s in p.extra_seeds:
         q = sp.replace(seed=s, out_dir=str(Path(p.out_dir) / f"sae_seed{s}"), online_shards_path="")
         r = sh_mod.train(q, progress=False, data=inp.data)
         _, _, z = sh_mod.encode_all(r.sae.cpu(), inp.data)
         Ds = flatten(r.sae.directions(), names)
-        rows[s] = alignment(z.abs().numpy(), types, X, Ds, R, p.seed)
+        rows[s] = alignment(z.numpy(), types, X, Ds, R, sp.k, p.seed)
         seed_dirs[s] = Ds
     seeds = list(rows)
     out = xr.Dataset({k: ("sae_seed", [rows[s][k] for s in seeds]) for k in rows[seeds[0]]}, coords={"sae_seed": seeds})
@@ -301,18 +313,69 @@ def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -
     return out
 
 
-def type_views(codes: np.ndarray, types: np.ndarray, seed: int) -> xr.Dataset:
-    """Per-type best-latent AUROC (and with shuffled labels), and each shard's mean |activation| per type."""
-    au = best_latent_auroc(codes, types)
-    au_s = best_latent_auroc(codes, np.random.default_rng(seed).permutation(types))
-    uniq = [str(t) for t in np.unique(types)]
+def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
+    """What the SAE's settings do: one SAE per (k, raw or unit-normalised updates), the shard stage's other
+    parameters and seed, each scored with :func:`alignment` (on the updates it was trained on) and its
+    held-out FVU (the reconstruction cost). Zero updates are left out, as in the shard stage."""
+    from . import shards as sh_mod
+    from .common import flatten
+
+    if not p.settings_k or not p.settings_normalize:
+        return xr.Dataset()
+    sp, names = inp.sae_params, inp.names
+    rows = {}
+    for k in p.settings_k:
+        for norm in p.settings_normalize:
+            q = sp.replace(
+                k=min(k, sp.n_latents),
+                normalize=norm,
+                online_shards_path="",
+                out_dir=str(Path(p.out_dir) / f"setting_k{k}_{'unit' if norm else 'raw'}"),
+            )
+            r = sh_mod.train(q, progress=False)
+            sae = r.sae.cpu()
+            _, _, z = sh_mod.encode_all(sae, r.data)
+            X = flatten({n: r.data[n] for n in names}, names)
+            R = flatten(
+                random_dictionary({n: inp.dirs[n].shape[1:] for n in names}, sp.n_latents, sp.rank, p.seed + 7), names
+            )
+            types = event_types(r.store)
+            row = alignment(z.numpy(), types, X, flatten(sae.directions(), names), R, q.k, p.seed)
+            row["heldout_fvu"] = sh_mod.evaluate(sae, r.data, r.heldout_idx).get("fvu", np.nan)
+            rows[(k, norm)] = row
+    keys = list(next(iter(rows.values())))
     return xr.Dataset(
         {
-            "type_auroc": ("event_type", list(au.values())),
-            "type_auroc_shuffled": ("event_type", [au_s[t] for t in au]),
-            "activation_by_type": (("shard", "event_type_all"), np.stack([codes[types == t].mean(0) for t in uniq], 1)),
+            f"setting_{m}": (
+                ("setting_k", "setting_normalize"),
+                [[rows[(k, n)][m] for n in p.settings_normalize] for k in p.settings_k],
+            )
+            for m in keys
         },
-        coords={"event_type": list(au), "shard": np.arange(codes.shape[1]), "event_type_all": uniq},
+        coords={"setting_k": list(p.settings_k), "setting_normalize": list(p.settings_normalize)},
+    )
+
+
+def type_views(codes: np.ndarray, types: np.ndarray, updates: np.ndarray, seed: int) -> xr.Dataset:
+    """Per event type: its number of events, its coherence (norm of the mean unit update: 1 = one
+    computation), the best (latent, sign)'s AUROC (and with shuffled labels), and each shard's mean
+    |activation| on it."""
+    from .metrics import best_signed_auroc, coherence
+
+    au = best_signed_auroc(codes, types)
+    au_s = best_signed_auroc(codes, np.random.default_rng(seed).permutation(types))
+    coh = coherence(updates, types)
+    uniq = list(au)
+    absolute = np.abs(codes)
+    return xr.Dataset(
+        {
+            "type_auroc": ("event_type", [au[t] for t in uniq]),
+            "type_auroc_shuffled": ("event_type", [au_s[t] for t in uniq]),
+            "type_count": ("event_type", [int((types == t).sum()) for t in uniq]),
+            "type_coherence": ("event_type", [coh.get(t, np.nan) for t in uniq]),
+            "activation_by_type": (("shard", "event_type"), np.stack([absolute[types == t].mean(0) for t in uniq], 1)),
+        },
+        coords={"event_type": uniq, "shard": np.arange(codes.shape[1])},
     )
 
 
@@ -360,6 +423,7 @@ def online_comparison(online: Path, names: list[str], X, types, D) -> xr.Dataset
 def intervention_results(p: AnalysisParams, inp: AnalysisInputs, codes: np.ndarray, task: np.ndarray) -> xr.Dataset:
     """:func:`intervention_effects` on the most frequent shards, with each shard's own task (where it fires
     most), the specificity of its effect (and of random directions), and whether it hits its own task."""
+    codes = np.abs(codes)
     order = np.argsort(-inp.shards["frequency"].values)
     eff = intervention_effects(p, inp.dirs, order, inp.sae_params.rank)
     own = np.array(

@@ -1,4 +1,16 @@
-"""Event labels: which reinforcement event type an update belongs to (one home for the definition)."""
+"""Event types: which computation a reinforcement event reinforced (one home for the definition).
+
+An event update is ``A * grad log pi(action | context)``: it carries the event's identity only
+through the context and the action it reinforces (field notes §6, §8). So an event type names
+both, never the sign of the advantage (a hit and a miss in one context push the same "rewarded
+action over taken action" computation, with opposite signs):
+
+- bandit: ``cluster × arm taken`` (``"cluster2 arm1"``); the coarse level is the cluster;
+- LM: ``task × correctness`` (``"rev ok"``), crossed with the format clause where it varies
+  within the store (``"rev wrong nofmt"``); the coarse level is the task.
+
+Stores written before the ``action`` label existed fall back to the cluster (bandit).
+"""
 
 from __future__ import annotations
 
@@ -8,22 +20,27 @@ import numpy as np
 import xarray as xr
 
 
-def event_types(acts: xr.Dataset) -> np.ndarray:
-    """Event type per event: task family, the task's correctness clause when the store has one
-    (LM: ``ok`` / ``wrong``), and the sign of the advantage, e.g. ``"max ok +"``."""
+def event_types(acts: xr.Dataset, level: str = "fine") -> np.ndarray:
+    """Event type per event from a store's (or ``activations.nc``'s) labels; ``level="coarse"``: task/cluster only."""
+    if level not in ("fine", "coarse"):
+        raise ValueError(f"level must be 'fine' or 'coarse', got {level!r}")
     names = json.loads(acts.attrs["task_names"]) if "task_names" in acts.attrs else None
-    task = acts["task"].values
-    label = [names[t] if names else str(t) for t in task]
+    label = np.array([names[t] if names else str(t) for t in acts["task"].values], dtype=object)
+    if level == "coarse":
+        return label.astype(str)
+    if "action" in acts.coords:  # bandit: the arm taken
+        label = label + np.array([f" arm{a}" for a in acts["action"].values], dtype=object)
     correct = [c for c in acts.coords if str(c).startswith("reward_correct_")]
     if correct:
         ok = np.any([acts[c].values > 0 for c in correct], axis=0)
-        label = [f"{a} {'ok' if o else 'wrong'}" for a, o in zip(label, ok)]
-    if "advantage" in acts.coords:
-        sign = np.where(acts["advantage"].values > 0, "+", np.where(acts["advantage"].values < 0, "-", "0"))
-        label = [f"{a} {s}" for a, s in zip(label, sign)]
-    return np.array(label)
+        label = label + np.where(ok, " ok", " wrong").astype(object)
+        if "reward_format" in acts.coords:
+            fmt = acts["reward_format"].values > 0
+            if fmt.any() and not fmt.all():  # only where the clause varies
+                label = label + np.where(fmt, "", " nofmt").astype(object)
+    return label.astype(str)
 
 
 def event_type_labels(acts: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(type label per event, as :func:`event_types`; task index per event)."""
+    """(fine type label per event, as :func:`event_types`; task index per event)."""
     return event_types(acts), acts["task"].values

@@ -154,3 +154,100 @@ def touched(delta: torch.Tensor) -> tuple[float, float]:
         return float("nan"), float("nan")
     nz = delta != 0
     return float(nz.any(1).float().mean()), float(nz.any(0).float().mean())
+
+
+# ---------------------------------------------------------------------------
+# alignment of shards with event types (field notes §8). A signed latent is two clusters:
+# (latent, +) and (latent, -); its sign separates what it fires on.
+
+
+def sign_split(codes: np.ndarray) -> np.ndarray:
+    """[N, 2F] nonnegative: column i = max(z_i, 0) (cluster (i, +)), column F + i = max(-z_i, 0) (cluster (i, -))."""
+    z = np.asarray(codes, dtype=np.float64)
+    return np.concatenate([np.maximum(z, 0), np.maximum(-z, 0)], 1)
+
+
+def top_cluster(codes: np.ndarray) -> np.ndarray:
+    """Each event's strongest (latent, sign) cluster, as an index into :func:`sign_split`'s columns; -1 when none fires."""
+    s = sign_split(codes)
+    top = s.argmax(1)
+    return np.where(s.max(1) > 0, top, -1)
+
+
+def weighted_purity(codes: np.ndarray, types: np.ndarray) -> float:
+    """Firing-weighted purity over (latent, sign) clusters: the share of all firings that fall on their
+    cluster's majority event type (a latent firing 3,000 times weighs 3,000 times one firing once)."""
+    fires = sign_split(codes) > 0
+    types = np.asarray(types)
+    majority = total = 0
+    for j in range(fires.shape[1]):
+        t = types[fires[:, j]]
+        if len(t):
+            majority += np.unique(t, return_counts=True)[1].max()
+            total += len(t)
+    return float(majority / total) if total else float("nan")
+
+
+def nmi(codes: np.ndarray, types: np.ndarray) -> float:
+    """Normalized mutual information (scikit-learn's, arithmetic mean) between each event's top (latent, sign)
+    cluster and its event type; 1 = the clusters are the types, about 0 = independent."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(np.asarray(types).astype(str), top_cluster(codes)))
+
+
+def ari(codes: np.ndarray, types: np.ndarray) -> float:
+    """Adjusted Rand index (scikit-learn's) between each event's top (latent, sign) cluster and its type;
+    chance-corrected: 0 in expectation for random clusters, 1 for identical partitions."""
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(np.asarray(types).astype(str), top_cluster(codes)))
+
+
+def best_signed_auroc(codes: np.ndarray, types: np.ndarray) -> dict[str, float]:
+    """For each event type, the best (latent, sign)'s AUROC with the signed code as the score."""
+    from scipy.stats import rankdata
+
+    s = sign_split(codes)
+    types = np.asarray(types)
+    ranks = np.apply_along_axis(rankdata, 0, s)
+    out = {}
+    for t in np.unique(types):
+        pos = types == t
+        n_pos, n_neg = pos.sum(), (~pos).sum()
+        if n_pos == 0 or n_neg == 0:
+            out[str(t)] = float("nan")
+            continue
+        u = (ranks[pos].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        out[str(t)] = float(u.max())
+    return out
+
+
+def types_matched(type_means: np.ndarray, directions: np.ndarray, t: float = 0.9) -> int:
+    """How many type-mean updates have a dictionary direction within |cos| > ``t``."""
+    if len(type_means) == 0 or len(directions) == 0:
+        return 0
+    return int((abs_cos(type_means, directions).max(1) > t).sum())
+
+
+def coherence(updates: np.ndarray, types: np.ndarray) -> dict[str, float]:
+    """Per event type: the norm of the mean of its unit-normalised updates (1 = all parallel, one computation;
+    near 0 = unrelated directions). Zero updates are left out."""
+    X = np.asarray(updates, dtype=np.float64).reshape(len(updates), -1)
+    n = np.linalg.norm(X, axis=1)
+    keep = n > 0
+    U = X[keep] / n[keep, None]
+    types = np.asarray(types)[keep]
+    return {str(t): float(np.linalg.norm(U[types == t].mean(0))) for t in np.unique(types)}
+
+
+def random_codes(updates: np.ndarray, directions: np.ndarray, k: int) -> np.ndarray:
+    """Codes a random dictionary gives: each event's top-k signed projections onto ``directions`` [F, D]
+    (the chance baseline of the clustering metrics, with the SAE's dictionary size and k)."""
+    X = np.asarray(updates, dtype=np.float64).reshape(len(updates), -1)
+    proj = X @ np.asarray(directions, dtype=np.float64).T
+    k = max(1, min(k, proj.shape[1]))
+    idx = np.argsort(-np.abs(proj), axis=1)[:, :k]
+    out = np.zeros_like(proj)
+    np.put_along_axis(out, idx, np.take_along_axis(proj, idx, 1), 1)
+    return out

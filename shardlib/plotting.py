@@ -46,14 +46,21 @@ def save(fig, path, formats=("png", "pdf")) -> list[Path]:
 
 
 def smooth(y, window: int):
+    """Trailing moving average over ``window`` steps that skips NaN steps (e.g. a task that drew no
+    prompt that step) instead of blanking the window; NaN only where the whole window is NaN."""
     import numpy as np
 
     y = np.asarray(y, dtype=float)
     if window <= 1 or len(y) < window:
         return y
-    k = np.ones(window) / window
-    pad = np.concatenate([np.full(window - 1, y[0]), y])
-    return np.convolve(pad, k, mode="valid")
+    ok = ~np.isnan(y)
+    k = np.ones(window)
+    first = y[ok][0] if ok.any() else np.nan
+    pad_v = np.concatenate([np.full(window - 1, first), np.where(ok, y, 0.0)])
+    pad_n = np.concatenate([np.full(window - 1, 1.0 if ok.any() else 0.0), ok.astype(float)])
+    s, n = np.convolve(pad_v, k, mode="valid"), np.convolve(pad_n, k, mode="valid")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, s / np.maximum(n, 1), np.nan)
 
 
 def reward_by_task(ds, ax=None, window: int = 10, title: str = ""):
@@ -181,12 +188,15 @@ def frontier_panels(ds, store_label: str = "{store} updates"):
 
 
 def event_heatmap(ds, ax=None, title: str = ""):
-    """Mean |activation| of each shard by event type, titled with purity and its shuffled baseline."""
+    """Mean |activation| of each shard by event type, titled with NMI (and its random-dictionary baseline)
+    and firing-weighted purity (and with shuffled labels) of the first SAE seed."""
+    nmi, nmi_r = float(ds.nmi[0]), float(ds.nmi_random[0])
+    pur, pur_s = float(ds.purity[0]), float(ds.purity_shuffled[0])
     return heatmap(
         ds.activation_by_type.T,
         ax,
         xlabel="shard",
-        title=f"{title}purity {float(ds.purity[0]):.2f} (shuffled {float(ds.purity_shuffled[0]):.2f})",
+        title=f"{title}NMI {nmi:.2f} (random dict. {nmi_r:.2f}), purity {pur:.2f} (shuffled {pur_s:.2f})",
     )
 
 

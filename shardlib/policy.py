@@ -124,14 +124,17 @@ def _lm_logits(model, prompt, completion):
     return out.logits[:, P - 1 : -1].float()
 
 
-def logprobs(model, prompt, completion, vocab_size: int | None = None):
-    """Per-token log pi(completion_t | prompt, completion_<t) and entropy, both [N, L]."""
+def logprobs(model, prompt, completion, vocab_size: int | None = None, temperature: float = 1.0):
+    """Per-token log pi(completion_t | prompt, completion_<t) and entropy, both [N, L], of the policy
+    that samples at ``temperature`` (logits divided by it, as TRL's GRPO does)."""
     if is_lm(model):
         logits = _lm_logits(model, prompt, completion)
         if vocab_size is not None:
             logits = logits[..., :vocab_size]
     else:
         logits = model(prompt).float()[:, None, :]
+    if temperature != 1.0:
+        logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, completion[..., None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)

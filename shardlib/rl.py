@@ -6,12 +6,19 @@ and gradient accumulation as options. Every optimizer step can hand its per-even
 per-step parameter updates to an :class:`~shardlib.updates.UpdateCollector`.
 
 GRPO as in TRL / DeepSeekMath: G completions per prompt; advantage
-``(r - mean_group) / std_group`` (``scale_rewards=False`` drops the std: Dr. GRPO);
-token-level clipped surrogate with ``clip_eps``; optional KL to the frozen starting
-policy with the k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` (field notes §6).
-The loss of one micro-batch is the sum over its completion tokens divided by their
-number, so each event's term is its own tokens' share (this is what event updates
-decompose).
+``(r - mean_group) / std_group`` (``scale_rewards=False`` drops the std, one of Dr. GRPO's two
+changes; the other is its loss aggregation, ``loss_type="dr_grpo"``); token-level clipped
+surrogate with ``clip_eps`` on log-probabilities of the policy at the sampling ``temperature``
+(logits divided by it, as TRL does); optional KL to the frozen starting policy with the k3
+estimator ``exp(ref - logp) - (ref - logp) - 1`` (field notes §6).
+
+Loss aggregation, under TRL's names (``loss_type``), for a micro-batch of completions with token
+losses ``l_t``: ``grpo`` = mean over completions of each one's token mean; ``bnpo`` (default) =
+sum over the micro-batch's tokens / their number; ``dr_grpo`` = sum / (completions x
+max_new_tokens); ``dapo`` = sum / (tokens of the whole step's rollout, over processes). Event
+updates decompose the step's loss ``L = sum_e l_e``, so with ``bnpo`` and ``dapo`` an event's
+update depends on how many tokens the other completions of its micro-batch (or step) have; with
+``grpo`` and ``dr_grpo`` each event's update is its own.
 """
 
 from __future__ import annotations
@@ -54,7 +61,13 @@ class RLParams(Params):
     lr: float = param(1e-3, "Adam learning rate", gt=0)
     clip_eps: float = param(0.2, "GRPO: surrogate clipping epsilon", gt=0)
     kl_beta: float = param(0.0, "weight of the KL to the starting policy (k3 estimator)", ge=0)
-    scale_rewards: bool = param(True, "divide group advantages by the group's std (False = Dr. GRPO)")
+    scale_rewards: bool = param(True, "divide group advantages by the group's std (False: Dr. GRPO's advantages)")
+    loss_type: str = param(
+        "bnpo",
+        "loss aggregation (TRL's names): grpo = mean of per-completion token means; bnpo = micro-batch token mean; "
+        "dr_grpo = sum / (completions x max_new_tokens); dapo = sum / tokens of the step's rollout",
+        choices=("grpo", "bnpo", "dr_grpo", "dapo"),
+    )
     temperature: float = param(1.0, "sampling temperature", gt=0)
     grad_accum: int = param(1, "micro-batches per optimizer step (gradient accumulation)", ge=1)
     mixed_precision: str = param("no", "Accelerate mixed precision", choices=("no", "bf16", "fp16"))
@@ -139,6 +152,22 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     return a.reshape(-1)
 
 
+def aggregate(tok: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int, step_tokens) -> torch.Tensor:
+    """A micro-batch's loss from its masked token losses [N, L] (see the module docstring for the
+    four ``loss_type``s). ``step_tokens``: the rollout's tokens per micro-batch (``dapo``), so that
+    after Accelerate divides each micro-batch by the accumulation steps the step's loss is
+    ``sum / rollout tokens``."""
+    if loss_type == "bnpo":
+        return tok.sum() / mask.sum().clamp(min=1)
+    if loss_type == "grpo":
+        return (tok.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if loss_type == "dr_grpo":
+        return tok.sum() / (tok.shape[0] * max_new_tokens)
+    if loss_type == "dapo":
+        return tok.sum() / torch.as_tensor(step_tokens).clamp(min=1)
+    raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
+
+
 def grpo_token_loss(logp, old_logp, adv, mask, clip_eps, ref_logp=None, kl_beta=0.0):
     """Per-token loss [N, L] (masked) of the clipped surrogate plus beta * k3 KL."""
     ratio = torch.exp(logp - old_logp)
@@ -153,7 +182,19 @@ def grpo_token_loss(logp, old_logp, adv, mask, clip_eps, ref_logp=None, kl_beta=
     return loss * mask, kl * mask
 
 
-def _labels(step: int, rank: int, ro: Rollout, epoch: int) -> dict[str, np.ndarray]:
+def completion_hash(comp: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """A stable 63-bit hash of each completion's tokens (up to its mask): which answer was reinforced."""
+    import hashlib
+
+    rows = [c[m].numpy().astype(np.int64).tobytes() for c, m in zip(comp.cpu(), mask.cpu().bool())]
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(r, digest_size=8).digest(), "little") >> 1 for r in rows], dtype=np.int64
+    )
+
+
+def _labels(step: int, rank: int, ro: Rollout, epoch: int, bandit: bool = False) -> dict[str, np.ndarray]:
+    """Labels of a step's events: where they come from, their rewards (every clause), and what was
+    reinforced (``action`` = the arm taken on the bandit; ``completion_hash`` = the completion's tokens)."""
     n = len(ro.total)
     lab = {
         "step": np.full(n, step, dtype=np.int64),
@@ -164,7 +205,10 @@ def _labels(step: int, rank: int, ro: Rollout, epoch: int) -> dict[str, np.ndarr
         "reward": ro.total.numpy().astype(np.float32),
         "advantage": ro.adv.numpy().astype(np.float32),
         "length": ro.mask.sum(1).numpy().astype(np.int64),
+        "completion_hash": completion_hash(ro.comp, ro.mask),
     }
+    if bandit:
+        lab["action"] = ro.comp[:, 0].numpy().astype(np.int64)
     for c, v in ro.clauses.items():
         lab[f"reward_{c}"] = v.numpy().astype(np.float32)
     return lab
@@ -390,9 +434,13 @@ def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, co
     base = pol.unwrap(model)
     vs = getattr(testbed, "vocab_size", None)
     prompt_d, comp_d, mask_d, adv_d = (x.to(acc.device) for x in (ro.rep["prompt"], ro.comp, ro.mask, ro.adv))
+    temp = p.temperature if p.algorithm == "grpo" else 1.0  # SFT: the likelihood of the targets
     with torch.no_grad():
-        old_logp = pol.logprobs(base, prompt_d, comp_d, vs)[0]
-        ref_logp = pol.logprobs(ref, prompt_d, comp_d, vs)[0] if ref is not None else None
+        old_logp = pol.logprobs(base, prompt_d, comp_d, vs, temp)[0]
+        ref_logp = pol.logprobs(ref, prompt_d, comp_d, vs, temp)[0] if ref is not None else None
+    rollout_tokens = mask_d.float().sum()
+    if acc.num_processes > 1:
+        rollout_tokens = acc.reduce(rollout_tokens, "sum") / acc.num_processes
     model.train()
     n_micro = p.grad_accum
     mb = ro.comp.shape[0] // n_micro
@@ -405,7 +453,7 @@ def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, co
             sl = slice(m * mb, (m + 1) * mb)
             with acc.accumulate(model):
                 with collector.capture(collect) if collector is not None else nullcontext():
-                    logp, ent = pol.logprobs(model, prompt_d[sl], comp_d[sl], vs)
+                    logp, ent = pol.logprobs(model, prompt_d[sl], comp_d[sl], vs, temp)
                     msk = mask_d[sl].float()
                     ntok = msk.sum().clamp(min=1)
                     if p.algorithm == "grpo":
@@ -413,7 +461,7 @@ def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, co
                         tok, kl = grpo_token_loss(logp, old_logp[sl], adv_d[sl], msk, p.clip_eps, ref_sl, p.kl_beta)
                     else:
                         tok, kl = -logp * msk, torch.zeros_like(logp)
-                    loss = tok.sum() / ntok
+                    loss = aggregate(tok, msk, p.loss_type, testbed.max_new_tokens, rollout_tokens / n_micro)
                     acc.backward(loss)
                 if acc.sync_gradients and collect:
                     collector.before_step()
@@ -423,7 +471,7 @@ def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, co
             stats["kl"] += float(kl.detach().sum() / ntok) / parts
             stats["entropy"] += float((ent.detach() * msk).sum() / ntok) / parts
         if collect:
-            labels = _labels(opt_step, acc.process_index, ro, epoch)
+            labels = _labels(opt_step, acc.process_index, ro, epoch, bandit=p.testbed == "bandit")
             if acc.num_processes > 1:
                 labels = {k: acc.gather(torch.from_numpy(v)).numpy() for k, v in labels.items()}
             collector.after_step(opt_step, labels, gather=acc.gather if acc.num_processes > 1 else None)

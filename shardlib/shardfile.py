@@ -52,15 +52,17 @@ def shard_directions(ds: xr.Dataset) -> dict[str, np.ndarray]:
     return {ds[v].attrs["param"]: ds[v].values for v in ds.data_vars if "param" in ds[v].attrs}
 
 
-def dense_codes(acts: xr.Dataset, n_latents: int):
-    """|activation| of every shard on every event, as a pandas frame [event, shard], from ``activations.nc``."""
+def dense_codes(acts: xr.Dataset, n_latents: int, signed: bool = False):
+    """|activation| (or, with ``signed``, the signed code) of every shard on every event, as a pandas frame
+    [event, shard], from ``activations.nc``."""
     import pandas as pd
 
     idx, val = acts["index"].values, acts["value"].values
     dense = np.zeros((idx.shape[0], n_latents), dtype=np.float32)
     rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
     ok = idx.reshape(-1) >= 0
-    dense[rows[ok], idx.reshape(-1)[ok]] = np.abs(val.reshape(-1)[ok])
+    v = val.reshape(-1)[ok]
+    dense[rows[ok], idx.reshape(-1)[ok]] = v if signed else np.abs(v)
     return pd.DataFrame(dense)
 
 

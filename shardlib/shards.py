@@ -53,6 +53,9 @@ class ShardParams(Params):
     skip_zero_updates: bool = param(
         True, "leave out events whose update is exactly zero (zero advantage: nothing reinforced)"
     )
+    normalize: bool = param(
+        False, "divide each event's update by its norm over all tensors (the norm is kept as the label update_norm)"
+    )
     holdout_frac: float = param(0.1, "fraction of events held out for evaluation", ge=0, lt=1)
     checkpoint_every: int = param(10, "epochs between checkpoints", ge=1)
     device: str = param("auto", "'cpu', 'cuda' or 'auto'", choices=("auto", "cpu", "cuda"))
@@ -69,11 +72,15 @@ class ShardParams(Params):
             raise ValueError(f"parameter 'k': {self.k} exceeds n_latents={self.n_latents}")
 
 
-def load_updates(store_path, patterns=(), skip_zero: bool = False) -> tuple[dict[str, torch.Tensor], xr.Dataset]:
+def load_updates(
+    store_path, patterns=(), skip_zero: bool = False, normalize: bool = False
+) -> tuple[dict[str, torch.Tensor], xr.Dataset]:
     """Updates of a store as ``{param: float32 tensor [event, *shape]}``, and the store (labels).
 
     ``skip_zero`` leaves out events whose update is exactly zero in every tensor (the
-    returned store is subset to the same events).
+    returned store is subset to the same events; its attribute ``n_zero_skipped`` counts them);
+    ``normalize`` divides each event's update by its norm over all tensors, kept as the label
+    ``update_norm``.
     """
     ds = open_store(store_path)
     names = {ds[v].attrs["param"]: v for v in update_vars(ds)}
@@ -90,6 +97,12 @@ def load_updates(store_path, patterns=(), skip_zero: bool = False) -> tuple[dict
         keep = np.flatnonzero(nonzero.numpy())
         data = {p: v[keep] for p, v in data.items()}
         ds = ds.isel(event=keep)
+        ds.attrs["n_zero_skipped"] = int((~nonzero).sum())
+    if normalize:
+        norm = torch.sqrt(sum((v.double() ** 2).reshape(len(v), -1).sum(1) for v in data.values()))
+        scale = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)).float()
+        data = {p: v * scale.view(-1, *([1] * (v.ndim - 1))) for p, v in data.items()}
+        ds = ds.assign_coords(update_norm=("event", norm.numpy()))
     return data, ds
 
 
@@ -254,7 +267,7 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_di
     set_seed(p.seed)
     store = None
     if data is None:
-        data, store = load_updates(p.store_path, p.params, p.skip_zero_updates)
+        data, store = load_updates(p.store_path, p.params, p.skip_zero_updates, p.normalize)
     n = len(next(iter(data.values())))
     if n < 2:
         raise ValueError(f"store {p.store_path} holds {n} event(s); an SAE needs at least 2")
@@ -357,6 +370,7 @@ def write_outputs(p: ShardParams, res: ShardTraining) -> dict[str, Path]:
             "n_parameters": sae.n_parameters(),
             "dense_n_parameters": dense_parameter_count(sae.shapes, sae.n_latents),
             "train_seconds": res.seconds,
+            "n_zero_skipped": int(res.store.attrs.get("n_zero_skipped", 0)) if res.store is not None else 0,
         },
         coords={"epoch": [h["epoch"] for h in hist]},
     )

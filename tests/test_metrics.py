@@ -68,3 +68,49 @@ def test_seed_stability_is_one_for_permuted_copies_and_nan_for_one_seed():
     assert np.isclose(seed_stability([D, -D[::-1], D[[2, 0, 1, 4, 3]]]), 1.0)  # sign and order do not matter
     assert np.isnan(seed_stability([D]))
     assert seed_stability([D, rng.standard_normal((5, 12))]) < 0.9
+
+
+# alignment metrics pinned to constructed cases (scikit-learn's NMI/ARI definitions)
+
+
+def test_a_perfect_signed_dictionary_is_pure_and_shuffled_labels_are_chance():
+    from shardlib import metrics as M
+
+    rng = np.random.default_rng(0)
+    types = rng.integers(0, 4, 4000)
+    codes = np.zeros((4000, 2))  # latent 0 fires +1 on type 0 and -1 on type 1: its sign separates them
+    codes[types == 0, 0], codes[types == 1, 0] = 1.0, -1.0
+    codes[types == 2, 1], codes[types == 3, 1] = 2.0, -0.5
+    assert M.weighted_purity(codes, types) == 1.0
+    assert M.nmi(codes, types) == pytest.approx(1.0) and M.ari(codes, types) == pytest.approx(1.0)
+    assert all(v == 1.0 for v in M.best_signed_auroc(codes, types).values())
+    shuffled = rng.permutation(types)
+    assert M.nmi(codes, shuffled) < 0.01 and abs(M.ari(codes, shuffled)) < 0.01
+    assert M.weighted_purity(codes, shuffled) == pytest.approx(0.25, abs=0.03)
+    # |z| would merge each latent's two types: purity 0.5, the flaw the signed clusters fix
+    assert M.weighted_purity(np.abs(codes), types) == pytest.approx(0.5, abs=0.03)
+
+
+def test_purity_weights_by_firing_and_top_cluster_marks_silent_events():
+    from shardlib import metrics as M
+
+    types = np.array([0] * 99 + [1] + [1, 0])
+    codes = np.zeros((102, 2))
+    codes[:100, 0] = 1.0  # fires 100 times, 99 on type 0
+    codes[100:, 1] = 1.0  # fires twice, half and half
+    assert M.weighted_purity(codes, types) == pytest.approx((99 + 1) / 102)
+    assert M.top_cluster(np.array([[0.0, 0.0], [0.0, -2.0], [0.5, 0.1]])).tolist() == [-1, 3, 0]
+
+
+def test_types_matched_coherence_and_random_codes():
+    from shardlib import metrics as M
+
+    means = np.eye(3, 5)
+    dirs = np.array([[1.0, 0.1, 0, 0, 0], [0, 0, 0, 1.0, 0]])
+    assert M.types_matched(means, dirs) == 1
+    coh = M.coherence(
+        np.array([[1.0, 0], [2.0, 0], [1.0, 0], [-1.0, 0], [0.0, 0.0]]), np.array(["a", "a", "b", "b", "b"])
+    )
+    assert coh == {"a": 1.0, "b": 0.0}  # the zero update of b is left out
+    c = M.random_codes(np.array([[3.0, -1.0, 0.5]]), np.eye(3), k=2)
+    assert c.tolist() == [[3.0, -1.0, 0.0]]

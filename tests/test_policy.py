@@ -57,3 +57,14 @@ def test_lm_logprobs_match_a_manual_computation():
     logp, _ = pol.logprobs(m, prompt, comp)
     full = torch.log_softmax(m(input_ids=torch.cat([prompt, comp], 1)).logits, -1)
     assert torch.allclose(logp[0], torch.stack([full[0, 2, 6], full[0, 3, 2]]), atol=1e-6)
+
+
+def test_logprobs_at_a_temperature_divide_the_logits():
+    from shardlib import policy as pol
+
+    torch.manual_seed(0)
+    m = pol.MLPPolicy(4, 3, 8)
+    x, a = torch.randn(5, 4), torch.randint(3, (5, 1))
+    lp2, _ = pol.logprobs(m, x, a, temperature=2.0)
+    ref = torch.log_softmax(m(x).float() / 2.0, -1).gather(-1, a)
+    assert torch.allclose(lp2, ref) and not torch.allclose(lp2, pol.logprobs(m, x, a)[0])

@@ -206,3 +206,25 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path):
     ev = open_store(out / "updates/events")
     assert ev.sizes["event"] == 4 * 2 * 4 * 4  # steps x processes x prompts x group
     assert sorted(set(ev["rank"].values.tolist())) == [0, 1]
+
+
+def test_loss_aggregation_under_trl_names():
+    tok = torch.tensor([[1.0, 1.0, 0.0], [2.0, 0.0, 0.0]])  # masked token losses
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert rl.aggregate(tok, mask, "bnpo", 3, 99).item() == pytest.approx(4 / 3)  # tokens of the micro-batch
+    assert rl.aggregate(tok, mask, "grpo", 3, 99).item() == pytest.approx((2 / 2 + 2 / 1) / 2)  # per-completion means
+    assert rl.aggregate(tok, mask, "dr_grpo", 3, 99).item() == pytest.approx(4 / (2 * 3))  # constant
+    assert rl.aggregate(tok, mask, "dapo", 3, 8).item() == pytest.approx(4 / 8)  # the step's tokens
+    with pytest.raises(ValueError, match="loss_type"):
+        rl.aggregate(tok, mask, "mean", 3, 8)
+
+
+def test_events_record_what_was_reinforced(tmp_path):
+    from shardlib.tasks import ContextualBandit
+
+    rl.train(bandit(tmp_path, "b", steps=2, loss_type="grpo"), progress=False)
+    ev = open_store(tmp_path / "b/updates/events")
+    best = ContextualBandit().best_arm.numpy()
+    hit = ev["action"].values == best[ev["task"].values]
+    assert np.array_equal(hit, ev["reward_hit"].values > 0)  # the arm taken explains the reward
+    assert len(np.unique(ev["completion_hash"].values)) == len(np.unique(ev["action"].values))  # one hash per arm
