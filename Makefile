@@ -1,9 +1,11 @@
 # The two commands of the README:
-#   make study   set up, then run the whole study (configs/default.yaml) into runs/default/
+#   make study   set up, then run the whole study (configs/default.yaml) into runs/default/, then check the
+#                README's Results against it
 #   make test    set up, then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
+RUN ?= default
 
 .PHONY: setup study test lint format figures bench
 setup:
@@ -11,6 +13,8 @@ setup:
 
 study: setup
 	$(PY) -m shardlib run --config $(CONFIG)
+	@# the verdict: does the README's Results section match this run? (python -m shardlib report rewrites it)
+	-$(PY) -m shardlib report --check --run $(RUN)
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""Command line: ``python -m shardlib run|figures|compare``."""
+"""Command line: ``python -m shardlib run|figures|report|compare``."""
 
 from __future__ import annotations
 
@@ -74,6 +74,21 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    if args.cmd == "report":
+        from .report import ReportError, report_html, update_readme
+
+        run_dir = runs_folder(args.runs_dir) / check_name("run", args.run)
+        try:
+            current = update_readme(run_dir, args.readme, check=args.check)
+        except ReportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if args.check:
+            verdict = "matches" if current else "DIFFERS from"
+            print(f"README results {verdict} {run_dir} (wall-clock times aside)")
+            return 0 if current else 1
+        print(f"README results {'unchanged' if current else 'written'} from {run_dir}; report: {report_html(run_dir)}")
+        return 0
     if args.cmd == "compare":
         from pathlib import Path
 

@@ -48,3 +48,16 @@ def flatten(tensors: dict[str, torch.Tensor], names=None) -> np.ndarray:
     names = names or list(tensors)
     n = tensors[names[0]].shape[0]
     return torch.cat([tensors[k].reshape(n, -1) for k in names], 1).numpy()
+
+
+PROGRESS_INTERVAL = 5.0  # seconds between progress-bar refreshes
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A progress bar (``tqdm.auto``: a widget in JupyterLab with ipywidgets, text elsewhere) that refreshes
+    at most every ``PROGRESS_INTERVAL`` seconds, so an executed notebook keeps a bounded number of
+    progress lines per stage (papermill records every text refresh)."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("mininterval", PROGRESS_INTERVAL)
+    return tqdm(iterable, **kwargs)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .common import dense_parameter_count, flatten
+from .common import dense_parameter_count, flatten, progress_bar
 from .config import Params, param
 
 
@@ -137,7 +137,6 @@ RECOVERY_KEYS = [
 
 def run_control(p: PlantedParams, progress: bool = True):
     """Train an SAE per (rank, seed) on the same planted data; returns (results Dataset, SAEs)."""
-    from tqdm.auto import tqdm
 
     from . import metrics
 
@@ -157,7 +156,7 @@ def run_control(p: PlantedParams, progress: bool = True):
     names = list(shapes)
     G = flatten(truth, names)
     rows, saes = {}, {}
-    for rank in tqdm(p.ranks, desc="ranks", disable=not progress):
+    for rank in progress_bar(p.ranks, desc="ranks", disable=not progress):
         for seed in p.seeds:
             rows[(rank, seed)], saes[(rank, seed)] = fit_one(p, rank, seed, data, G, names)
     ds = xr.Dataset(

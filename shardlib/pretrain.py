@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 
 from . import policy as pol
-from .common import make_accelerator, step_generator
+from .common import make_accelerator, progress_bar, step_generator
 from .config import Params, param
 from .tasks import SyntheticTasks
 
@@ -48,7 +48,6 @@ class PretrainParams(Params):
 def train(p: PretrainParams, progress: bool = True) -> xr.Dataset:
     """Pretrain, save ``out_dir/policy``, return loss curve and per-task evaluation."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     acc = make_accelerator(p.device)
     set_seed(p.seed)
@@ -71,7 +70,7 @@ def train(p: PretrainParams, progress: bool = True) -> xr.Dataset:
     base = pol.unwrap(model)
     init = pol.evaluate(base, tasks, p.eval_prompts, p.seed, device=acc.device)
     losses, times = [], []
-    for step in tqdm(range(p.steps), desc="pretrain", disable=not progress):
+    for step in progress_bar(range(p.steps), desc="pretrain", disable=not progress):
         t0 = time.perf_counter()
         gen = step_generator(p.seed, step, acc.process_index)
         batch = tasks.sample(p.batch_size, gen)

@@ -36,7 +36,7 @@ import torch
 import xarray as xr
 
 from . import policy as pol
-from .common import make_accelerator, step_generator
+from .common import make_accelerator, progress_bar, step_generator
 from .config import Params, param
 from .io import OPTIMIZER_FILE, CheckpointError, load_optimizer, read_checkpoint, write_checkpoint
 from .tasks import ContextualBandit, SyntheticTasks
@@ -256,7 +256,6 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     continues exactly where the checkpoint left it.
     """
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     out = Path(p.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -289,7 +288,7 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
         init_eval = history[0]["init_eval"] if history else None
 
     show = progress and acc.is_main_process
-    bar = tqdm(total=p.steps, initial=start, desc=f"{p.algorithm}:{p.testbed}", disable=not show)
+    bar = progress_bar(total=p.steps, initial=start, desc=f"{p.algorithm}:{p.testbed}", disable=not show)
     for step in range(start, p.steps):
         t0 = time.perf_counter()
         model.eval()

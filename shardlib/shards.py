@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .common import dense_parameter_count, deterministic, make_accelerator
+from .common import dense_parameter_count, deterministic, make_accelerator, progress_bar
 from .config import Params, param
 from .io import OPTIMIZER_FILE, load_optimizer, load_results, read_checkpoint, save_results, write_checkpoint
 from .metrics import ReconStats
@@ -259,7 +259,6 @@ def train(
 
 def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_directions) -> ShardTraining:
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     out = Path(p.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,7 +291,9 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_di
         start, history = st["epoch"], st["history"]
     t0 = time.perf_counter()
     steps_per_epoch = math.ceil(len(train_idx) / p.batch_size)
-    bar = tqdm(total=p.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="shards", disable=not progress)
+    bar = progress_bar(
+        total=p.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="shards", disable=not progress
+    )
     for epoch in range(start, p.epochs):
         perm = train_idx[np.random.default_rng([p.seed, epoch]).permutation(len(train_idx))]
         sums = {}

@@ -52,6 +52,7 @@ import torch
 import xarray as xr
 from torch.func import functional_call, grad, vmap
 
+from .common import progress_bar
 from .config import Params, param
 
 PUBLISHED = {
@@ -564,13 +565,11 @@ def results(p: ToyParams, progress: bool = True) -> xr.Dataset:
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    from tqdm.auto import tqdm
-
     keys = list(METRICS)
     vals = {k: np.full((len(p.cases), len(p.activations), len(p.seeds)), np.nan) for k in keys}
     jobs = [(i, s) for i in range(len(p.cases)) for s in range(len(p.seeds))]
     jobs.sort(key=lambda j: -math.prod(CASES[p.cases[j[0]]]["shape"]))  # biggest first: the workers finish together
-    bar = tqdm(total=len(jobs), desc="toys", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="toys", disable=not progress)
     if p.workers > 1 and p.device == "cpu":
         # fork (as torch's DataLoader workers): spawn would re-run a calling script without a main guard
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")

@@ -20,3 +20,17 @@ def tiny_lm_dir(tmp_path_factory):
         progress=False,
     )
     return str(out / "policy")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The whole papermill pipeline on configs/tiny.yaml, once per test session: (run folder, stage records)."""
+    from pathlib import Path
+
+    from shardlib import runner
+
+    runs = tmp_path_factory.mktemp("runs")
+    records = runner.run(
+        runner.load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"), runs_dir=runs
+    )
+    return runs / "tiny", records

@@ -24,3 +24,15 @@ def test_flatten_concatenates_tensors_in_the_given_order():
     out = flatten(t, ["a", "b"])
     assert out.shape == (2, 7)
     assert np.array_equal(out[1], [4, 5, 6, 7, 3, 4, 5])
+
+
+def test_progress_bars_refresh_at_most_every_few_seconds():
+    from shardlib.common import PROGRESS_INTERVAL, progress_bar
+
+    import io
+
+    out = io.StringIO()
+    bar = progress_bar(range(1000), file=out)
+    assert bar.mininterval == PROGRESS_INTERVAL >= 1  # papermill records every refresh of a text bar
+    assert list(bar) == list(range(1000))
+    assert out.getvalue().count("\r") <= 3  # start, end (and no refresh in between: it took < 5 s)

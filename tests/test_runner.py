@@ -15,13 +15,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    records = runner.run(load_config(TINY), runs_dir=runs)
-    return runs / "tiny", records
-
-
 def test_tiny_pipeline_writes_notebooks_results_and_plots(tiny_run):
     run_dir, records = tiny_run
     assert all(r["status"] == "done" for r in records) and len(records) == len(plan(load_config(TINY), run_dir.parent))
@@ -45,6 +38,10 @@ def test_tiny_pipeline_writes_notebooks_results_and_plots(tiny_run):
         d = run_dir / stage
         nb = json.loads((d / "notebook.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+        last = [c for c in nb["cells"] if c["cell_type"] == "code"][-1]
+        text = "".join("".join(o.get("text", "")) for o in last["outputs"])
+        assert text.startswith("Finding: "), (stage, text[:200])  # every notebook ends with its Finding
+        assert (d / "notebook.ipynb").stat().st_size < 2_000_000, stage  # no pages of progress bars
         ds = load_results(d / "results.nc")
         cfg = json.loads(ds.attrs["config"])
         assert cfg["out_dir"] == str(d) and ds.attrs["seed"] == 0

@@ -1,0 +1,162 @@
+"""The Finding of every stage: one or two sentences with the stage's numbers and baselines, computed
+from its results (never typed by hand), saying plainly when a result is negative.
+
+Every notebook ends with ``print(findings.finding("<stage>", ds))``; the functions take the
+stage's results Dataset (as written to ``results.nc``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import xarray as xr
+
+
+def _cfg(ds: xr.Dataset) -> dict:
+    return json.loads(ds.attrs.get("config", "{}"))
+
+
+def _ms(da) -> str:
+    """mean ± std over a 1-d DataArray or array (std omitted for one value)."""
+    v = np.asarray(da, dtype=float).ravel()
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return "n/a"
+    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std():.3f}"
+
+
+def pretrain(ds: xr.Dataset) -> str:
+    a, b = float(ds.eval_reward_init.mean()), float(ds.eval_reward_final.mean())
+    per = ", ".join(
+        f"{t} {float(x):.2f}→{float(y):.2f}"
+        for t, x, y in zip(ds.task.values, ds.eval_reward_init, ds.eval_reward_final)
+    )
+    verdict = "raised" if b > a else "did NOT raise (negative)"
+    return f"Pretraining {verdict} the held-out reward from {a:.2f} to {b:.2f} (mean over task families; {per})."
+
+
+def rl(ds: xr.Dataset) -> str:
+    cfg = _cfg(ds)
+    name = "SFT" if cfg.get("algorithm") == "sft" else "GRPO"
+    a, b = ds.eval_reward_init.values, ds.eval_reward_final.values
+    up = int((b > a).sum())
+    per = ", ".join(f"{t} {x:.2f}→{y:.2f}" for t, x, y in zip(ds.task.values, a, b))
+    verdict = "raised" if np.nanmean(b) > np.nanmean(a) else "did NOT raise (negative)"
+    return (
+        f"{name} on the {cfg.get('testbed', '?')} testbed {verdict} the held-out reward from {np.nanmean(a):.2f} to "
+        f"{np.nanmean(b):.2f}; it rose on {up} of {len(a)} task families ({per})."
+    )
+
+
+def shards(ds: xr.Dataset) -> str:
+    cfg = _cfg(ds)
+    fvu, l0, dead = float(ds.heldout_fvu), float(ds.heldout_l0), float(ds.heldout_dead_fraction)
+    size = f"{cfg.get('n_latents', '?')} latents, k = {cfg.get('k', '?')}, rank {cfg.get('rank', '?')}"
+    out = (
+        f"The SAE ({size}) reconstructs held-out updates with FVU {fvu:.3f} at L0 {l0:.1f}; {dead:.0%} of latents dead."
+    )
+    if fvu > 0.5:
+        out += " Negative: it misses most of the held-out variance."
+    return out
+
+
+def planted(ds: xr.Dataset) -> str:
+    parts = []
+    for r in ds["rank"].values:
+        s = ds.sel(rank=r)
+        label = "dense" if r == 0 else f"rank {r}"
+        parts.append(f"{label}: MMCS(G→D) {_ms(s.mmcs_g2d)}, R@0.9 {_ms(s['r_at_0.9'])}, held-out FVU {_ms(s.fvu)}")
+    best = float(ds.mmcs_g2d.mean("seed").max())
+    verdict = "passes" if best >= 0.95 else "FAILS (negative)"
+    return f"The planted positive control {verdict} (over {ds.sizes['seed']} seeds): " + "; ".join(parts) + "."
+
+
+def sparsity(ds: xr.Dataset) -> str:
+    parts = []
+    for run in ds.run.values:
+        exact = float(ds.unchanged.sel(run=run, scope="cumulative", tau=0.0))
+        bf16 = float(ds.bf16_unchanged.sel(run=run, scope="cumulative"))
+        parts.append(f"{run}: {exact:.2%} exactly unchanged in fp32, {bf16:.2%} in bf16")
+    most = float(ds.bf16_unchanged.sel(scope="cumulative").max())
+    verdict = "sparse" if most >= 0.5 else "NOT sparse (Mukherjee et al. report 70-95% unchanged)"
+    return f"Cumulative updates are {verdict}: " + "; ".join(parts) + "."
+
+
+def frontier(ds: xr.Dataset) -> str:
+    i = np.unravel_index(np.nanargmin(ds.fvu.values), ds.fvu.shape)
+    where = {d: ds[d].values[j] for d, j in zip(ds.fvu.dims, i)}
+    best = float(ds.fvu.values[i])
+    reached = [str(s) for s in ds.store.values if bool((ds.fvu.sel(store=s) <= 0.1).any())]
+    rank = "dense" if where["rank"] == 0 else f"rank {where['rank']}"
+    out = f"Lowest held-out FVU {best:.3f} ({where['store']} updates, {rank}, k = {where['k']}). "
+    if reached:
+        return out + f"FVU ≤ 0.1 is reached on: {', '.join(reached)}."
+    return out + "Negative: no SAE reaches FVU 0.1 on any store."
+
+
+def analysis(ds: xr.Dataset) -> str:
+    n_types = int(np.asarray(ds.n_types).ravel()[0]) if "n_types" in ds else 0
+    out = (
+        f"Over {ds.sizes['sae_seed']} SAE seeds, NMI between shards and the {n_types} event types is {_ms(ds.nmi)} "
+        f"(random dictionary {_ms(ds.nmi_random)}, shuffled labels {_ms(ds.nmi_shuffled)}), ARI {_ms(ds.ari)} "
+        f"(random {_ms(ds.ari_random)}), and {_ms(ds.types_matched)} of {n_types} type-mean updates have a shard at "
+        f"|cos| > 0.9 (random dictionary {_ms(ds.types_matched_random)})."
+    )
+    if float(np.nanmean(ds.nmi)) <= float(np.nanmean(ds.nmi_random)):
+        out += " Negative: shards align with event types no better than a random dictionary of the same structure."
+    if "specificity" in ds:
+        out += (
+            f" Adding a shard changes reward with specificity {float(np.nanmean(ds.specificity)):.2f} "
+            f"(random directions {float(np.nanmean(ds.random_specificity)):.2f}); its largest effect is on its own task in "
+            f"{float(np.nanmean(ds.own_task_hit)):.0%} of shards (chance {1 / ds.sizes['task']:.0%})."
+        )
+    if "setting_nmi" in ds:
+        s = ds.setting_nmi.to_series()
+        k, norm = s.idxmax()
+        fvu = float(ds.setting_heldout_fvu.sel(setting_k=k, setting_normalize=norm))
+        matched = float(ds.setting_types_matched.sel(setting_k=k, setting_normalize=norm))
+        out += (
+            f" Best setting for event types: k = {k}, {'unit-normalised' if norm else 'raw'} updates "
+            f"(NMI {s.max():.3f}, {matched:.0f} of {n_types} types matched, held-out FVU {fvu:.3f})."
+        )
+    return out
+
+
+def toy(ds: xr.Dataset) -> str:
+    parts = []
+    for case in ds.case.values:
+        for act in ds.activation.values:
+            s = ds.sel(case=case, activation=act)
+            parts.append(
+                f"{case} {act}: per-feature MMCS {_ms(s.mmcs_columnwise)}, reconstruction error {_ms(s.recon_error)}"
+            )
+    published = "; ".join(f"{k[len('published_') :]} = {v}" for k, v in ds.attrs.items() if k.startswith("published_"))
+    return "Toy models, over seeds: " + "; ".join(parts) + (f". Published: {published}." if published else ".")
+
+
+def figures(ds: xr.Dataset) -> str:
+    names = [str(f) for f in ds.figure.values] if "figure" in ds.coords else []
+    if not names:
+        return "Negative: no figure could be made (their inputs are missing)."
+    return f"{len(names)} figures written from the run's results: {', '.join(names)}."
+
+
+FINDINGS = {
+    "pretrain": pretrain,
+    "rl": rl,
+    "shards": shards,
+    "planted": planted,
+    "sparsity": sparsity,
+    "frontier": frontier,
+    "analysis": analysis,
+    "toy": toy,
+    "figures": figures,
+}
+
+
+def finding(stage: str, ds: xr.Dataset) -> str:
+    """``Finding: ...`` for a stage kind (``FINDINGS``) from its results Dataset."""
+    if stage not in FINDINGS:
+        raise ValueError(f"no finding for stage kind {stage!r}; kinds: {', '.join(FINDINGS)}")
+    return "Finding: " + FINDINGS[stage](ds)

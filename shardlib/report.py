@@ -1,0 +1,366 @@
+"""The README's Results, generated from a run's results files: ``python -m shardlib report --run default``.
+
+Writes the tables and every stage's Finding (:mod:`shardlib.findings`) between the markers
+``<!-- results:begin -->`` and ``<!-- results:end -->`` of README.md; ``--check`` exits non-zero
+when the README differs from what the run's results give (wall-clock lines, marked
+``<!-- wall-clock -->``, are left out of the check: they differ from run to run). Also writes
+``runs/<run>/report.html``: the figures, the Findings and the run's provenance, readable without Python.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from . import findings
+from .io import load_results
+
+BEGIN, END, WALL = "<!-- results:begin -->", "<!-- results:end -->", "<!-- wall-clock -->"
+
+# the stages of configs/default.yaml whose results the report reads: (stage folder, finding kind)
+STAGES = [
+    ("pretrain", "pretrain"),
+    ("rl_bandit", "rl"),
+    ("rl_lm", "rl"),
+    ("sft_lm", "rl"),
+    ("shards_bandit", "shards"),
+    ("shards_lm", "shards"),
+    ("frontier", "frontier"),
+    ("planted", "planted"),
+    ("sparsity", "sparsity"),
+    ("analysis_bandit", "analysis"),
+    ("analysis_lm", "analysis"),
+    ("toy_models", "toy"),
+    ("figures", "figures"),
+]
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def _load(run_dir: Path, stage: str) -> xr.Dataset | None:
+    f = run_dir / stage / "results.nc"
+    return load_results(f) if f.exists() else None
+
+
+def _ms(da, digits: int = 3) -> str:
+    v = np.asarray(da, dtype=float).ravel()
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return "–"
+    return f"{v.mean():.{digits}f}" if len(v) == 1 else f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _rl(run_dir: Path) -> str:
+    rows = []
+    for stage, label in (("rl_bandit", "GRPO"), ("rl_lm", "GRPO"), ("sft_lm", "SFT control")):
+        ds = _load(run_dir, stage)
+        if ds is None:
+            continue
+        fam = " / ".join(str(t) for t in ds.task.values)
+        rows.append(
+            [
+                f"{stage} ({label})",
+                fam,
+                " / ".join(f"{v:.2f}" for v in ds.eval_reward_init.values),
+                " / ".join(f"{v:.2f}" for v in ds.eval_reward_final.values),
+                " / ".join(str(int(n)) for n in ds.eval_n.values),
+            ]
+        )
+    return _table(["stage", "task families", "before", "after", "held-out prompts"], rows)
+
+
+def _sparsity(ds: xr.Dataset) -> str:
+    rows = []
+    for run in ds.run.values:
+        r = ds.sel(run=run)
+        rows.append(
+            [
+                str(run),
+                f"{float(r.unchanged.sel(scope='cumulative', tau=0.0)):.4f}",
+                f"{float(r.bf16_unchanged.sel(scope='cumulative')):.4f}",
+                f"{float(r.mukherjee_unchanged.sel(scope='cumulative')):.4f}",
+                f"{float(r.unchanged.sel(scope='step', tau=1e-5)):.3f}",
+                f"{float(r.unchanged.sel(scope='event', tau=0.0)):.2f}",
+                f"{float(r.rank_ratio.sel(scope='cumulative')):.2f}",
+            ]
+        )
+    head = [
+        "run",
+        "cumulative, fp32 exact",
+        "cumulative, bf16",
+        "cumulative, bf16 & ≤1e-5 (Mukherjee)",
+        "one step, \\|Δ\\| ≤ 1e-5",
+        "one event, exact zero",
+        "rank ratio (cumulative)",
+    ]
+    return _table(head, rows)
+
+
+def _frontier(ds: xr.Dataset) -> str:
+    rows = []
+    for store in ds.store.values:
+        for r in ds["rank"].values:
+            label = "dense" if r == 0 else str(r)
+            vals = [f"{float(ds.fvu.sel(store=store, rank=r, k=k)):.2f}" for k in ds.k.values]
+            rows.append([f"{store}", label, *vals])
+    return _table(["store", "rank", *[f"k = {int(k)}" for k in ds.k.values]], rows)
+
+
+def _planted(ds: xr.Dataset) -> str:
+    rows = []
+    for r in ds["rank"].values:
+        s = ds.sel(rank=r)
+        rows.append(
+            [
+                "dense" if r == 0 else f"rank {r}",
+                _ms(s.mmcs_g2d),
+                _ms(s.mmcs_d2g, 2),
+                f"{_ms(s['r_at_0.9'], 2)} ({_ms(s.uniqueness, 2)})",
+                _ms(s.hungarian_mcc),
+                _ms(s.fvu),
+                f"{int(s.n_parameters.values.ravel()[0]):,}",
+                f"{float(s.seed_stability):.2f}",
+            ]
+        )
+    head = [
+        "SAE",
+        "MMCS(G→D)",
+        "MMCS(D→G)",
+        "R@0.9 (uniqueness)",
+        "Hungarian MCC",
+        "held-out FVU",
+        "parameters",
+        "seed stability",
+    ]
+    return _table(head, rows)
+
+
+def _alignment(run_dir: Path) -> str:
+    rows, settings, coh = [], [], []
+    for stage in ("analysis_bandit", "analysis_lm"):
+        ds = _load(run_dir, stage)
+        if ds is None:
+            continue
+        name = stage.split("_")[1]
+        n = int(np.asarray(ds.n_types).ravel()[0])
+        rows.append(
+            [
+                name,
+                f"{_ms(ds.nmi)} ({_ms(ds.nmi_shuffled)} / {_ms(ds.nmi_random)})",
+                f"{_ms(ds.ari)} ({_ms(ds.ari_shuffled)} / {_ms(ds.ari_random)})",
+                f"{_ms(ds.purity)} ({_ms(ds.purity_shuffled)} / {_ms(ds.purity_random)})",
+                f"{_ms(ds.auroc)} ({_ms(ds.auroc_shuffled)} / {_ms(ds.auroc_random)})",
+                f"{_ms(ds.types_matched, 1)} of {n} ({_ms(ds.types_matched_shuffled, 1)} / {_ms(ds.types_matched_random, 1)})",
+                f"{_ms(ds.type_match)} ({_ms(ds.type_match_shuffled)} / {_ms(ds.type_match_random)})",
+                f"{float(ds.seed_stability):.2f}",
+            ]
+        )
+        c = ds.type_coherence.values
+        coh.append(f"{name}: {n} types, {np.nanmin(c):.2f}–{np.nanmax(c):.2f} (median {np.nanmedian(c):.2f})")
+        if "setting_nmi" in ds:
+            for k in ds.setting_k.values:
+                for norm in ds.setting_normalize.values:
+                    s = ds.sel(setting_k=k, setting_normalize=norm)
+                    settings.append(
+                        [
+                            name,
+                            str(int(k)),
+                            "unit" if bool(norm) else "raw",
+                            f"{float(s.setting_nmi):.3f} ({float(s.setting_nmi_random):.3f})",
+                            f"{float(s.setting_ari):.3f} ({float(s.setting_ari_random):.3f})",
+                            f"{float(s.setting_types_matched):.0f} of {n} ({float(s.setting_types_matched_random):.0f})",
+                            f"{float(s.setting_heldout_fvu):.3f}",
+                        ]
+                    )
+    head = [
+        "testbed",
+        "NMI (shuffled / random dict.)",
+        "ARI (shuffled / random)",
+        "purity (shuffled / random)",
+        "best (latent, sign) AUROC (shuffled / random)",
+        "types matched at \\|cos\\| > 0.9 (shuffled / random)",
+        "type-mean match (shuffled / random)",
+        "seed stability",
+    ]
+    out = _table(head, rows)
+    if coh:
+        out += (
+            "\n\nCoherence of the event types (norm of the mean unit update; 1 = one computation): "
+            + "; ".join(coh)
+            + "."
+        )
+    if settings:
+        out += "\n\nWhat the settings do (one SAE per setting, first seed; random-dictionary baseline in brackets):\n\n"
+        out += _table(["testbed", "k", "updates", "NMI", "ARI", "types matched", "held-out FVU"], settings)
+    return out
+
+
+def _interventions(run_dir: Path) -> str:
+    rows = []
+    for stage in ("analysis_bandit", "analysis_lm"):
+        ds = _load(run_dir, stage)
+        if ds is None or "specificity" not in ds:
+            continue
+        rows.append(
+            [
+                stage.split("_")[1],
+                f"{float(np.nanmean(ds.specificity)):.2f} ({float(np.nanmean(ds.random_specificity)):.2f})",
+                f"{float(np.nanmean(ds.own_task_hit)):.2f} ({1 / ds.sizes['task']:.2f})",
+                f"{float(np.nanmean(ds.add_effect.sel(alpha=float(ds.alpha.max())))):+.3f}",
+                f"{float(np.nanmean(ds.ablate_effect)):+.3f}",
+            ]
+        )
+    head = [
+        "testbed",
+        "specificity of adding a shard (random directions)",
+        "own-task hit rate (chance)",
+        "mean Δ reward, shard added",
+        "mean Δ reward, shard ablated",
+    ]
+    return _table(head, rows)
+
+
+def _toy(ds: xr.Dataset) -> str:
+    rows = []
+    for case in ds.case.values:
+        for act in ds.activation.values:
+            s = ds.sel(case=case, activation=act)
+            rows.append(
+                [
+                    str(case),
+                    str(act),
+                    _ms(s.mmcs_columnwise),
+                    _ms(s.mmcs_truth_init),
+                    _ms(s.mmcs_single_feature),
+                    _ms(s.mmcs_whole, 2),
+                    _ms(s.recon_error),
+                    _ms(s.coef_r),
+                ]
+            )
+    head = [
+        "case",
+        "activation",
+        "MMCS per feature",
+        "started at the truth",
+        "one active feature per sample",
+        "MMCS whole-direction",
+        "reconstruction error",
+        "coefficient r",
+    ]
+    pub = "; ".join(f"{k[len('published_') :]} = {v}" for k, v in ds.attrs.items() if k.startswith("published_"))
+    return _table(head, rows) + (f"\n\nPublished: {pub}." if pub else "")
+
+
+def _times(run_dir: Path) -> str:
+    parts, total = [], 0.0
+    for f in sorted(run_dir.glob("**/.stage.json")):
+        st = json.loads(f.read_text())
+        if "seconds" in st:
+            parts.append((st.get("stage", f.parent.name), st["seconds"]))
+            total += st["seconds"]
+    if not parts:
+        return ""
+    body = ", ".join(f"{n} {s:.0f} s" for n, s in parts)
+    return f"Stage wall times of this run: {body}; total {total / 60:.1f} min. {WALL}"
+
+
+def results_markdown(run_dir) -> str:
+    """The README's Results block (between the markers) for run folder ``run_dir``."""
+    run_dir = Path(run_dir)
+    missing = [s for s, _ in STAGES if not (run_dir / s / "results.nc").exists()]
+    if missing:
+        raise ReportError(f"{run_dir} lacks the results of {missing}; run the study first (make study)")
+    ds = {s: load_results(run_dir / s / "results.nc") for s, _ in STAGES}
+    fig = f"figures/{run_dir.name}"
+    find = {s: findings.finding(k, ds[s]) for s, k in STAGES}
+    cfg = json.loads(ds["pretrain"].attrs.get("config", "{}"))
+    sections = [
+        f"Generated by `python -m shardlib report --run {run_dir.name}` from `runs/{run_dir.name}/*/results.nc` "
+        f"(seed {cfg.get('seed', '?')}); every number below is read from those files.",
+        _times(run_dir),
+        "### RL on both testbeds\n\nHeld-out mean reward per task family before → after fine-tuning "
+        "(`eval_reward_init/final`, one sample per prompt at temperature 1).\n\n" + _rl(run_dir),
+        "\n\n".join(f"- {find[s]}" for s in ("rl_bandit", "rl_lm", "sft_lm")),
+        f"![training curves]({fig}/training_curves.png)",
+        "### Are RL updates sparse?\n\nFraction of parameters unchanged (`sparsity/results.nc`).\n\n"
+        + _sparsity(ds["sparsity"]),
+        f"- {find['sparsity']}",
+        f"![sparsity]({fig}/sparsity.png)",
+        "### Can updates be reconstructed sparsely?\n\nHeld-out FVU of the LM's update stores "
+        "(`frontier/results.nc`).\n\n" + _frontier(ds["frontier"]),
+        "\n".join(f"- {find[s]}" for s in ("frontier", "shards_bandit", "shards_lm")),
+        f"![frontier]({fig}/frontier.png)",
+        "### Positive control: planted shards\n\n" + _planted(ds["planted"]),
+        f"- {find['planted']}",
+        "### What shards mean: alignment with event types\n\nMean ± std over SAE seeds (`analysis_*/results.nc`); "
+        "event types as defined in `shardlib/events.py`.\n\n" + _alignment(run_dir),
+        "\n".join(f"- {find[s]}" for s in ("analysis_bandit", "analysis_lm")),
+        f"![shard heatmap]({fig}/shard_event_heatmap.png)",
+        "### What shards do: interventions\n\n" + _interventions(run_dir),
+        f"![interventions]({fig}/intervention.png)",
+        "### Toy models: published decompositions\n\nMean ± std over seeds (`toy_models/results.nc`).\n\n"
+        + _toy(ds["toy_models"]),
+        f"- {find['toy_models']}",
+        f"![toy models]({fig}/toy_models.png)",
+        f"![toy interventions]({fig}/toy_intervention.png)",
+    ]
+    return "\n\n".join(s for s in sections if s)
+
+
+def _strip_wall(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if WALL not in line)
+
+
+def update_readme(run_dir, readme, check: bool = False) -> bool:
+    """Write (or, with ``check``, compare) the Results block; returns whether the README was already current."""
+    readme = Path(readme)
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise ReportError(f"{readme} has no {BEGIN} ... {END} markers to write the results between")
+    head, rest = text.split(BEGIN, 1)
+    old, tail = rest.split(END, 1)
+    new = "\n" + results_markdown(run_dir) + "\n"
+    current = _strip_wall(old) == _strip_wall(new)
+    if not check and old != new:
+        readme.write_text(head + BEGIN + new + END + tail)
+    return current
+
+
+def report_html(run_dir) -> Path:
+    """``run_dir/report.html``: every stage's Finding, the figures (embedded) and the run's provenance."""
+    run_dir = Path(run_dir)
+    parts = [f"<h1>shardlib run {html.escape(run_dir.name)}</h1>"]
+    prov = None
+    for stage, kind in STAGES:
+        ds = _load(run_dir, stage)
+        if ds is None:
+            continue
+        prov = prov or {k: ds.attrs.get(k) for k in ("git_commit", "git_dirty", "torch_version", "python_version")}
+        parts.append(f"<h2>{html.escape(stage)}</h2><p>{html.escape(findings.finding(kind, ds))}</p>")
+    figs = sorted((run_dir / "figures").glob("*.png"))
+    for f in figs:
+        data = base64.b64encode(f.read_bytes()).decode()
+        parts.append(f'<h3>{html.escape(f.stem)}</h3><img style="max-width:100%" src="data:image/png;base64,{data}">')
+    if prov:
+        parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=1)) + "</pre>")
+    times = re.sub(r"\s*<!--.*-->", "", _times(run_dir))
+    if times:
+        parts.append(f"<p>{html.escape(times)}</p>")
+    out = run_dir / "report.html"
+    out.write_text(
+        "<!doctype html><meta charset='utf-8'><body style='font-family:sans-serif;max-width:60em'>" + "\n".join(parts)
+    )
+    return out
