@@ -27,9 +27,9 @@ def test_flatten_concatenates_tensors_in_the_given_order():
 
 
 def test_progress_bars_refresh_at_most_every_few_seconds():
-    from shardlib.common import PROGRESS_INTERVAL, progress_bar
-
     import io
+
+    from shardlib.common import PROGRESS_INTERVAL, progress_bar
 
     out = io.StringIO()
     bar = progress_bar(range(1000), file=out)
