@@ -57,6 +57,11 @@ def main(argv=None) -> int:
     f.add_argument("--run", default="default", help="run name (folder under runs/), default: default")
     f.add_argument("--runs-dir", help="where runs are (default: runs/ in the repository)")
     f.add_argument("--out", help="output folder (default: figures/<run>/)")
+    rp = sub.add_parser("report", help="write the README's Results (and runs/<run>/report.html) from a run's results")
+    rp.add_argument("--run", default="default", help="run name (folder under runs/), default: default")
+    rp.add_argument("--runs-dir", help="where runs are (default: runs/ in the repository)")
+    rp.add_argument("--readme", default=str(ROOT / "README.md"), help="the README to write (default: the repository's)")
+    rp.add_argument("--check", action="store_true", help="only check: exit 1 when the README differs from the results")
     c = sub.add_parser(
         "compare", help="compare the results files of two runs (values only; provenance and timings left out)"
     )

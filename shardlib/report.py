@@ -266,7 +266,7 @@ def _toy(ds: xr.Dataset) -> str:
 
 def _times(run_dir: Path) -> str:
     parts, total = [], 0.0
-    for f in sorted(run_dir.glob("**/.stage.json")):
+    for f in sorted(run_dir.glob("**/.stage.json"), key=lambda f: f.stat().st_mtime):  # in the order they ran
         st = json.loads(f.read_text())
         if "seconds" in st:
             parts.append((st.get("stage", f.parent.name), st["seconds"]))
@@ -293,27 +293,27 @@ def results_markdown(run_dir) -> str:
         _times(run_dir),
         "### RL on both testbeds\n\nHeld-out mean reward per task family before → after fine-tuning "
         "(`eval_reward_init/final`, one sample per prompt at temperature 1).\n\n" + _rl(run_dir),
-        "\n\n".join(f"- {find[s]}" for s in ("rl_bandit", "rl_lm", "sft_lm")),
+        "\n".join(f"- `{s}`: {find[s]}" for s in ("rl_bandit", "rl_lm", "sft_lm")),
         f"![training curves]({fig}/training_curves.png)",
         "### Are RL updates sparse?\n\nFraction of parameters unchanged (`sparsity/results.nc`).\n\n"
         + _sparsity(ds["sparsity"]),
-        f"- {find['sparsity']}",
+        f"- `sparsity`: {find['sparsity']}",
         f"![sparsity]({fig}/sparsity.png)",
         "### Can updates be reconstructed sparsely?\n\nHeld-out FVU of the LM's update stores "
         "(`frontier/results.nc`).\n\n" + _frontier(ds["frontier"]),
-        "\n".join(f"- {find[s]}" for s in ("frontier", "shards_bandit", "shards_lm")),
+        "\n".join(f"- `{s}`: {find[s]}" for s in ("frontier", "shards_bandit", "shards_lm")),
         f"![frontier]({fig}/frontier.png)",
         "### Positive control: planted shards\n\n" + _planted(ds["planted"]),
-        f"- {find['planted']}",
+        f"- `planted`: {find['planted']}",
         "### What shards mean: alignment with event types\n\nMean ± std over SAE seeds (`analysis_*/results.nc`); "
         "event types as defined in `shardlib/events.py`.\n\n" + _alignment(run_dir),
-        "\n".join(f"- {find[s]}" for s in ("analysis_bandit", "analysis_lm")),
+        "\n".join(f"- `{s}`: {find[s]}" for s in ("analysis_bandit", "analysis_lm")),
         f"![shard heatmap]({fig}/shard_event_heatmap.png)",
         "### What shards do: interventions\n\n" + _interventions(run_dir),
         f"![interventions]({fig}/intervention.png)",
         "### Toy models: published decompositions\n\nMean ± std over seeds (`toy_models/results.nc`).\n\n"
         + _toy(ds["toy_models"]),
-        f"- {find['toy_models']}",
+        f"- `toy_models`: {find['toy_models']}",
         f"![toy models]({fig}/toy_models.png)",
         f"![toy interventions]({fig}/toy_intervention.png)",
     ]
@@ -348,7 +348,9 @@ def report_html(run_dir) -> Path:
         ds = _load(run_dir, stage)
         if ds is None:
             continue
-        prov = prov or {k: ds.attrs.get(k) for k in ("git_commit", "git_dirty", "torch_version", "python_version")}
+        prov = prov or {
+            k: str(ds.attrs.get(k)) for k in ("git_commit", "git_dirty", "torch_version", "python_version", "created")
+        }
         parts.append(f"<h2>{html.escape(stage)}</h2><p>{html.escape(findings.finding(kind, ds))}</p>")
     figs = sorted((run_dir / "figures").glob("*.png"))
     for f in figs:
