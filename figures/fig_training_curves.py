@@ -16,6 +16,7 @@ def make(run_dir):
     # SFT trains on the target answers (their reward is constant): its curve is the loss
     sft = load_results(run_dir / INPUTS[2])
     axes[2].plot(sft.step, plotting.smooth(sft.loss, 10))
-    axes[2].set(xlabel="step", ylabel="NLL of the targets (mean over 10 steps)", title="LM: SFT control, loss")
+    axes[2].set(xlabel="step", ylabel="NLL of the targets", title="LM: SFT control, loss (10-step mean)")
     fig.suptitle("Fine-tuning: reward by task family (moving average over 10 steps) and the SFT control's loss")
+    fig.tight_layout()
     return fig
