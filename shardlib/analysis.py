@@ -72,7 +72,7 @@ ALIGNMENT_METRICS = {
     "purity": "firing-weighted purity of (latent, sign) clusters: share of firings on their cluster's majority type",
     "nmi": "normalized mutual information between each event's top (latent, sign) and its type (scikit-learn)",
     "ari": "adjusted Rand index between each event's top (latent, sign) and its type (scikit-learn; chance = 0)",
-    "auroc": "mean over types of the best (latent, sign)'s AUROC, signed code as the score",
+    "auroc": "mean over types of the best (latent, sign) cluster's AUROC, its rectified activation as the score",
     "type_match": "Hungarian mean |cos| between type-mean updates and dictionary directions",
     "types_matched": "types whose mean update has a dictionary direction at |cos| > 0.9",
 }
@@ -86,6 +86,7 @@ def alignment(
     random_dirs: np.ndarray,
     k: int,
     seed: int = 0,
+    signed: bool = True,
 ) -> dict[str, float]:
     """Every ``ALIGNMENT_METRICS`` entry, with ``_shuffled`` (the same codes, event types permuted) and
     ``_random`` (a random dictionary of the SAE's structure: its top-``k`` signed projections as codes,
@@ -93,7 +94,7 @@ def alignment(
     from . import metrics as M
 
     shuffled = np.random.default_rng(seed).permutation(types)
-    rand_codes = M.random_codes(updates, random_dirs, k)
+    rand_codes = M.random_codes(updates, random_dirs, k, signed)
     means, means_s = type_means(updates, types)[0], type_means(updates, shuffled)[0]
     clustering = {
         "purity": M.weighted_purity,
@@ -298,14 +299,14 @@ def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -
 
     sp, names, F = inp.sae_params, inp.names, inp.n_shards
     R = flatten(random_dictionary({n: inp.dirs[n].shape[1:] for n in names}, F, sp.rank, p.seed + 7), names)
-    rows = {sp.seed: alignment(codes, types, X, D, R, sp.k, p.seed)}
+    rows = {sp.seed: alignment(codes, types, X, D, R, sp.k, p.seed, sp.signed)}
     seed_dirs = {sp.seed: D}
     for s in p.extra_seeds:
         q = sp.replace(seed=s, out_dir=str(Path(p.out_dir) / f"sae_seed{s}"), online_shards_path="")
         r = sh_mod.train(q, progress=False, data=inp.data)
         _, _, z = sh_mod.encode_all(r.sae.cpu(), inp.data)
         Ds = flatten(r.sae.directions(), names)
-        rows[s] = alignment(z.numpy(), types, X, Ds, R, sp.k, p.seed)
+        rows[s] = alignment(z.numpy(), types, X, Ds, R, sp.k, p.seed, sp.signed)
         seed_dirs[s] = Ds
     seeds = list(rows)
     out = xr.Dataset({k: ("sae_seed", [rows[s][k] for s in seeds]) for k in rows[seeds[0]]}, coords={"sae_seed": seeds})
@@ -340,7 +341,7 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
                 random_dictionary({n: inp.dirs[n].shape[1:] for n in names}, sp.n_latents, sp.rank, p.seed + 7), names
             )
             types = event_types(r.store)
-            row = alignment(z.numpy(), types, X, flatten(sae.directions(), names), R, q.k, p.seed)
+            row = alignment(z.numpy(), types, X, flatten(sae.directions(), names), R, q.k, p.seed, q.signed)
             row["heldout_fvu"] = sh_mod.evaluate(sae, r.data, r.heldout_idx).get("fvu", np.nan)
             rows[(k, norm)] = row
     keys = list(next(iter(rows.values())))

@@ -26,13 +26,22 @@ def _ms(da) -> str:
     return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std():.3f}"
 
 
+CHANGE = 0.01  # a mean reward change smaller than this is reported as unchanged
+
+
+def _verdict(a: float, b: float) -> str:
+    if b - a >= CHANGE:
+        return "raised"
+    return "did NOT change (negative)" if abs(b - a) < CHANGE else "LOWERED (negative)"
+
+
 def pretrain(ds: xr.Dataset) -> str:
     a, b = float(ds.eval_reward_init.mean()), float(ds.eval_reward_final.mean())
     per = ", ".join(
         f"{t} {float(x):.2f}→{float(y):.2f}"
         for t, x, y in zip(ds.task.values, ds.eval_reward_init, ds.eval_reward_final)
     )
-    verdict = "raised" if b > a else "did NOT raise (negative)"
+    verdict = _verdict(a, b)
     return f"Pretraining {verdict} the held-out reward from {a:.2f} to {b:.2f} (mean over task families; {per})."
 
 
@@ -40,12 +49,12 @@ def rl(ds: xr.Dataset) -> str:
     cfg = _cfg(ds)
     name = "SFT" if cfg.get("algorithm") == "sft" else "GRPO"
     a, b = ds.eval_reward_init.values, ds.eval_reward_final.values
-    up = int((b > a).sum())
+    up = int((b - a >= CHANGE).sum())
     per = ", ".join(f"{t} {x:.2f}→{y:.2f}" for t, x, y in zip(ds.task.values, a, b))
-    verdict = "raised" if np.nanmean(b) > np.nanmean(a) else "did NOT raise (negative)"
+    verdict = _verdict(float(np.nanmean(a)), float(np.nanmean(b)))
     return (
         f"{name} on the {cfg.get('testbed', '?')} testbed {verdict} the held-out reward from {np.nanmean(a):.2f} to "
-        f"{np.nanmean(b):.2f}; it rose on {up} of {len(a)} task families ({per})."
+        f"{np.nanmean(b):.2f}; it rose (by {CHANGE} or more) on {up} of {len(a)} task families ({per})."
     )
 
 
@@ -67,19 +76,28 @@ def planted(ds: xr.Dataset) -> str:
         s = ds.sel(rank=r)
         label = "dense" if r == 0 else f"rank {r}"
         parts.append(f"{label}: MMCS(G→D) {_ms(s.mmcs_g2d)}, R@0.9 {_ms(s['r_at_0.9'])}, held-out FVU {_ms(s.fvu)}")
-    best = float(ds.mmcs_g2d.mean("seed").max())
-    verdict = "passes" if best >= 0.95 else "FAILS (negative)"
-    return f"The planted positive control {verdict} (over {ds.sizes['seed']} seeds): " + "; ".join(parts) + "."
+    mmcs = ds.mmcs_g2d.mean("seed")
+    passing = ["dense" if r == 0 else f"rank {r}" for r in ds["rank"].values if float(mmcs.sel(rank=r)) >= 0.95]
+    verdict = (
+        f"passes (MMCS(G→D) ≥ 0.95) for {', '.join(passing)}"
+        if passing
+        else "FAILS (negative): no SAE reaches MMCS 0.95"
+    )
+    return f"The planted positive control {verdict}, over {ds.sizes['seed']} seeds: " + "; ".join(parts) + "."
 
 
 def sparsity(ds: xr.Dataset) -> str:
-    parts = []
+    parts, sparse = [], []
     for run in ds.run.values:
         exact = float(ds.unchanged.sel(run=run, scope="cumulative", tau=0.0))
-        bf16 = float(ds.bf16_unchanged.sel(run=run, scope="cumulative"))
-        parts.append(f"{run}: {exact:.2%} exactly unchanged in fp32, {bf16:.2%} in bf16")
-    most = float(ds.bf16_unchanged.sel(scope="cumulative").max())
-    verdict = "sparse" if most >= 0.5 else "NOT sparse (Mukherjee et al. report 70-95% unchanged)"
+        muk = float(ds.mukherjee_unchanged.sel(run=run, scope="cumulative"))
+        parts.append(f"{run}: {muk:.2%} unchanged by Mukherjee et al.'s measure, {exact:.2%} exactly in fp32")
+        if muk >= 0.5:
+            sparse.append(str(run))
+    if sparse:
+        verdict = f"sparse (half or more unchanged in bf16 at |Δ| ≤ 1e-5) in {', '.join(sparse)}"
+    else:
+        verdict = "NOT sparse in any run (Mukherjee et al.: bf16, |Δ| ≤ 1e-5, report 70-95% unchanged)"
     return f"Cumulative updates are {verdict}: " + "; ".join(parts) + "."
 
 

@@ -205,7 +205,9 @@ def ari(codes: np.ndarray, types: np.ndarray) -> float:
 
 
 def best_signed_auroc(codes: np.ndarray, types: np.ndarray) -> dict[str, float]:
-    """For each event type, the best (latent, sign)'s AUROC with the signed code as the score."""
+    """For each event type, the best (latent, sign) cluster's AUROC, scored by that cluster's activation
+    (``max(z, 0)`` for (latent, +), ``max(-z, 0)`` for (latent, -)): how well one cluster's firing
+    picks out the type. (A type marked only by a latent *not* firing scores 0.5 here.)"""
     from scipy.stats import rankdata
 
     s = sign_split(codes)
@@ -231,21 +233,29 @@ def types_matched(type_means: np.ndarray, directions: np.ndarray, t: float = 0.9
 
 
 def coherence(updates: np.ndarray, types: np.ndarray) -> dict[str, float]:
-    """Per event type: the norm of the mean of its unit-normalised updates (1 = all parallel, one computation;
-    near 0 = unrelated directions). Zero updates are left out."""
+    """Per event type: the norm of the mean of its unit-normalised updates (1 = all parallel, one computation).
+    For n unrelated directions it is about 1/sqrt(n), so small types read high: NaN below 2 events,
+    and read it beside the type's count. Zero updates are left out."""
     X = np.asarray(updates, dtype=np.float64).reshape(len(updates), -1)
     n = np.linalg.norm(X, axis=1)
     keep = n > 0
     U = X[keep] / n[keep, None]
     types = np.asarray(types)[keep]
-    return {str(t): float(np.linalg.norm(U[types == t].mean(0))) for t in np.unique(types)}
+    out = {}
+    for t in np.unique(types):
+        sel = U[types == t]
+        out[str(t)] = float(np.linalg.norm(sel.mean(0))) if len(sel) >= 2 else float("nan")
+    return out
 
 
-def random_codes(updates: np.ndarray, directions: np.ndarray, k: int) -> np.ndarray:
-    """Codes a random dictionary gives: each event's top-k signed projections onto ``directions`` [F, D]
-    (the chance baseline of the clustering metrics, with the SAE's dictionary size and k)."""
+def random_codes(updates: np.ndarray, directions: np.ndarray, k: int, signed: bool = True) -> np.ndarray:
+    """Codes a random dictionary gives: each event's top-k projections onto ``directions`` [F, D], signed
+    (as a signed SAE) or rectified (``signed=False``, as a ReLU SAE): the chance baseline of the clustering
+    metrics, with the SAE's dictionary size, k and sign handling."""
     X = np.asarray(updates, dtype=np.float64).reshape(len(updates), -1)
     proj = X @ np.asarray(directions, dtype=np.float64).T
+    if not signed:
+        proj = np.maximum(proj, 0)
     k = max(1, min(k, proj.shape[1]))
     idx = np.argsort(-np.abs(proj), axis=1)[:, :k]
     out = np.zeros_like(proj)

@@ -106,8 +106,11 @@ def train(p: PretrainParams, progress: bool = True) -> xr.Dataset:
 
 def run(p: PretrainParams, progress: bool = True) -> xr.Dataset:
     """The stage: pretrain, then write ``results.nc`` (the policy is in ``policy/``)."""
+    from accelerate import PartialState
+
     from .io import save_results
 
     ds = train(p, progress=progress)
-    save_results(ds, Path(p.out_dir) / "results.nc", p.to_dict(), p.seed)
+    if PartialState().is_main_process:  # several processes: one writer
+        save_results(ds, Path(p.out_dir) / "results.nc", p.to_dict(), p.seed)
     return ds

@@ -125,7 +125,7 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(path, sets: list[str] = ()) -> dict:
+def load_config(path, sets: list[str] = (), _seen: tuple = ()) -> dict:
     """Load a YAML config (following ``extends``) and apply ``key=value`` overrides.
 
     ``--set seed=1`` sets a top-level key; ``--set rl_lm.steps=100`` a stage parameter.
@@ -145,7 +145,11 @@ def load_config(path, sets: list[str] = ()) -> dict:
         if not isinstance(ext, str):
             raise PipelineError(f"config {path}: extends must be a file name, got {ext!r}")
         parent = (path.parent / ext).resolve()
-        cfg = _merge(load_config(parent), cfg)
+        if parent in _seen or parent == path.resolve():
+            raise PipelineError(
+                f"config {path}: extends {ext!r} makes a cycle ({' -> '.join(str(x) for x in (*_seen, parent))})"
+            )
+        cfg = _merge(load_config(parent, (), (*_seen, path.resolve())), cfg)
     unknown = set(cfg) - {"run", "seed", "stages", "runs_dir"}
     if unknown:
         raise PipelineError(
@@ -200,6 +204,10 @@ def runs_folder(runs_dir=None, cfg: dict | None = None) -> Path:
     the repository must be inside ``runs/``, and the repository itself or a folder above it is
     refused (a run there could overwrite the project's own files)."""
     runs = Path(runs_dir or (cfg or {}).get("runs_dir") or ROOT / "runs").expanduser().resolve()
+    if "{" in str(runs) or "}" in str(runs):
+        raise PipelineError(
+            f"runs folder {runs}: braces are not allowed in its path (papermill formats paths with them)"
+        )
     root = ROOT.resolve()
     inside_root = runs == root or root in runs.parents
     if (
@@ -284,6 +292,10 @@ def _notebook(name: str, spec: dict, notebook_dirs) -> Path:
     if not isinstance(rel, str) or not rel.endswith(".ipynb"):
         raise PipelineError(f"stage {name!r}: notebook must be a .ipynb file name in {NOTEBOOKS}, got {rel!r}")
     dirs = [NOTEBOOKS, *(Path(d) for d in notebook_dirs or ())]
+    if any("{" in str(d) or "}" in str(d) for d in dirs) or "{" in rel or "}" in rel:
+        raise PipelineError(
+            f"stage {name!r}: braces are not allowed in notebook paths (papermill formats paths with them)"
+        )
     for d in dirs:
         nb = d / rel
         if _inside(nb, d) and nb.resolve() != d.resolve():
@@ -327,6 +339,11 @@ def plan(cfg: dict, runs_dir=None, notebook_dirs=()) -> list[Stage]:
     stays inside that stage's folder and sweep values make plain folder names."""
     runs = runs_folder(runs_dir, cfg)
     run_dir = runs / check_name("run", cfg["run"])
+    for d in [run_dir, *run_dir.parents]:
+        if (d / STAGE_FILE).exists() or (d != run_dir and (d / LOCK_FILE).exists()):
+            raise PipelineError(
+                f"run folder {run_dir} would lie inside another run's folder {d}; give a runs folder of its own (--runs-dir)"
+            )
     seed = _check_seed(cfg.get("seed", 0), "config")
     stages, seen, groups = [], set(), {}
     for name, spec in cfg["stages"].items():
@@ -496,56 +513,37 @@ def _write_state(out: Path, state: dict) -> None:
     atomic_write(out / STAGE_FILE, lambda t: Path(t).write_text(json.dumps(state, indent=1)))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
-    """Hold ``run_dir/.lock`` (pid, host, start time) while the block runs.
+    """Hold an exclusive lock on ``run_dir/.lock`` while the block runs (``fcntl.flock``: the kernel
+    releases it when the holder exits, however it exits, so a lock left by a dead process is simply
+    taken). A second run is refused with the owner (pid, host, start time) the file names."""
+    import fcntl
 
-    A lock held by a live process refuses the second run, naming the owner; a lock left by a
-    process that no longer exists (on this host) is taken over."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    for _ in range(3):
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text())
-                pid, host = int(owner["pid"]), str(owner["host"])
-            except (OSError, ValueError, KeyError, TypeError):
-                owner, pid, host = {}, None, me["host"]  # unreadable: a writer died mid-write
-            if pid is not None and (host != me["host"] or _pid_alive(pid)):
-                where = "" if host == me["host"] else f" on host {host}"
-                raise PipelineError(
-                    f"run folder {run_dir} is in use by process {pid}{where} (since {owner.get('started', '?')}); wait for it "
-                    f"to finish or stop it, or use another run name (--run). If that process is gone, delete {lock}"
-                ) from None
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    else:
-        raise PipelineError(f"could not take the lock {lock}; another process keeps replacing it")
+            owner = json.loads(lock.read_text() or "{}")
+        except (OSError, ValueError):
+            owner = {}
+        os.close(fd)
+        host = f" on host {owner['host']}" if owner.get("host") not in (None, socket.gethostname()) else ""
+        raise PipelineError(
+            f"run folder {run_dir} is in use by process {owner.get('pid', '?')}{host} (since {owner.get('started', '?')}); "
+            "wait for it to finish or stop it, or use another run name (--run)"
+        ) from None
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
     try:
         yield lock
     finally:
-        try:
-            if json.loads(lock.read_text()).get("pid") == me["pid"]:
-                lock.unlink()
-        except (OSError, ValueError):
-            pass
+        os.ftruncate(fd, 0)  # the file stays (removing it could let two processes lock two files)
+        os.close(fd)
 
 
 def _fresh_stage_dir(st: Stage, state: dict, fp: str, force: bool) -> None:

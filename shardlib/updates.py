@@ -203,6 +203,10 @@ class UpdateStore:
         self._pending_labels: dict[str, list] = {}
         self._pending_steps: list[int] = []
         meta = self.path / STORE_META
+        if self.path.is_dir():
+            for f in self.path.glob("*.tmp"):  # left by a write a kill interrupted (first store.json included)
+                if f.is_file():
+                    f.unlink()
         if meta.exists():
             old = _read_meta(self.path)
             if old.get("fingerprint") != fingerprint or old.get("kind") != kind:
@@ -225,9 +229,6 @@ class UpdateStore:
             self.path.mkdir(parents=True, exist_ok=True)
             self._manifest = {"format": STORE_FORMAT, "fingerprint": fingerprint, "kind": kind, "chunks": {}}
             self._save_manifest()
-        for f in self.path.glob("*.tmp"):  # left by a write a kill interrupted
-            if f.is_file():
-                f.unlink()
 
     def _save_manifest(self) -> None:
         text = json.dumps(self._manifest, indent=1, sort_keys=True)
@@ -256,13 +257,11 @@ class UpdateStore:
                 del listed[f.name]
                 self._save_manifest()
                 f.unlink()
-            elif last >= step:
+            elif last >= step:  # the trimmed copy is written and listed before the original goes
                 with xr.open_dataset(f, engine=NETCDF_ENGINE) as ds:
                     keep = ds.isel(event=np.flatnonzero(ds["step"].values < step)).load()
-                del listed[f.name]
-                self._save_manifest()
+                self._write(keep, first, step - 1, replaces=f.name)
                 f.unlink()
-                self._write(keep, first, step - 1)
 
     def append(self, updates: dict[str, torch.Tensor], labels: dict[str, np.ndarray], step: int) -> None:
         for k, v in updates.items():
@@ -289,8 +288,9 @@ class UpdateStore:
         self._write(ds, first, last)
         self._pending_updates, self._pending_labels, self._pending_steps = {}, {}, []
 
-    def _write(self, ds: xr.Dataset, first: int, last: int) -> None:
-        """Write one chunk atomically, then list it (steps, events, SHA-256) in ``store.json``."""
+    def _write(self, ds: xr.Dataset, first: int, last: int, replaces: str | None = None) -> None:
+        """Write one chunk atomically, then list it (steps, events, SHA-256) in ``store.json``, dropping the
+        entry of the chunk it ``replaces`` in the same write."""
         ds.attrs.update(self.attrs)
         ds.attrs["store_dtype"] = self.dtype
         f = self.path / f"chunk-{first:08d}-{last:08d}.nc"
@@ -301,6 +301,8 @@ class UpdateStore:
             entry["sha256"] = file_sha256(tmp)
 
         atomic_write(f, write)
+        if replaces is not None:
+            self._manifest["chunks"].pop(replaces, None)
         self._manifest["chunks"][f.name] = entry
         self._save_manifest()
 

@@ -18,9 +18,9 @@ def rl_results(init, final, algorithm="grpo"):
 def test_rl_finding_states_numbers_and_says_when_negative():
     up = finding("rl", rl_results([0.2, 0.4], [0.8, 0.3]))
     assert up.startswith("Finding: GRPO on the lm testbed raised the held-out reward from 0.30 to 0.55")
-    assert "rose on 1 of 2 task families (a 0.20→0.80, b 0.40→0.30)" in up
+    assert "rose (by 0.01 or more) on 1 of 2 task families (a 0.20→0.80, b 0.40→0.30)" in up
     down = finding("rl", rl_results([0.5, 0.5], [0.4, 0.5], "sft"))
-    assert "SFT on the lm testbed did NOT raise (negative)" in down
+    assert "SFT on the lm testbed LOWERED (negative)" in down
 
 
 def test_frontier_finding_names_the_best_point_and_a_negative():

@@ -114,3 +114,11 @@ def test_types_matched_coherence_and_random_codes():
     assert coh == {"a": 1.0, "b": 0.0}  # the zero update of b is left out
     c = M.random_codes(np.array([[3.0, -1.0, 0.5]]), np.eye(3), k=2)
     assert c.tolist() == [[3.0, -1.0, 0.0]]
+
+
+def test_coherence_needs_two_events_and_random_codes_follow_the_sign_handling():
+    from shardlib import metrics as M
+
+    assert np.isnan(M.coherence(np.array([[1.0, 0.0]]), np.array(["a"]))["a"])
+    c = M.random_codes(np.array([[3.0, -5.0, 0.5]]), np.eye(3), k=2, signed=False)
+    assert c.tolist() == [[3.0, 0.0, 0.5]]  # rectified, as a ReLU SAE's codes

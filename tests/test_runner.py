@@ -323,20 +323,45 @@ def test_the_runner_never_deletes_a_folder_it_did_not_write(tmp_path):
 def test_a_second_run_on_the_same_run_name_is_refused_and_a_stale_lock_taken_over(tmp_path):
     cfg = _tiny(tmp_path, ["pretrain"])
     run_dir = tmp_path / "runs" / "tiny"
-    with runner.run_lock(run_dir):  # this process holds the run, as a first `shardlib run` would
-        with pytest.raises(PipelineError, match=rf"in use by process {os.getpid()}"):
+    holder = subprocess.Popen(  # another process holds the run, as a first `shardlib run` would
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from shardlib import runner\n"
+            "with runner.run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(PipelineError, match=rf"in use by process {holder.pid} "):
             runner.run(cfg, runs_dir=tmp_path / "runs")
-        lock = json.loads((run_dir / ".lock").read_text())
-        assert lock["pid"] == os.getpid()
-    assert not (run_dir / ".lock").exists()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (run_dir / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "then"}))
-    with runner.run_lock(run_dir):  # its owner is gone: taken over
+    finally:
+        holder.kill()
+        holder.wait()
+    # its holder is gone (killed): the kernel released the lock, whatever the file says
+    (run_dir / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "then"}))
+    with runner.run_lock(run_dir):
         assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
-    (run_dir / ".lock").write_text("")  # a lock a kill left half-written
+    (run_dir / ".lock").write_text("{half")  # a lock file a kill left half-written
     with runner.run_lock(run_dir):
         pass
+
+
+def test_a_run_cannot_nest_inside_another_runs_folder(tmp_path):
+    stage = tmp_path / "runs" / "default" / "rl_lm"
+    stage.mkdir(parents=True)
+    (stage / ".stage.json").write_text("{}")
+    with pytest.raises(PipelineError, match="inside another run's folder"):
+        plan({**load_config(TINY), "run": "rl_lm"}, tmp_path / "runs" / "default")
+    with pytest.raises(PipelineError, match="braces are not allowed"):
+        plan(load_config(TINY), tmp_path / "r{seed}")
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(PipelineError, match="makes a cycle"):
+        load_config(tmp_path / "a.yaml")
 
 
 def test_two_concurrent_cli_runs_on_one_run_name(tmp_path):
@@ -367,7 +392,6 @@ def test_two_concurrent_cli_runs_on_one_run_name(tmp_path):
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 1 and f"in use by process {first.pid}" in second.stderr, second.stderr
-    assert not lock.exists()
 
 
 @pytest.mark.parametrize("errno_,fragment", [(28, "free some disk space"), (30, "read-only; give a writable folder")])

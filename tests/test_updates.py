@@ -389,3 +389,13 @@ def test_resuming_a_store_drops_unlisted_chunks_and_stale_tmp_files(tmp_path):
     s.truncate_from(7)  # resume at step 7
     assert open_store(d)["step"].values.tolist() == np.repeat(np.arange(7), 4).tolist()
     assert json.loads((d / "store.json").read_text())["chunks"]["chunk-00000006-00000006.nc"]["events"] == 4
+
+
+def test_a_kill_while_writing_the_first_store_json_does_not_block_the_store(tmp_path):
+    d = tmp_path / "st"
+    d.mkdir()
+    (d / "store.json.abc123.tmp").write_text("{half")  # what the kill left
+    s = UpdateStore(d, "event", "sgd", "f")
+    s.append({"w": torch.ones(2, 3)}, {"step": np.array([0, 0])}, 0)
+    s.flush()
+    assert open_store(d).sizes["event"] == 2 and not list(d.glob("*.tmp"))
