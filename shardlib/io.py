@@ -208,8 +208,9 @@ def read_checkpoint(ckpt, fingerprint: str, counter: str, limit: int, files=()) 
 
 
 def save_results(ds: xr.Dataset, path, config: dict | None = None, seed: int | None = None) -> Path:
-    """Write ``ds`` as netCDF with provenance attributes, atomically."""
-    ds = ds.copy()
+    """Write ``ds`` as netCDF with provenance attributes, atomically. The provenance (the stage's
+    ``config``, seed, commit, versions) is added to ``ds.attrs`` too, so the in-memory results a
+    stage returns read like the file (a Finding can name the stage's configuration)."""
     ds.attrs.update(provenance(config, seed))
     atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine=NETCDF_ENGINE))
     return Path(path)

@@ -170,9 +170,13 @@ def _alignment(run_dir: Path) -> str:
         )
         big = ds.type_count.values >= 20  # small types read high (1/sqrt(n) for unrelated directions)
         c = ds.type_coherence.values[big]
-        coh.append(
-            f"{name}: {int(big.sum())} of {n} types have ≥ 20 events, coherence {np.nanmin(c):.2f}–{np.nanmax(c):.2f} (median {np.nanmedian(c):.2f})"
-        )
+        if not big.any():
+            coh.append(f"{name}: no type has ≥ 20 events")
+        else:
+            coh.append(
+                f"{name}: {int(big.sum())} of {n} types have ≥ 20 events, coherence "
+                f"{np.nanmin(c):.2f}–{np.nanmax(c):.2f} (median {np.nanmedian(c):.2f})"
+            )
         if "setting_nmi" in ds:
             for k in ds.setting_k.values:
                 for norm in ds.setting_normalize.values:

@@ -28,7 +28,7 @@ What a config may do (it is data, not code): name a run and stages (letters, dig
 ``parameters`` cell already defines, as YAML scalars, lists and mappings. Anything else is
 refused before any file is touched. Every file the runner writes is inside
 ``<runs>/<run>/``; it deletes only stage folders that carry its own record (``.stage.json``)
-and refuses to reuse a non-empty folder without one. A run holds ``<runs>/<run>/.lock``
+and refuses to reuse a non-empty folder without one. A run holds ``<runs>/<run>/.shardlib.lock``
 while it executes, so a second ``shardlib run`` on the same run is refused.
 """
 
@@ -62,7 +62,7 @@ class PipelineError(RuntimeError):
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 SWEEP_VALUE_RE = re.compile(r"[A-Za-z0-9_.+-]{1,60}")
-LOCK_FILE = ".lock"
+LOCK_FILE = ".shardlib.lock"
 
 
 def check_name(kind: str, name) -> str:
@@ -515,7 +515,7 @@ def _write_state(out: Path, state: dict) -> None:
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
-    """Hold an exclusive lock on ``run_dir/.lock`` while the block runs (``fcntl.flock``: the kernel
+    """Hold an exclusive lock on ``run_dir/.shardlib.lock`` while the block runs (``fcntl.flock``: the kernel
     releases it when the holder exits, however it exits, so a lock left by a dead process is simply
     taken). A second run is refused with the owner (pid, host, start time) the file names."""
     import fcntl

@@ -40,7 +40,10 @@ def test_tiny_pipeline_writes_notebooks_results_and_plots(tiny_run):
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
         last = [c for c in nb["cells"] if c["cell_type"] == "code"][-1]
         text = "".join("".join(o.get("text", "")) for o in last["outputs"])
-        assert text.startswith("Finding: "), (stage, text[:200])  # every notebook ends with its Finding
+        assert text.startswith("Finding: ") and "?" not in text, (
+            stage,
+            text[:200],
+        )  # every notebook ends with its Finding
         assert (d / "notebook.ipynb").stat().st_size < 2_000_000, stage  # no pages of progress bars
         ds = load_results(d / "results.nc")
         cfg = json.loads(ds.attrs["config"])
@@ -342,10 +345,12 @@ def test_a_second_run_on_the_same_run_name_is_refused_and_a_stale_lock_taken_ove
         holder.kill()
         holder.wait()
     # its holder is gone (killed): the kernel released the lock, whatever the file says
-    (run_dir / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "then"}))
+    (run_dir / ".shardlib.lock").write_text(
+        json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "then"})
+    )
     with runner.run_lock(run_dir):
-        assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
-    (run_dir / ".lock").write_text("{half")  # a lock file a kill left half-written
+        assert json.loads((run_dir / ".shardlib.lock").read_text())["pid"] == os.getpid()
+    (run_dir / ".shardlib.lock").write_text("{half")  # a lock file a kill left half-written
     with runner.run_lock(run_dir):
         pass
 
@@ -383,7 +388,7 @@ def test_two_concurrent_cli_runs_on_one_run_name(tmp_path):
         "--quiet",
     ]
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lock = tmp_path / "runs" / "tiny" / ".lock"
+    lock = tmp_path / "runs" / "tiny" / ".shardlib.lock"
     for _ in range(600):
         if lock.exists() or first.poll() is not None:
             break
