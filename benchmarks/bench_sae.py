@@ -89,24 +89,12 @@ def step_flops(config: str) -> tuple[float, float]:
     """(FLOPs of one rank-1 SAE training step counted by FlopCounterMode, seconds per step)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from shardlib.planted import model_shapes, planted_updates
+    from shardlib.planted import planted_store
     from shardlib.sae import ShardSAE
     from shardlib.shards import Trainer, init_from_data, total_variance
 
     p = planted_params(config, 1, "/tmp/unused")
-    shapes = model_shapes(p.d_model, p.d_ff, p.n_layers, tuple(p.tensors))
-    data, *_ = planted_updates(
-        shapes,
-        p.n_shards,
-        p.n_events,
-        p.active_per_event,
-        p.planted_rank,
-        p.tensors_per_shard,
-        p.zipf,
-        p.noise,
-        True,
-        p.data_seed,
-    )
+    shapes, (data, *_) = planted_store(p)
     sae = ShardSAE(shapes, p.n_latents, p.k, 1, signed=p.signed)
     init_from_data(sae, data)
     tr = Trainer(sae, p.lr, 0, 1 / 32, 10**9, total_variance(data, float(sae.scale)))

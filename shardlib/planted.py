@@ -120,6 +120,14 @@ class PlantedParams(Params):
             raise ValueError("parameter 'seeds': give at least one seed")
 
 
+def planted_store(p: PlantedParams):
+    """(tensor shapes, ``planted_updates(...)``) of the control's configuration: the data every SAE of the
+    stage (and ``benchmarks/bench_sae.py``) trains on."""
+    shapes = model_shapes(p.d_model, p.d_ff, p.n_layers, tuple(p.tensors))
+    args = (p.n_shards, p.n_events, p.active_per_event, p.planted_rank, p.tensors_per_shard, p.zipf, p.noise)
+    return shapes, planted_updates(shapes, *args, True, p.data_seed)
+
+
 RECOVERY_KEYS = [
     "mmcs_g2d",
     "mmcs_d2g",
@@ -140,19 +148,7 @@ def run_control(p: PlantedParams, progress: bool = True):
 
     from . import metrics
 
-    shapes = model_shapes(p.d_model, p.d_ff, p.n_layers, tuple(p.tensors))
-    data, truth, codes, freq = planted_updates(
-        shapes,
-        p.n_shards,
-        p.n_events,
-        p.active_per_event,
-        p.planted_rank,
-        p.tensors_per_shard,
-        p.zipf,
-        p.noise,
-        True,
-        p.data_seed,
-    )
+    shapes, (data, truth, codes, freq) = planted_store(p)
     names = list(shapes)
     G = flatten(truth, names)
     rows, saes = {}, {}
