@@ -26,25 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from scipy.stats import rankdata
 
 from .config import Params, param
 from .events import event_type_labels, event_types
 from .io import save_results
 from .metrics import abs_cos, hungarian_mcc, seed_stability
+from .sae import ShardSAE
 
 # ---------------------------------------------------------------------------
 # alignment metrics
-
-
-def auroc(score: np.ndarray, label: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with ties averaged)."""
-    label = np.asarray(label, bool)
-    n_pos, n_neg = label.sum(), (~label).sum()
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    r = rankdata(score)
-    return float((r[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def type_means(updates: np.ndarray, types: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -185,6 +175,8 @@ class AnalysisInputs:
     """The shard stage's :class:`~shardlib.shards.ShardParams`."""
     data: dict[str, torch.Tensor]
     """The store's updates, the same events as ``acts``."""
+    store: xr.Dataset
+    """The store's labels for the same events."""
     dirs: dict[str, np.ndarray]
     """Each shard's unit direction per tensor, ``{param: [shard, *shape]}``."""
 
@@ -206,8 +198,8 @@ def load_inputs(p: AnalysisParams) -> AnalysisInputs:
     sd = Path(p.shards_dir)
     sh, acts = load_results(sd / "shards.nc"), load_results(sd / "activations.nc")
     sp = ShardParams.from_dict(json.loads(sh.attrs["config"]))
-    data, _ = load_updates(sp.store_path, sp.params, sp.skip_zero_updates, sp.normalize)
-    return AnalysisInputs(sh, acts, sp, data, shard_directions(sh))
+    data, store = load_updates(sp.store_path, sp.params, sp.skip_zero_updates, sp.normalize)
+    return AnalysisInputs(sh, acts, sp, data, store, shard_directions(sh))
 
 
 def intervention_effects(p: AnalysisParams, dirs: dict[str, np.ndarray], order: np.ndarray, rank: int):
@@ -324,6 +316,7 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
     if not p.settings_k or not p.settings_normalize:
         return xr.Dataset()
     sp, names = inp.sae_params, inp.names
+    R = flatten(random_dictionary({n: inp.dirs[n].shape[1:] for n in names}, sp.n_latents, sp.rank, p.seed + 7), names)
     rows = {}
     for k in p.settings_k:
         for norm in p.settings_normalize:
@@ -333,16 +326,23 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
                 online_shards_path="",
                 out_dir=str(Path(p.out_dir) / f"setting_k{k}_{'unit' if norm else 'raw'}"),
             )
-            r = sh_mod.train(q, progress=False)
-            sae = r.sae.cpu()
-            _, _, z = sh_mod.encode_all(sae, r.data)
-            X = flatten({n: r.data[n] for n in names}, names)
-            R = flatten(
-                random_dictionary({n: inp.dirs[n].shape[1:] for n in names}, sp.n_latents, sp.rank, p.seed + 7), names
+            same = (
+                q.replace(out_dir=sp.out_dir, online_shards_path=sp.online_shards_path).fingerprint()
+                == sp.fingerprint()
             )
-            types = event_types(r.store)
-            row = alignment(z.numpy(), types, X, flatten(sae.directions(), names), R, q.k, p.seed, q.signed)
-            row["heldout_fvu"] = sh_mod.evaluate(sae, r.data, r.heldout_idx).get("fvu", np.nan)
+            if same:  # the shard stage's own SAE: read it, do not train it again
+                sae = ShardSAE.load(Path(p.shards_dir) / "sae")
+                data, store = inp.data, inp.store
+                heldout = sh_mod.split_events(len(next(iter(data.values()))), sp.holdout_frac, sp.seed)[1]
+            else:
+                r = sh_mod.train(q, progress=False)
+                sae, data, store, heldout = r.sae.cpu(), r.data, r.store, r.heldout_idx
+            _, _, z = sh_mod.encode_all(sae, data)
+            X = flatten({n: data[n] for n in names}, names)
+            row = alignment(
+                z.numpy(), event_types(store), X, flatten(sae.directions(), names), R, q.k, p.seed, q.signed
+            )
+            row["heldout_fvu"] = sh_mod.evaluate(sae, data, heldout).get("fvu", np.nan)
             rows[(k, norm)] = row
     keys = list(next(iter(rows.values())))
     return xr.Dataset(

@@ -17,13 +17,16 @@ def _cfg(ds: xr.Dataset) -> dict:
     return json.loads(ds.attrs.get("config", "{}"))
 
 
-def _ms(da) -> str:
-    """mean ± std over a 1-d DataArray or array (std omitted for one value)."""
+def mean_std(da, digits: int = 3, missing: str = "n/a") -> str:
+    """mean ± std over the finite values of a DataArray or array (std omitted for one value)."""
     v = np.asarray(da, dtype=float).ravel()
     v = v[np.isfinite(v)]
     if not len(v):
-        return "n/a"
-    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std():.3f}"
+        return missing
+    return f"{v.mean():.{digits}f}" if len(v) == 1 else f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
+
+
+_ms = mean_std
 
 
 CHANGE = 0.01  # a mean reward change smaller than this is reported as unchanged

@@ -204,6 +204,21 @@ def ari(codes: np.ndarray, types: np.ndarray) -> float:
     return float(adjusted_rand_score(np.asarray(types).astype(str), top_cluster(codes)))
 
 
+def _auroc_from_ranks(ranks: np.ndarray, label: np.ndarray):
+    """Mann-Whitney AUROC of every column of ``ranks`` (the scores' ranks, ties averaged) for ``label``."""
+    n_pos, n_neg = label.sum(), (~label).sum()
+    if n_pos == 0 or n_neg == 0:
+        return np.full(ranks.shape[1:], np.nan)
+    return (ranks[label].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def auroc(score: np.ndarray, label: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with ties averaged)."""
+    from scipy.stats import rankdata
+
+    return float(_auroc_from_ranks(rankdata(np.asarray(score))[:, None], np.asarray(label, bool))[0])
+
+
 def best_signed_auroc(codes: np.ndarray, types: np.ndarray) -> dict[str, float]:
     """For each event type, the best (latent, sign) cluster's AUROC, scored by that cluster's activation
     (``max(z, 0)`` for (latent, +), ``max(-z, 0)`` for (latent, -)): how well one cluster's firing
@@ -212,17 +227,8 @@ def best_signed_auroc(codes: np.ndarray, types: np.ndarray) -> dict[str, float]:
 
     s = sign_split(codes)
     types = np.asarray(types)
-    ranks = np.apply_along_axis(rankdata, 0, s)
-    out = {}
-    for t in np.unique(types):
-        pos = types == t
-        n_pos, n_neg = pos.sum(), (~pos).sum()
-        if n_pos == 0 or n_neg == 0:
-            out[str(t)] = float("nan")
-            continue
-        u = (ranks[pos].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-        out[str(t)] = float(u.max())
-    return out
+    ranks = np.apply_along_axis(rankdata, 0, s)  # once per column, shared by every type
+    return {str(t): float(_auroc_from_ranks(ranks, types == t).max()) for t in np.unique(types)}
 
 
 def types_matched(type_means: np.ndarray, directions: np.ndarray, t: float = 0.9) -> int:

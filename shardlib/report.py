@@ -51,11 +51,7 @@ def _load(run_dir: Path, stage: str) -> xr.Dataset | None:
 
 
 def _ms(da, digits: int = 3) -> str:
-    v = np.asarray(da, dtype=float).ravel()
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return "–"
-    return f"{v.mean():.{digits}f}" if len(v) == 1 else f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
+    return findings.mean_std(da, digits, missing="–")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -3,13 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from shardlib import analysis
+from shardlib import analysis, metrics
 
 
 def test_auroc_reference_values():
-    assert analysis.auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
-    assert analysis.auroc(np.array([1.0, 1.0, 1.0, 1.0]), np.array([0, 1, 0, 1])) == 0.5
-    assert analysis.auroc(np.array([0.9, 0.1]), np.array([0, 1])) == 0.0
+    assert metrics.auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert metrics.auroc(np.array([1.0, 1.0, 1.0, 1.0]), np.array([0, 1, 0, 1])) == 0.5
+    assert metrics.auroc(np.array([0.9, 0.1]), np.array([0, 1])) == 0.0
 
 
 def test_alignment_separates_structure_from_baselines():
