@@ -37,10 +37,10 @@ def deterministic():
         torch.use_deterministic_algorithms(previous)
 
 
-def dense_parameter_count(shapes: dict[str, tuple], n_latents: int) -> int:
-    """Parameters of the dense (full-rank) SAE of the same size: encoder, decoder, biases."""
+def dense_parameter_count(shapes: dict[str, tuple], n_latents: int, encoder_bias: bool = False) -> int:
+    """Parameters of the dense (full-rank) SAE of the same size: encoder, decoder, b_pre (and b_enc)."""
     D = sum(math.prod(s) for s in shapes.values())
-    return 2 * n_latents * D + n_latents + D
+    return 2 * n_latents * D + n_latents * encoder_bias + D
 
 
 def flatten(tensors: dict[str, torch.Tensor], names=None) -> np.ndarray:

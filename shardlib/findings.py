@@ -86,7 +86,22 @@ def planted(ds: xr.Dataset) -> str:
         if passing
         else "FAILS (negative): no SAE reaches MMCS 0.95"
     )
-    return f"The planted positive control {verdict}, over {ds.sizes['seed']} seeds: " + "; ".join(parts) + "."
+    out = f"The planted positive control {verdict}, over {ds.sizes['seed']} seeds: " + "; ".join(parts) + "."
+    if "family_mmcs_g2d" in ds:
+        fam = []
+        for m in ds.member.values:
+            for kind in ds.sae.values:
+                f = ds.sel(member=m, sae=kind)
+                fam.append(f"{m} {kind} {_ms(f.family_mmcs_g2d)} (R@0.9 {_ms(f['family_r_at_0.9'], 2)})")
+        ok = (ds.family_mmcs_g2d >= 0.99) & (ds["family_r_at_0.9"] >= 1.0)
+        n_ok, n = int(ok.sum()), int(ok.size)
+        verdict = "recovers every member" if n_ok == n else f"falls short (negative) on {n - n_ok} of {n} fits"
+        out += (
+            f" On the planted family at the shard stage's defaults (signed TopK with one latent per shard, ReLU with"
+            f" two), the SAE {verdict} (target MMCS ≥ 0.99 and R@0.9 = 1, over {ds.sizes['family_seed']}"
+            f" seed(s)): MMCS(G→D) " + "; ".join(fam) + "."
+        )
+    return out
 
 
 def sparsity(ds: xr.Dataset) -> str:

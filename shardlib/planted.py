@@ -9,6 +9,7 @@ An SAE that cannot recover these cannot be trusted on real updates.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,12 +21,20 @@ from .config import Params, param
 
 
 def model_shapes(d_model: int = 64, d_ff: int = 128, n_layers: int = 2, patterns=("mlp", "attn")) -> dict[str, tuple]:
-    """Weight shapes of the tiny Llama policy (built locally, nothing downloaded)."""
+    """Parameter shapes of the tiny Llama policy (built locally, nothing downloaded).
+
+    ``patterns``: ``"mlp"`` and ``"attn"`` select the layers' weight matrices, ``"norm"`` their
+    RMSNorm weight vectors (the vectors a shard may touch besides matrices).
+    """
     from .policy import tiny_lm
 
     m = tiny_lm(32, d_model, n_layers, max(1, d_model // 16), d_ff)
-    keep = {"mlp": "mlp.", "attn": "self_attn."}
-    return {n: tuple(p.shape) for n, p in m.named_parameters() if p.ndim == 2 and any(keep[k] in n for k in patterns)}
+    keep = {"mlp": ("mlp.", 2), "attn": ("self_attn.", 2), "norm": ("layernorm.", 1)}
+    return {
+        n: tuple(p.shape)
+        for n, p in m.named_parameters()
+        if any(keep[k][0] in n and p.ndim == keep[k][1] for k in patterns)
+    }
 
 
 def planted_updates(
@@ -39,14 +48,34 @@ def planted_updates(
     noise: float = 0.05,
     signed: bool = True,
     seed: int = 0,
+    *,
+    min_tensors_per_shard: int | None = None,
+    coefficients: str = "uniform",
+    exact_active: bool = False,
 ):
-    """Returns (updates {name: [n_events, *shape]}, truth {name: [n_shards, *shape]} unit norm overall,
-    codes [n_events, n_shards], frequencies [n_shards])."""
+    """Synthetic updates from known shards.
+
+    Each shard touches ``tensors_per_shard`` tensors (or a number drawn uniformly from
+    ``min_tensors_per_shard..tensors_per_shard``), rank ``rank`` in each matrix, a dense vector
+    in each vector tensor, unit norm over all tensors. Shards fire with Zipfian frequencies
+    (exponent ``zipf``): independently with a mean of ``active_per_event`` per event, or, with
+    ``exact_active``, exactly ``active_per_event`` distinct shards per event drawn with those
+    weights. Magnitudes are uniform in [0.5, 1.5] (``coefficients="uniform"``) or log-normal with
+    median 1 and sigma 1 (``"lognormal"``, heavy-tailed); signs are random when ``signed``.
+    Noise of norm about ``noise`` per event is added.
+
+    Returns (updates {name: [n_events, *shape]}, truth {name: [n_shards, *shape]} unit norm
+    overall, codes [n_events, n_shards], frequencies [n_shards]).
+    """
+    if coefficients not in ("uniform", "lognormal"):
+        raise ValueError(f"coefficients must be 'uniform' or 'lognormal', got {coefficients!r}")
     g = torch.Generator().manual_seed(seed)
     names = list(shapes)
     truth = {n: torch.zeros(n_shards, *shapes[n]) for n in names}
+    lo = tensors_per_shard if min_tensors_per_shard is None else min_tensors_per_shard
     for j in range(n_shards):
-        chosen = torch.randperm(len(names), generator=g)[: min(tensors_per_shard, len(names))].tolist()
+        count = int(torch.randint(lo, tensors_per_shard + 1, (1,), generator=g)) if lo < tensors_per_shard else lo
+        chosen = torch.randperm(len(names), generator=g)[: min(count, len(names))].tolist()
         for c in chosen:
             n = names[c]
             if len(shapes[n]) == 2:
@@ -57,12 +86,24 @@ def planted_updates(
     norm = sum((truth[n] ** 2).reshape(n_shards, -1).sum(1) for n in names).sqrt()
     for n in names:
         truth[n] /= norm.view(-1, *([1] * len(shapes[n])))
-    # Zipfian firing probabilities scaled to the requested mean number of active shards
     base = 1.0 / np.arange(1, n_shards + 1) ** zipf
-    c = active_per_event / base.sum()
-    freq = np.clip(c * base, 0, 1)
-    active = torch.rand(n_events, n_shards, generator=g) < torch.tensor(freq, dtype=torch.float32)
-    mag = 0.5 + torch.rand(n_events, n_shards, generator=g)
+    if exact_active:
+        m = int(round(active_per_event))
+        if not 1 <= m <= n_shards:
+            raise ValueError(f"exact_active needs 1 <= active_per_event <= n_shards, got {active_per_event}")
+        # Gumbel top-m: m distinct shards per event, drawn with probabilities proportional to base
+        u = torch.rand(n_events, n_shards, generator=g).clamp(1e-12, 1 - 1e-12)
+        keys = torch.log(torch.tensor(base, dtype=torch.float32)) - torch.log(-torch.log(u))
+        active = torch.zeros(n_events, n_shards, dtype=torch.bool).scatter_(1, keys.topk(m, dim=1).indices, True)
+        freq = active.float().mean(0).numpy().astype(np.float64)
+    else:
+        # Zipfian firing probabilities scaled to the requested mean number of active shards
+        freq = np.clip(active_per_event / base.sum() * base, 0, 1)
+        active = torch.rand(n_events, n_shards, generator=g) < torch.tensor(freq, dtype=torch.float32)
+    if coefficients == "uniform":
+        mag = 0.5 + torch.rand(n_events, n_shards, generator=g)
+    else:
+        mag = torch.exp(torch.randn(n_events, n_shards, generator=g))
     sign = (
         torch.where(torch.rand(n_events, n_shards, generator=g) < 0.5, -1.0, 1.0)
         if signed
@@ -76,6 +117,127 @@ def planted_updates(
         flat = flat + noise * torch.randn(flat.shape, generator=g) / math.sqrt(D)
         updates[n] = flat.view(n_events, *shapes[n])
     return updates, truth, codes, freq
+
+
+# ---------------------------------------------------------------------------
+# the planted family: stores of other kinds than the default, to check the SAE's defaults on
+
+FAMILY = {
+    "mlp_rank1": dict(
+        patterns=("mlp",),
+        n_layers=2,
+        n_shards=16,
+        rank=1,
+        tensors=(2, 2),
+        coefficients="uniform",
+        active=2,
+        zipf=1.0,
+        noise=0.05,
+    ),
+    "mixed_rank2": dict(
+        patterns=("mlp", "norm"),
+        n_layers=1,
+        n_shards=24,
+        rank=2,
+        tensors=(1, 2),
+        coefficients="lognormal",
+        active=3,
+        zipf=1.0,
+        noise=0.05,
+    ),
+    "attn_heavy": dict(
+        patterns=("attn", "norm"),
+        n_layers=1,
+        n_shards=16,
+        rank=1,
+        tensors=(1, 3),
+        coefficients="lognormal",
+        active=2,
+        zipf=1.5,
+        noise=0.1,
+    ),
+}
+"""Members of the planted family: which tensors of the tiny Llama (d_model 64, d_ff 128) shards live in
+(``norm`` adds RMSNorm weight vectors), how many shards, their rank per matrix, how many tensors each
+touches (min, max), the coefficient law (log-normal: heavy-tailed), exactly ``active`` shards per update
+drawn with Zipf weights, and the noise."""
+
+SAE_KINDS = {"signed": (True, 1), "relu": (False, 2)}
+"""How each member is fitted: signed TopK with one latent per shard, ReLU TopK with two (one per sign)."""
+
+
+def family_store(member: str, n_events: int, seed: int):
+    """(shapes, ``planted_updates(...)``) of one member of :data:`FAMILY`."""
+    m = FAMILY[member]
+    shapes = model_shapes(64, 128, m["n_layers"], m["patterns"])
+    lo, hi = m["tensors"]
+    data = planted_updates(
+        shapes,
+        m["n_shards"],
+        n_events,
+        m["active"],
+        m["rank"],
+        hi,
+        m["zipf"],
+        m["noise"],
+        True,
+        seed,
+        min_tensors_per_shard=lo,
+        coefficients=m["coefficients"],
+        exact_active=True,
+    )
+    return shapes, data
+
+
+def fit_family(p: PlantedParams, progress: bool = True) -> xr.Dataset:
+    """Every member x SAE kind x seed at the shard stage's defaults, given n_latents, k = active shards per
+    update and rank = the planted rank: recovery, FVU, dead fraction, time and parameters."""
+    from . import metrics
+    from .shards import ShardParams, evaluate, train
+
+    keys = ["mmcs_g2d", "r@0.9", "hungarian_mcc", "fvu", "dead_fraction", "seconds", "n_parameters"]
+    out = {k: np.full((len(p.family), len(SAE_KINDS), len(p.family_seeds)), np.nan) for k in keys}
+    jobs = [
+        (i, m, j, kind, s, seed)
+        for i, m in enumerate(p.family)
+        for s, seed in enumerate(p.family_seeds)
+        for j, kind in enumerate(SAE_KINDS)
+    ]
+    for i, member, j, kind, s, seed in progress_bar(jobs, desc="family", disable=not progress):
+        shapes, (data, truth, _, _) = family_store(member, p.family_events, seed)
+        names = list(shapes)
+        signed, per_shard = SAE_KINDS[kind]
+        fm = FAMILY[member]
+        sp = ShardParams.from_dict(
+            {
+                "out_dir": f"{p.out_dir}/family/{member}_{kind}_seed{seed}",
+                "seed": seed,
+                "store_path": "planted",
+                "n_latents": per_shard * fm["n_shards"],
+                "k": fm["active"],
+                "rank": fm["rank"],
+                "signed": signed,
+                "device": p.device,
+                "skip_zero_updates": False,
+            }
+        )
+        t0 = time.perf_counter()
+        res = train(sp, progress=False, data=data)
+        dt = time.perf_counter() - t0
+        sae = res.sae.cpu()
+        row = metrics.recovery(flatten(truth, names), flatten(sae.directions(), names))
+        row.update(evaluate(sae, data, res.heldout_idx))
+        row.update(seconds=dt, n_parameters=sae.n_parameters())
+        for k in keys:
+            out[k][i, j, s] = row[k]
+    dims = ("member", "sae", "family_seed")
+    ds = xr.Dataset(
+        {"family_" + k.replace("@", "_at_"): (dims, v) for k, v in out.items()},
+        coords={"member": list(p.family), "sae": list(SAE_KINDS), "family_seed": list(p.family_seeds)},
+    )
+    ds["family_n_shards"] = ("member", [FAMILY[m]["n_shards"] for m in p.family])
+    ds["family_dims"] = ("member", [sum(math.prod(v) for v in family_store(m, 16, 0)[0].values()) for m in p.family])
+    return ds
 
 
 # ---------------------------------------------------------------------------
@@ -105,10 +267,22 @@ class PlantedParams(Params):
     signed: bool = param(True, "signed TopK (planted coefficients are signed)")
     epochs: int = param(10, "SAE epochs", ge=1)
     batch_size: int = param(128, "SAE batch size", ge=1)
-    lr: float = param(3e-3, "SAE learning rate", gt=0)
+    lr: float = param(0.03, "SAE learning rate (relative, as the shard stage's lr)", gt=0)
     device: str = param("auto", "'cpu', 'cuda' or 'auto'", choices=("auto", "cpu", "cuda"))
+    family: list[str] = param(
+        ["mlp_rank1", "mixed_rank2", "attn_heavy"],
+        "members of the planted family (planted.FAMILY) each fitted by a signed and a ReLU SAE at the shard stage's"
+        " defaults ([] = none)",
+    )
+    family_events: int = param(2048, "family: synthetic updates per member", ge=16)
+    family_seeds: list[int] = param([0, 1], "family: seeds (data and SAE)")
 
     def check(self):
+        unknown = [m for m in self.family if m not in FAMILY]
+        if unknown:
+            raise ValueError(f"parameter 'family': unknown member(s) {unknown}; accepted: {sorted(FAMILY)}")
+        if self.family and not self.family_seeds:
+            raise ValueError("parameter 'family_seeds': give at least one seed")
         bad = [t for t in self.tensors if t not in ("mlp", "attn")]
         if bad or not self.tensors:
             raise ValueError(
@@ -212,5 +386,7 @@ def run(p: PlantedParams, progress: bool = True) -> xr.Dataset:
     from .io import save_results
 
     ds, _ = run_control(p, progress)
+    if p.family:
+        ds = xr.merge([ds, fit_family(p, progress)], combine_attrs="override")
     save_results(ds, Path(p.out_dir) / "results.nc", p.to_dict(), p.seed)
     return ds

@@ -141,7 +141,29 @@ def _planted(ds: xr.Dataset) -> str:
         "parameters",
         "seed stability",
     ]
-    return _table(head, rows)
+    out = _table(head, rows)
+    if "family_mmcs_g2d" in ds:
+        fam = []
+        for m in ds.member.values:
+            for kind in ds.sae.values:
+                f = ds.sel(member=m, sae=kind)
+                fam.append(
+                    [
+                        str(m),
+                        f"{kind} ({int(f.family_n_parameters.values.ravel()[0]):,} parameters)",
+                        _ms(f.family_mmcs_g2d),
+                        _ms(f["family_r_at_0.9"], 2),
+                        _ms(f.family_fvu),
+                        _ms(f.family_dead_fraction, 2),
+                        f"{float(f.family_seconds.mean()):.0f} s",
+                    ]
+                )
+        n_seeds = ds.sizes["family_seed"]
+        out += (
+            f"\n\nThe planted family, each member fitted at the shard stage's defaults ({n_seeds} seed(s)):\n\n"
+            + _table(["member", "SAE", "MMCS(G→D)", "R@0.9", "held-out FVU", "dead", "time"], fam)
+        )
+    return out
 
 
 def _alignment(run_dir: Path) -> str:

@@ -107,7 +107,7 @@ class RLParams(Params):
     online_n_latents: int = param(32, "online SAE: latents", ge=1)
     online_k: int = param(4, "online SAE: active latents per event", ge=1)
     online_rank: int = param(1, "online SAE: rank per weight matrix (0 = dense)", ge=0)
-    online_lr: float = param(3e-3, "online SAE: Adam learning rate", gt=0)
+    online_lr: float = param(0.03, "online SAE: Adam learning rate (relative, as the shard stage's lr)", gt=0)
     online_batch_size: int = param(128, "online SAE: events per SAE step", ge=1)
     online_steps_per_rl_step: int = param(4, "online SAE: SAE steps after each RL step", ge=1)
     online_warmup: int = param(256, "online SAE: events in the buffer before training starts", ge=1)

@@ -80,6 +80,7 @@ class ShardSAE(nn.Module):
         activation: str = "topk",
         signed: bool = False,
         seed: int = 0,
+        encoder_bias: bool = False,
     ):
         super().__init__()
         if activation not in ("topk", "batchtopk"):
@@ -89,6 +90,7 @@ class ShardSAE(nn.Module):
         self.names = list(shapes)
         self.shapes = {n: tuple(int(s) for s in shapes[n]) for n in self.names}
         self.n_latents, self.k, self.rank, self.activation, self.signed = n_latents, k, rank, activation, signed
+        self.encoder_bias = encoder_bias
         g = torch.Generator().manual_seed(seed)
         F = n_latents
         self.dec = nn.ParameterDict()
@@ -104,7 +106,10 @@ class ShardSAE(nn.Module):
                 D = math.prod(shape)
                 self.dec[f"{j}_W"] = nn.Parameter(torch.randn(F, D, generator=g) / math.sqrt(D))
             self.b_pre[str(j)] = nn.Parameter(torch.zeros(shape))
-        self.b_enc = nn.Parameter(torch.zeros(F))
+        if encoder_bias:
+            self.b_enc = nn.Parameter(torch.zeros(F))
+        else:  # fixed at zero (a buffer, so that saved SAEs keep one layout)
+            self.register_buffer("b_enc", torch.zeros(F))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("threshold", torch.tensor(0.0))  # BatchTopK inference threshold
         self.normalize_decoder_()
@@ -123,10 +128,28 @@ class ShardSAE(nn.Module):
             "rank": self.rank,
             "activation": self.activation,
             "signed": self.signed,
+            "encoder_bias": self.encoder_bias,
         }
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def param_groups(self, lr: float, relative: bool = True) -> list[dict]:
+        """Adam parameter groups. With ``relative``, each tensor's learning rate is ``lr`` divided by
+        the square root of the length of the vectors it holds (a decoder factor of a d x d' matrix:
+        d; a dense direction: its size; b_pre: its tensor's size), so that one Adam step moves every
+        factor by about the same fraction ``lr`` of its norm whatever the widths. A single absolute
+        rate moves a 24,704-dim dense direction by half its norm per step and a 128-dim factor by 3%."""
+        groups = {}
+        for key, prm in self.named_parameters():
+            if not relative or key == "b_enc":  # a score: one number per latent
+                d = 1
+            elif key.startswith("b_pre."):
+                d = prm.numel()
+            else:
+                d = prm.shape[1]
+            groups.setdefault(d, []).append(prm)
+        return [{"params": ps, "lr": lr / math.sqrt(d)} for d, ps in sorted(groups.items())]
 
     # -- inner products with a set of factors ------------------------------
     def _inner(self, y: Tensors, factors: nn.ParameterDict) -> torch.Tensor:
@@ -169,17 +192,20 @@ class ShardSAE(nn.Module):
                 self.dec[f"{j}_W"].div_(norms[:, None])
 
     @torch.no_grad()
-    def set_directions_(self, directions: Tensors) -> None:
+    def set_directions_(self, directions: Tensors, latents=None) -> None:
         """Start decoder and encoder at given directions {name: [F, *shape]} (then unit norm).
 
+        ``latents`` (indices) sets only those latents, ``directions`` then holding one row each.
         Low-rank tensors take each direction's best rank-``rank`` approximation (truncated
-        SVD); used to start an SAE at known ground truth and see where training takes it.
+        SVD); used to start an SAE at known ground truth, and to restart dead latents.
         """
+        idx = torch.arange(self.n_latents) if latents is None else torch.as_tensor(latents).cpu()
+        norms = None
         for j, n in enumerate(self.names):
-            d = directions[n].to(self.b_enc)
-            if tuple(d.shape) != (self.n_latents, *self.shapes[n]):
+            d = directions[n].to(self.b_pre[str(j)])
+            if tuple(d.shape) != (len(idx), *self.shapes[n]):
                 raise ValueError(
-                    f"directions[{n!r}] has shape {tuple(d.shape)}; expected {(self.n_latents, *self.shapes[n])}"
+                    f"directions[{n!r}] has shape {tuple(d.shape)}; expected {(len(idx), *self.shapes[n])}"
                 )
             if self.lowrank(n):
                 U, S, Vh = torch.linalg.svd(d, full_matrices=False)
@@ -187,13 +213,20 @@ class ShardSAE(nn.Module):
                 s = S[:, :r].sqrt()
                 U_r, V_r = U[:, :, :r] * s[:, None, :], Vh[:, :r, :].transpose(1, 2) * s[:, None, :]
                 pad = r - U_r.shape[-1]  # rank above min(shape): the extra factors are zero
-                self.dec[f"{j}_U"].copy_(torch.nn.functional.pad(U_r, (0, pad)))
-                self.dec[f"{j}_V"].copy_(torch.nn.functional.pad(V_r, (0, pad)))
+                self.dec[f"{j}_U"][idx.to(d.device)] = torch.nn.functional.pad(U_r, (0, pad))
+                self.dec[f"{j}_V"][idx.to(d.device)] = torch.nn.functional.pad(V_r, (0, pad))
             else:
-                self.dec[f"{j}_W"].copy_(d.reshape(self.n_latents, -1))
-        self.normalize_decoder_()
+                self.dec[f"{j}_W"][idx.to(d.device)] = d.reshape(len(idx), -1)
+        norms = self.decoder_norms()
         for key, p in self.dec.items():
-            self.enc[key].copy_(p)
+            dev = p.device
+            sub = p[idx.to(dev)]
+            if key.endswith("_U") or key.endswith("_V"):
+                sub = sub / norms[idx.to(dev)].sqrt()[:, None, None]
+            else:
+                sub = sub / norms[idx.to(dev)][:, None]
+            p[idx.to(dev)] = sub
+            self.enc[key][idx.to(dev)] = sub
 
     # -- forward -----------------------------------------------------------
     def center(self, x: Tensors) -> Tensors:

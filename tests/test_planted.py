@@ -70,3 +70,43 @@ def test_bad_planted_parameters():
         PlantedParams.from_dict({"tensors": ["conv"]})
     with pytest.raises(ValueError, match="ranks"):
         PlantedParams.from_dict({"ranks": [-1]})
+
+
+def test_family_members_have_vectors_heavy_tails_and_exact_zipf_firing():
+    from shardlib.planted import FAMILY, family_store
+
+    shapes, (data, truth, codes, freq) = family_store("mixed_rank2", 3000, 0)
+    assert any(len(s) == 1 for s in shapes.values())  # RMSNorm weight vectors
+    active = (codes != 0).sum(1)
+    assert (active == FAMILY["mixed_rank2"]["active"]).all()
+    assert freq[0] > 3 * freq[-1]  # Zipf-weighted
+    mags = codes[codes != 0].abs()
+    assert mags.max() > 10 * mags.median()  # log-normal: heavy-tailed
+    touched = [sum(bool(truth[n][j].abs().sum() > 0) for n in shapes) for j in range(24)]
+    assert set(touched) <= {1, 2} and len(set(touched)) == 2
+    for n, s in shapes.items():
+        if len(s) == 2:
+            assert all(torch.linalg.matrix_rank(truth[n][j]) in (0, 2) for j in range(24))
+
+
+def test_family_fit_reports_recovery_per_member_kind_and_seed(tmp_path):
+    from shardlib.planted import fit_family
+
+    p = PlantedParams.from_dict(
+        {"out_dir": str(tmp_path), "family": ["attn_heavy"], "family_events": 64, "family_seeds": [0], "device": "cpu"}
+    )
+    import shardlib.shards as sh
+
+    orig = sh.ShardParams.from_dict.__func__
+    sh.ShardParams.from_dict = classmethod(lambda cls, d: orig(cls, {**d, "epochs": 1}))
+    try:
+        ds = fit_family(p, progress=False)
+    finally:
+        sh.ShardParams.from_dict = classmethod(orig)
+    assert ds.family_mmcs_g2d.sizes == {"member": 1, "sae": 2, "family_seed": 1}
+    assert np.isfinite(ds.family_mmcs_g2d.values).all()
+    n = ds.family_n_parameters.sel(member="attn_heavy", family_seed=0)
+    D = ds.family_dims.sel(member="attn_heavy").item()  # b_pre
+    assert n.sel(sae="relu").item() - D == 2 * (n.sel(sae="signed").item() - D)  # two latents per shard
+    with pytest.raises(ValueError, match="family"):
+        PlantedParams.from_dict({"family": ["nope"]})

@@ -179,3 +179,67 @@ def test_signed_coefficients_recover_a_signed_direction():
             tr.step({"w": data["w"][s : s + 64]})
     cos = (sae.directions()["w"].reshape(2, -1) @ d.reshape(-1)).abs().max()
     assert cos > 0.99
+
+
+def test_relative_learning_rate_divides_by_the_width_of_each_factor():
+    sae = ShardSAE({"w": (8, 32), "b": (5,)}, 4, 2, rank=2)
+    lrs = {id(p): g["lr"] for g in sae.param_groups(0.03) for p in g["params"]}
+    assert lrs[id(sae.dec["0_U"])] == pytest.approx(0.03 / 8**0.5)
+    assert lrs[id(sae.dec["0_V"])] == pytest.approx(0.03 / 32**0.5)
+    assert lrs[id(sae.dec["1_W"])] == pytest.approx(0.03 / 5**0.5)
+    assert lrs[id(sae.b_pre["0"])] == pytest.approx(0.03 / 256**0.5)
+    assert "b_enc" not in dict(sae.named_parameters())  # fixed at zero unless encoder_bias
+    assert {id(p) for p in sae.param_groups(0.03, relative=False)[0]["params"]} == set(lrs)
+    assert "b_enc" in dict(ShardSAE({"w": (8, 32)}, 4, 2, encoder_bias=True).named_parameters())
+
+
+def test_set_directions_of_some_latents_leaves_the_others():
+    sae = ShardSAE({"w": (6, 5), "b": (4,)}, 5, 2, rank=1, seed=0)
+    before = {n: v.clone() for n, v in sae.directions().items()}
+    target = {"w": torch.outer(torch.arange(1.0, 7.0), torch.ones(5))[None], "b": torch.zeros(1, 4)}
+    sae.set_directions_(target, latents=[3])
+    after = sae.directions()
+    for n in after:
+        keep = torch.arange(5) != 3
+        assert torch.allclose(after[n][keep], before[n][keep])
+    t = target["w"][0] / target["w"][0].norm()
+    assert torch.allclose(after["w"][3], t, atol=1e-5) and torch.allclose(sae.enc["0_U"][3], sae.dec["0_U"][3])
+
+
+def test_dead_latents_are_restarted_at_the_worst_residual_and_fillers_count_as_dead():
+    from shardlib.shards import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    sae = ShardSAE({"w": (8, 8)}, 4, 4, rank=1, signed=True, seed=0)
+    with torch.no_grad():
+        sae.enc["0_U"][3] *= 1e-4  # latent 3 scores ~0: TopK (k = all) keeps it only as a near-zero filler
+    tr = Trainer(sae, lr=1e-9, aux_k=2, aux_coef=0, dead_window=16, variance=1.0, resample=True, fire_frac=0.1)
+    x = {"w": torch.randn(8, 8, 8, generator=g)}
+    x["w"][5] *= 10  # the worst-reconstructed event
+    first = tr.step(x)
+    assert first["resampled"] == 0  # nothing is dead before dead_window samples
+    tr.step(x)
+    tr.step(x)
+    assert tr.n_resampled >= 1
+    d = sae.directions()["w"][3].flatten()
+    r = (x["w"][5] / sae.scale - sae.b_pre["0"]).detach().flatten()
+    assert abs(float(d @ r / r.norm())) > 0.3  # rank 1 of the worst event's residual
+    assert tr.last_fired[3] == tr.samples  # a new window to fire in
+    plain = Trainer(ShardSAE({"w": (8, 8)}, 4, 4, rank=1, signed=True, seed=0), 1e-9, 2, 0, 16, 1.0)
+    with torch.no_grad():
+        plain.sae.enc["0_U"][3] *= 1e-4
+    for _ in range(3):
+        plain.step(x)
+    assert plain.n_resampled == 0 and not plain.dead()[3]  # fire_frac 0: a filler counts as firing
+
+
+def test_learning_rate_falls_to_zero_over_the_last_steps():
+    from shardlib.shards import Trainer
+
+    sae = ShardSAE({"w": (4, 4)}, 3, 1, rank=1)
+    tr = Trainer(sae, lr=0.1, aux_k=1, aux_coef=0, dead_window=100, variance=1.0, total_steps=10, decay_frac=0.5)
+    factors = []
+    for _ in range(10):
+        factors.append(tr.lr_factor())
+        tr.step({"w": torch.randn(4, 4, 4)})
+    assert factors[:6] == [1.0] * 6 and factors[6:] == pytest.approx([0.8, 0.6, 0.4, 0.2])
