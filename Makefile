@@ -29,5 +29,7 @@ format: setup
 
 # the benchmarks that exist (bench_rl needs the default study's pretrained policy: make study first)
 bench: setup
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[bench]"
 	$(PY) benchmarks/bench_sae.py
 	$(PY) benchmarks/bench_rl.py
+	$(PY) benchmarks/bench_family.py --members mixed_rank2 attn_heavy

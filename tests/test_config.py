@@ -79,3 +79,14 @@ def test_notebook_parameters_are_literals_matching_the_dataclass(nb, cls):
     p = cls.from_dict(ns)
     default = cls.from_dict({"out_dir": p.out_dir})
     assert p == default
+
+
+def test_every_notebook_parameters_cell_matches_its_params_class():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(
+        [sys.executable, str(root / "scripts/sync_params.py"), "--check"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr + " (run scripts/sync_params.py)"
