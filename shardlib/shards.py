@@ -49,6 +49,7 @@ class ShardParams(Params):
     lr: float = param(
         0.03, "Adam learning rate, relative: each factor moves by about this fraction of its norm per step", gt=0
     )
+    lr_relative: bool = param(True, "lr relative to each factor's width (False: one absolute Adam rate)")
     lr_decay: float = param(0.2, "fraction of the last steps over which the learning rate falls to 0", ge=0, le=1)
     resample_dead: bool = param(True, "restart dead latents at the residuals of badly reconstructed events")
     fire_frac: float = param(
@@ -161,13 +162,15 @@ class Trainer:
         decay_frac: float = 0.2,
         resample: bool = False,
         fire_frac: float = 0.0,
+        lr_relative: bool = True,
     ):
         self.sae, self.aux_coef, self.dead_window = sae, aux_coef, dead_window
         # several processes: each takes a slice of every batch; gradients are averaged and
         # firing records combined across processes, so every process keeps the same SAE
         self.acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
         self.aux_k = aux_k or max(1, sae.n_latents // 2)
-        self.opt = torch.optim.Adam(sae.param_groups(lr))
+        self.lr_relative = lr_relative
+        self.opt = torch.optim.Adam(sae.param_groups(lr, lr_relative))
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.total_steps, self.decay_frac, self.resample, self.fire_frac = total_steps, decay_frac, resample, fire_frac
         self.variance = max(variance, 1e-30)
@@ -370,13 +373,14 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_di
         decay_frac=p.lr_decay,
         resample=p.resample_dead,
         fire_frac=p.fire_frac,
+        lr_relative=p.lr_relative,
     )
     ckpt = out / "checkpoint"
     start, history = 0, []
     st = read_checkpoint(ckpt, p.fingerprint(), "epoch", p.epochs, ["sae", OPTIMIZER_FILE])
     if st is not None:
         trainer.sae = sae = ShardSAE.load(ckpt / "sae").to(acc.device)
-        trainer.opt = torch.optim.Adam(sae.param_groups(p.lr))
+        trainer.opt = torch.optim.Adam(sae.param_groups(p.lr, p.lr_relative))
         load_optimizer(trainer.opt, ckpt)
         trainer.load_state(st)
         start, history = st["epoch"], st["history"]
@@ -537,6 +541,7 @@ class OnlineTrainer:
             variance,
             resample=p.resample_dead,
             fire_frac=p.fire_frac,
+            lr_relative=p.lr_relative,
         )
 
     def save(self, path) -> None:

@@ -427,6 +427,14 @@ def fit_sae(
             "skip_zero_updates": False,
             "checkpoint_every": epochs,
             "device": p.device,
+            # the toy reproductions keep the settings they were tuned and measured with (L3D-like: one
+            # absolute Adam rate, an encoder bias, no restarts or decay; the README's analysis of the
+            # TMS 40->10 gap was measured with them), not the shard stage's defaults
+            "lr_relative": False,
+            "lr_decay": 0.0,
+            "resample_dead": False,
+            "fire_frac": 0.0,
+            "encoder_bias": True,
         }
     )
     sae = train(sp, progress=False, data=data, init_directions=init_directions).sae.cpu()
