@@ -101,6 +101,10 @@ class RLParams(Params):
     group_events: bool = param(
         False, "store one update per prompt (the sum over its G completions) instead of one per completion"
     )
+    collect_factored: bool = param(
+        False, "store each event's weight-matrix updates as factors (left, right) instead of dense matrices"
+    )
+    collect_max_rank: int = param(0, "factored events: at most this many factors per event (0 = exact)", ge=0)
     buffer_capacity: int = param(0, "ring buffer capacity in events for online SAE training (0 = no buffer)", ge=0)
     # online shards (issue 4)
     online_sae: bool = param(False, "train a shard SAE online from the ring buffer while RL runs")
@@ -120,6 +124,11 @@ class RLParams(Params):
         if self.online_sae and not (self.buffer_capacity and self.collect_params and self.collect_events):
             raise ValueError(
                 "parameter 'online_sae': needs collect_params, collect_events=True and buffer_capacity > 0"
+            )
+        if self.collect_factored and (self.convention != "sgd" or self.group_events):
+            raise ValueError(
+                "parameter 'collect_factored': needs convention 'sgd' and group_events false (Adam's elementwise "
+                "preconditioner and sums over a prompt's completions are stored dense)"
             )
         if self.online_sae and self.online_k > self.online_n_latents:
             raise ValueError(f"parameter 'online_k': {self.online_k} exceeds online_n_latents={self.online_n_latents}")
@@ -398,6 +407,8 @@ def make_collector(p: RLParams, acc, base, optimizer, testbed, start: int, ckpt:
         scale=1.0 / acc.num_processes,
         every=p.collect_every,
         group_by="group" if p.group_events else None,
+        factored=p.collect_factored,
+        max_rank=p.collect_max_rank or None,
     )
     return collector, buffer
 

@@ -30,7 +30,7 @@ from .io import OPTIMIZER_FILE, load_optimizer, load_results, read_checkpoint, s
 from .metrics import ReconStats
 from .sae import ShardSAE, sae_loss
 from .shardfile import activations_dataset, shards_dataset
-from .updates import open_store, update_vars
+from .updates import densify, open_store, update_vars
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,8 @@ def load_updates(
     ``normalize`` divides each event's update by its norm over all tensors, kept as the label
     ``update_norm``.
     """
-    ds = open_store(store_path)
+    # factored stores are made dense here: the SAE does not score factored events yet (issue 12, part 2)
+    ds = densify(open_store(store_path))
     names = {ds[v].attrs["param"]: v for v in update_vars(ds)}
     if patterns:
         names = {p: v for p, v in names.items() if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)}

@@ -26,6 +26,25 @@ labels are coordinates along ``event``; dataset attributes ``kind`` (``event`` o
 ``step``) and ``convention``. Chunks are written atomically, so a crash loses at most
 the events not yet flushed and never corrupts a chunk.
 
+Factored event updates (a linear layer's per-event gradient is ``sum_t delta_t x_t^T``): for a
+matrix variable ``<var>``, two variables ``<var>__left`` with dims ``("event", "<var>_factor",
+"<var>_dim0")`` and ``<var>__right`` with dims ``("event", "<var>_factor", "<var>_dim1")``, both with
+attribute ``param``; the update is ``U_e = sum_f left[e, f] (outer) right[e, f]``. Events with fewer
+factors are padded with all-zero rows (zero in both ``left`` and ``right``). A store may mix dense
+and factored variables (vectors stay dense). :func:`densify` turns a range of events dense; the
+collector writes factors with ``factored=True`` (exact: one factor per token; or compressed to
+``max_rank`` factors, the kept fraction of ``||U_e||^2`` stored as the label ``<var>__kept``).
+Example, by hand::
+
+    L = np.random.randn(10, 3, 64)  # 10 events, 3 factors, d_out = 64
+    R = np.random.randn(10, 3, 128)  # d_in = 128
+    xr.Dataset(
+        {"w__left": (("event", "w_factor", "w_dim0"), L, {"param": "layer.weight"}),
+         "w__right": (("event", "w_factor", "w_dim1"), R, {"param": "layer.weight"})},
+        coords={"step": ("event", np.zeros(10, int))},
+        attrs={"kind": "event", "convention": "sgd"},
+    ).to_netcdf("store.nc")
+
 A store written by :class:`UpdateStore` also holds ``store.json``: the run's fingerprint,
 the kind, and one entry per chunk (its steps, number of events and SHA-256). :func:`open_store`
 checks the folder against it and refuses missing chunks (gaps), files it does not list
@@ -45,6 +64,7 @@ import math
 import re
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -89,6 +109,73 @@ def selection_summary(params: dict[str, torch.Tensor]) -> str:
 
 def var_name(param: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", param)
+
+
+LEFT, RIGHT = "__left", "__right"
+
+
+class Factored(NamedTuple):
+    """A batch of factored matrix updates: ``U_e = sum_f left[e, f] (outer) right[e, f]``."""
+
+    left: torch.Tensor
+    """[events, factors, d_out]"""
+    right: torch.Tensor
+    """[events, factors, d_in]"""
+
+    def dense(self) -> torch.Tensor:
+        return torch.einsum("efo,efi->eoi", self.left, self.right)
+
+    def sq_norms(self) -> torch.Tensor:
+        """||U_e||_F^2 per event from the factors' Gram matrices, never forming U_e."""
+        gl = self.left @ self.left.transpose(1, 2)
+        gr = self.right @ self.right.transpose(1, 2)
+        return (gl * gr).sum((1, 2))
+
+
+def factorize(delta: torch.Tensor, x: torch.Tensor, max_rank: int | None = None) -> tuple[Factored, torch.Tensor]:
+    """Per-event factors of ``U_e = sum_t delta[e, t] x[e, t]^T`` (delta [E, T, d_out], x [E, T, d_in]).
+
+    ``max_rank=None``: exact, one factor per token. Otherwise at most ``max_rank`` factors per event by
+    a thin QR of both sides and an SVD of the small core (the best rank-``max_rank`` approximation of
+    U_e); returns the factors and the kept fraction of ||U_e||^2 per event (1 when exact or when the
+    event's rank is within ``max_rank``).
+    """
+    delta, x = delta.float(), x.float()
+    live = (delta.any(-1) & x.any(-1)).unsqueeze(-1)  # a token with zero delta (masked) or zero x adds nothing:
+    delta, x = delta * live, x * live  # zero both sides, as padding rows are
+    exact = Factored(delta, x)
+    if max_rank is None or max_rank >= delta.shape[1]:
+        return exact, torch.ones(delta.shape[0])
+    Ql, Rl = torch.linalg.qr(delta.transpose(1, 2))  # delta^T = Ql Rl: [E, d_out, m], [E, m, T]
+    Qr, Rr = torch.linalg.qr(x.transpose(1, 2))  # x^T = Qr Rr
+    core = Rl @ Rr.transpose(1, 2)  # U_e = Ql core Qr^T, core [E, m, m]
+    u, sv, vh = torch.linalg.svd(core)
+    r = min(max_rank, sv.shape[1])
+    left = (Ql @ u[:, :, :r]) * sv[:, None, :r]  # [E, d_out, r]
+    right = Qr @ vh[:, :r, :].transpose(1, 2)  # [E, d_in, r]
+    total = (sv**2).sum(1)
+    kept = torch.where(total > 0, (sv[:, :r] ** 2).sum(1) / total.clamp(min=1e-300), torch.ones_like(total))
+    return Factored(left.transpose(1, 2).contiguous(), right.transpose(1, 2).contiguous()), kept
+
+
+def factor_pairs(ds: xr.Dataset) -> dict[str, tuple[str, str]]:
+    """``{var: (left var, right var)}`` of a store's factored matrix variables."""
+    return {v[: -len(LEFT)]: (v, v[: -len(LEFT)] + RIGHT) for v in ds.data_vars if v.endswith(LEFT)}
+
+
+def densify(ds: xr.Dataset, events=None) -> xr.Dataset:
+    """The store (or the ``events`` it selects: a slice or indices) with every factored variable made
+    dense: ``<var>`` with dims ``("event", "<var>_dim0", "<var>_dim1")``; dense variables and labels as
+    they are."""
+    if events is not None:
+        ds = ds.isel(event=events)
+    out = ds
+    for var, (lv, rv) in factor_pairs(ds).items():
+        U = np.einsum("efo,efi->eoi", np.asarray(ds[lv].values), np.asarray(ds[rv].values))
+        out = out.drop_vars([lv, rv])
+        out[var] = xr.Variable(("event", f"{var}_dim0", f"{var}_dim1"), U.astype(np.float32), dict(ds[lv].attrs))
+        out = out.drop_dims(f"{var}_factor", errors="ignore")
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -263,9 +350,14 @@ class UpdateStore:
                 self._write(keep, first, step - 1, replaces=f.name)
                 f.unlink()
 
-    def append(self, updates: dict[str, torch.Tensor], labels: dict[str, np.ndarray], step: int) -> None:
+    def append(self, updates: dict[str, torch.Tensor | Factored], labels: dict[str, np.ndarray], step: int) -> None:
+        """Queue one step's updates (dense tensors [event, *shape], or :class:`Factored`) and labels."""
         for k, v in updates.items():
-            self._pending_updates.setdefault(k, []).append(v.detach().to("cpu", DTYPES[self.dtype]))
+            if isinstance(v, Factored):
+                v = Factored(*(t.detach().to("cpu", DTYPES[self.dtype]) for t in v))
+            else:
+                v = v.detach().to("cpu", DTYPES[self.dtype])
+            self._pending_updates.setdefault(k, []).append(v)
         for k, v in labels.items():
             self._pending_labels.setdefault(k, []).append(np.asarray(v))
         self._pending_steps.append(step)
@@ -276,11 +368,19 @@ class UpdateStore:
         first, last = min(self._pending_steps), max(self._pending_steps)
         data_vars = {}
         for name, parts in self._pending_updates.items():
+            vn = var_name(name)
+            if isinstance(parts[0], Factored):
+                m = max(f.left.shape[1] for f in parts)
+                for side, suffix, dim in ((0, LEFT, 0), (1, RIGHT, 1)):
+                    t = torch.cat([torch.nn.functional.pad(f[side], (0, 0, 0, m - f[side].shape[1])) for f in parts])
+                    a = t.float().numpy()
+                    dims = ("event", f"{vn}_factor", f"{vn}_dim{dim}")
+                    data_vars[vn + suffix] = xr.Variable(dims, a, attrs={"param": name})
+                continue
             arr = torch.cat(parts)
             if arr.dtype == torch.bfloat16:  # netCDF has no bfloat16: store the exact values as float32
                 arr = arr.float()
             a = arr.numpy()
-            vn = var_name(name)
             dims = ("event",) + tuple(f"{vn}_dim{i}" for i in range(a.ndim - 1))
             data_vars[vn] = xr.Variable(dims, a, attrs={"param": name})
         coords = {k: ("event", np.concatenate(v)) for k, v in self._pending_labels.items()}
@@ -440,6 +540,8 @@ def open_store(path, lazy_above_bytes: int = 2**30, verify: bool = True) -> xr.D
                 f"{fb.name} (steps {b0}-{b1}) overlaps {fa.name} (steps {a0}-{a1}) in {path}: the same steps "
                 "stored twice; remove the copy, or rerun the stage that wrote the store"
             )
+    if len(parts) > 1:
+        parts = _pad_factors(parts)
     out = (
         parts[0]
         if len(parts) == 1
@@ -450,19 +552,37 @@ def open_store(path, lazy_above_bytes: int = 2**30, verify: bool = True) -> xr.D
     return out
 
 
+def _pad_factors(parts: list[xr.Dataset]) -> list[xr.Dataset]:
+    """Chunks whose events have different numbers of factors: pad with zero rows to the largest."""
+    dims = {f"{v}_factor" for p in parts for v in factor_pairs(p)}
+    size = {d: max(p.sizes.get(d, 0) for p in parts) for d in dims}
+    out = []
+    for p in parts:
+        pad = {d: (0, size[d] - p.sizes[d]) for d in dims if d in p.dims and p.sizes[d] < size[d]}
+        if pad:
+            keep = [v for v in p.data_vars if not (set(p[v].dims) & set(pad))]
+            padded = p.drop_vars(keep).pad(pad, constant_values=0.0)
+            p = xr.merge([p[keep], padded], combine_attrs="override")
+        out.append(p)
+    return out
+
+
 def update_vars(ds: xr.Dataset) -> list[str]:
-    """Names of the store's parameter variables (those with a ``param`` attribute)."""
-    return [v for v in ds.data_vars if "param" in ds[v].attrs]
+    """Names of the store's dense parameter variables (those with a ``param`` attribute; factored
+    variables are listed by :func:`factor_pairs`)."""
+    return [v for v in ds.data_vars if "param" in ds[v].attrs and not v.endswith((LEFT, RIGHT))]
 
 
 def validate_store(ds: xr.Dataset, where: str = "store") -> None:
     if ds.attrs.get("kind") not in ("event", "step"):
         raise StoreError(f"{where}: dataset attribute 'kind' must be 'event' or 'step', got {ds.attrs.get('kind')!r}")
     names = update_vars(ds)
-    if not names:
+    pairs = factor_pairs(ds)
+    if not names and not pairs:
         raise StoreError(f"{where}: no parameter variable (a data variable with attribute 'param') found")
     if "event" not in ds.dims:
         raise StoreError(f"{where}: no 'event' dimension")
+    _validate_factors(ds, pairs, names, where)
     n = ds.sizes["event"]
     for v in names:
         if ds[v].dims[0] != "event":
@@ -473,7 +593,10 @@ def validate_store(ds: xr.Dataset, where: str = "store") -> None:
             finite = finite.compute()
         if not bool(finite):
             raise StoreError(f"{where}: variable {v!r} holds NaN or Inf updates")
-    tensor_dims = {d for v in names for d in ds[v].dims[1:]}
+    tensor_dims = {d for v in names for d in ds[v].dims[1:]} | {
+        d for p in pairs.values() for v in p for d in ds[v].dims[1:]
+    }
+    names = names + [v for p in pairs.values() for v in p]
     labels = [c for c in list(ds.coords) + list(ds.data_vars) if c not in names and c != "event"]
     for c in labels:
         dims = ds[c].dims
@@ -486,8 +609,39 @@ def validate_store(ds: xr.Dataset, where: str = "store") -> None:
         )
 
 
+def _validate_factors(ds: xr.Dataset, pairs: dict, dense: list[str], where: str) -> None:
+    orphans = [v for v in ds.data_vars if v.endswith(RIGHT) and v[: -len(RIGHT)] not in pairs]
+    if orphans:
+        raise StoreError(f"{where}: {orphans} have no matching '{LEFT}' variable; a factored update needs both")
+    for var, (lv, rv) in pairs.items():
+        if rv not in ds:
+            raise StoreError(f"{where}: {lv!r} has no matching {rv!r}; a factored update needs both")
+        want_l, want_r = ("event", f"{var}_factor", f"{var}_dim0"), ("event", f"{var}_factor", f"{var}_dim1")
+        if ds[lv].dims != want_l or ds[rv].dims != want_r:
+            raise StoreError(
+                f"{where}: factored variable {var!r} has dims {ds[lv].dims} and {ds[rv].dims}; "
+                f"expected {want_l} and {want_r}"
+            )
+        pl, pr = ds[lv].attrs.get("param"), ds[rv].attrs.get("param")
+        if pl is None or pl != pr:
+            raise StoreError(f"{where}: {lv!r} and {rv!r} must carry the same 'param' attribute (got {pl!r}, {pr!r})")
+        if var in dense or any(ds[v].attrs["param"] == pl for v in dense):
+            raise StoreError(f"{where}: parameter {pl!r} is stored both dense and factored; keep one")
+        L, R = np.asarray(ds[lv].values), np.asarray(ds[rv].values)
+        if not (np.isfinite(L).all() and np.isfinite(R).all()):
+            raise StoreError(f"{where}: factored variable {var!r} holds NaN or Inf")
+        zl, zr = ~L.any(2), ~R.any(2)  # all-zero factor rows
+        bad = np.flatnonzero((zl != zr).any(1))
+        if len(bad):
+            raise StoreError(
+                f"{where}: factored variable {var!r}: event(s) {bad[:5].tolist()} pad a factor row on one side "
+                "only; padding rows must be zero in both __left and __right"
+            )
+
+
 def flat_updates(ds: xr.Dataset) -> dict[str, np.ndarray]:
     """``{param name: array [event, *shape]}`` of a store."""
+    ds = densify(ds)
     return {ds[v].attrs["param"]: np.asarray(ds[v].values, dtype=np.float32) for v in update_vars(ds)}
 
 
@@ -524,15 +678,28 @@ class UpdateCollector:
         scale: float = 1.0,
         every: int = 1,
         group_by: str | None = None,
+        factored: bool = False,
+        max_rank: int | None = None,
     ):
         if convention not in ("sgd", "adam"):
             raise ValueError(f"convention must be 'sgd' or 'adam', got {convention!r}")
+        if factored and convention == "adam":
+            raise ValueError(
+                "factored=True needs convention='sgd': Adam's elementwise preconditioner does not keep an "
+                "event update factored (collect factored sgd events, or dense adam events)"
+            )
+        if factored and group_by is not None:
+            raise ValueError("factored=True with group_by is not supported yet: collect per-completion events")
+        if max_rank is not None and max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1 (or None: exact), got {max_rank}")
         if convention == "adam" and optimizer is None:
             raise ValueError("convention='adam' needs the optimizer (its second moments precondition each event)")
         self.model, self.lr, self.optimizer, self.convention = model, lr, optimizer, convention
         self.params = select_params(model, params)
         self.event_store, self.step_store, self.buffer = event_store, step_store, buffer
         self.events, self.scale, self.every, self.group_by = events, scale, every, group_by
+        self.factored, self.max_rank = factored, max_rank
+        self._kept: list[dict[str, torch.Tensor]] = []
         self._linear = {}
         if events:
             owners = {}
@@ -582,7 +749,7 @@ class UpdateCollector:
         self._event_grads.append(self._per_event_grads())
 
     def _per_event_grads(self) -> dict[str, torch.Tensor]:
-        out = {}
+        out, kept = {}, {}
         for mname, (_mod, pnames) in self._linear.items():
             if len(self._acts[mname]) != 1 or len(self._grads[mname]) != 1:
                 raise RuntimeError(
@@ -594,11 +761,15 @@ class UpdateCollector:
             x = x.reshape(x.shape[0], -1, x.shape[-1])
             d = d.reshape(d.shape[0], -1, d.shape[-1])
             for pname, full in pnames.items():
-                if pname == "weight":
+                if pname == "weight" and self.factored:
+                    out[full], kept[var_name(full) + "__kept"] = factorize(d * self.scale, x, self.max_rank)
+                elif pname == "weight":
                     out[full] = torch.einsum("nto,nti->noi", d, x) * self.scale
                 else:
                     out[full] = d.sum(1) * self.scale
         self._acts, self._grads = {}, {}
+        if kept:
+            self._kept.append(kept)
         return out
 
     def before_step(self) -> None:
@@ -607,9 +778,22 @@ class UpdateCollector:
 
     def event_gradients(self) -> dict[str, torch.Tensor]:
         """Raw per-event gradients captured since the last step, concatenated over micro-batches."""
-        return (
-            {n: torch.cat([g[n] for g in self._event_grads]) for n in self._event_grads[0]} if self._event_grads else {}
-        )
+        if not self._event_grads:
+            return {}
+        out = {}
+        for n, first in self._event_grads[0].items():
+            parts = [g[n] for g in self._event_grads]
+            if isinstance(first, Factored):  # micro-batches of different lengths: pad the factor axis
+                m = max(f.left.shape[1] for f in parts)
+                out[n] = Factored(
+                    *(
+                        torch.cat([torch.nn.functional.pad(f[i], (0, 0, 0, m - f[i].shape[1])) for f in parts])
+                        for i in (0, 1)
+                    )
+                )
+            else:
+                out[n] = torch.cat(parts)
+        return out
 
     def _preconditioner(self, name: str) -> torch.Tensor:
         p = self.params[name]
@@ -633,19 +817,36 @@ class UpdateCollector:
             grads = self.event_gradients()
             self._event_grads = []
             for n, g in grads.items():
+                if isinstance(g, Factored):
+                    updates[n] = Factored(-self.lr * g.left, g.right)
+                    continue
                 u = -self.lr * g
                 if self.convention == "adam":
                     u = u * self._preconditioner(n).to(u.device)
                 updates[n] = u
+            if self._kept:
+                labels = dict(labels or {})
+                for key in self._kept[0]:
+                    labels[key] = torch.cat([k[key] for k in self._kept]).cpu().numpy()
+                self._kept = []
+            if gather is not None and self.factored:
+                raise NotImplementedError(
+                    "factored event updates from several processes are not gathered yet; run one process, or "
+                    "collect dense events"
+                )
             if gather is not None:
                 updates = {n: gather(u.contiguous()) for n, u in updates.items()}
-            updates = {n: u.cpu() for n, u in updates.items()}
+            updates = {
+                n: Factored(u.left.cpu(), u.right.cpu()) if isinstance(u, Factored) else u.cpu()
+                for n, u in updates.items()
+            }
             if self.group_by is not None and labels:
                 updates, labels = group_events(updates, labels, self.group_by)
             if self.event_store is not None:
                 self.event_store.append(updates, labels or {}, step)
-            if self.buffer is not None:
-                self.buffer.add(updates, labels or {})
+            if self.buffer is not None:  # the ring buffer holds dense updates
+                dense = {n: u.dense() if isinstance(u, Factored) else u for n, u in updates.items()}
+                self.buffer.add(dense, {k: v for k, v in (labels or {}).items() if not k.endswith("__kept")})
         if self.step_store is not None and self._before:
             delta = {n: (p.detach().float() - self._before[n]).cpu()[None] for n, p in self.params.items()}
             self.step_store.append(delta, {"step": np.array([step])}, step)
@@ -693,6 +894,12 @@ def update_norms(ds: xr.Dataset):
     ``advantage_sign`` columns for grouping by event type.
     """
     sq = sum((ds[v].astype("float64") ** 2).sum([d for d in ds[v].dims if d != "event"]) for v in update_vars(ds))
+    for lv, rv in factor_pairs(ds).values():  # ||U_e||^2 from the factors' Gram matrices
+        L, R = (
+            torch.from_numpy(np.asarray(ds[lv].values, np.float64)),
+            torch.from_numpy(np.asarray(ds[rv].values, np.float64)),
+        )
+        sq = sq + Factored(L, R).sq_norms().numpy()
     frame = {"norm": np.sqrt(np.asarray(sq))}
     for c in ds.coords:
         if ds[c].dims == ("event",):

@@ -228,3 +228,34 @@ def test_events_record_what_was_reinforced(tmp_path):
     hit = ev["action"].values == best[ev["task"].values]
     assert np.array_equal(hit, ev["reward_hit"].values > 0)  # the arm taken explains the reward
     assert len(np.unique(ev["completion_hash"].values)) == len(np.unique(ev["action"].values))  # one hash per arm
+
+
+def test_lm_stage_collects_factored_events_equal_to_its_dense_twin(tmp_path, tiny_lm_dir):
+    from shardlib.updates import densify, factor_pairs
+
+    stores = {}
+    for factored in (False, True):
+        p = rl.RLParams.from_dict(
+            dict(
+                out_dir=str(tmp_path / f"lm{factored}"),
+                testbed="lm",
+                init_path=tiny_lm_dir,
+                steps=2,
+                prompts_per_step=4,
+                group_size=2,
+                grad_accum=2,
+                eval_prompts=8,
+                device="cpu",
+                collect_params=["*.mlp.down_proj.weight", "*.mlp.up_proj.weight"],
+                collect_factored=factored,
+            )
+        )
+        rl.train(p, progress=False)
+        stores[factored] = open_store(tmp_path / f"lm{factored}/updates/events")
+    dense, fac = stores[False], stores[True]
+    assert len(factor_pairs(fac)) == len(dense.data_vars) == 4  # two layers x two matrices
+    back = densify(fac)
+    for v in dense.data_vars:
+        np.testing.assert_allclose(back[v].values, dense[v].values, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="collect_factored"):
+        rl.RLParams.from_dict({"collect_factored": True, "convention": "adam"})

@@ -399,3 +399,153 @@ def test_a_kill_while_writing_the_first_store_json_does_not_block_the_store(tmp_
     s.append({"w": torch.ones(2, 3)}, {"step": np.array([0, 0])}, 0)
     s.flush()
     assert open_store(d).sizes["event"] == 2 and not list(d.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------
+# factored event updates
+
+
+def seq_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def seq_losses(model, x, y):  # x [E, T, 6]: one event = a sequence of T tokens
+    return nn.functional.cross_entropy(model(x).transpose(1, 2), y, reduction="none").sum(1)
+
+
+def test_factorize_exact_and_compressed_match_the_dense_update():
+    from shardlib.updates import factorize
+
+    g = torch.Generator().manual_seed(0)
+    d, x = (
+        torch.randn(4, 7, 5, generator=g, dtype=torch.float64),
+        torch.randn(4, 7, 6, generator=g, dtype=torch.float64),
+    )
+    dense = torch.einsum("eto,eti->eoi", d, x)
+    f, kept = factorize(d, x)
+    assert torch.allclose(f.dense(), dense.float(), rtol=1e-5, atol=1e-5) and (kept == 1).all()
+    assert torch.allclose(f.sq_norms(), (dense.float() ** 2).sum((1, 2)), rtol=1e-5)
+    c, kept = factorize(d, x, max_rank=5)  # rank(U_e) <= min(5, 6, 7) = 5: exact
+    assert c.left.shape == (4, 5, 5) and torch.allclose(c.dense(), dense.float(), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(kept, torch.ones(4), atol=1e-5)
+    c2, kept2 = factorize(d, x, max_rank=2)
+    sv = torch.linalg.svdvals(dense)
+    best = (sv[:, :2] ** 2).sum(1) / (sv**2).sum(1)  # Eckart-Young: the best rank-2 keeps this share
+    assert torch.allclose(kept2.double(), best, rtol=1e-4)
+    err = ((c2.dense().double() - dense) ** 2).sum((1, 2)) / (dense**2).sum((1, 2))
+    assert torch.allclose(err, 1 - best, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_rank", [None, 2])
+def test_collector_writes_factored_events_that_densify_to_the_dense_events(tmp_path, max_rank):
+    from shardlib.updates import densify, factor_pairs
+
+    x, y = torch.randn(5, 4, 6), torch.randint(3, (5, 4))
+    stores = {}
+    for factored in (False, True):
+        m = seq_mlp()
+        es = UpdateStore(tmp_path / f"ev{factored}", "event", "sgd", "f")
+        col = UpdateCollector(m, ["*"], lr=0.1, event_store=es, factored=factored, max_rank=max_rank)
+        for step in range(2):  # two steps in one chunk
+            with col.capture():
+                seq_losses(m, x[:, : 3 + step], y[:, : 3 + step]).sum().backward()  # 3 then 4 tokens
+            col.after_step(step, {"step": np.full(5, step)})
+        col.flush()
+        stores[factored] = open_store(tmp_path / f"ev{factored}")
+    dense, fac = stores[False], stores[True]
+    pairs = factor_pairs(fac)
+    assert set(pairs) == {"0.weight", "2.weight"} and "0.bias" in update_vars(fac)  # vectors stay dense
+    assert fac["0.weight__left"].dims == ("event", "0.weight_factor", "0.weight_dim0")
+    back = densify(fac)
+    for v in ("0.weight", "2.weight"):
+        if max_rank is None:
+            np.testing.assert_allclose(back[v].values, dense[v].values, rtol=1e-5, atol=1e-6)
+        else:  # compressed: within the energy the label says was dropped
+            kept = fac[v + "__kept"].values
+            err = ((back[v].values - dense[v].values) ** 2).sum((1, 2)) / (dense[v].values ** 2).sum((1, 2))
+            np.testing.assert_allclose(err, 1 - kept, atol=1e-4)
+    np.testing.assert_allclose(densify(fac, slice(2, 4))["2.weight"].values, back["2.weight"].values[2:4])
+
+
+def test_factored_chunks_with_different_factor_counts_open_as_one_store(tmp_path):
+    from shardlib.updates import Factored, densify
+
+    es = UpdateStore(tmp_path / "ev", "event", "sgd", "f")
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for step, m in enumerate((2, 5)):
+        f = Factored(torch.randn(3, m, 4, generator=g), torch.randn(3, m, 6, generator=g))
+        parts.append(f.dense())
+        es.append({"w": f}, {"step": np.full(3, step)}, step)
+        es.flush()  # one chunk per step
+    ds = open_store(tmp_path / "ev")
+    assert ds.sizes["w_factor"] == 5 and ds.sizes["event"] == 6
+    np.testing.assert_allclose(densify(ds)["w"].values, torch.cat(parts).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _factored_ds(L, R, **attrs):
+    return xr.Dataset(
+        {
+            "w__left": (("event", "w_factor", "w_dim0"), L, {"param": attrs.get("pl", "w")}),
+            "w__right": (("event", "w_factor", "w_dim1"), R, {"param": attrs.get("pr", "w")}),
+        },
+        coords={"step": ("event", np.zeros(len(L), int))},
+        attrs={"kind": "event", "convention": "sgd"},
+    )
+
+
+def test_malformed_factored_stores_are_rejected_naming_the_problem(tmp_path):
+    L, R = np.random.randn(4, 3, 5), np.random.randn(4, 3, 6)
+    good = _factored_ds(L, R)
+    good.to_netcdf(tmp_path / "good.nc")
+    assert open_store(tmp_path / "good.nc").sizes["event"] == 4
+    Ln = L.copy()
+    Ln[1, 0, 0] = np.nan
+    Lp = L.copy()
+    Lp[2, 2] = 0  # a padding row on the left only
+    cases = {
+        "nan": (_factored_ds(Ln, R), "NaN or Inf"),
+        "pad": (_factored_ds(Lp, R), "one side only"),
+        "param": (_factored_ds(L, R, pr="v"), "same 'param'"),
+        "orphan": (_factored_ds(L, R).drop_vars("w__right"), "matching"),
+        "shape": (
+            _factored_ds(L, R)
+            .drop_vars("w__right")
+            .assign(w__right=(("event", "other", "w_dim1"), np.random.randn(4, 2, 6), {"param": "w"})),
+            "expected",
+        ),
+        "both": (_factored_ds(L, R).assign(w=(("event", "a", "b"), np.zeros((4, 5, 6)), {"param": "w"})), "both"),
+    }
+    for name, (ds, msg) in cases.items():
+        ds.to_netcdf(tmp_path / f"{name}.nc")
+        with pytest.raises(StoreError, match=msg):
+            open_store(tmp_path / f"{name}.nc")
+
+
+def test_factored_collection_refuses_what_it_cannot_do():
+    m = seq_mlp()
+    opt = torch.optim.Adam(m.parameters())
+    with pytest.raises(ValueError, match="convention='sgd'"):
+        UpdateCollector(m, ["*"], lr=0.1, optimizer=opt, convention="adam", factored=True)
+    with pytest.raises(ValueError, match="max_rank"):
+        UpdateCollector(m, ["*"], lr=0.1, factored=True, max_rank=0)
+
+
+def test_factored_store_trains_the_shard_sae_and_reports_norms_like_its_dense_twin(tmp_path):
+    from shardlib.shards import load_updates
+    from shardlib.updates import Factored, densify
+
+    g = torch.Generator().manual_seed(0)
+    f = Factored(torch.randn(8, 3, 4, generator=g), torch.randn(8, 3, 6, generator=g))
+    es = UpdateStore(tmp_path / "ev", "event", "sgd", "f")
+    es.append({"w": f, "b": torch.randn(8, 4, generator=g)}, {"step": np.zeros(8, int)}, 0)
+    es.flush()
+    ds = open_store(tmp_path / "ev")
+    densify(ds).to_netcdf(tmp_path / "twin.nc")
+    a, _ = load_updates(tmp_path / "ev")
+    b, _ = load_updates(tmp_path / "twin.nc")
+    assert set(a) == {"w", "b"} and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    np.testing.assert_allclose(
+        update_norms(ds)["norm"], update_norms(open_store(tmp_path / "twin.nc"))["norm"], rtol=1e-5
+    )
