@@ -132,13 +132,39 @@ def _keep(row):
     return {k: float(row[k]) for k in ("mmcs_g2d", "r@0.9", "hungarian_mcc", "fvu") if k in row}
 
 
+def markdown(result: dict) -> str:
+    """The README's table: per member and SAE, mean ± std over seeds."""
+    rows = [
+        "| member | SAE | MMCS(G→D) | R@0.9 | held-out FVU | ms / step | parameters |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, v in result["summary"].items():
+        if not isinstance(v, dict):
+            continue
+        member, sae = key.split(" | ")
+        rows.append(
+            f"| {member} | {sae} | {v['mmcs_g2d'][0]:.3f} ± {v['mmcs_g2d'][1]:.3f} | {v['r@0.9'][0]:.2f} ± "
+            f"{v['r@0.9'][1]:.2f} | {v['fvu'][0]:.3f} | {v['ms_per_step'][0]:.0f} | {v['n_parameters'][0]:,.0f} |"
+        )
+    ratios = [f"{k.split(' | ')[0]} {v:.2f}" for k, v in result["summary"].items() if not isinstance(v, dict)]
+    return (
+        "\n".join(rows)
+        + "\n\nTime per step, low-rank ReLU SAE over the dense one (bound on dense inputs: the rank): "
+        + ", ".join(ratios)
+    )
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--members", nargs="*", default=list(FAMILY))
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
     ap.add_argument("--events", type=int, default=4096)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_family.json"))
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out's results; no training")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     import tempfile
 
     torch.set_num_threads(2)
@@ -189,8 +215,7 @@ def main(argv=None):
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    for k, v in summary.items():
-        print(k, v)
+    print(markdown(result))
 
 
 if __name__ == "__main__":

@@ -394,6 +394,11 @@ def make_collector(p: RLParams, acc, base, optimizer, testbed, start: int, ckpt:
         buffer = RingBuffer({n: tuple(t.shape) for n, t in sel.items()}, p.buffer_capacity, torch.float32)
         if start:
             buffer.load(ckpt / "buffer")
+    if p.collect_factored and acc.num_processes > 1:
+        raise ValueError(
+            f"parameter 'collect_factored': factored events from {acc.num_processes} processes are not gathered "
+            "yet; run one process, or collect dense events (collect_factored: false)"
+        )
     collector = UpdateCollector(
         base,
         p.collect_params,
