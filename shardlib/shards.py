@@ -243,9 +243,9 @@ class Trainer:
             return 0
         dead, worst = dead[:m].to(err.device), err.topk(m).indices
         sae.set_directions_({n: resid[n][worst] for n in sae.names}, latents=dead)
-        for prm in sae.parameters():
+        for prm in [*sae.dec.values(), *sae.enc.values()]:  # per-latent factors only (not b_pre)
             st = self.opt.state.get(prm)
-            if st and prm.ndim >= 2 and prm.shape[0] == sae.n_latents:
+            if st:
                 for key in ("exp_avg", "exp_avg_sq"):
                     st[key][dead] = 0
         self.last_fired[dead.cpu()] = self.samples
