@@ -41,38 +41,35 @@ sys.path.insert(0, str(ROOT))
 
 from shardlib import metrics  # noqa: E402
 from shardlib.common import flatten  # noqa: E402
-from shardlib.planted import FAMILY, family_store  # noqa: E402
-from shardlib.shards import ShardParams, evaluate, split_events, train  # noqa: E402
+from shardlib.planted import FAMILY, family_store, fit_planted  # noqa: E402
+from shardlib.shards import split_events  # noqa: E402
 
 EPOCHS, BATCH, HOLDOUT = 30, 128, 0.1
 
 
 def shardlib_fit(member, seed, data, truth, names, tmp, signed, per_shard, rank):
     m = FAMILY[member]
-    sp = ShardParams.from_dict(
-        {
-            "out_dir": f"{tmp}/{member}_{signed}_{rank}_{seed}",
-            "seed": seed,
-            "store_path": "planted",
-            "n_latents": per_shard * m["n_shards"],
-            "k": m["active"],
-            "rank": rank,
-            "signed": signed,
-            "device": "cpu",
-            "skip_zero_updates": False,
-            "epochs": EPOCHS,
-            "batch_size": BATCH,
-            "holdout_frac": HOLDOUT,
-            "checkpoint_every": EPOCHS,
-        }
-    )
-    t0 = time.perf_counter()
-    res = train(sp, progress=False, data=data)
-    dt = time.perf_counter() - t0
-    row = metrics.recovery(flatten(truth, names), flatten(res.sae.directions(), names))
-    row.update(evaluate(res.sae, data, res.heldout_idx))
+    settings = {
+        "out_dir": f"{tmp}/{member}_{signed}_{rank}_{seed}",
+        "seed": seed,
+        "n_latents": per_shard * m["n_shards"],
+        "k": m["active"],
+        "rank": rank,
+        "signed": signed,
+        "device": "cpu",
+        "epochs": EPOCHS,
+        "batch_size": BATCH,
+        "holdout_frac": HOLDOUT,
+        "checkpoint_every": EPOCHS,
+    }
+    row, res = fit_planted(settings, data, flatten(truth, names), names)
     steps = EPOCHS * math.ceil(len(res.train_idx) / BATCH)
-    return {**_keep(row), "seconds": dt, "ms_per_step": 1000 * dt / steps, "n_parameters": res.sae.n_parameters()}
+    return {
+        **_keep(row),
+        "seconds": row["seconds"],
+        "ms_per_step": 1000 * row["seconds"] / steps,
+        "n_parameters": row["n_parameters"],
+    }
 
 
 def sparsify_fit(member, seed, data, truth, names):

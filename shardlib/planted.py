@@ -166,10 +166,16 @@ SAE_KINDS = {"signed": (True, 1), "relu": (False, 2)}
 """How each member is fitted: signed TopK with one latent per shard, ReLU TopK with two (one per sign)."""
 
 
+def family_shapes(member: str) -> dict[str, tuple]:
+    """Parameter shapes one member of :data:`FAMILY` lives in."""
+    m = FAMILY[member]
+    return model_shapes(64, 128, m["n_layers"], m["patterns"])
+
+
 def family_store(member: str, n_events: int, seed: int):
     """(shapes, ``planted_updates(...)``) of one member of :data:`FAMILY`."""
     m = FAMILY[member]
-    shapes = model_shapes(64, 128, m["n_layers"], m["patterns"])
+    shapes = family_shapes(member)
     lo, hi = m["tensors"]
     data = planted_updates(
         shapes,
@@ -192,51 +198,34 @@ def family_store(member: str, n_events: int, seed: int):
 def fit_family(p: PlantedParams, progress: bool = True) -> xr.Dataset:
     """Every member x SAE kind x seed at the shard stage's defaults, given n_latents, k = active shards per
     update and rank = the planted rank: recovery, FVU, dead fraction, time and parameters."""
-    from . import metrics
-    from .shards import ShardParams, evaluate, train
-
     keys = ["mmcs_g2d", "r@0.9", "hungarian_mcc", "fvu", "dead_fraction", "seconds", "n_parameters"]
     out = {k: np.full((len(p.family), len(SAE_KINDS), len(p.family_seeds)), np.nan) for k in keys}
-    jobs = [
-        (i, m, j, kind, s, seed)
-        for i, m in enumerate(p.family)
-        for s, seed in enumerate(p.family_seeds)
-        for j, kind in enumerate(SAE_KINDS)
-    ]
-    for i, member, j, kind, s, seed in progress_bar(jobs, desc="family", disable=not progress):
+    jobs = [(i, m, s, seed) for i, m in enumerate(p.family) for s, seed in enumerate(p.family_seeds)]
+    for i, member, s, seed in progress_bar(jobs, desc="family", disable=not progress):
         shapes, (data, truth, _, _) = family_store(member, p.family_events, seed)
         names = list(shapes)
-        signed, per_shard = SAE_KINDS[kind]
+        G = flatten(truth, names)
         fm = FAMILY[member]
-        sp = ShardParams.from_dict(
-            {
+        for j, (kind, (signed, per_shard)) in enumerate(SAE_KINDS.items()):
+            settings = {
                 "out_dir": f"{p.out_dir}/family/{member}_{kind}_seed{seed}",
                 "seed": seed,
-                "store_path": "planted",
                 "n_latents": per_shard * fm["n_shards"],
                 "k": fm["active"],
                 "rank": fm["rank"],
                 "signed": signed,
                 "device": p.device,
-                "skip_zero_updates": False,
             }
-        )
-        t0 = time.perf_counter()
-        res = train(sp, progress=False, data=data)
-        dt = time.perf_counter() - t0
-        sae = res.sae.cpu()
-        row = metrics.recovery(flatten(truth, names), flatten(sae.directions(), names))
-        row.update(evaluate(sae, data, res.heldout_idx))
-        row.update(seconds=dt, n_parameters=sae.n_parameters())
-        for k in keys:
-            out[k][i, j, s] = row[k]
+            row, _ = fit_planted(settings, data, G, names)
+            for k in keys:
+                out[k][i, j, s] = row[k]
     dims = ("member", "sae", "family_seed")
     ds = xr.Dataset(
         {"family_" + k.replace("@", "_at_"): (dims, v) for k, v in out.items()},
         coords={"member": list(p.family), "sae": list(SAE_KINDS), "family_seed": list(p.family_seeds)},
     )
     ds["family_n_shards"] = ("member", [FAMILY[m]["n_shards"] for m in p.family])
-    ds["family_dims"] = ("member", [sum(math.prod(v) for v in family_store(m, 16, 0)[0].values()) for m in p.family])
+    ds["family_dims"] = ("member", [sum(math.prod(v) for v in family_shapes(m).values()) for m in p.family])
     return ds
 
 
@@ -347,36 +336,41 @@ def run_control(p: PlantedParams, progress: bool = True):
 
 def fit_one(p: PlantedParams, rank: int, seed: int, data, G: np.ndarray, names: list[str]):
     """One SAE of the control: its recovery of the planted directions ``G``, held-out metrics, time; (row, SAE)."""
-    import time
+    settings = {
+        "out_dir": f"{p.out_dir}/sae_rank{rank}_seed{seed}",
+        "seed": seed,
+        "n_latents": p.n_latents,
+        "k": p.k,
+        "rank": rank,
+        "signed": p.signed,
+        "epochs": p.epochs,
+        "batch_size": p.batch_size,
+        "lr": p.lr,
+        "device": p.device,
+        "checkpoint_every": p.epochs,
+    }
+    m, res = fit_planted(settings, data, G, names)
+    m["seconds_per_epoch"] = m["seconds"] / p.epochs
+    return m, res.sae
 
+
+def fit_planted(settings: dict, data, G: np.ndarray, names: list[str]):
+    """Train one shard SAE (the shard stage's parameters ``settings``, on the planted ``data`` itself) and
+    score it: recovery of the planted directions ``G`` (rows in ``names`` order), held-out metrics, wall
+    time ``seconds`` and ``n_parameters``. Returns (row, :class:`~shardlib.shards.ShardTraining` with the
+    SAE on the CPU)."""
     from . import metrics
     from .shards import ShardParams, evaluate, train
 
-    sp = ShardParams.from_dict(
-        {
-            "out_dir": f"{p.out_dir}/sae_rank{rank}_seed{seed}",
-            "seed": seed,
-            "store_path": "planted",
-            "n_latents": p.n_latents,
-            "k": p.k,
-            "rank": rank,
-            "signed": p.signed,
-            "epochs": p.epochs,
-            "batch_size": p.batch_size,
-            "lr": p.lr,
-            "device": p.device,
-            "skip_zero_updates": False,
-            "checkpoint_every": p.epochs,
-        }
-    )
+    sp = ShardParams.from_dict({"store_path": "planted", "skip_zero_updates": False, **settings})
     t0 = time.perf_counter()
     res = train(sp, progress=False, data=data)
     dt = time.perf_counter() - t0
-    sae = res.sae.cpu()
-    m = metrics.recovery(G, flatten(sae.directions(), names))
-    m.update(evaluate(sae, data, res.heldout_idx))
-    m.update(seconds=dt, seconds_per_epoch=dt / p.epochs, n_parameters=sae.n_parameters())
-    return m, sae
+    res.sae = res.sae.cpu()
+    row = metrics.recovery(G, flatten(res.sae.directions(), names))
+    row.update(evaluate(res.sae, data, res.heldout_idx))
+    row.update(seconds=dt, n_parameters=res.sae.n_parameters())
+    return row, res
 
 
 def run(p: PlantedParams, progress: bool = True) -> xr.Dataset:

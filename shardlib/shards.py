@@ -170,7 +170,6 @@ class Trainer:
         # firing records combined across processes, so every process keeps the same SAE
         self.acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
         self.aux_k = aux_k or max(1, sae.n_latents // 2)
-        self.lr_relative = lr_relative
         self.opt = torch.optim.Adam(sae.param_groups(lr, lr_relative))
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.total_steps, self.decay_frac, self.resample, self.fire_frac = total_steps, decay_frac, resample, fire_frac

@@ -132,6 +132,15 @@ class Factored(NamedTuple):
         return (gl * gr).sum((1, 2))
 
 
+def cat_factored(parts: list[Factored]) -> Factored:
+    """Concatenate batches of factored updates along ``event``, padding the factor axis with zero rows to
+    the largest factor count."""
+    m = max(f.left.shape[1] for f in parts)
+    return Factored(
+        *(torch.cat([torch.nn.functional.pad(f[i], (0, 0, 0, m - f[i].shape[1])) for f in parts]) for i in (0, 1))
+    )
+
+
 def factorize(delta: torch.Tensor, x: torch.Tensor, max_rank: int | None = None) -> tuple[Factored, torch.Tensor]:
     """Per-event factors of ``U_e = sum_t delta[e, t] x[e, t]^T`` (delta [E, T, d_out], x [E, T, d_in]).
 
@@ -370,12 +379,10 @@ class UpdateStore:
         for name, parts in self._pending_updates.items():
             vn = var_name(name)
             if isinstance(parts[0], Factored):
-                m = max(f.left.shape[1] for f in parts)
-                for side, suffix, dim in ((0, LEFT, 0), (1, RIGHT, 1)):
-                    t = torch.cat([torch.nn.functional.pad(f[side], (0, 0, 0, m - f[side].shape[1])) for f in parts])
-                    a = t.float().numpy()
+                f = cat_factored(parts)
+                for t, suffix, dim in ((f.left, LEFT, 0), (f.right, RIGHT, 1)):
                     dims = ("event", f"{vn}_factor", f"{vn}_dim{dim}")
-                    data_vars[vn + suffix] = xr.Variable(dims, a, attrs={"param": name})
+                    data_vars[vn + suffix] = xr.Variable(dims, t.float().numpy(), attrs={"param": name})
                 continue
             arr = torch.cat(parts)
             if arr.dtype == torch.bfloat16:  # netCDF has no bfloat16: store the exact values as float32
@@ -593,10 +600,8 @@ def validate_store(ds: xr.Dataset, where: str = "store") -> None:
             finite = finite.compute()
         if not bool(finite):
             raise StoreError(f"{where}: variable {v!r} holds NaN or Inf updates")
-    tensor_dims = {d for v in names for d in ds[v].dims[1:]} | {
-        d for p in pairs.values() for v in p for d in ds[v].dims[1:]
-    }
     names = names + [v for p in pairs.values() for v in p]
+    tensor_dims = {d for v in names for d in ds[v].dims[1:]}
     labels = [c for c in list(ds.coords) + list(ds.data_vars) if c not in names and c != "event"]
     for c in labels:
         dims = ds[c].dims
@@ -783,16 +788,8 @@ class UpdateCollector:
         out = {}
         for n, first in self._event_grads[0].items():
             parts = [g[n] for g in self._event_grads]
-            if isinstance(first, Factored):  # micro-batches of different lengths: pad the factor axis
-                m = max(f.left.shape[1] for f in parts)
-                out[n] = Factored(
-                    *(
-                        torch.cat([torch.nn.functional.pad(f[i], (0, 0, 0, m - f[i].shape[1])) for f in parts])
-                        for i in (0, 1)
-                    )
-                )
-            else:
-                out[n] = torch.cat(parts)
+            # micro-batches of different lengths: cat_factored pads the factor axis
+            out[n] = cat_factored(parts) if isinstance(first, Factored) else torch.cat(parts)
         return out
 
     def _preconditioner(self, name: str) -> torch.Tensor:
