@@ -1,15 +1,27 @@
-"""Benchmark: dense against factored per-event updates of Llama-style MLP matrices (issue 12, part 3, partly).
+"""Benchmark: dense against factored per-event updates of Llama-style MLP matrices (issue 12, part 3).
 
     python benchmarks/bench_factored.py [--widths 128 256 512 1024 2048] [--tokens 32] [--events 16]
+    python benchmarks/bench_factored.py --plot   # the log-log figure from the saved results only
 
-For each width d_model (d_ff = 4 d_model) one Llama-style MLP block (gate, up, down; no biases; SiLU),
-``--events`` events of ``--tokens`` tokens each, a loss with a nonzero output gradient on every token.
-The collector records the three matrices' event updates dense, factored exactly (one factor per
-token) and factored with ``max_rank = tokens / 2``; each way is timed (capture, backward and turning
-the hooks' (x, delta) into event updates; best of 3) and its bytes per event counted (fp32). Also: the
-memory a 2,048-event dense ring buffer would need, against this machine's memory. What this does not
-measure yet: SAE time per step on factored events (the SAE densifies them: issue 12, part 2) and peak
-memory. Writes ``benchmarks/results/bench_factored.json``.
+For each width d_model (d_ff = 4 d_model) one Llama-style MLP block (gate, up, down; no biases; SiLU):
+
+- *collection*: ``--events`` events of ``--tokens`` tokens each, a loss with a nonzero output gradient
+  on every token. The collector records the three matrices' event updates dense, factored exactly
+  (one factor per token) and factored with ``max_rank = tokens / 2``; each way is timed (capture,
+  backward and turning the hooks' (x, delta) into event updates; best of 3) and its bytes per event
+  counted (fp32); also the memory a 2,048-event dense ring buffer would need, against this machine's.
+- *SAE step*: the same low-rank ShardSAE (``--latents`` latents, rank 1, signed TopK k = 4, AuxK on,
+  b_pre of rank 1) takes training steps on a batch of ``--sae-batch`` events given dense and given as
+  their exact factors (``--tokens`` factors each); median time of ``--sae-steps`` steps after one
+  warm-up step, and the peak resident memory of a fresh process doing only that (``ru_maxrss``: the
+  Python and torch baseline included).
+- *recovery*: planted factored data (``planted.planted_factored``: 16 rank-1 shards over the three
+  matrices, 2 per event, log-normal magnitudes, noise), 16 latents, 10 epochs; trained on the factors
+  and, for widths up to ``--recovery-dense-max``, on the dense twin with the same seed; MMCS(G->D) of
+  each (``planted.factored_cosines``).
+
+Writes ``benchmarks/results/bench_factored.json`` and the log-log plot
+``benchmarks/results/bench_factored.png``; ``--table`` prints the README table.
 """
 
 from __future__ import annotations
@@ -69,14 +81,98 @@ def one(d: int, tokens: int, events: int, factored: bool, max_rank):
     return out
 
 
+def mlp_shapes(d: int) -> dict[str, tuple]:
+    return {"gate_proj.weight": (4 * d, d), "up_proj.weight": (4 * d, d), "down_proj.weight": (d, 4 * d)}
+
+
+def sae_step(d: int, mode: str, latents: int, batch: int, tokens: int, steps: int) -> dict:
+    """Median seconds per SAE training step on one batch given dense or factored (run in its own process,
+    so that ``ru_maxrss`` is this measurement's peak)."""
+    import resource
+    import statistics
+
+    from shardlib.sae import ShardSAE
+    from shardlib.shards import Trainer, init_from_data, total_variance
+
+    torch.manual_seed(0)
+    shapes = mlp_shapes(d)
+    g = torch.Generator().manual_seed(0)
+    x = {
+        n: Factored(torch.randn(batch, tokens, o, generator=g) / o**0.5, torch.randn(batch, tokens, i, generator=g))
+        for n, (o, i) in shapes.items()
+    }
+    if mode == "dense":
+        x = {n: f.dense() for n, f in x.items()}
+    sae = ShardSAE(shapes, latents, 4, rank=1, signed=True, seed=0, b_pre_rank=1)
+    init_from_data(sae, x)
+    # dead_window 1: the latents that did not fire are dead at once, so AuxK runs on every timed step
+    tr = Trainer(sae, 0.03, 0, 1 / 32, 1, total_variance(x, float(sae.scale)))
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        tr.step(x)
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"s_per_step": statistics.median(times[1:]), "peak_bytes": peak}
+
+
+def sae_step_subprocess(d, mode, args) -> dict:
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--sae-one", str(d), mode, "--latents", str(args.latents)]
+    cmd += ["--sae-batch", str(args.sae_batch), "--tokens", str(args.tokens), "--sae-steps", str(args.sae_steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def recovery(d: int, mode: str, events: int, epochs: int, seed: int = 0) -> dict:
+    """MMCS(G->D) of a 16-latent signed rank-1 SAE on planted factored data, trained on the factors or on
+    the dense twin (same data, seed, split and batches)."""
+    from shardlib.planted import factored_cosines, planted_factored
+    from shardlib.shards import ShardParams, train
+
+    data, truth, _ = planted_factored(mlp_shapes(d), n_shards=16, n_events=events, active=2, seed=seed)
+    if mode == "dense":
+        data = {n: f.dense() for n, f in data.items()}
+    p = ShardParams.from_dict(
+        {"out_dir": "/tmp/bench_factored_recovery", "store_path": "planted", "n_latents": 16, "k": 2, "rank": 1}
+        | {"signed": True, "epochs": epochs, "batch_size": 64, "b_pre_rank": 1, "seed": seed, "device": "cpu"}
+    )
+    import shutil
+
+    shutil.rmtree(p.out_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    res = train(p, progress=False, data=data)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(p.out_dir, ignore_errors=True)
+    return {"mmcs": float(factored_cosines(truth, res.sae).max(1).mean()), "train_s": seconds}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", nargs="*", type=int, default=[128, 256, 512, 1024, 2048])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--events", type=int, default=16)
+    ap.add_argument("--latents", type=int, default=256, help="SAE latents for the step timing")
+    ap.add_argument("--sae-batch", type=int, default=16, help="events per SAE step for the step timing")
+    ap.add_argument("--sae-steps", type=int, default=3, help="timed SAE steps (after one warm-up step)")
+    ap.add_argument("--recovery-events", type=int, default=1024)
+    ap.add_argument("--recovery-epochs", type=int, default=10)
+    ap.add_argument("--recovery-dense-max", type=int, default=512, help="largest width for the dense twin's SAE")
+    ap.add_argument("--sae-one", nargs=2, metavar=("D_MODEL", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--plot", action="store_true", help="only redraw the plot from the saved results")
+    ap.add_argument("--table", action="store_true", help="only print the README table from the saved results")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_factored.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
+    if args.sae_one:
+        d, mode = int(args.sae_one[0]), args.sae_one[1]
+        print(json.dumps(sae_step(d, mode, args.latents, args.sae_batch, args.tokens, args.sae_steps)))
+        return
+    if args.plot or args.table:
+        result = json.loads(Path(args.out).read_text())
+        plot(result, Path(args.out).with_suffix(".png")) if args.plot else print(table(result))
+        return
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rows = []
     for d in args.widths:
@@ -90,11 +186,94 @@ def main(argv=None):
         row["dense_buffer_2048_gib"] = 2048 * row["dense_bytes_per_event"] / 2**30
         row["factored_buffer_2048_gib"] = 2048 * row["factored_bytes_per_event"] / 2**30
         row["dense_buffer_fits"] = 2048 * row["dense_bytes_per_event"] < mem
+        row["factored_buffer_fits"] = 2048 * row["factored_bytes_per_event"] < mem
+        for mode in ("dense", "factored"):
+            for k, v in sae_step_subprocess(d, mode, args).items():
+                row[f"sae_{mode}_{k}"] = v
+        row["sae_speed_ratio"] = row["sae_dense_s_per_step"] / row["sae_factored_s_per_step"]
+        for mode in ("factored", "dense"):
+            if mode == "dense" and d > args.recovery_dense_max:
+                continue
+            for k, v in recovery(d, mode, args.recovery_events, args.recovery_epochs).items():
+                row[f"recovery_{mode}_{k}"] = v
         rows.append(row)
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    result = {"tokens": args.tokens, "events": args.events, "machine_memory_gib": mem / 2**30, "rows": rows}
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    result = {
+        "tokens": args.tokens,
+        "events": args.events,
+        "sae": {"latents": args.latents, "batch": args.sae_batch, "steps": args.sae_steps, "k": 4, "rank": 1},
+        "recovery": {"events": args.recovery_events, "epochs": args.recovery_epochs, "shards": 16, "latents": 16},
+        "machine_memory_gib": mem / 2**30,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    plot(result, Path(args.out).with_suffix(".png"))
+    print(table(result))
+
+
+def plot(result: dict, path: Path) -> None:
+    """Log-log: bytes per event and SAE seconds per step against d_model, dense and factored."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    d = [r["d_model"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax = axes[0]
+    ax.loglog(d, [r["dense_bytes_per_event"] for r in rows], "o-", label="dense")
+    ax.loglog(
+        d, [r["factored_bytes_per_event"] for r in rows], "s-", label=f"factored (exact, {result['tokens']} tokens)"
+    )
+    ax.axhline(
+        result["machine_memory_gib"] * 2**30 / 2048, color="grey", ls=":", label="2,048-event buffer fills this machine"
+    )
+    ax.set(xlabel="d_model (d_ff = 4 d_model)", ylabel="bytes per event (MLP block, fp32)", title="storage")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ax.loglog(d, [r["sae_dense_s_per_step"] for r in rows], "o-", label="dense events")
+    ax.loglog(d, [r["sae_factored_s_per_step"] for r in rows], "s-", label="factored events")
+    s = result["sae"]
+    ax.set(
+        xlabel="d_model", ylabel="seconds per SAE step", title=f"SAE step ({s['latents']} latents, {s['batch']} events)"
+    )
+    ax.legend(fontsize=7)
+    for a in axes:
+        a.set_xticks(d, [str(x) for x in d])
+        a.minorticks_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def table(result: dict) -> str:
+    """The README's markdown table."""
+    lines = [
+        "| d_model | bytes / event dense | factored | ratio | collection speed-up | SAE s / step dense | factored | "
+        "speed-up | peak RSS dense | factored | MMCS dense | factored |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        md = r.get("recovery_dense_mmcs")
+        lines.append(
+            f"| {r['d_model']} | {fmt(r['dense_bytes_per_event'])} | {fmt(r['factored_bytes_per_event'])} | "
+            f"{r['bytes_ratio_exact']:.1f}x | {r['speed_ratio_exact']:.1f}x | {r['sae_dense_s_per_step']:.3f} | "
+            f"{r['sae_factored_s_per_step']:.3f} | {r['sae_speed_ratio']:.1f}x | {fmt(r['sae_dense_peak_bytes'])} | "
+            f"{fmt(r['sae_factored_peak_bytes'])} | {'-' if md is None else f'{md:.3f}'} | "
+            f"{r['recovery_factored_mmcs']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def fmt(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 if __name__ == "__main__":

@@ -333,7 +333,7 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
             if same:  # the shard stage's own SAE: read it, do not train it again
                 sae = ShardSAE.load(Path(p.shards_dir) / "sae")
                 data, store = inp.data, inp.store
-                heldout = sh_mod.split_events(len(next(iter(data.values()))), sp.holdout_frac, sp.seed)[1]
+                heldout = sh_mod.split_events(sh_mod.n_events(data), sp.holdout_frac, sp.seed)[1]
             else:
                 r = sh_mod.train(q, progress=False)
                 sae, data, store, heldout = r.sae.cpu(), r.data, r.store, r.heldout_idx

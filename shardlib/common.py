@@ -44,10 +44,11 @@ def dense_parameter_count(shapes: dict[str, tuple], n_latents: int, encoder_bias
 
 
 def flatten(tensors: dict[str, torch.Tensor], names=None) -> np.ndarray:
-    """Concatenate per-tensor [F, *shape] into [F, D] (in ``names`` order)."""
+    """Concatenate per-tensor [F, *shape] into [F, D] (in ``names`` order); a Factored batch is made dense
+    (this is the dense view analysis needs: call it on as many rows as fit)."""
     names = names or list(tensors)
-    n = tensors[names[0]].shape[0]
-    return torch.cat([tensors[k].reshape(n, -1) for k in names], 1).numpy()
+    rows = [v.dense() if hasattr(v, "dense") else v for v in (tensors[k] for k in names)]
+    return torch.cat([v.reshape(v.shape[0], -1) for v in rows], 1).numpy()
 
 
 PROGRESS_INTERVAL = 5.0  # seconds between progress-bar refreshes

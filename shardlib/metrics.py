@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .updates import Factored
+
 
 @dataclass
 class ReconStats:
@@ -32,17 +34,30 @@ class ReconStats:
     norm_sum: float = 0.0
     norm_hat_sum: float = 0.0
 
-    def update(self, x: dict[str, torch.Tensor], xhat: dict[str, torch.Tensor], z: torch.Tensor) -> None:
+    def update(self, x: dict, xhat: dict, z: torch.Tensor) -> None:
+        """Add a batch: ``x`` and ``xhat`` per tensor, dense [N, *shape] or both
+        :class:`~shardlib.updates.Factored` (then every norm comes from Gram matrices of the factors, in
+        float64, and the running sum for the mean is one dense matrix per tensor)."""
         n = z.shape[0]
         xs = torch.zeros(n, dtype=torch.float64)
         hs = torch.zeros(n, dtype=torch.float64)
         for k, v in x.items():
-            v64, h64 = v.double().reshape(n, -1), xhat[k].double().reshape(n, -1)
-            self.sse += float(((v64 - h64) ** 2).sum())
-            self.sum_sq += float((v64**2).sum())
-            self.sum_x[k] = self.sum_x.get(k, 0) + v64.sum(0)
-            xs += (v64**2).sum(1)
-            hs += (h64**2).sum(1)
+            h = xhat[k]
+            if isinstance(v, Factored) != isinstance(h, Factored):
+                v, h = (t.dense() if isinstance(t, Factored) else t for t in (v, h))
+            if isinstance(v, Factored):
+                v64, h64 = v.to(torch.float64), h.to(torch.float64)
+                self.sse += float(v64.minus(h64).sq_norms().sum())
+                x_sq, h_sq = v64.sq_norms().cpu(), h64.sq_norms().cpu()
+                self.sum_x[k] = self.sum_x.get(k, 0) + v64.event_sum().reshape(-1).cpu()
+            else:
+                v64, h64 = v.double().reshape(n, -1), h.double().reshape(n, -1)
+                self.sse += float(((v64 - h64) ** 2).sum())
+                x_sq, h_sq = (v64**2).sum(1).cpu(), (h64**2).sum(1).cpu()
+                self.sum_x[k] = self.sum_x.get(k, 0) + v64.sum(0).cpu()
+            self.sum_sq += float(x_sq.sum())
+            xs += x_sq
+            hs += h_sq
         active = z != 0
         self.l0_sum += float(active.sum())
         f = active.sum(0).double().cpu()

@@ -119,6 +119,77 @@ def planted_updates(
     return updates, truth, codes, freq
 
 
+def planted_factored(
+    shapes: dict[str, tuple],
+    n_shards: int = 16,
+    n_events: int = 1024,
+    active: int = 2,
+    rank: int = 1,
+    zipf: float = 1.0,
+    noise: float = 0.05,
+    noise_factors: int = 8,
+    seed: int = 0,
+):
+    """Synthetic *factored* updates of weight matrices, never dense: each shard is a rank-``rank`` matrix
+    in one matrix (chosen at random), unit norm; each event holds exactly ``active`` distinct shards
+    (Zipf-weighted, as ``planted_updates(exact_active=True)``) with log-normal magnitudes and random
+    signs, plus ``noise_factors`` random rank-1 terms of total norm about ``noise``. An event's factors:
+    ``code * A_s`` and ``B_s`` of its shards, then the noise terms (what a collector of ``active * rank +
+    noise_factors`` factors per event would store).
+
+    Returns (updates {name: Factored [n_events]}, truth {name: Factored [n_shards]} with ``rank``
+    factors each (zero where the shard is elsewhere), codes [n_events, n_shards]).
+    """
+    from .updates import Factored
+
+    if any(len(s) != 2 for s in shapes.values()):
+        raise ValueError(f"planted_factored plants matrices only; got shapes {shapes}")
+    if not 1 <= active <= n_shards:
+        raise ValueError(f"active must be between 1 and n_shards={n_shards}, got {active}")
+    g = torch.Generator().manual_seed(seed)
+    names = list(shapes)
+    where = torch.randint(len(names), (n_shards,), generator=g)
+    truth = {}
+    for t, n in enumerate(names):
+        d_out, d_in = shapes[n]
+        A = torch.randn(n_shards, rank, d_out, generator=g) * (where == t).view(-1, 1, 1)
+        B = torch.randn(n_shards, rank, d_in, generator=g) * (where == t).view(-1, 1, 1)  # zero rows: padding
+        truth[n] = Factored(A, B)
+    norm = sum(f.sq_norms() for f in truth.values()).sqrt()
+    truth = {
+        n: Factored(f.left / norm.sqrt().view(-1, 1, 1), f.right / norm.sqrt().view(-1, 1, 1)) for n, f in truth.items()
+    }
+    base = torch.tensor(1.0 / np.arange(1, n_shards + 1) ** zipf, dtype=torch.float32)
+    u = torch.rand(n_events, n_shards, generator=g).clamp(1e-12, 1 - 1e-12)
+    idx = (torch.log(base) - torch.log(-torch.log(u))).topk(active, dim=1).indices  # [E, active]
+    mag = torch.exp(torch.randn(n_events, active, generator=g))
+    sign = torch.where(torch.rand(n_events, active, generator=g) < 0.5, -1.0, 1.0)
+    coef = mag * sign
+    codes = torch.zeros(n_events, n_shards).scatter_(1, idx, coef)
+    updates = {}
+    for n in names:
+        d_out, d_in = shapes[n]
+        left = (truth[n].left[idx] * coef.view(n_events, active, 1, 1)).reshape(n_events, active * rank, d_out)
+        right = truth[n].right[idx].reshape(n_events, active * rank, d_in)
+        q = noise / math.sqrt(noise_factors * len(names))
+        nl = torch.randn(n_events, noise_factors, d_out, generator=g) * (q / math.sqrt(d_out))
+        nr = torch.randn(n_events, noise_factors, d_in, generator=g) / math.sqrt(d_in)
+        updates[n] = Factored(torch.cat([left, nl], 1), torch.cat([right, nr], 1))
+    return updates, truth, codes
+
+
+def factored_cosines(truth: dict, sae) -> np.ndarray:
+    """|cos| between planted factored shards and a low-rank SAE's decoder directions [n_shards, n_latents],
+    from factor Gram matrices (<A B^T, U V^T> = sum (A^T U) * (B^T V)): no matrix is formed."""
+    inner = 0.0
+    for j, n in enumerate(sae.names):
+        A, B = truth[n].left, truth[n].right  # [S, r, d]
+        U, V = sae.dec[f"{j}_U"].detach(), sae.dec[f"{j}_V"].detach()  # [F, d, r']
+        inner = inner + (torch.einsum("sao,fob->sfab", A, U) * torch.einsum("sai,fib->sfab", B, V)).sum((2, 3))
+    t_norm = sum(f.sq_norms() for f in truth.values()).sqrt()
+    return (inner.abs() / (t_norm[:, None] * sae.decoder_norms().detach()[None])).numpy()
+
+
 # ---------------------------------------------------------------------------
 # the planted family: stores of other kinds than the default, to check the SAE's defaults on
 

@@ -391,7 +391,8 @@ def make_collector(p: RLParams, acc, base, optimizer, testbed, start: int, ckpt:
     estore, sstore = store("event"), store("step")
     buffer = None
     if p.buffer_capacity:
-        buffer = RingBuffer({n: tuple(t.shape) for n, t in sel.items()}, p.buffer_capacity, torch.float32)
+        factored = [n for n, t in sel.items() if p.collect_factored and t.ndim == 2]
+        buffer = RingBuffer({n: tuple(t.shape) for n, t in sel.items()}, p.buffer_capacity, torch.float32, factored)
         if start:
             buffer.load(ckpt / "buffer")
     if p.collect_factored and acc.num_processes > 1:

@@ -28,9 +28,9 @@ from .common import dense_parameter_count, deterministic, make_accelerator, prog
 from .config import Params, param
 from .io import OPTIMIZER_FILE, load_optimizer, load_results, read_checkpoint, save_results, write_checkpoint
 from .metrics import ReconStats
-from .sae import ShardSAE, sae_loss
+from .sae import ShardSAE, sae_loss, sq_norms
 from .shardfile import activations_dataset, shards_dataset
-from .updates import densify, open_store, update_vars
+from .updates import Factored, factor_pairs, open_store, update_vars
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,12 @@ class ShardParams(Params):
         0.1, "a latent fires on an event when its |code| is at least this fraction of the event's largest", ge=0, le=1
     )
     encoder_bias: bool = param(False, "learn an encoder bias b_enc (fixed at 0 otherwise)")
+    b_pre_rank: int = param(
+        -1,
+        "rank of each weight matrix's pre-encoder bias b_pre: 0 = dense, r > 0 = rank r; -1 = the SAE's rank when "
+        "the store holds factored matrices (a dense b_pre would densify every event), else dense",
+        ge=-1,
+    )
     aux_k: int = param(0, "latents in the AuxK reconstruction (0 = n_latents // 2)", ge=0)
     aux_coef: float = param(1 / 32, "weight of the AuxK loss", ge=0)
     dead_window: int = param(5000, "a latent not fired within this many samples is dead", ge=1)
@@ -81,39 +87,73 @@ class ShardParams(Params):
             raise ValueError(f"parameter 'k': {self.k} exceeds n_latents={self.n_latents}")
 
 
-def load_updates(
-    store_path, patterns=(), skip_zero: bool = False, normalize: bool = False
-) -> tuple[dict[str, torch.Tensor], xr.Dataset]:
-    """Updates of a store as ``{param: float32 tensor [event, *shape]}``, and the store (labels).
+def load_updates(store_path, patterns=(), skip_zero: bool = False, normalize: bool = False) -> tuple[dict, xr.Dataset]:
+    """Updates of a store as ``{param: float32 tensor [event, *shape]}`` (a :class:`Factored` batch for a
+    factored matrix variable: never made dense), and the store (labels).
 
     ``skip_zero`` leaves out events whose update is exactly zero in every tensor (the
     returned store is subset to the same events; its attribute ``n_zero_skipped`` counts them);
     ``normalize`` divides each event's update by its norm over all tensors, kept as the label
     ``update_norm``.
     """
-    # factored stores are made dense here: the SAE does not score factored events yet (issue 12, part 2)
-    ds = densify(open_store(store_path))
+    ds = open_store(store_path)
+    pairs = factor_pairs(ds)
     names = {ds[v].attrs["param"]: v for v in update_vars(ds)}
+    names.update({ds[lv].attrs["param"]: v for v, (lv, _) in pairs.items()})
     if patterns:
         names = {p: v for p, v in names.items() if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)}
         if not names:
-            raise ValueError(
-                f"parameter 'params': {list(patterns)} matches none of the store's tensors {list(update_vars(ds))}"
-            )
-    data = {p: torch.from_numpy(np.asarray(ds[v].values, dtype=np.float32)) for p, v in names.items()}
+            raise ValueError(f"parameter 'params': {list(patterns)} matches none of the store's tensors {list(names)}")
+
+    def tensor(v):
+        return torch.from_numpy(np.asarray(ds[v].values, dtype=np.float32))
+
+    data = {p: Factored(*(tensor(lr) for lr in pairs[v])) if v in pairs else tensor(v) for p, v in names.items()}
+    ds = ds.drop_vars([x for v in names.values() for x in pairs.get(v, ())])
     ds = ds.assign_coords(store_event=("event", np.arange(ds.sizes["event"])))
     if skip_zero:
-        nonzero = sum((v != 0).reshape(len(v), -1).any(1).int() for v in data.values()) > 0
-        keep = np.flatnonzero(nonzero.numpy())
-        data = {p: v[keep] for p, v in data.items()}
+        nonzero = (
+            sum(
+                (sq_norms(v.to(torch.float64)) > 0) if isinstance(v, Factored) else (v != 0).reshape(len(v), -1).any(1)
+                for v in data.values()
+            ).numpy()
+            > 0
+        )
+        keep = np.flatnonzero(nonzero)
+        data = {p: take(v, keep) for p, v in data.items()}
         ds = ds.isel(event=keep)
         ds.attrs["n_zero_skipped"] = int((~nonzero).sum())
     if normalize:
-        norm = torch.sqrt(sum((v.double() ** 2).reshape(len(v), -1).sum(1) for v in data.values()))
+        norm = torch.sqrt(sum(sq_norms(v if isinstance(v, Factored) else v.double()).double() for v in data.values()))
         scale = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)).float()
-        data = {p: v * scale.view(-1, *([1] * (v.ndim - 1))) for p, v in data.items()}
+        data = {
+            p: v.scaled(scale) if isinstance(v, Factored) else v * scale.view(-1, *([1] * (v.ndim - 1)))
+            for p, v in data.items()
+        }
         ds = ds.assign_coords(update_norm=("event", norm.numpy()))
     return data, ds
+
+
+def n_events(data: dict) -> int:
+    """Number of events of a ``{name: tensor or Factored}`` batch."""
+    v = next(iter(data.values()))
+    return v.n_events if isinstance(v, Factored) else v.shape[0]
+
+
+def take(v, idx):
+    """Events ``idx`` of a dense [event, ...] tensor or a Factored batch."""
+    return v.take(idx) if isinstance(v, Factored) else v[idx]
+
+
+def shapes_of(data: dict) -> dict[str, tuple]:
+    return {k: tuple(v.shape) if isinstance(v, Factored) else tuple(v.shape[1:]) for k, v in data.items()}
+
+
+def resolve_b_pre_rank(p: ShardParams, data: dict) -> int:
+    """``p.b_pre_rank``, with -1 resolved: the SAE's rank when a low-rank tensor comes factored, else 0 (dense)."""
+    if p.b_pre_rank >= 0:
+        return p.b_pre_rank
+    return p.rank if p.rank > 0 and any(isinstance(v, Factored) for v in data.values()) else 0
 
 
 def split_events(n: int, holdout_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,19 +162,62 @@ def split_events(n: int, holdout_frac: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
-def init_from_data(sae: ShardSAE, data: dict[str, torch.Tensor]) -> None:
-    """Input scale (mean squared norm 1) and b_pre = data mean, both saved with the model."""
+def data_moments(data: dict, chunk: int = 1024) -> tuple[dict[str, torch.Tensor], float]:
+    """(mean update per tensor, dense float64; mean squared norm of an update over all tensors), in chunks
+    of events. A Factored tensor's mean is one dense matrix for the whole data (``Factored.event_sum``),
+    its squared norms come from Gram matrices."""
+    n = n_events(data)
+    sums, sq = {}, 0.0
+    for s in range(0, n, chunk):
+        for k, v in data.items():
+            b = take(v, slice(s, s + chunk))
+            part = b.event_sum().double() if isinstance(b, Factored) else b.double().sum(0)
+            sums[k] = sums[k] + part if k in sums else part
+            sq += float(sq_norms(b if isinstance(b, Factored) else b.double()).double().sum())
+    return {k: v / n for k, v in sums.items()}, sq / n
+
+
+def init_from_data(sae: ShardSAE, data: dict) -> None:
+    """Input scale (mean squared norm 1) and b_pre = data mean (its best rank-r approximation where
+    ``b_pre`` is low-rank), both saved with the model."""
+    mean, sq = data_moments(data)
     with torch.no_grad():
-        sq = sum((v.double() ** 2).reshape(len(v), -1).sum(1) for v in data.values())
-        sae.scale.fill_(float(sq.mean().sqrt().clamp(min=1e-30)))
+        sae.scale.fill_(float(math.sqrt(max(sq, 1e-60))))
         for j, n in enumerate(sae.names):
-            sae.b_pre[str(j)].copy_(data[n].double().mean(0).float() / sae.scale)
+            m = mean[n] / float(sae.scale)
+            if sae.lowrank_bias(n):
+                U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+                r = min(sae.b_pre_rank, len(S))
+                s = S[:r].sqrt()
+                sae.b_pre[f"{j}_U"].zero_()[:, :r] = (U[:, :r] * s).float()
+                if s.sum() > 0:
+                    sae.b_pre[f"{j}_V"].zero_()[:, :r] = (Vh[:r].T * s).float()
+            else:
+                sae.b_pre[str(j)].copy_(m.float())
 
 
-def total_variance(data: dict[str, torch.Tensor], scale: float) -> float:
-    return float(
-        sum(((v.double() / scale - v.double().mean(0) / scale) ** 2).sum() for v in data.values())
-        / len(next(iter(data.values())))
+def total_variance(data: dict, scale: float) -> float:
+    """sum over tensors of E||x / scale - mean||^2 (float64; Gram-based for Factored tensors)."""
+    if not any(isinstance(v, Factored) for v in data.values()):
+        return float(
+            sum(((v.double() / scale - v.double().mean(0) / scale) ** 2).sum() for v in data.values()) / n_events(data)
+        )
+    mean, sq = data_moments(data)
+    return float((sq - sum(float((m**2).sum()) for m in mean.values())) / scale**2)
+
+
+def make_sae(p: ShardParams, shapes: dict[str, tuple], b_pre_rank: int) -> ShardSAE:
+    """The ShardSAE ``p`` describes over tensors of ``shapes``."""
+    return ShardSAE(
+        shapes,
+        p.n_latents,
+        p.k,
+        p.rank,
+        p.activation,
+        p.signed,
+        seed=p.seed,
+        encoder_bias=p.encoder_bias,
+        b_pre_rank=b_pre_rank,
     )
 
 
@@ -216,7 +299,7 @@ class Trainer:
             fired = self.acc.reduce(fired.float(), "sum") > 0
         fired = fired.cpu()
         self.last_fired[fired] = self.samples
-        n_res = self.resample_dead_(out) if self.resample and factor > 0 else 0
+        n_res = self.resample_dead_(batch, out) if self.resample and factor > 0 else 0
         return {
             "loss": float(loss.detach()),
             "rec": float(rec.detach()),
@@ -227,21 +310,24 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def resample_dead_(self, out) -> int:
-        """Restart the latents dead now at the residuals of the worst-reconstructed events of the batch."""
+    def resample_dead_(self, batch: dict, out) -> int:
+        """Restart the latents dead now at the residuals of the worst-reconstructed events of the batch
+        (factored residuals stay factored: their best rank-r part comes from the factors)."""
         sae = self.sae
         dead = torch.nonzero(self.dead()).flatten()
         if len(dead) == 0:
             return 0
-        resid = {n: (out.centered[n] - out.xhat[n] + sae.b_pre[str(j)]).detach() for j, n in enumerate(sae.names)}
+        resid = {n: v.detach() for n, v in sae.residual(batch, out.xhat).items()}
         if self.acc is not None:  # every process picks from the whole batch
+            if any(isinstance(v, Factored) for v in resid.values()):
+                raise NotImplementedError("restarting dead latents from factored events of several processes")
             resid = {n: self.acc.gather(v.contiguous()) for n, v in resid.items()}
-        err = sum((v.double() ** 2).reshape(len(v), -1).sum(1) for v in resid.values())
+        err = sum(sq_norms(v).double() for v in resid.values())
         m = min(len(dead), int((err > 0).sum()))
         if m == 0:
             return 0
         dead, worst = dead[:m].to(err.device), err.topk(m).indices
-        sae.set_directions_({n: resid[n][worst] for n in sae.names}, latents=dead)
+        sae.set_directions_({n: take(resid[n], worst) for n in sae.names}, latents=dead)
         for prm in [*sae.dec.values(), *sae.enc.values()]:  # per-latent factors only (not b_pre)
             st = self.opt.state.get(prm)
             if st:
@@ -274,9 +360,9 @@ def evaluate(
     sae.eval()
     stats = ReconStats()
     for s in range(0, len(idx), batch_size):
-        b = {n: v[idx[s : s + batch_size]].to(device) for n, v in data.items()}
+        b = {n: take(v, idx[s : s + batch_size]).to(device) for n, v in data.items()}
         out = sae(b)
-        stats.update({n: b[n] / sae.scale for n in sae.names}, out.xhat, out.codes)
+        stats.update(sae.scaled_input(b), out.xhat, out.codes)
     return stats.result() if stats.n else {}
 
 
@@ -285,9 +371,8 @@ def encode_all(sae: ShardSAE, data: dict[str, torch.Tensor], batch_size: int = 5
     """Active latents of every event: (index [N, kk] with -1 padding, value [N, kk], dense codes [N, F])."""
     sae.eval()
     codes = []
-    n = len(next(iter(data.values())))
-    for s in range(0, n, batch_size):
-        b = {k: v[s : s + batch_size].to(device) for k, v in data.items()}
+    for s in range(0, n_events(data), batch_size):
+        b = {k: take(v, slice(s, s + batch_size)).to(device) for k, v in data.items()}
         codes.append(sae(b).codes.cpu())
     z = torch.cat(codes)
     kk = max(1, int((z != 0).sum(1).max()))
@@ -348,13 +433,12 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_di
     store = None
     if data is None:
         data, store = load_updates(p.store_path, p.params, p.skip_zero_updates, p.normalize)
-    n = len(next(iter(data.values())))
+    n = n_events(data)
     if n < 2:
         raise ValueError(f"store {p.store_path} holds {n} event(s); an SAE needs at least 2")
     train_idx, held_idx = split_events(n, p.holdout_frac, p.seed)
-    train_data = {k: v[train_idx] for k, v in data.items()}
-    shapes = {k: tuple(v.shape[1:]) for k, v in data.items()}
-    sae = ShardSAE(shapes, p.n_latents, p.k, p.rank, p.activation, p.signed, seed=p.seed, encoder_bias=p.encoder_bias)
+    train_data = {k: take(v, train_idx) for k, v in data.items()}
+    sae = make_sae(p, shapes_of(data), resolve_b_pre_rank(p, data))
     init_from_data(sae, train_data)
     if init_directions is not None:
         sae.set_directions_(init_directions)
@@ -397,7 +481,7 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_di
                 bar.update(1)
                 continue
             chunk = chunk[acc.process_index :: acc.num_processes]
-            m = trainer.step({k: v[chunk].to(acc.device) for k, v in data.items()})
+            m = trainer.step({k: take(v, chunk).to(acc.device) for k, v in data.items()})
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + v / steps_per_epoch
             bar.update(1)
@@ -479,7 +563,8 @@ class OnlineTrainer:
     Pass it as ``rl.train(..., on_step=trainer)``: after every RL step, once the buffer holds
     ``warmup`` events, it takes ``steps_per_rl_step`` SAE steps on batches sampled from the
     buffer. The SAE is built at warm-up from the buffer's tensor shapes; the input scale and
-    ``b_pre`` come from the buffer's contents then. Memory: the buffer's capacity, never the run.
+    ``b_pre`` come from the buffer's contents then. Memory: the buffer's capacity, never the run;
+    a buffer of factored events (``collect_factored``) is trained on factored, never made dense.
     """
 
     def __init__(self, p: ShardParams, warmup: int = 256, steps_per_rl_step: int = 1):
@@ -510,18 +595,8 @@ class OnlineTrainer:
         if buffer is None or buffer.size < self.warmup:
             return
         if self.trainer is None:
-            p = self.p
-            self.sae = ShardSAE(
-                buffer.shapes,
-                p.n_latents,
-                p.k,
-                p.rank,
-                p.activation,
-                p.signed,
-                seed=p.seed,
-                encoder_bias=p.encoder_bias,
-            )
-            snapshot = {n: v[: buffer.size].float() for n, v in buffer.data.items()}
+            snapshot = buffer.contents()
+            self.sae = make_sae(self.p, buffer.shapes, resolve_b_pre_rank(self.p, snapshot))
             init_from_data(self.sae, snapshot)
             self.trainer = self._trainer(total_variance(snapshot, float(self.sae.scale)))
         with deterministic():  # as offline training: else the gather backward adds in thread order

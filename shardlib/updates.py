@@ -122,8 +122,40 @@ class Factored(NamedTuple):
     right: torch.Tensor
     """[events, factors, d_in]"""
 
+    @property
+    def n_events(self) -> int:
+        return self.left.shape[0]
+
+    @property
+    def n_factors(self) -> int:
+        return self.left.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of one event's matrix, ``(d_out, d_in)``."""
+        return self.left.shape[2], self.right.shape[2]
+
     def dense(self) -> torch.Tensor:
         return torch.einsum("efo,efi->eoi", self.left, self.right)
+
+    def take(self, idx) -> Factored:
+        """The events ``idx`` selects (indices, a mask or a slice)."""
+        return Factored(self.left[idx], self.right[idx])
+
+    def to(self, *args, **kwargs) -> Factored:
+        return Factored(self.left.to(*args, **kwargs), self.right.to(*args, **kwargs))
+
+    def scaled(self, c) -> Factored:
+        """``c * U_e`` (``c`` a number or one per event)."""
+        c = torch.as_tensor(c, dtype=self.left.dtype, device=self.left.device)
+        return Factored(self.left * (c.view(-1, 1, 1) if c.ndim else c), self.right)
+
+    def minus(self, other: Factored) -> Factored:
+        """``U_e - V_e`` as one factored batch (the factors of both, ``other``'s left side negated)."""
+        return Factored(torch.cat([self.left, -other.left], 1), torch.cat([self.right, other.right], 1))
+
+    def detach(self) -> Factored:
+        return Factored(self.left.detach(), self.right.detach())
 
     def sq_norms(self) -> torch.Tensor:
         """||U_e||_F^2 per event from the factors' Gram matrices, never forming U_e."""
@@ -131,23 +163,59 @@ class Factored(NamedTuple):
         gr = self.right @ self.right.transpose(1, 2)
         return (gl * gr).sum((1, 2))
 
+    def event_sum(self) -> torch.Tensor:
+        """``sum_e U_e``: one dense [d_out, d_in] matrix for the whole batch (one matmul over all factors)."""
+        return self.left.reshape(-1, self.left.shape[2]).T @ self.right.reshape(-1, self.right.shape[2])
+
+
+def pad_factors(f: Factored, m: int) -> Factored:
+    """``f`` with its factor axis padded by zero rows to ``m`` factors (the same updates)."""
+    pad = (0, 0, 0, m - f.n_factors)
+    return Factored(torch.nn.functional.pad(f.left, pad), torch.nn.functional.pad(f.right, pad))
+
 
 def cat_factored(parts: list[Factored]) -> Factored:
     """Concatenate batches of factored updates along ``event``, padding the factor axis with zero rows to
     the largest factor count."""
-    m = max(f.left.shape[1] for f in parts)
-    return Factored(
-        *(torch.cat([torch.nn.functional.pad(f[i], (0, 0, 0, m - f[i].shape[1])) for f in parts]) for i in (0, 1))
-    )
+    m = max(f.n_factors for f in parts)
+    padded = [pad_factors(f, m) for f in parts]
+    return Factored(torch.cat([f.left for f in padded]), torch.cat([f.right for f in padded]))
+
+
+def _tensors(v) -> tuple:
+    return (v.left, v.right) if isinstance(v, Factored) else (v,)
+
+
+def _take(v, idx):
+    """Events ``idx`` of a dense [event, ...] tensor or a Factored batch, as float32."""
+    return v.take(idx).to(torch.float32) if isinstance(v, Factored) else v[idx].float()
+
+
+def best_rank(f: Factored, rank: int) -> tuple[Factored, torch.Tensor]:
+    """The best rank-``rank`` approximation of every event (Eckart-Young), by a thin QR of both sides and
+    an SVD of the small core: exactly ``rank`` factors per event (zero rows where an event's rank is
+    lower), singular values split evenly (each factor pair has equal norms), ordered by singular value;
+    and the kept fraction of ``||U_e||^2`` (1 for an all-zero event)."""
+    Ql, Rl = torch.linalg.qr(f.left.transpose(1, 2))  # left^T = Ql Rl: [E, d_out, m], [E, m, m]
+    Qr, Rr = torch.linalg.qr(f.right.transpose(1, 2))  # right^T = Qr Rr
+    u, sv, vh = torch.linalg.svd(Rl @ Rr.transpose(1, 2))  # U_e = Ql (Rl Rr^T) Qr^T
+    r = min(rank, sv.shape[1])
+    s = sv[:, None, :r].sqrt()
+    left = (Ql @ u[:, :, :r]) * s  # [E, d_out, r]
+    right = (Qr @ vh[:, :r, :].transpose(1, 2)) * s
+    total = (sv**2).sum(1)
+    kept = torch.where(total > 0, (sv[:, :r] ** 2).sum(1) / total.clamp(min=1e-300), torch.ones_like(total))
+    pad = (0, 0, 0, rank - r)
+    out = Factored(*(torch.nn.functional.pad(t.transpose(1, 2), pad).contiguous() for t in (left, right)))
+    return out, kept
 
 
 def factorize(delta: torch.Tensor, x: torch.Tensor, max_rank: int | None = None) -> tuple[Factored, torch.Tensor]:
     """Per-event factors of ``U_e = sum_t delta[e, t] x[e, t]^T`` (delta [E, T, d_out], x [E, T, d_in]).
 
-    ``max_rank=None``: exact, one factor per token. Otherwise at most ``max_rank`` factors per event by
-    a thin QR of both sides and an SVD of the small core (the best rank-``max_rank`` approximation of
-    U_e); returns the factors and the kept fraction of ||U_e||^2 per event (1 when exact or when the
-    event's rank is within ``max_rank``).
+    ``max_rank=None``: exact, one factor per token. Otherwise at most ``max_rank`` factors per event
+    (:func:`best_rank`: the best rank-``max_rank`` approximation of U_e); returns the factors and the kept
+    fraction of ||U_e||^2 per event (1 when exact or when the event's rank is within ``max_rank``).
     """
     delta, x = delta.float(), x.float()
     live = (delta.any(-1) & x.any(-1)).unsqueeze(-1)  # a token with zero delta (masked) or zero x adds nothing:
@@ -155,16 +223,7 @@ def factorize(delta: torch.Tensor, x: torch.Tensor, max_rank: int | None = None)
     exact = Factored(delta, x)
     if max_rank is None or max_rank >= delta.shape[1]:
         return exact, torch.ones(delta.shape[0])
-    Ql, Rl = torch.linalg.qr(delta.transpose(1, 2))  # delta^T = Ql Rl: [E, d_out, m], [E, m, T]
-    Qr, Rr = torch.linalg.qr(x.transpose(1, 2))  # x^T = Qr Rr
-    core = Rl @ Rr.transpose(1, 2)  # U_e = Ql core Qr^T, core [E, m, m]
-    u, sv, vh = torch.linalg.svd(core)
-    r = min(max_rank, sv.shape[1])
-    left = (Ql @ u[:, :, :r]) * sv[:, None, :r]  # [E, d_out, r]
-    right = Qr @ vh[:, :r, :].transpose(1, 2)  # [E, d_in, r]
-    total = (sv**2).sum(1)
-    kept = torch.where(total > 0, (sv[:, :r] ** 2).sum(1) / total.clamp(min=1e-300), torch.ones_like(total))
-    return Factored(left.transpose(1, 2).contiguous(), right.transpose(1, 2).contiguous()), kept
+    return best_rank(exact, max_rank)
 
 
 def factor_pairs(ds: xr.Dataset) -> dict[str, tuple[str, str]]:
@@ -192,13 +251,28 @@ def densify(ds: xr.Dataset, events=None) -> xr.Dataset:
 
 
 class RingBuffer:
-    """Fixed-capacity buffer of the most recent updates (flattened per parameter)."""
+    """Fixed-capacity buffer of the most recent updates (flattened per parameter).
 
-    def __init__(self, shapes: dict[str, tuple], capacity: int, dtype=torch.float32):
+    Matrices named in ``factored`` are held as :class:`Factored` events: memory per event
+    ``factors * (d_out + d_in)`` instead of ``d_out * d_in``; the factor axis grows to the largest
+    factor count added (events with fewer are padded with zero rows), and ``sample`` returns them
+    factored.
+    """
+
+    def __init__(self, shapes: dict[str, tuple], capacity: int, dtype=torch.float32, factored=()):
         if capacity < 1:
             raise ValueError(f"ring buffer capacity must be >= 1, got {capacity}")
         self.capacity, self.shapes = capacity, dict(shapes)
-        self.data = {n: torch.zeros((capacity, *s), dtype=dtype) for n, s in shapes.items()}
+        self.factored = [n for n in shapes if n in set(factored)]
+        for n in self.factored:
+            if len(self.shapes[n]) != 2:
+                raise ValueError(f"ring buffer: {n!r} has shape {self.shapes[n]}; only matrices can be factored")
+        self.data = {
+            n: Factored(torch.zeros((capacity, 0, s[0]), dtype=dtype), torch.zeros((capacity, 0, s[1]), dtype=dtype))
+            if n in self.factored
+            else torch.zeros((capacity, *s), dtype=dtype)
+            for n, s in shapes.items()
+        }
         self.labels: dict[str, np.ndarray] = {}
         self.size = 0
         self.cursor = 0
@@ -206,14 +280,27 @@ class RingBuffer:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.data.values())
+        return sum(t.numel() * t.element_size() for v in self.data.values() for t in _tensors(v))
 
     def add(self, updates: dict[str, torch.Tensor], labels: dict[str, np.ndarray]) -> None:
-        n = next(iter(updates.values())).shape[0]
+        first_value = next(iter(updates.values()))
+        n = first_value.n_events if isinstance(first_value, Factored) else first_value.shape[0]
         first = max(0, n - self.capacity)  # more events than capacity: only the last `capacity` stay
         idx = (self.cursor + torch.arange(first, n)) % self.capacity
         for k, v in updates.items():
-            self.data[k][idx] = v[first:].to(self.data[k].dtype)
+            if k in self.factored:
+                if not isinstance(v, Factored):
+                    raise TypeError(f"ring buffer: {k!r} holds factored events; got a dense tensor")
+                buf = self.data[k]
+                m = max(buf.n_factors, v.n_factors)
+                buf, v = pad_factors(buf, m), pad_factors(v, m)
+                v = v.take(slice(first, None))
+                buf.left[idx], buf.right[idx] = v.left.to(buf.left.dtype), v.right.to(buf.right.dtype)
+                self.data[k] = buf
+            else:
+                if isinstance(v, Factored):
+                    v = v.dense()
+                self.data[k][idx] = v[first:].to(self.data[k].dtype)
         for k, v in labels.items():
             if k not in self.labels:
                 self.labels[k] = np.zeros(self.capacity, dtype=np.asarray(v).dtype)
@@ -222,11 +309,15 @@ class RingBuffer:
         self.size = min(self.capacity, self.size + n)
         self.total_added += n
 
-    def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def contents(self) -> dict:
+        """The events held now (oldest slots first as stored): ``{name: tensor or Factored}``, float32."""
+        return {k: _take(v, slice(0, self.size)) for k, v in self.data.items()}
+
+    def sample(self, n: int, generator: torch.Generator) -> dict:
         if self.size == 0:
             raise ValueError("ring buffer is empty")
         idx = torch.randint(self.size, (n,), generator=generator)
-        return {k: v[idx].float() for k, v in self.data.items()}
+        return {k: _take(v, idx) for k, v in self.data.items()}
 
     def save(self, path) -> None:
         """Contents and position into folder ``path`` (part of an RL checkpoint)."""
@@ -234,7 +325,13 @@ class RingBuffer:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.data.items()}, str(path / "data.safetensors"))
+        tensors = {}
+        for k, v in self.data.items():
+            if isinstance(v, Factored):
+                tensors[k + LEFT], tensors[k + RIGHT] = v.left.contiguous(), v.right.contiguous()
+            else:
+                tensors[k] = v.contiguous()
+        save_file(tensors, str(path / "data.safetensors"))
         np.savez(path / "labels.npz", **self.labels)
         (path / "state.json").write_text(
             json.dumps(
@@ -244,6 +341,7 @@ class RingBuffer:
                     "total_added": self.total_added,
                     "capacity": self.capacity,
                     "shapes": {k: list(v) for k, v in self.shapes.items()},
+                    "factored": self.factored,
                 }
             )
         )
@@ -254,13 +352,20 @@ class RingBuffer:
 
         path = Path(path)
         st = json.loads((path / "state.json").read_text())
-        if st["capacity"] != self.capacity or st["shapes"] != {k: list(v) for k, v in self.shapes.items()}:
+        same = st["capacity"] == self.capacity and st["shapes"] == {k: list(v) for k, v in self.shapes.items()}
+        if not same or st.get("factored", []) != self.factored:
             raise ValueError(
-                f"{path} holds a ring buffer of capacity {st['capacity']} over {st['shapes']}; this one has "
-                f"capacity {self.capacity} over {self.shapes}"
+                f"{path} holds a ring buffer of capacity {st['capacity']} over {st['shapes']} (factored: "
+                f"{st.get('factored', [])}); this one has capacity {self.capacity} over {self.shapes} (factored: "
+                f"{self.factored})"
             )
         data = load_file(str(path / "data.safetensors"))
-        self.data = {k: data[k].to(self.data[k].dtype) for k in self.data}
+        self.data = {
+            k: Factored(data[k + LEFT].to(v.left.dtype), data[k + RIGHT].to(v.right.dtype))
+            if isinstance(v, Factored)
+            else data[k].to(v.dtype)
+            for k, v in self.data.items()
+        }
         with np.load(path / "labels.npz") as z:
             self.labels = {k: z[k] for k in z.files}
         self.size, self.cursor, self.total_added = st["size"], st["cursor"], st["total_added"]
@@ -841,9 +946,8 @@ class UpdateCollector:
                 updates, labels = group_events(updates, labels, self.group_by)
             if self.event_store is not None:
                 self.event_store.append(updates, labels or {}, step)
-            if self.buffer is not None:  # the ring buffer holds dense updates
-                dense = {n: u.dense() if isinstance(u, Factored) else u for n, u in updates.items()}
-                self.buffer.add(dense, {k: v for k, v in (labels or {}).items() if not k.endswith("__kept")})
+            if self.buffer is not None:  # factored where the buffer holds factored events, else made dense
+                self.buffer.add(updates, {k: v for k, v in (labels or {}).items() if not k.endswith("__kept")})
         if self.step_store is not None and self._before:
             delta = {n: (p.detach().float() - self._before[n]).cpu()[None] for n, p in self.params.items()}
             self.step_store.append(delta, {"step": np.array([step])}, step)

@@ -181,3 +181,61 @@ def test_two_process_training_matches_one_process(tmp_path):
     fa = float(load_results(tmp_path / "one" / "results.nc").heldout_fvu)
     fb = float(load_results(tmp_path / "two" / "results.nc").heldout_fvu)
     assert abs(fa - fb) < 1e-3
+
+
+def factored_store(path, n=96, seed=0):
+    from shardlib.planted import planted_factored
+
+    data, truth, _ = planted_factored({"l.w": (8, 6), "l.u": (6, 8)}, n_shards=3, n_events=n, active=1, seed=seed)
+    st = UpdateStore(path, "event", "sgd", "test")
+    st.append(data, {"step": np.zeros(n, dtype=int)}, 0)
+    st.flush()
+    return data, truth
+
+
+def test_a_factored_store_and_its_densified_twin_give_the_same_sae(tmp_path):
+    """Trained on the factors (never dense) or on the dense twin, with the same seed: the same shards,
+    codes and held-out metrics."""
+    from shardlib.updates import Factored, densify, open_store
+
+    factored_store(tmp_path / "store")
+    densify(open_store(tmp_path / "store")).to_netcdf(tmp_path / "twin.nc")
+    kw = dict(epochs=3, resample_dead=True, dead_window=32, aux_k=2)
+    a = shards.train(params(tmp_path, out_dir=str(tmp_path / "a"), **kw), progress=False)
+    b = shards.train(
+        params(tmp_path, out_dir=str(tmp_path / "b"), store_path=str(tmp_path / "twin.nc"), b_pre_rank=1, **kw),
+        progress=False,
+    )
+    assert isinstance(a.data["l.w"], Factored) and a.sae.b_pre_rank == 1 and b.sae.b_pre_rank == 1
+    for n, d in b.sae.directions().items():
+        assert torch.allclose(a.sae.directions()[n], d, atol=1e-4)
+    za, zb = shards.encode_all(a.sae, a.data)[2], shards.encode_all(b.sae, b.data)[2]
+    assert torch.allclose(za, zb, atol=1e-4)
+    ea, eb = shards.evaluate(a.sae, a.data, a.heldout_idx), shards.evaluate(b.sae, b.data, b.heldout_idx)
+    assert ea["fvu"] == pytest.approx(eb["fvu"], rel=1e-4) and ea["l0"] == eb["l0"]
+
+
+def test_the_shard_stage_runs_on_a_factored_store(tmp_path):
+    from shardlib.planted import factored_cosines
+
+    _, truth = factored_store(tmp_path / "store", n=256)
+    r = shards.run(params(tmp_path, n_latents=3, k=1, epochs=30), progress=False)
+    assert float(r.results["heldout_fvu"]) < 0.2
+    assert factored_cosines(truth, r.files and shards.ShardSAE.load(tmp_path / "out" / "sae")).max(1).min() > 0.9
+
+
+def test_online_trainer_learns_from_a_factored_ring_buffer():
+    from shardlib.planted import factored_cosines, planted_factored
+    from shardlib.updates import Factored, RingBuffer
+
+    shapes = {"w": (8, 6)}
+    data, truth, _ = planted_factored(shapes, n_shards=2, n_events=512, active=1, seed=1, noise=0.0)
+    buf = RingBuffer(shapes, capacity=128, factored=["w"])
+    p = shards.ShardParams.from_dict({"store_path": "buffer", "n_latents": 4, "k": 1, "signed": True, "batch_size": 32})
+    online = shards.OnlineTrainer(p, warmup=64, steps_per_rl_step=4)
+    for step in range(0, 512, 16):
+        buf.add({"w": data["w"].take(slice(step, step + 16))}, {})
+        online(step // 16, buf)
+    assert isinstance(buf.data["w"], Factored) and buf.nbytes == 128 * data["w"].n_factors * (8 + 6) * 4
+    assert online.sae.b_pre_rank == 1 and online.history[-1]["rec"] < online.history[0]["rec"]
+    assert factored_cosines(truth, online.sae).max(1).min() > 0.9
