@@ -10,13 +10,13 @@ For each width d_model (d_ff = 4 d_model) one Llama-style MLP block (gate, up, d
   (one factor per token) and factored with ``max_rank = tokens / 2``; each way is timed (capture,
   backward and turning the hooks' (x, delta) into event updates; best of 3) and its bytes per event
   counted (fp32); also the memory a 2,048-event dense ring buffer would need, against this machine's.
-- *SAE step*: the same low-rank ShardSAE (``--latents`` latents, rank 1, signed TopK k = 4, AuxK on,
-  b_pre of rank 1) takes training steps on a batch of ``--sae-batch`` events given dense and given as
+- *SAE step*: the same low-rank ShardSAE (``--latents`` latents, rank 1, signed TopK k = 4, b_pre of
+  rank 1, AuxK over a tenth of the latents held dead) takes training steps on a batch of ``--sae-batch`` events given dense and given as
   their exact factors (``--tokens`` factors each); median time of ``--sae-steps`` steps after one
-  warm-up step, and the peak resident memory of a fresh process doing only that (``ru_maxrss``: the
-  Python and torch baseline included).
+  warm-up step, and the peak resident memory of a fresh process doing only that (``VmHWM`` after a
+  reset: the Python and torch baseline included).
 - *recovery*: planted factored data (``planted.planted_factored``: 16 rank-1 shards over the three
-  matrices, 2 per event, log-normal magnitudes, noise), 16 latents, 10 epochs; trained on the factors
+  matrices, 2 per event, log-normal magnitudes, noise), 16 latents, 20 epochs of 64; trained on the factors
   and, for widths up to ``--recovery-dense-max``, on the dense twin with the same seed; MMCS(G->D) of
   each (``planted.factored_cosines``).
 
@@ -27,6 +27,7 @@ Writes ``benchmarks/results/bench_factored.json`` and the log-log plot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -88,7 +89,6 @@ def mlp_shapes(d: int) -> dict[str, tuple]:
 def sae_step(d: int, mode: str, latents: int, batch: int, tokens: int, steps: int) -> dict:
     """Median seconds per SAE training step on one batch given dense or factored (run in its own process,
     so that ``ru_maxrss`` is this measurement's peak)."""
-    import resource
     import statistics
 
     from shardlib.sae import ShardSAE
@@ -105,15 +105,33 @@ def sae_step(d: int, mode: str, latents: int, batch: int, tokens: int, steps: in
         x = {n: f.dense() for n, f in x.items()}
     sae = ShardSAE(shapes, latents, 4, rank=1, signed=True, seed=0, b_pre_rank=1)
     init_from_data(sae, x)
-    # dead_window 1: the latents that did not fire are dead at once, so AuxK runs on every timed step
-    tr = Trainer(sae, 0.03, 0, 1 / 32, 1, total_variance(x, float(sae.scale)))
+    tr = Trainer(sae, 0.03, 0, 1 / 32, 10**12, total_variance(x, float(sae.scale)))
     times = []
     for _ in range(steps + 1):
+        tr.last_fired[: latents // 10] = -(10**13)  # a tenth of the latents dead: AuxK runs on every step
         t0 = time.perf_counter()
         tr.step(x)
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"s_per_step": statistics.median(times[1:]), "peak_bytes": peak}
+    return {"s_per_step": statistics.median(times[1:]), "peak_bytes": peak_rss()}
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident set size (Linux: a forked child starts with its parent's peak)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss() -> int:
+    """Peak resident set size in bytes since :func:`reset_peak_rss` (VmHWM), else ``ru_maxrss``."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def sae_step_subprocess(d, mode, args) -> dict:
@@ -121,7 +139,11 @@ def sae_step_subprocess(d, mode, args) -> dict:
 
     cmd = [sys.executable, __file__, "--sae-one", str(d), mode, "--latents", str(args.latents)]
     cmd += ["--sae-batch", str(args.sae_batch), "--tokens", str(args.tokens), "--sae-steps", str(args.sae_steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode == -9:  # the kernel's out-of-memory killer: this width does not fit the machine
+        return {"s_per_step": None, "peak_bytes": None, "failed": "killed (out of memory)"}
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -156,9 +178,9 @@ def main(argv=None):
     ap.add_argument("--latents", type=int, default=256, help="SAE latents for the step timing")
     ap.add_argument("--sae-batch", type=int, default=16, help="events per SAE step for the step timing")
     ap.add_argument("--sae-steps", type=int, default=3, help="timed SAE steps (after one warm-up step)")
-    ap.add_argument("--recovery-events", type=int, default=1024)
-    ap.add_argument("--recovery-epochs", type=int, default=10)
-    ap.add_argument("--recovery-dense-max", type=int, default=512, help="largest width for the dense twin's SAE")
+    ap.add_argument("--recovery-events", type=int, default=2048)
+    ap.add_argument("--recovery-epochs", type=int, default=20)
+    ap.add_argument("--recovery-dense-max", type=int, default=128, help="largest width for the dense twin's SAE")
     ap.add_argument("--sae-one", nargs=2, metavar=("D_MODEL", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--plot", action="store_true", help="only redraw the plot from the saved results")
     ap.add_argument("--table", action="store_true", help="only print the README table from the saved results")
@@ -166,6 +188,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     if args.sae_one:
+        reset_peak_rss()
         d, mode = int(args.sae_one[0]), args.sae_one[1]
         print(json.dumps(sae_step(d, mode, args.latents, args.sae_batch, args.tokens, args.sae_steps)))
         return
@@ -190,7 +213,8 @@ def main(argv=None):
         for mode in ("dense", "factored"):
             for k, v in sae_step_subprocess(d, mode, args).items():
                 row[f"sae_{mode}_{k}"] = v
-        row["sae_speed_ratio"] = row["sae_dense_s_per_step"] / row["sae_factored_s_per_step"]
+        dense_s, fac_s = row["sae_dense_s_per_step"], row["sae_factored_s_per_step"]
+        row["sae_speed_ratio"] = dense_s / fac_s if dense_s and fac_s else None
         for mode in ("factored", "dense"):
             if mode == "dense" and d > args.recovery_dense_max:
                 continue
@@ -234,8 +258,19 @@ def plot(result: dict, path: Path) -> None:
     ax.set(xlabel="d_model (d_ff = 4 d_model)", ylabel="bytes per event (MLP block, fp32)", title="storage")
     ax.legend(fontsize=7)
     ax = axes[1]
-    ax.loglog(d, [r["sae_dense_s_per_step"] for r in rows], "o-", label="dense events")
+    fits = [r for r in rows if r["sae_dense_s_per_step"] is not None]
+    ax.loglog([r["d_model"] for r in fits], [r["sae_dense_s_per_step"] for r in fits], "o-", label="dense events")
     ax.loglog(d, [r["sae_factored_s_per_step"] for r in rows], "s-", label="factored events")
+    for r in rows:
+        if r["sae_dense_s_per_step"] is None:
+            ax.annotate(
+                "dense: out of memory",
+                (r["d_model"], r["sae_factored_s_per_step"]),
+                fontsize=7,
+                xytext=(-70, 25),
+                textcoords="offset points",
+                arrowprops={"arrowstyle": "-", "lw": 0.5},
+            )
     s = result["sae"]
     ax.set(
         xlabel="d_model", ylabel="seconds per SAE step", title=f"SAE step ({s['latents']} latents, {s['batch']} events)"
@@ -257,11 +292,13 @@ def table(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        md = r.get("recovery_dense_mmcs")
+        md, ds, ratio = r.get("recovery_dense_mmcs"), r["sae_dense_s_per_step"], r["sae_speed_ratio"]
+        oom = "out of memory"
         lines.append(
             f"| {r['d_model']} | {fmt(r['dense_bytes_per_event'])} | {fmt(r['factored_bytes_per_event'])} | "
-            f"{r['bytes_ratio_exact']:.1f}x | {r['speed_ratio_exact']:.1f}x | {r['sae_dense_s_per_step']:.3f} | "
-            f"{r['sae_factored_s_per_step']:.3f} | {r['sae_speed_ratio']:.1f}x | {fmt(r['sae_dense_peak_bytes'])} | "
+            f"{r['bytes_ratio_exact']:.1f}x | {r['speed_ratio_exact']:.1f}x | {oom if ds is None else f'{ds:.3f}'} | "
+            f"{r['sae_factored_s_per_step']:.3f} | {'-' if ratio is None else f'{ratio:.1f}x'} | "
+            f"{oom if ds is None else fmt(r['sae_dense_peak_bytes'])} | "
             f"{fmt(r['sae_factored_peak_bytes'])} | {'-' if md is None else f'{md:.3f}'} | "
             f"{r['recovery_factored_mmcs']:.3f} |"
         )
