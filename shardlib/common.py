@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import numpy as np
 import torch
@@ -28,7 +29,12 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 
 @contextlib.contextmanager
 def deterministic():
-    """``torch.use_deterministic_algorithms(True)`` inside the block, the previous setting after."""
+    """``torch.use_deterministic_algorithms(True)`` inside the block, the previous setting after.
+
+    On a GPU, deterministic cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` (torch raises without it): it is set
+    to ``:4096:8`` unless already set. cuBLAS reads it when a process first uses it, so set it in the
+    environment before starting (``scripts/gpu_check.sh`` does) for runs that use the GPU earlier."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:

@@ -3,7 +3,11 @@
 - ``shards.nc``: one variable per parameter tensor, dims ``("shard", <tensor axes>)`` = each
   latent's dense unit-norm decoder direction (norm over all tensors together), attribute
   ``param``; the low-rank factors (``<var>__U``, ``<var>__V``); per-shard ``frequency`` and
-  ``mean_activation``; the SAE config and provenance as attributes.
+  ``mean_activation``; the SAE config and provenance as attributes. When the dense directions of
+  the low-rank matrices would exceed ``DENSE_MAX_BYTES`` (an SAE over every MLP matrix of a
+  20-50M-parameter policy: tens of GiB), only their factors are written, each with attributes
+  ``param`` and ``factor`` (``U`` or ``V``); ``U_i V_i^T`` is the unit direction's part on that
+  matrix, and :func:`shard_directions` forms it when a tensor is asked for.
 - ``activations.nc``: for every event of the store, the indices and values of its active
   latents (dims ``("event", "slot")``, index -1 = empty slot), with the store's labels and
   ``split`` (train / heldout).
@@ -12,29 +16,52 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator, Mapping
 
 import numpy as np
+import torch
 import xarray as xr
 
 from .sae import ShardSAE
 from .updates import var_name
 
+DENSE_MAX_BYTES = 2**30
+"""Largest total size (fp32) of the low-rank matrices' dense directions that ``shards.nc`` holds."""
 
-def shards_dataset(sae: ShardSAE, frequency=None, mean_activation=None) -> xr.Dataset:
-    """The public ``shards.nc`` content: dense unit directions per tensor, factors, statistics."""
-    dirs = sae.directions()
+
+def shards_dataset(
+    sae: ShardSAE, frequency=None, mean_activation=None, dense_max_bytes: int = DENSE_MAX_BYTES
+) -> xr.Dataset:
+    """The public ``shards.nc`` content: dense unit directions per tensor, factors, statistics (the low-rank
+    matrices' factors only, tagged ``param`` and ``factor``, when their dense directions would exceed
+    ``dense_max_bytes``)."""
+    lowrank = [n for n in sae.names if sae.lowrank(n)]
+    factors_only = 4 * sae.n_latents * sum(math.prod(sae.shapes[n]) for n in lowrank) > dense_max_bytes
+    if factors_only:  # the dense directions of the other tensors only (as ShardSAE.directions forms them)
+        with torch.no_grad():
+            norms = sae.decoder_norms()
+            dirs = {
+                n: sae.dec[f"{j}_W"].view(sae.n_latents, *sae.shapes[n]) / norms.view(-1, *([1] * len(sae.shapes[n])))
+                for j, n in enumerate(sae.names)
+                if not sae.lowrank(n)
+            }
+    else:
+        dirs = sae.directions()
     vars_ = {}
     nrm = sae.decoder_norms().detach().sqrt()[:, None, None]
     for j, n in enumerate(sae.names):
         vn = var_name(n)
         dims = ("shard",) + tuple(f"{vn}_dim{i}" for i in range(len(sae.shapes[n])))
-        vars_[vn] = xr.Variable(dims, dirs[n].cpu().numpy(), attrs={"param": n})
+        if n in dirs:
+            vars_[vn] = xr.Variable(dims, dirs[n].cpu().numpy(), attrs={"param": n})
         if sae.lowrank(n):
+            tag = (lambda f, n=n: {"param": n, "factor": f}) if factors_only else (lambda f: {})
             vars_[f"{vn}__U"] = xr.Variable(
-                ("shard", dims[1], "rank"), (sae.dec[f"{j}_U"].detach() / nrm).cpu().numpy()
+                ("shard", dims[1], "rank"), (sae.dec[f"{j}_U"].detach() / nrm).cpu().numpy(), attrs=tag("U")
             )
             vars_[f"{vn}__V"] = xr.Variable(
-                ("shard", dims[2], "rank"), (sae.dec[f"{j}_V"].detach() / nrm).cpu().numpy()
+                ("shard", dims[2], "rank"), (sae.dec[f"{j}_V"].detach() / nrm).cpu().numpy(), attrs=tag("V")
             )
     if frequency is not None:
         vars_["frequency"] = xr.Variable("shard", np.asarray(frequency))
@@ -47,9 +74,41 @@ def shards_dataset(sae: ShardSAE, frequency=None, mean_activation=None) -> xr.Da
     )
 
 
-def shard_directions(ds: xr.Dataset) -> dict[str, np.ndarray]:
-    """``{param: [shard, *shape]}`` from a ``shards.nc`` dataset."""
-    return {ds[v].attrs["param"]: ds[v].values for v in ds.data_vars if "param" in ds[v].attrs}
+class ShardDirections(Mapping):
+    """``{param: [shard, *shape]}`` read from a ``shards.nc`` dataset when a tensor is first asked for: its
+    dense variable, or, where the file holds only factors, ``U_i V_i^T`` formed then (one tensor at a time:
+    asking for one matrix of a large SAE never forms the others)."""
+
+    def __init__(self, ds: xr.Dataset):
+        self._ds, self._vars, self._cache = ds, {}, {}
+        for v in ds.data_vars:
+            a = ds[v].attrs
+            if "param" in a and "factor" not in a:
+                self._vars[a["param"]] = v
+            elif a.get("factor") == "U" and a.get("param") not in self._vars:
+                self._vars[a["param"]] = (v, v[: -len("__U")] + "__V")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            v = self._vars[name]
+            if isinstance(v, tuple):
+                U, V = (np.asarray(self._ds[x].values, dtype=np.float32) for x in v)
+                self._cache[name] = np.matmul(U, V.transpose(0, 2, 1))
+            else:
+                self._cache[name] = self._ds[v].values
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._vars)
+
+    def __len__(self) -> int:
+        return len(self._vars)
+
+
+def shard_directions(ds: xr.Dataset) -> ShardDirections:
+    """``{param: [shard, *shape]}`` from a ``shards.nc`` dataset (a :class:`ShardDirections`: each tensor is
+    read, or formed from its factors, when first asked for)."""
+    return ShardDirections(ds)
 
 
 def dense_codes(acts: xr.Dataset, n_latents: int, signed: bool = False):

@@ -565,6 +565,8 @@ class OnlineTrainer:
     buffer. The SAE is built at warm-up from the buffer's tensor shapes; the input scale and
     ``b_pre`` come from the buffer's contents then. Memory: the buffer's capacity, never the run;
     a buffer of factored events (``collect_factored``) is trained on factored, never made dense.
+    The SAE trains on :attr:`device` (the GPU when ``p.device`` allows one and one is visible); the
+    buffer stays in host memory and each sampled batch is moved there.
     """
 
     def __init__(self, p: ShardParams, warmup: int = 256, steps_per_rl_step: int = 1):
@@ -573,6 +575,11 @@ class OnlineTrainer:
         self.trainer: Trainer | None = None
         self.gen = torch.Generator().manual_seed(p.seed)
         self.history: list[dict] = []
+
+    @property
+    def device(self) -> torch.device:
+        """Where the SAE trains: ``cuda`` when ``p.device`` is not ``cpu`` and a GPU is visible, else ``cpu``."""
+        return torch.device("cuda" if self.p.device != "cpu" and torch.cuda.is_available() else "cpu")
 
     @classmethod
     def from_rl(cls, rp) -> OnlineTrainer:
@@ -587,6 +594,7 @@ class OnlineTrainer:
                 "rank": rp.online_rank,
                 "lr": rp.online_lr,
                 "batch_size": rp.online_batch_size,
+                "device": rp.device,
             }
         )
         return cls(p, warmup=rp.online_warmup, steps_per_rl_step=rp.online_steps_per_rl_step)
@@ -598,10 +606,12 @@ class OnlineTrainer:
             snapshot = buffer.contents()
             self.sae = make_sae(self.p, buffer.shapes, resolve_b_pre_rank(self.p, snapshot))
             init_from_data(self.sae, snapshot)
+            self.sae.to(self.device)
             self.trainer = self._trainer(total_variance(snapshot, float(self.sae.scale)))
         with deterministic():  # as offline training: else the gather backward adds in thread order
             for _ in range(self.k_steps):
-                m = self.trainer.step(buffer.sample(self.p.batch_size, self.gen))
+                batch = {n: v.to(self.device) for n, v in buffer.sample(self.p.batch_size, self.gen).items()}
+                m = self.trainer.step(batch)
                 m["rl_step"] = step
                 self.history.append(m)
 
@@ -638,7 +648,7 @@ class OnlineTrainer:
         self.gen.set_state(torch.load(path / "generator.pt", weights_only=True))
         self.history = state["history"]
         if state["trainer"] is not None:
-            self.sae = ShardSAE.load(path / "sae")
+            self.sae = ShardSAE.load(path / "sae").to(self.device)
             self.trainer = self._trainer(state["trainer"]["variance"])
             load_optimizer(self.trainer.opt, path)
             self.trainer.load_state(state["trainer"])
