@@ -770,7 +770,9 @@ class UpdateCollector:
             loss.backward()
         col.before_step(); opt.step(); col.after_step(step, labels)
 
-    Per-event updates need every selected parameter to be an ``nn.Linear`` weight or bias.
+    Per-event updates need every selected parameter to be an ``nn.Linear`` weight or bias. ``lr`` is one
+    learning rate, or one per selected parameter (``{name: lr}``); a loop with a schedule sets ``col.lr``
+    before each ``after_step``.
     """
 
     def __init__(
@@ -778,7 +780,7 @@ class UpdateCollector:
         model: nn.Module,
         params,
         *,
-        lr: float,
+        lr: float | dict[str, float],
         optimizer=None,
         convention: str = "sgd",
         event_store: UpdateStore | None = None,
@@ -936,10 +938,11 @@ class UpdateCollector:
             grads = self.event_gradients()
             self._event_grads = []
             for n, g in grads.items():
+                lr = self.lr[n] if isinstance(self.lr, dict) else self.lr
                 if isinstance(g, Factored):
-                    updates[n] = Factored(-self.lr * g.left, g.right)
+                    updates[n] = Factored(-lr * g.left, g.right)
                     continue
-                u = -self.lr * g
+                u = -lr * g
                 if self.convention == "adam":
                     u = u * self._preconditioner(n).to(u.device)
                 updates[n] = u
