@@ -25,7 +25,7 @@ Labels (one value per event): ``step`` (optimizer step, 0-based), ``iteration`` 
 batch, ``num_iterations > 1``), ``micro_batch``, ``process``, ``reward`` (weighted total) and
 ``reward_<func>`` per reward function (NaN where a function returned None), ``advantage``, ``group`` (prompt
 group, unique in the run), ``generation_step``, ``completion_length`` (tokens), ``completion_hash`` and
-``prompt_hash`` (64-bit hashes of the token ids), ``lr`` (this step's learning rate from the optimizer, after
+``prompt_hash`` (64-bit hashes of the token ids), the dataset columns named in ``columns``, ``lr`` (this step's learning rate from the optimizer, after
 the schedule), ``grad_norm`` (pre-clip norm over all parameters, as the trainer computed it; NaN without
 clipping) and ``clip_coef``.
 
@@ -62,7 +62,23 @@ SUPPORTED_TRL = ("1.16",)
 """trl release series whose GRPOTrainer internals this module was written and tested against."""
 
 _WRAPPED = ("training_step", "_prepare_inputs", "_generate_and_score_completions", "_calculate_rewards")
-_ROW = "shardlib_row"  # the column that carries each completion's row id through TRL's shuffle and split
+_ROW = "shardlib_row"
+_RESERVED = (
+    "reward",
+    "advantage",
+    "group",
+    "generation_step",
+    "completion_length",
+    "completion_hash",
+    "prompt_hash",
+    "iteration",
+    "micro_batch",
+    "process",
+    "step",
+    "lr",
+    "grad_norm",
+    "clip_coef",
+)  # the column that carries each completion's row id through TRL's shuffle and split
 _FINGERPRINT_ARGS = (
     "output_dir",
     "seed",
@@ -139,6 +155,7 @@ class TRLCollection:
         every: int = 1,
         store_dtype: str = "float32",
         fingerprint: str | None = None,
+        columns=(),
         allow_untested_trl: bool = False,
     ):
         from transformers import TrainerCallback
@@ -198,8 +215,8 @@ class TRLCollection:
                 f"{kind}=True (TRL's default): the forward and backward run under {kind} autocast, so each layer's "
                 f"output gradient arrives in {kind} and the weight gradient is a {kind} matmul. Event updates are "
                 f"formed in float32 from those {kind} values: they are the per-completion gradients up to {kind} "
-                "rounding, and a step's events sum to the gradient the optimizer sees only to about 1e-2 relative "
-                "(not 1e-5). Train with bf16=False (and fp16=False) for exact event updates",
+                "rounding, and a step's events sum to the gradient the optimizer sees only to a few 1e-3 relative "
+                "(about 1e-7 in float32). Train with bf16=False (and fp16=False) for exact event updates",
                 stacklevel=3,
             )
         self.convention, self.every = convention, every
@@ -242,6 +259,10 @@ class TRLCollection:
                 )
         self.collector: UpdateCollector | None = None
         self.reward_names = [str(n) for n in trainer.reward_func_names]
+        self.columns = [columns] if isinstance(columns, str) else list(columns)
+        clash = [c for c in self.columns if c in _RESERVED or c.startswith("reward_")]
+        if clash:
+            raise ValueError(f"columns {clash} would overwrite labels collect_updates writes; rename them")
         self._table: dict[str, np.ndarray] = {}
         self._pending: list[dict[str, np.ndarray]] = []
         self._rows = None
@@ -312,7 +333,7 @@ class TRLCollection:
             out = orig["_generate_and_score_completions"](inputs)
             if tr.model.training and self.collector is not None:
                 out[_ROW] = torch.arange(len(out["advantages"]), device=out["advantages"].device)
-                self._table = self._generation_labels(out)
+                self._table = self._generation_labels(out, inputs)
                 self._since_generation, self._generated = 0, True
             return out
 
@@ -353,7 +374,7 @@ class TRLCollection:
 
     # -- per generation, micro-batch and step ------------------------------------------------------
 
-    def _generation_labels(self, out: dict) -> dict[str, np.ndarray]:
+    def _generation_labels(self, out: dict, inputs: list[dict]) -> dict[str, np.ndarray]:
         tr, acc = self.trainer, self.acc
         n = len(out["advantages"])
         P, pi = acc.num_processes, acc.process_index
@@ -379,6 +400,16 @@ class TRLCollection:
         labels["completion_length"] = cmask.sum(1).cpu().numpy().astype(np.int64)
         labels["completion_hash"] = _hash_rows(out["completion_ids"], cmask)
         labels["prompt_hash"] = _hash_rows(out["prompt_ids"], out["prompt_mask"])
+        for c in self.columns:
+            if any(c not in x for x in inputs):
+                raise KeyError(f"collect_updates(columns=[{c!r}]): the dataset has no column {c!r}")
+            v = np.asarray([x[c] for x in inputs])
+            if v.dtype.kind not in "biuf" or v.shape != (n,):
+                raise ValueError(
+                    f"dataset column {c!r} holds {v.dtype} values of shape {v.shape[1:]}; event labels are one "
+                    "number (bool, int or float) per completion"
+                )
+            labels[c] = v.astype(np.float64) if v.dtype.kind == "f" else v.astype(np.int64)
         return labels
 
     def _record_micro_batch(self, step: int) -> None:
@@ -476,7 +507,8 @@ def collect_updates(trainer, params, store_dir, **kwargs) -> TRLCollection:
     event per completion and optimizer step) and ``steps/`` (one per step). Options: ``convention``
     (``"sgd"`` or ``"adam"``), ``events``/``steps`` (which stores), ``factored``/``max_rank`` (factored event
     storage, one process), ``every`` (collect every n-th optimizer step), ``store_dtype``, ``fingerprint``
-    (identifies the run: a store of another run is never overwritten), ``allow_untested_trl``.
+    (identifies the run: a store of another run is never overwritten), ``columns`` (numeric dataset columns
+    kept as event labels, e.g. ``["task"]``), ``allow_untested_trl``.
     See the module docstring for the labels and the limits.
     """
     return TRLCollection(trainer, params, store_dir, **kwargs)
