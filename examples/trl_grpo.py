@@ -4,8 +4,8 @@
     python examples/trl_grpo.py --out runs/trl_example --steps 40 --factored
 
 Everything is built here, offline: a character-level tokenizer, a 2-layer Llama (random initialisation), a toy
-dataset with two tasks (``task`` 0: prompts starting with 'a', rewarded for each 'a' in the completion; ``task``
-1: prompts starting with 'b', rewarded for each 'b'), one reward function per task (``None`` on the other task's
+dataset with two tasks (``task`` 0: prompts starting with 'a', rewarded by the share of the completion's letters
+among 'abcd'; ``task`` 1: prompts starting with 'b', among 'efgh'), one reward function per task (``None`` on the other task's
 prompts, so each event carries the reward of its own task). TRL runs with its defaults except ``bf16=False``
 (exact event updates; see ``shardlib.integrations.trl``) and a small model's learning rate.
 
@@ -51,12 +51,20 @@ def toy_dataset(n: int = 16):
     return Dataset.from_dict({"prompt": prompts, "task": [i % 2 for i in range(n)]})
 
 
+def _share(text: str, letters: str) -> float:
+    """The fraction of the completion's letters (the decoded text puts spaces between tokens) among ``letters``."""
+    chars = [c for c in text if c.isalpha()]
+    return sum(c in letters for c in chars) / max(len(chars), 1)
+
+
 def correct_a(completions, task, **kwargs):
-    return [c.count("a") / 4 if t == 0 else None for c, t in zip(completions, task)]
+    """Task 0: the share of the completion's letters among 'abcd' (None on task 1's prompts)."""
+    return [_share(c, "abcd") if t == 0 else None for c, t in zip(completions, task)]
 
 
 def correct_b(completions, task, **kwargs):
-    return [c.count("b") / 4 if t == 1 else None for c, t in zip(completions, task)]
+    """Task 1: the share of the completion's letters among 'efgh' (None on task 0's prompts)."""
+    return [_share(c, "efgh") if t == 1 else None for c, t in zip(completions, task)]
 
 
 def make_trainer(out_dir, seed: int = 0, **config):

@@ -814,10 +814,7 @@ class UpdateCollector:
         self._kept: list[dict[str, torch.Tensor]] = []
         self._linear = {}
         if events:
-            owners = {}
-            for mname, mod in model.named_modules():
-                for pname, _p in mod.named_parameters(recurse=False):
-                    owners[f"{mname}.{pname}" if mname else pname] = (mname, mod, pname)
+            owners = param_owners(model)
             bad = [n for n in self.params if not isinstance(owners[n][1], nn.Linear)]
             if bad:
                 raise ValueError(non_linear_message(model, bad, owners))
@@ -980,23 +977,33 @@ class UpdateCollector:
                 s.flush()
 
 
-def linear_patterns(model: nn.Module) -> list[str]:
-    """Glob patterns covering the ``nn.Linear`` weights of ``model``: layer indices become ``*``
-    (``model.layers.*.mlp.down_proj.weight``), in module order."""
+def param_owners(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
+    """``{parameter name: (module name, module, the parameter's name in it)}``."""
+    owners = {}
+    for mname, mod in model.named_modules():
+        for pname, _p in mod.named_parameters(recurse=False):
+            owners[f"{mname}.{pname}" if mname else pname] = (mname, mod, pname)
+    return owners
+
+
+def linear_patterns(model: nn.Module, exclude=()) -> list[str]:
+    """Glob patterns covering the ``nn.Linear`` weights of ``model`` (but the modules named in ``exclude``):
+    layer indices become ``*`` (``model.layers.*.mlp.down_proj.weight``), in module order."""
     out = []
     for mname, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) and mname not in exclude:
             pat = re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "*", f"{mname}.weight")
             if pat not in out:
                 out.append(pat)
     return out
 
 
-def non_linear_message(model: nn.Module, bad: list[str], owners: dict) -> str:
-    """Why parameters ``bad`` (not owned by an ``nn.Linear``) cannot have per-event updates, and what can."""
+def non_linear_message(model: nn.Module, bad: list[str], owners: dict, exclude=()) -> str:
+    """Why parameters ``bad`` (not owned by an ``nn.Linear``) cannot have per-event updates, and what can
+    (the Linear layers but those named in ``exclude``)."""
     shown = ", ".join(f"{n!r} ({type(owners[n][1]).__name__})" for n in bad[:6])
     more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
-    linear = linear_patterns(model)
+    linear = linear_patterns(model, exclude)
     can = ", ".join(repr(p) for p in linear[:12]) + (" ..." if len(linear) > 12 else "")
     return (
         f"per-event updates need nn.Linear parameters; the selection matches {len(bad)} that are not: {shown}{more} "

@@ -55,8 +55,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..updates import UpdateCollector, UpdateStore, select_params
+from ..updates import UpdateCollector, UpdateStore, non_linear_message, param_owners, select_params
 
 SUPPORTED_TRL = ("1.16",)
 """trl release series whose GRPOTrainer internals this module was written and tested against."""
@@ -189,7 +190,13 @@ class TRLCollection:
                 "run one process, or collect dense events (factored=False)"
             )
         self.params = select_params(self.model, params)
-        head = sorted(_lm_head_params(self.model) & set(self.params)) if events else []
+        owners = param_owners(self.model)
+        head_params = _lm_head_params(self.model)
+        head_modules = {owners[n][0] for n in head_params}
+        bad = [n for n in self.params if not isinstance(owners[n][1], nn.Linear)]
+        if events and bad:
+            raise ValueError(non_linear_message(self.model, bad, owners, exclude=head_modules))
+        head = sorted(head_params & set(self.params)) if events else []
         if head:
             raise ValueError(
                 f"{head} belong to the LM head, which TRL's GRPOTrainer computes inside a fused log-prob kernel "
