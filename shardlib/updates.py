@@ -770,7 +770,9 @@ class UpdateCollector:
             loss.backward()
         col.before_step(); opt.step(); col.after_step(step, labels)
 
-    Per-event updates need every selected parameter to be an ``nn.Linear`` weight or bias.
+    Per-event updates need every selected parameter to be an ``nn.Linear`` weight or bias. ``lr`` is one
+    learning rate, or one per selected parameter (``{name: lr}``); a loop with a schedule sets ``col.lr``
+    before each ``after_step``.
     """
 
     def __init__(
@@ -778,7 +780,7 @@ class UpdateCollector:
         model: nn.Module,
         params,
         *,
-        lr: float,
+        lr: float | dict[str, float],
         optimizer=None,
         convention: str = "sgd",
         event_store: UpdateStore | None = None,
@@ -812,20 +814,15 @@ class UpdateCollector:
         self._kept: list[dict[str, torch.Tensor]] = []
         self._linear = {}
         if events:
-            owners = {}
-            for mname, mod in model.named_modules():
-                for pname, _p in mod.named_parameters(recurse=False):
-                    owners[f"{mname}.{pname}" if mname else pname] = (mname, mod, pname)
+            owners = param_owners(model)
+            bad = [n for n in self.params if not isinstance(owners[n][1], nn.Linear)]
+            if bad:
+                raise ValueError(non_linear_message(model, bad, owners))
             for n in self.params:
                 mname, mod, pname = owners[n]
-                if not isinstance(mod, nn.Linear):
-                    raise ValueError(
-                        f"per-event updates need nn.Linear parameters; {n!r} belongs to a {type(mod).__name__}. "
-                        "Narrow the selection to Linear layers, or collect step updates only"
-                    )
                 self._linear.setdefault(mname, (mod, {}))[1][pname] = n
-        self._acts: dict[str, list] = {}
-        self._grads: dict[str, list] = {}
+        self._pairs: dict[str, list] = {}
+        self._forwards: dict[str, int] = {}
         self._event_grads: list[dict[str, torch.Tensor]] = []
         self._before: dict[str, torch.Tensor] = {}
         self._handles = []
@@ -835,18 +832,30 @@ class UpdateCollector:
 
     @contextmanager
     def capture(self, enabled: bool = True):
-        """Record layer inputs and output gradients of one forward/backward."""
+        """Record the (layer input, output gradient) pairs of one forward/backward.
+
+        A pair is kept when the layer's output receives its gradient (a tensor hook set by the forward hook
+        holds the input until then), so forwards that never get a gradient do not count: generation, log-prob
+        passes under ``no_grad``, and the first or the recompute forward of gradient checkpointing (reentrant
+        or not: whichever output the gradient reaches is the one kept).
+        """
         if not (enabled and self.events):
             yield
             return
-        self._acts = {m: [] for m in self._linear}
-        self._grads = {m: [] for m in self._linear}
+        self._pairs = {m: [] for m in self._linear}
+        self._forwards = dict.fromkeys(self._linear, 0)
 
         def fwd_hook(mname):
             def hook(mod, inputs, output):
-                self._acts[mname].append(inputs[0].detach())
-                if output.requires_grad:
-                    output.register_hook(lambda g: self._grads[mname].append(g.detach()))
+                self._forwards[mname] += 1
+                if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                    return
+                x = inputs[0].detach()
+
+                def on_grad(g, x=x):
+                    self._pairs[mname].append((x, g.detach()))
+
+                output.register_hook(on_grad)
 
             return hook
 
@@ -861,13 +870,20 @@ class UpdateCollector:
     def _per_event_grads(self) -> dict[str, torch.Tensor]:
         out, kept = {}, {}
         for mname, (_mod, pnames) in self._linear.items():
-            if len(self._acts[mname]) != 1 or len(self._grads[mname]) != 1:
-                raise RuntimeError(
-                    f"layer {mname} ran {len(self._acts[mname])} forward(s) and {len(self._grads[mname])} backward(s) "
-                    "inside one capture; capture exactly one forward and backward"
+            pairs = self._pairs[mname]
+            if len(pairs) != 1:
+                why = (
+                    "its output received no gradient (was the layer called as a module, and did the loss depend on it?)"
+                    if not pairs
+                    else f"{len(pairs)} of its outputs received a gradient: the layer is used several times in one "
+                    "forward (a shared module), or several backwards ran"
                 )
-            x = self._acts[mname][0].float()
-            d = self._grads[mname][0].float()
+                raise RuntimeError(
+                    f"layer {mname} ran {self._forwards[mname]} forward(s) inside one capture and {why}; capture "
+                    "exactly one forward and backward whose gradient reaches the layer once"
+                )
+            x, d = pairs[0]
+            x, d = x.float(), d.float()
             x = x.reshape(x.shape[0], -1, x.shape[-1])
             d = d.reshape(d.shape[0], -1, d.shape[-1])
             for pname, full in pnames.items():
@@ -877,7 +893,7 @@ class UpdateCollector:
                     out[full] = torch.einsum("nto,nti->noi", d, x) * self.scale
                 else:
                     out[full] = d.sum(1) * self.scale
-        self._acts, self._grads = {}, {}
+        self._pairs, self._forwards = {}, {}
         if kept:
             self._kept.append(kept)
         return out
@@ -919,10 +935,11 @@ class UpdateCollector:
             grads = self.event_gradients()
             self._event_grads = []
             for n, g in grads.items():
+                lr = self.lr[n] if isinstance(self.lr, dict) else self.lr
                 if isinstance(g, Factored):
-                    updates[n] = Factored(-self.lr * g.left, g.right)
+                    updates[n] = Factored(-lr * g.left, g.right)
                     continue
-                u = -self.lr * g
+                u = -lr * g
                 if self.convention == "adam":
                     u = u * self._preconditioner(n).to(u.device)
                 updates[n] = u
@@ -958,6 +975,41 @@ class UpdateCollector:
         for s in (self.event_store, self.step_store):
             if s is not None:
                 s.flush()
+
+
+def param_owners(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
+    """``{parameter name: (module name, module, the parameter's name in it)}``."""
+    owners = {}
+    for mname, mod in model.named_modules():
+        for pname, _p in mod.named_parameters(recurse=False):
+            owners[f"{mname}.{pname}" if mname else pname] = (mname, mod, pname)
+    return owners
+
+
+def linear_patterns(model: nn.Module, exclude=()) -> list[str]:
+    """Glob patterns covering the ``nn.Linear`` weights of ``model`` (but the modules named in ``exclude``):
+    layer indices become ``*`` (``model.layers.*.mlp.down_proj.weight``), in module order."""
+    out = []
+    for mname, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and mname not in exclude:
+            pat = re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "*", f"{mname}.weight")
+            if pat not in out:
+                out.append(pat)
+    return out
+
+
+def non_linear_message(model: nn.Module, bad: list[str], owners: dict, exclude=()) -> str:
+    """Why parameters ``bad`` (not owned by an ``nn.Linear``) cannot have per-event updates, and what can
+    (the Linear layers but those named in ``exclude``)."""
+    shown = ", ".join(f"{n!r} ({type(owners[n][1]).__name__})" for n in bad[:6])
+    more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+    linear = linear_patterns(model, exclude)
+    can = ", ".join(repr(p) for p in linear[:12]) + (" ..." if len(linear) > 12 else "")
+    return (
+        f"per-event updates need nn.Linear parameters; the selection matches {len(bad)} that are not: {shown}{more} "
+        f"(e.g. {bad[0]!r} belongs to a {type(owners[bad[0]][1]).__name__}). Narrow the patterns to Linear layers "
+        f"(this model's: {can or 'none'}), or collect step updates only"
+    )
 
 
 def group_events(updates: dict[str, torch.Tensor], labels: dict[str, np.ndarray], key: str = "group"):

@@ -77,6 +77,64 @@ def test_hand_written_loop_event_updates_sum_to_step_and_match_per_sample_gradie
     assert ev.attrs["kind"] == "event" and ev.attrs["convention"] == "sgd"
 
 
+class Block(nn.Module):
+    """Two linear layers, optionally under activation checkpointing (reentrant or not)."""
+
+    def __init__(self, reentrant=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.reentrant = nn.Linear(6, 5), nn.Linear(5, 3), reentrant
+
+    def body(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.body(x)
+        x = x.requires_grad_() if self.reentrant else x  # reentrant checkpoints need an input that requires grad
+        return torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [None, True, False], ids=["plain", "reentrant", "non_reentrant"])
+def test_forwards_without_gradient_do_not_count(reentrant):
+    """Generation-like no_grad forwards and the recompute of activation checkpointing inside one capture: only
+    the forward whose output receives the gradient makes the (x, delta) pairs, and the events match plain
+    per-sample gradients."""
+    m = Block(reentrant)
+    col = UpdateCollector(m, ["*.weight", "*.bias"], lr=1.0)
+    x, y = torch.randn(7, 6), torch.randint(3, (7,))
+    with col.capture():
+        with torch.no_grad():
+            m(x[:3])  # a "generation" pass, never differentiated
+        per_event_losses(m, x, y).sum().backward()
+    grads = col.event_gradients()
+    ref = Block(None)
+    for n, p in m.named_parameters():
+        assert torch.allclose(grads[n].sum(0), p.grad, atol=1e-6), n
+        want = torch.autograd.grad(per_event_losses(ref, x[4:5], y[4:5]).sum(), dict(ref.named_parameters())[n])[0]
+        assert torch.allclose(grads[n][4], want, atol=1e-6), n
+
+
+def test_a_layer_reached_twice_or_never_is_a_clear_error():
+    m = mlp()
+    col = UpdateCollector(m, ["0.weight"], lr=1.0)
+    x, y = torch.randn(4, 6), torch.randint(3, (4,))
+    twice = r"layer 0 ran 2 forward\(s\).*2 of its outputs received a gradient"
+    with pytest.raises(RuntimeError, match=twice), col.capture():
+        (per_event_losses(m, x, y).sum() + per_event_losses(m, x, y).sum()).backward()
+    with pytest.raises(RuntimeError, match=r"layer 0 ran 1 forward\(s\).*received no gradient"), col.capture():
+        m(x)
+
+
+def test_non_linear_patterns_are_named_with_what_can_be_collected():
+    m = pol.tiny_lm(10, d_model=8, n_layers=2, n_heads=2, d_ff=16)
+    with pytest.raises(ValueError) as e:
+        UpdateCollector(m, ["*.weight"], lr=0.1)
+    msg = str(e.value)
+    assert "'model.embed_tokens.weight' (Embedding)" in msg and "'model.norm.weight' (LlamaRMSNorm)" in msg
+    assert "'model.layers.*.mlp.down_proj.weight'" in msg
+
+
 def test_adam_convention_preconditions_each_event():
     m = mlp()
     opt = torch.optim.Adam(m.parameters(), lr=0.01)

@@ -1,0 +1,1 @@
+"""Update collection from other training libraries (``shardlib.integrations.trl``: Hugging Face TRL)."""
