@@ -267,7 +267,7 @@ def plot(result: dict, path: Path) -> None:
                 "dense: out of memory",
                 (r["d_model"], r["sae_factored_s_per_step"]),
                 fontsize=7,
-                xytext=(-70, 25),
+                xytext=(-120, 25),
                 textcoords="offset points",
                 arrowprops={"arrowstyle": "-", "lw": 0.5},
             )
