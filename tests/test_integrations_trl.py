@@ -21,6 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ["model.layers.*.mlp.down_proj.weight", "model.layers.*.self_attn.q_proj.weight"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_accelerate_state():
+    """TRL's trainers set accelerate's process-wide state (e.g. mixed precision); reset it after this module so
+    that the stages tested afterwards can build their own Accelerator."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def _example():
     spec = importlib.util.spec_from_file_location("trl_grpo_example", ROOT / "examples" / "trl_grpo.py")
     mod = importlib.util.module_from_spec(spec)
