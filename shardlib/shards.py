@@ -367,18 +367,36 @@ def evaluate(
 
 
 @torch.no_grad()
-def encode_all(sae: ShardSAE, data: dict[str, torch.Tensor], batch_size: int = 512, device="cpu"):
-    """Active latents of every event: (index [N, kk] with -1 padding, value [N, kk], dense codes [N, F])."""
+def encode_all(sae: ShardSAE, data: dict[str, torch.Tensor], batch_size: int = 512, device="cpu", splits=None):
+    """Active latents of every event: (index [N, kk] with -1 padding, value [N, kk], dense codes [N, F]).
+
+    ``splits`` (a sequence of event-index arrays) adds a fourth item: :func:`evaluate`'s metrics of each
+    split, from the same forward passes (the SAE runs over the events once)."""
     sae.eval()
     codes = []
-    for s in range(0, n_events(data), batch_size):
+    n = n_events(data)
+    member = [np.isin(np.arange(n), np.asarray(ix)) for ix in splits or ()]
+    stats = [ReconStats() for _ in member]
+    for s in range(0, n, batch_size):
         b = {k: take(v, slice(s, s + batch_size)).to(device) for k, v in data.items()}
-        codes.append(sae(b).codes.cpu())
+        out = sae(b)
+        codes.append(out.codes.cpu())
+        xs = sae.scaled_input(b)
+        for m, st in zip(member, stats):
+            sel = torch.from_numpy(np.flatnonzero(m[s : s + batch_size])).to(out.codes.device)
+            if len(sel):
+                st.update(
+                    {k: take(v, sel) for k, v in xs.items()},
+                    {k: take(v, sel) for k, v in out.xhat.items()},
+                    out.codes[sel],
+                )
     z = torch.cat(codes)
     kk = max(1, int((z != 0).sum(1).max()))
     mag, idx = z.abs().topk(kk, dim=1)
     val = z.gather(1, idx)
     idx = torch.where(mag > 0, idx, torch.full_like(idx, -1))
+    if splits is not None:
+        return idx.numpy(), val.numpy(), z, [st.result() if st.n else {} for st in stats]
     return idx.numpy(), val.numpy(), z
 
 
@@ -530,9 +548,7 @@ def write_outputs(p: ShardParams, res: ShardTraining) -> dict[str, Path]:
     out = Path(p.out_dir)
     sae, data = res.sae.cpu(), res.data
     sae.save(out / "sae")
-    idx, val, z = encode_all(sae, data)
-    held = evaluate(sae, data, res.heldout_idx)
-    train_m = evaluate(sae, data, res.train_idx)
+    idx, val, z, (held, train_m) = encode_all(sae, data, splits=(res.heldout_idx, res.train_idx))
     freq = (z != 0).float().mean(0).numpy()
     mean_act = (z.abs().sum(0) / (z != 0).sum(0).clamp(min=1)).numpy()
     shards = shards_dataset(sae, freq, mean_act)
