@@ -1,4 +1,4 @@
-"""TRL GRPO on a tiny Llama with shardlib's update collection, then the shard stage on the store it wrote.
+"""TRL GRPO on a tiny Llama with shardlib's update collection, then the shard and analysis stages on its store.
 
     python examples/trl_grpo.py --out runs/trl_example            # about a minute on a laptop CPU
     python examples/trl_grpo.py --out runs/trl_example --steps 40 --factored
@@ -11,7 +11,10 @@ prompts, so each event carries the reward of its own task). TRL runs with its de
 
 Then ``notebooks/03_shards.ipynb`` trains shards on ``<out>/updates/events`` under papermill, and the script prints
 which shards fire on which event type (task x whether its reward was earned), from the stage's ``activations.nc``.
-The study's analysis notebook (07) also intervenes on shardlib's own synthetic tasks, so it does not apply here.
+Last, ``notebooks/07_shard_analysis.ipynb`` runs on the shards with ``rl_dir=""`` (no shardlib RL run, so no
+interventions: alignment with event types against shuffled labels and a random dictionary, seed stability, the
+settings comparison, where shards live) and event types from the store label ``task`` (``--event-types``), and the
+script prints its Finding.
 """
 
 from __future__ import annotations
@@ -117,11 +120,45 @@ def run_shards(store_path, out_dir, **params):
     return out_dir
 
 
+def run_analysis(shards_dir, out_dir, **params):
+    """``notebooks/07_shard_analysis.ipynb`` on a shard stage's folder under papermill, with ``rl_dir=""``
+    (alignment only: no interventions) and small settings unless overridden."""
+    import papermill as pm
+
+    root = Path(__file__).resolve().parent.parent
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p = dict(
+        out_dir=str(out_dir),
+        shards_dir=str(shards_dir),
+        rl_dir="",
+        event_type_label="task",
+        extra_seeds=[1],
+        settings_k=[1, 2],
+        settings_normalize=[False, True],
+    )
+    p.update(params)
+    pm.execute_notebook(
+        str(root / "notebooks" / "07_shard_analysis.ipynb"),
+        str(out_dir / "notebook.ipynb"),
+        parameters=p,
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(root),
+    )
+    return out_dir
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/trl_example")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--factored", action="store_true", help="store factored event updates")
+    ap.add_argument(
+        "--event-types",
+        default="task",
+        help="store label whose values are the analysis's event types ('' = shardlib's: task x reward earned)",
+    )
     a = ap.parse_args(argv)
     out = Path(a.out)
 
@@ -153,6 +190,11 @@ def main(argv=None):
     print("mean |activation| of each shard per event type:")
     print(table.round(3).to_string())
     print("most specific shard per event type:", {t: int(np.argmax(r)) for t, r in zip(table.index, table.values)})
+
+    from shardlib.findings import finding
+
+    run_analysis(out / "shards", out / "analysis", event_type_label=a.event_types)
+    print(finding("analysis", load_results(out / "analysis" / "results.nc")))
 
 
 if __name__ == "__main__":

@@ -143,7 +143,16 @@ class AnalysisParams(Params):
     """Parameters of the shard analysis (``notebooks/07_shard_analysis.ipynb``)."""
 
     shards_dir: str = param("", "a shard stage's folder (shards.nc, activations.nc, results.nc)")
-    rl_dir: str = param("", "the RL stage folder whose updates the shards were trained on (init_policy/, policy/)")
+    rl_dir: str = param(
+        "",
+        "the RL stage folder whose updates the shards were trained on (init_policy/, policy/); '' (a store written "
+        "by another trainer, e.g. TRL): alignment only, no interventions and no online-shards comparison",
+    )
+    event_type_label: str = param(
+        "",
+        "'' = shardlib's event types (shardlib.events: task x correctness, bandit: cluster x arm); else the store "
+        "label whose values are the event types as they are (e.g. 'task' from collect_updates(columns=['task']))",
+    )
     extra_seeds: list[int] = param([1, 2], "more SAE seeds trained on the same store, for seed-to-seed stability")
     alphas: list[float] = param(
         [-1.0, 1.0], "intervention strengths, relative to the total RL update's norm on the shard's tensors"
@@ -159,8 +168,8 @@ class AnalysisParams(Params):
     eval_prompts: int = param(512, "held-out prompts per intervention evaluation", ge=1)
 
     def check(self):
-        if not self.shards_dir or not self.rl_dir:
-            raise ValueError("parameters 'shards_dir' and 'rl_dir': both folders are needed")
+        if not self.shards_dir:
+            raise ValueError("parameter 'shards_dir': the shard stage's folder is needed")
 
 
 @dataclass
@@ -252,6 +261,19 @@ def specificity(effect: np.ndarray) -> np.ndarray:
         return np.where(total > 0, a.max(-1) / total, np.nan)  # no effect at all: undefined
 
 
+def stage_event_types(labels: xr.Dataset, label: str = "") -> np.ndarray:
+    """Event type per event of a store (or ``activations.nc``): shardlib's :func:`~shardlib.events.event_types`
+    when ``label`` is empty, else the values of the store label ``label`` as strings."""
+    if not label:
+        return event_types(labels)
+    if label not in labels.coords:
+        raise KeyError(f"event_type_label {label!r}: the store has no such label; labels: {sorted(labels.coords)}")
+    return np.array([str(v) for v in labels[label].values])
+
+
+NO_INTERVENTIONS = "not run: rl_dir is empty (no shardlib RL run to intervene on)"
+
+
 def run(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     """The stage: :func:`analyse`, written to ``results.nc``."""
     ds = analyse(p, progress)
@@ -267,19 +289,28 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     inp = load_inputs(p)
     names, F = inp.names, inp.n_shards
     codes = dense_codes(inp.acts, F, signed=True).values  # signed: a (latent, sign) is a cluster
-    types, task = event_type_labels(inp.acts)
+    if p.event_type_label:
+        types, task = stage_event_types(inp.acts, p.event_type_label), None
+    else:
+        types, task = event_type_labels(inp.acts)
     X = flatten({n: inp.data[n] for n in names}, names)
     D = np.concatenate([inp.dirs[n].reshape(F, -1) for n in names], 1)
     parts = [
         seed_alignment(p, inp, codes, types, X, D),
         type_views(codes, types, X, p.seed),
         where_shards_live(inp.dirs),
-        online_comparison(Path(p.rl_dir) / "online_shards.nc", names, X, types, D),
-        settings_comparison(p, inp),
-        intervention_results(p, inp, codes, task),
     ]
+    if p.rl_dir:  # what needs a shardlib RL run: its online shards, its policies and testbed
+        parts.append(online_comparison(Path(p.rl_dir) / "online_shards.nc", names, X, types, D))
+    parts.append(settings_comparison(p, inp))
+    if p.rl_dir:
+        if task is None:
+            task = inp.acts["task"].values
+        parts.append(intervention_results(p, inp, codes, task))
     out = xr.merge(parts, combine_attrs="override")
     out.attrs["store_path"] = inp.sae_params.store_path
+    if not p.rl_dir:
+        out.attrs["interventions"] = NO_INTERVENTIONS
     return out
 
 
@@ -340,7 +371,14 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
             _, _, z = sh_mod.encode_all(sae, data)
             X = flatten({n: data[n] for n in names}, names)
             row = alignment(
-                z.numpy(), event_types(store), X, flatten(sae.directions(), names), R, q.k, p.seed, q.signed
+                z.numpy(),
+                stage_event_types(store, p.event_type_label),
+                X,
+                flatten(sae.directions(), names),
+                R,
+                q.k,
+                p.seed,
+                q.signed,
             )
             row["heldout_fvu"] = sh_mod.evaluate(sae, data, heldout).get("fvu", np.nan)
             rows[(k, norm)] = row

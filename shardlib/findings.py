@@ -147,6 +147,9 @@ def analysis(ds: xr.Dataset) -> str:
             f"(random directions {float(np.nanmean(ds.random_specificity)):.2f}); its largest effect is on its own task in "
             f"{float(np.nanmean(ds.own_task_hit)):.0%} of shards (chance {1 / ds.sizes['task']:.0%})."
         )
+    else:
+        why = ds.attrs.get("interventions", "not in the results")
+        out += f" Interventions (adding or ablating shards): {why}; no effect on reward is reported."
     if "setting_nmi" in ds:
         s = ds.setting_nmi.to_series()
         k, norm = s.idxmax()
