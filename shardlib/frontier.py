@@ -18,9 +18,17 @@ from .io import save_results
 
 
 def combine_sweep(sweep_dir) -> xr.Dataset:
-    """Combine a sweep of shard stages (subfolders of ``sweep_dir``) into held-out metrics over (rank, k)."""
+    """Combine a sweep of shard stages (subfolders of ``sweep_dir``) into held-out metrics over (rank, k).
+
+    Where the runner wrote ``sweep.json`` only the points it lists are read (a former config's points
+    left in the folder are not this sweep's)."""
     rows = []
-    for d in sorted(Path(sweep_dir).iterdir()):
+    manifest = Path(sweep_dir) / "sweep.json"
+    if manifest.exists():
+        dirs = [Path(sweep_dir) / name for name in json.loads(manifest.read_text())["points"]]
+    else:
+        dirs = sorted(d for d in Path(sweep_dir).iterdir() if d.is_dir())
+    for d in dirs:
         f = d / "results.nc"
         if not f.exists():
             continue

@@ -292,6 +292,9 @@ def _toy(ds: xr.Dataset) -> str:
 def _times(run_dir: Path) -> str:
     parts, total = [], 0.0
     for f in sorted(run_dir.glob("**/.stage.json"), key=lambda f: f.stat().st_mtime):  # in the order they ran
+        manifest = f.parent.parent / "sweep.json"  # a point a former config swept: not part of this run
+        if manifest.exists() and f.parent.name not in json.loads(manifest.read_text())["points"]:
+            continue
         st = json.loads(f.read_text())
         if "seconds" in st:
             parts.append((st.get("stage", f.parent.name), st["seconds"]))

@@ -404,6 +404,25 @@ def plan(cfg: dict, runs_dir=None, notebook_dirs=()) -> list[Stage]:
     return stages
 
 
+SWEEP_MANIFEST = "sweep.json"
+
+
+def write_sweep_manifests(stages: list[Stage]) -> None:
+    """Write ``<sweep folder>/sweep.json`` listing the point folders of every sweep in the plan, so that a
+    stage combining a sweep reads this config's points only (folders of points a former config swept stay
+    on disk, and are ignored)."""
+    from .io import atomic_write
+
+    points: dict[Path, list[str]] = {}
+    for st in stages:
+        if "[" in st.name:
+            points.setdefault(st.out_dir.parent, []).append(st.out_dir.name)
+    for folder, names in points.items():
+        text = json.dumps({"points": names}, indent=1)
+        if not (folder / SWEEP_MANIFEST).exists() or (folder / SWEEP_MANIFEST).read_text() != text:
+            atomic_write(folder / SWEEP_MANIFEST, lambda tmp, text=text: Path(tmp).write_text(text))
+
+
 def _notebook_digest(nb: Path) -> str:
     """Hash of a notebook's code and markdown (not its outputs)."""
     data = json.loads(nb.read_text())
@@ -594,6 +613,7 @@ def run(
     prints, records = {}, []
     n = len(stages)
     with run_lock(run_dir):
+        write_sweep_manifests(stages)
         for k, st in enumerate(stages, 1):
             fp = fingerprint(st, prints)
             prints[st.name] = fp
