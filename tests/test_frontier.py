@@ -47,9 +47,7 @@ def test_a_sweep_reads_only_the_points_its_config_lists(tmp_path):
         d.mkdir(parents=True)
         write_point(d, rank, k, 0.5)
     assert frontier.combine_sweep(tmp_path / "fe")["rank"].values.tolist() == [0, 1, 4]  # no manifest: all
-    stages = [
-        Stage(f"fe[rank={r},k=1]", Path("nb.ipynb"), {}, [], tmp_path / "fe" / f"rank={r},k=1") for r in (1, 0)
-    ]
+    stages = [Stage(f"fe[rank={r},k=1]", Path("nb.ipynb"), {}, [], tmp_path / "fe" / f"rank={r},k=1") for r in (1, 0)]
     write_sweep_manifests(stages)
     assert json.loads((tmp_path / "fe" / "sweep.json").read_text())["points"] == ["rank=1,k=1", "rank=0,k=1"]
     ds = frontier.combine_sweep(tmp_path / "fe")
