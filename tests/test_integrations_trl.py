@@ -217,3 +217,63 @@ def test_clear_messages(tmp_path, monkeypatch):
         collect_updates(tr, PARAMS, tmp_path / "u_fp32")  # float32: no warning
     with pytest.raises(RuntimeError, match="already called"):
         collect_updates(tr, PARAMS, tmp_path / "u_fp32")
+
+
+def test_two_processes_gather_events_and_labels_into_the_main_process_stores(tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo): the main process's event store holds
+    both processes' completions, labelled, and a step's events sum to -lr x the all-reduced (averaged over the
+    processes) unclipped gradient."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = ROOT / "tests" / "trl_two_process.py"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    r = subprocess.run([*cmd, str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "processes=2 distributed_type=DistributedType.MULTI_CPU" in r.stdout
+    ref = torch.load(tmp_path / "grads.pt")
+    assert ref["num_processes"] == 2
+    ev = densify(open_store(tmp_path / "updates" / "events"))
+    rows = 4 * 2 * 2  # per_device_train_batch_size x accumulation x processes: one event per completion
+    steps, counts = np.unique(ev.step.values, return_counts=True)
+    assert steps.tolist() == [0, 1] and counts.tolist() == [rows, rows]
+    errors = []
+    for s in range(2):
+        sel = ev.step.values == s
+        e = ev.isel(event=np.flatnonzero(sel))
+        assert np.unique(e.process.values, return_counts=True)[1].tolist() == [rows // 2, rows // 2]
+        assert float(e.lr[0]) == pytest.approx(ref["lr"][s])
+        for v in update_vars(e):
+            n = e[v].attrs["param"]
+            total = torch.from_numpy(e[v].values.astype(np.float64)).sum(0)
+            want = -ref["lr"][s] * ref["grads"][s][n].double()
+            errors.append(float((total - want).norm() / want.norm()))
+        # labels travel with their updates: rewards, tasks and advantages per prompt group (groups are whole
+        # within a process), equal completions of a prompt have equal updates, zero advantage, zero update
+        for g in np.unique(e.group.values):
+            gs = e.group.values == g
+            assert gs.sum() == 4 and len(set(e.process.values[gs].tolist())) == 1
+            assert len(set(e.prompt_hash.values[gs].tolist())) == 1 and len(set(e.task.values[gs].tolist())) == 1
+            assert abs(e.advantage.values[gs].sum()) < 1e-4
+        upd = np.concatenate([e[v].values.reshape(rows, -1) for v in update_vars(e)], axis=1)
+        for i in range(rows):
+            if e.advantage.values[i] == 0:
+                assert not upd[i].any()
+            for j in range(i):
+                if (e.prompt_hash.values[i], e.completion_hash.values[i]) == (
+                    e.prompt_hash.values[j],
+                    e.completion_hash.values[j],
+                ):
+                    np.testing.assert_allclose(upd[i], upd[j], rtol=1e-4, atol=1e-12)
+    assert sorted(set(ev.process.values.tolist())) == [0, 1]
+    task = ev.task.values
+    assert np.isfinite(ev.reward.values).all() and np.isfinite(ev.advantage.values).all()
+    assert (
+        np.isnan(ev.reward_correct_b.values[task == 0]).all() and np.isnan(ev.reward_correct_a.values[task == 1]).all()
+    )
+    np.testing.assert_allclose(ev.reward.values, np.where(task == 0, ev.reward_correct_a, ev.reward_correct_b))
+    print(f"2 processes: max relative error of a step's event sum {max(errors):.2e}")
+    assert max(errors) < 1e-5
+    assert open_store(tmp_path / "updates" / "steps").sizes["event"] == 2
