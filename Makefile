@@ -33,3 +33,4 @@ bench: setup
 	$(PY) benchmarks/bench_sae.py
 	$(PY) benchmarks/bench_rl.py
 	$(PY) benchmarks/bench_family.py --members mixed_rank2 attn_heavy
+	$(PY) benchmarks/bench_factored.py
