@@ -15,11 +15,22 @@ def make_accelerator(device: str, mixed_precision: str = "no", grad_accum: int =
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but no GPU is visible; use device='cpu' or 'auto'")
-    return Accelerator(
-        cpu=(device == "cpu" or not torch.cuda.is_available()),
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=grad_accum,
-    )
+    try:
+        return Accelerator(
+            cpu=(device == "cpu" or not torch.cuda.is_available()),
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=grad_accum,
+        )
+    except ValueError as e:
+        if "already been initialized" not in str(e):
+            raise
+        raise RuntimeError(
+            f"accelerate's process-wide state was set up by other code in this Python process (e.g. a TRL "
+            f"trainer) with other settings, and this stage needs device={device!r}, mixed_precision="
+            f"{mixed_precision!r}. Run the stage in its own process (its notebook, `python -m shardlib.launch`, "
+            "or `python -m shardlib run`), or, when that other code is done, call "
+            "`accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)` first"
+        ) from e
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:

@@ -36,3 +36,23 @@ def test_progress_bars_refresh_at_most_every_few_seconds():
     assert bar.mininterval == PROGRESS_INTERVAL >= 1  # papermill records every refresh of a text bar
     assert list(bar) == list(range(1000))
     assert out.getvalue().count("\r") <= 3  # start, end (and no refresh in between: it took < 5 s)
+
+
+def test_an_accelerator_state_left_by_other_code_gives_a_clear_error():
+    """A TRL trainer in the same process leaves accelerate's state in mixed precision; a stage then says what
+    to do instead of accelerate's bare 'restart your runtime'."""
+    import pytest
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from shardlib.common import make_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        Accelerator(cpu=True, mixed_precision="bf16")
+        with pytest.raises(RuntimeError, match="its own process"):
+            make_accelerator("cpu")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert make_accelerator("cpu").mixed_precision == "no"
