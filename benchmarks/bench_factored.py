@@ -104,8 +104,8 @@ def sae_step(d: int, mode: str, latents: int, batch: int, tokens: int, steps: in
     if mode == "dense":
         x = {n: f.dense() for n, f in x.items()}
     sae = ShardSAE(shapes, latents, 4, rank=1, signed=True, seed=0, b_pre_rank=1)
-    init_from_data(sae, x)
-    tr = Trainer(sae, 0.03, 0, 1 / 32, 10**12, total_variance(x, float(sae.scale)))
+    moments = init_from_data(sae, x)
+    tr = Trainer(sae, 0.03, 0, 1 / 32, 10**12, total_variance(x, float(sae.scale), moments))
     times = []
     for _ in range(steps + 1):
         tr.last_fired[: latents // 10] = -(10**13)  # a tenth of the latents dead: AuxK runs on every step

@@ -177,9 +177,10 @@ def data_moments(data: dict, chunk: int = 1024) -> tuple[dict[str, torch.Tensor]
     return {k: v / n for k, v in sums.items()}, sq / n
 
 
-def init_from_data(sae: ShardSAE, data: dict) -> None:
+def init_from_data(sae: ShardSAE, data: dict) -> tuple[dict[str, torch.Tensor], float]:
     """Input scale (mean squared norm 1) and b_pre = data mean (its best rank-r approximation where
-    ``b_pre`` is low-rank), both saved with the model."""
+    ``b_pre`` is low-rank), both saved with the model. Returns the :func:`data_moments` it used (pass
+    them to :func:`total_variance`, so that the data's mean is not computed again)."""
     mean, sq = data_moments(data)
     with torch.no_grad():
         sae.scale.fill_(float(math.sqrt(max(sq, 1e-60))))
@@ -194,15 +195,17 @@ def init_from_data(sae: ShardSAE, data: dict) -> None:
                     sae.b_pre[f"{j}_V"].zero_()[:, :r] = (Vh[:r].T * s).float()
             else:
                 sae.b_pre[str(j)].copy_(m.float())
+    return mean, sq
 
 
-def total_variance(data: dict, scale: float) -> float:
-    """sum over tensors of E||x / scale - mean||^2 (float64; Gram-based for Factored tensors)."""
+def total_variance(data: dict, scale: float, moments=None) -> float:
+    """sum over tensors of E||x / scale - mean||^2 (float64; Gram-based for Factored tensors, from
+    ``moments`` = :func:`data_moments` of ``data`` when given)."""
     if not any(isinstance(v, Factored) for v in data.values()):
         return float(
             sum(((v.double() / scale - v.double().mean(0) / scale) ** 2).sum() for v in data.values()) / n_events(data)
         )
-    mean, sq = data_moments(data)
+    mean, sq = moments if moments is not None else data_moments(data)
     return float((sq - sum(float((m**2).sum()) for m in mean.values())) / scale**2)
 
 
@@ -457,11 +460,11 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_di
     train_idx, held_idx = split_events(n, p.holdout_frac, p.seed)
     train_data = {k: take(v, train_idx) for k, v in data.items()}
     sae = make_sae(p, shapes_of(data), resolve_b_pre_rank(p, data))
-    init_from_data(sae, train_data)
+    moments = init_from_data(sae, train_data)
     if init_directions is not None:
         sae.set_directions_(init_directions)
     sae.to(acc.device)
-    variance = total_variance(train_data, float(sae.scale))
+    variance = total_variance(train_data, float(sae.scale), moments)
     steps_per_epoch = math.ceil(len(train_idx) / p.batch_size)
     trainer = Trainer(
         sae,
@@ -621,9 +624,9 @@ class OnlineTrainer:
         if self.trainer is None:
             snapshot = buffer.contents()
             self.sae = make_sae(self.p, buffer.shapes, resolve_b_pre_rank(self.p, snapshot))
-            init_from_data(self.sae, snapshot)
+            moments = init_from_data(self.sae, snapshot)
             self.sae.to(self.device)
-            self.trainer = self._trainer(total_variance(snapshot, float(self.sae.scale)))
+            self.trainer = self._trainer(total_variance(snapshot, float(self.sae.scale), moments))
         with deterministic():  # as offline training: else the gather backward adds in thread order
             for _ in range(self.k_steps):
                 batch = {n: v.to(self.device) for n, v in buffer.sample(self.p.batch_size, self.gen).items()}
