@@ -30,7 +30,7 @@ from .io import OPTIMIZER_FILE, load_optimizer, load_results, read_checkpoint, s
 from .metrics import ReconStats
 from .sae import ShardSAE, sae_loss, sq_norms
 from .shardfile import activations_dataset, shards_dataset
-from .updates import Factored, factor_pairs, open_store, update_vars
+from .updates import Factored, factor_pairs, n_events, open_store, take, update_vars
 
 
 @dataclass(frozen=True)
@@ -132,17 +132,6 @@ def load_updates(store_path, patterns=(), skip_zero: bool = False, normalize: bo
         }
         ds = ds.assign_coords(update_norm=("event", norm.numpy()))
     return data, ds
-
-
-def n_events(data: dict) -> int:
-    """Number of events of a ``{name: tensor or Factored}`` batch."""
-    v = next(iter(data.values()))
-    return v.n_events if isinstance(v, Factored) else v.shape[0]
-
-
-def take(v, idx):
-    """Events ``idx`` of a dense [event, ...] tensor or a Factored batch."""
-    return v.take(idx) if isinstance(v, Factored) else v[idx]
 
 
 def shapes_of(data: dict) -> dict[str, tuple]:

@@ -186,9 +186,15 @@ def _tensors(v) -> tuple:
     return (v.left, v.right) if isinstance(v, Factored) else (v,)
 
 
-def _take(v, idx):
-    """Events ``idx`` of a dense [event, ...] tensor or a Factored batch, as float32."""
-    return v.take(idx).to(torch.float32) if isinstance(v, Factored) else v[idx].float()
+def take(v, idx):
+    """Events ``idx`` of a dense [event, ...] tensor or a Factored batch."""
+    return v.take(idx) if isinstance(v, Factored) else v[idx]
+
+
+def n_events(data: dict) -> int:
+    """Number of events of a ``{name: tensor or Factored}`` batch."""
+    v = next(iter(data.values()))
+    return v.n_events if isinstance(v, Factored) else v.shape[0]
 
 
 def best_rank(f: Factored, rank: int) -> tuple[Factored, torch.Tensor]:
@@ -311,13 +317,13 @@ class RingBuffer:
 
     def contents(self) -> dict:
         """The events held now (oldest slots first as stored): ``{name: tensor or Factored}``, float32."""
-        return {k: _take(v, slice(0, self.size)) for k, v in self.data.items()}
+        return {k: take(v, slice(0, self.size)).to(torch.float32) for k, v in self.data.items()}
 
     def sample(self, n: int, generator: torch.Generator) -> dict:
         if self.size == 0:
             raise ValueError("ring buffer is empty")
         idx = torch.randint(self.size, (n,), generator=generator)
-        return {k: _take(v, idx) for k, v in self.data.items()}
+        return {k: take(v, idx).to(torch.float32) for k, v in self.data.items()}
 
     def save(self, path) -> None:
         """Contents and position into folder ``path`` (part of an RL checkpoint)."""
