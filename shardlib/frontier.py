@@ -14,7 +14,7 @@ from pathlib import Path
 import xarray as xr
 
 from .config import Params, param
-from .io import save_results
+from .io import save_results, sweep_points
 
 
 def combine_sweep(sweep_dir) -> xr.Dataset:
@@ -23,9 +23,9 @@ def combine_sweep(sweep_dir) -> xr.Dataset:
     Where the runner wrote ``sweep.json`` only the points it lists are read (a former config's points
     left in the folder are not this sweep's)."""
     rows = []
-    manifest = Path(sweep_dir) / "sweep.json"
-    if manifest.exists():
-        dirs = [Path(sweep_dir) / name for name in json.loads(manifest.read_text())["points"]]
+    points = sweep_points(sweep_dir)
+    if points is not None:
+        dirs = [Path(sweep_dir) / name for name in points]
     else:
         dirs = sorted(d for d in Path(sweep_dir).iterdir() if d.is_dir())
     for d in dirs:

@@ -219,3 +219,14 @@ def save_results(ds: xr.Dataset, path, config: dict | None = None, seed: int | N
 def load_results(path) -> xr.Dataset:
     with xr.open_dataset(path, engine=NETCDF_ENGINE) as ds:
         return ds.load()
+
+
+SWEEP_MANIFEST = "sweep.json"
+"""Written by the runner in every sweep folder: ``{"points": [point folder names]}`` of the config that ran."""
+
+
+def sweep_points(folder) -> list[str] | None:
+    """The point folders the runner's last config swept in ``folder`` (its ``sweep.json``), or None where
+    there is no manifest (a sweep made by hand: every subfolder is a point)."""
+    f = Path(folder) / SWEEP_MANIFEST
+    return json.loads(f.read_text())["points"] if f.exists() else None

@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 
 from . import findings
-from .io import load_results
+from .io import load_results, sweep_points
 
 BEGIN, END, WALL = "<!-- results:begin -->", "<!-- results:end -->", "<!-- wall-clock -->"
 
@@ -292,8 +292,8 @@ def _toy(ds: xr.Dataset) -> str:
 def _times(run_dir: Path) -> str:
     parts, total = [], 0.0
     for f in sorted(run_dir.glob("**/.stage.json"), key=lambda f: f.stat().st_mtime):  # in the order they ran
-        manifest = f.parent.parent / "sweep.json"  # a point a former config swept: not part of this run
-        if manifest.exists() and f.parent.name not in json.loads(manifest.read_text())["points"]:
+        points = sweep_points(f.parent.parent)  # a point a former config swept: not part of this run
+        if points is not None and f.parent.name not in points:
             continue
         st = json.loads(f.read_text())
         if "seconds" in st:

@@ -404,14 +404,11 @@ def plan(cfg: dict, runs_dir=None, notebook_dirs=()) -> list[Stage]:
     return stages
 
 
-SWEEP_MANIFEST = "sweep.json"
-
-
 def write_sweep_manifests(stages: list[Stage]) -> None:
     """Write ``<sweep folder>/sweep.json`` listing the point folders of every sweep in the plan, so that a
     stage combining a sweep reads this config's points only (folders of points a former config swept stay
     on disk, and are ignored)."""
-    from .io import atomic_write
+    from .io import SWEEP_MANIFEST, atomic_write
 
     points: dict[Path, list[str]] = {}
     for st in stages:
