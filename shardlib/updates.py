@@ -765,6 +765,18 @@ def flat_updates(ds: xr.Dataset) -> dict[str, np.ndarray]:
 # the collector
 
 
+def check_convention(convention: str, factored: bool) -> None:
+    """The event-update convention is known, and factored events are plain sgd (what every collector checks
+    before it is built)."""
+    if convention not in ("sgd", "adam"):
+        raise ValueError(f"convention must be 'sgd' or 'adam', got {convention!r}")
+    if factored and convention == "adam":
+        raise ValueError(
+            "factored=True needs convention='sgd': Adam's elementwise preconditioner does not keep an "
+            "event update factored (collect factored sgd events, or dense adam events)"
+        )
+
+
 class UpdateCollector:
     """Collects per-event and per-step updates of selected parameters from any PyTorch loop.
 
@@ -799,13 +811,7 @@ class UpdateCollector:
         factored: bool = False,
         max_rank: int | None = None,
     ):
-        if convention not in ("sgd", "adam"):
-            raise ValueError(f"convention must be 'sgd' or 'adam', got {convention!r}")
-        if factored and convention == "adam":
-            raise ValueError(
-                "factored=True needs convention='sgd': Adam's elementwise preconditioner does not keep an "
-                "event update factored (collect factored sgd events, or dense adam events)"
-            )
+        check_convention(convention, factored)
         if factored and group_by is not None:
             raise ValueError("factored=True with group_by is not supported yet: collect per-completion events")
         if max_rank is not None and max_rank < 1:

@@ -57,7 +57,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..updates import UpdateCollector, UpdateStore, non_linear_message, param_owners, select_params
+from ..updates import (
+    UpdateCollector,
+    UpdateStore,
+    check_convention,
+    non_linear_message,
+    param_owners,
+    select_params,
+)
 
 SUPPORTED_TRL = ("1.16",)
 """trl release series whose GRPOTrainer internals this module was written and tested against."""
@@ -175,13 +182,7 @@ class TRLCollection:
             )
         if not (events or steps):
             raise ValueError("nothing to collect: events=False and steps=False")
-        if convention not in ("sgd", "adam"):
-            raise ValueError(f"convention must be 'sgd' or 'adam', got {convention!r}")
-        if factored and convention == "adam":
-            raise ValueError(
-                "factored=True needs convention='sgd': Adam's elementwise preconditioner does not keep an "
-                "event update factored (collect factored sgd events, or dense adam events)"
-            )
+        check_convention(convention, factored)
         self.trainer, self.args, self.acc = trainer, trainer.args, trainer.accelerator
         self.model = self.acc.unwrap_model(trainer.model)
         if factored and self.acc.num_processes > 1:
