@@ -102,34 +102,14 @@ def make_trainer(out_dir, seed: int = 0, **config):
 
 def run_shards(store_path, out_dir, **params):
     """``notebooks/03_shards.ipynb`` on ``store_path`` under papermill (small SAE settings unless overridden)."""
-    import papermill as pm
-
-    root = Path(__file__).resolve().parent.parent
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    p = dict(out_dir=str(out_dir), store_path=str(store_path), n_latents=N_LATENTS, k=2, epochs=20, batch_size=32)
-    p.update(params)
-    pm.execute_notebook(
-        str(root / "notebooks" / "03_shards.ipynb"),
-        str(out_dir / "notebook.ipynb"),
-        parameters=p,
-        kernel_name="python3",
-        progress_bar=False,
-        cwd=str(root),
-    )
-    return out_dir
+    p = dict(store_path=str(store_path), n_latents=N_LATENTS, k=2, epochs=20, batch_size=32)
+    return run_notebook("03_shards.ipynb", out_dir, {**p, **params})
 
 
 def run_analysis(shards_dir, out_dir, **params):
     """``notebooks/07_shard_analysis.ipynb`` on a shard stage's folder under papermill, with ``rl_dir=""``
     (alignment only: no interventions) and small settings unless overridden."""
-    import papermill as pm
-
-    root = Path(__file__).resolve().parent.parent
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     p = dict(
-        out_dir=str(out_dir),
         shards_dir=str(shards_dir),
         rl_dir="",
         event_type_label="task",
@@ -137,11 +117,20 @@ def run_analysis(shards_dir, out_dir, **params):
         settings_k=[1, 2],
         settings_normalize=[False, True],
     )
-    p.update(params)
+    return run_notebook("07_shard_analysis.ipynb", out_dir, {**p, **params})
+
+
+def run_notebook(name: str, out_dir, params: dict) -> Path:
+    """The study's notebook ``name`` under papermill with ``params``, executed into ``out_dir/notebook.ipynb``."""
+    import papermill as pm
+
+    root = Path(__file__).resolve().parent.parent
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(
-        str(root / "notebooks" / "07_shard_analysis.ipynb"),
+        str(root / "notebooks" / name),
         str(out_dir / "notebook.ipynb"),
-        parameters=p,
+        parameters={**params, "out_dir": str(out_dir)},
         kernel_name="python3",
         progress_bar=False,
         cwd=str(root),
