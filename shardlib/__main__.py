@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
-from .runner import ROOT, PipelineError, check_name, load_config, run, runs_folder
+from .runner import ROOT, PipelineError, check_name, default_jobs, load_config, run, runs_folder
 
 
 def _os_error(e: OSError) -> str:
@@ -46,6 +47,14 @@ def main(argv=None) -> int:
     r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (their inputs must exist)")
     r.add_argument("--force", action="store_true", help="rerun stages even when unchanged")
     r.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output")
+    r.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stages run at once when their inputs are ready (default: 2 on a machine with 2 or more cores, else 1); "
+        "the numbers do not depend on it; notebook output is streamed only with --jobs 1",
+    )
     r.add_argument(
         "--notebooks-dir",
         action="append",
@@ -123,10 +132,12 @@ def _main(args) -> int:
             return 1
         return 0
     if args.cmd == "run":
+        t0 = time.perf_counter()
         cfg = load_config(args.config, args.sets)
         if args.run_name is not None:
             cfg["run"] = check_name("run", args.run_name)
-        if not args.quiet:
+        jobs = default_jobs() if args.jobs is None else args.jobs
+        if not args.quiet and jobs == 1:
             logging.basicConfig(level=logging.WARNING, format="%(message)s")
             logging.getLogger("papermill").setLevel(logging.INFO)
         records = run(
@@ -136,12 +147,13 @@ def _main(args) -> int:
             only=args.only,
             log_output=not args.quiet,
             notebook_dirs=args.notebooks_dir,
+            jobs=jobs,
         )
         total = sum(r["seconds"] for r in records)
         print(
             "stage wall times: "
             + ", ".join(f"{r['stage']} {r['seconds']:.1f}s ({r['status']})" for r in records)
-            + f"; total {total:.1f}s"
+            + f"; sum {total:.1f}s; wall {time.perf_counter() - t0:.1f}s with {jobs} job(s)"
         )
     return 0
 

@@ -582,6 +582,40 @@ def _fresh_stage_dir(st: Stage, state: dict, fp: str, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _execute(st: Stage, record: dict, log_output: bool) -> float:
+    """Run one stage's notebook with papermill in its folder; returns its wall time in seconds."""
+    import papermill as pm
+
+    _write_state(st.out_dir, {**record, "status": "running"})
+    t0 = time.perf_counter()
+    out_nb = st.out_dir / "notebook.ipynb"
+    try:
+        pm.execute_notebook(
+            str(st.notebook),
+            str(out_nb),
+            parameters=st.params,
+            kernel_name="python3",
+            cwd=str(st.out_dir),
+            progress_bar=False,
+            log_output=log_output,
+        )
+    except pm.PapermillExecutionError as e:
+        _write_state(st.out_dir, {**record, "status": "failed"})
+        raise PipelineError(
+            f"stage {st.name!r} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
+            f"the executed notebook is at {out_nb}"
+        ) from None
+    dt = time.perf_counter() - t0
+    _write_state(st.out_dir, {**record, "status": "done", "seconds": round(dt, 2)})
+    return dt
+
+
+def default_jobs() -> int:
+    """Stages run at once by default: 2 where the machine has 2 or more cores (a stage spends much of its
+    time starting a kernel and importing, one core's work), else 1."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
 def run(
     cfg: dict,
     force: bool = False,
@@ -590,13 +624,19 @@ def run(
     log=print,
     log_output: bool = False,
     notebook_dirs=(),
+    jobs: int = 1,
 ) -> list[dict]:
-    """Execute the stages; returns one record per stage (name, status, seconds).
+    """Execute the stages; returns one record per stage (name, status, seconds), in config order.
 
     Everything is validated (:func:`plan`) before any file is touched; the run folder is locked
-    while the stages execute."""
-    import papermill as pm
+    while the stages execute. With ``jobs`` > 1, up to that many stages whose inputs are finished run
+    at once (each in its own kernel, started in config order); their numbers do not depend on ``jobs``,
+    and notebook output is not streamed (``log_output`` applies to ``jobs=1`` only). After a stage fails,
+    no further stage starts; the ones running finish, then the first failure is raised."""
+    import concurrent.futures as cf
 
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise PipelineError(f"jobs must be a whole number >= 1, got {jobs!r}")
     stages = plan(cfg, runs_dir, notebook_dirs)
     validate(stages)
     if only:
@@ -607,10 +647,11 @@ def run(
         if missing:
             raise PipelineError(f"--only: no stage(s) {sorted(missing)}; stages: {[s.name for s in stages]}")
     run_dir = runs_folder(runs_dir, cfg) / cfg["run"]
-    prints, records = {}, []
+    prints, records = {}, {}
     n = len(stages)
     with run_lock(run_dir):
         write_sweep_manifests(stages)
+        todo = []  # (position, stage, fingerprint, state) of the stages to execute, in config order
         for k, st in enumerate(stages, 1):
             fp = fingerprint(st, prints)
             prints[st.name] = fp
@@ -619,32 +660,36 @@ def run(
             state = _read_state(st.out_dir)
             if _is_record(state, st) and state["fingerprint"] == fp and state["status"] == "done" and not force:
                 log(f"[{k}/{n}] {st.name}: unchanged, skipped (--force reruns)")
-                records.append({"stage": st.name, "status": "skipped", "seconds": 0.0})
+                records[st.name] = {"stage": st.name, "status": "skipped", "seconds": 0.0}
                 continue
-            _fresh_stage_dir(st, state, fp, force)
-            record = {"fingerprint": fp, "run": cfg["run"], "stage": st.name, "params": st.params}
-            _write_state(st.out_dir, {**record, "status": "running"})
-            log(f"[{k}/{n}] {st.name}: running {st.notebook.name} -> {st.out_dir}")
-            t0 = time.perf_counter()
-            out_nb = st.out_dir / "notebook.ipynb"
-            try:
-                pm.execute_notebook(
-                    str(st.notebook),
-                    str(out_nb),
-                    parameters=st.params,
-                    kernel_name="python3",
-                    cwd=str(st.out_dir),
-                    progress_bar=False,
-                    log_output=log_output,
-                )
-            except pm.PapermillExecutionError as e:
-                _write_state(st.out_dir, {**record, "status": "failed"})
-                raise PipelineError(
-                    f"stage {st.name!r} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
-                    f"the executed notebook is at {out_nb}"
-                ) from None
-            dt = time.perf_counter() - t0
-            _write_state(st.out_dir, {**record, "status": "done", "seconds": round(dt, 2)})
-            log(f"[{k}/{n}] {st.name}: done in {dt:.1f} s")
-            records.append({"stage": st.name, "status": "done", "seconds": dt})
-    return records
+            todo.append((k, st, fp, state))
+        waiting = {st.name for _, st, _, _ in todo}  # not finished yet: a later stage that reads one waits
+        failure = None
+        with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+            running = {}
+            while todo or running:
+                ready = [t for t in todo if not (set(t[1].deps) & waiting)] if failure is None else []
+                for t in ready[: jobs - len(running)]:
+                    k, st, fp, state = t
+                    todo.remove(t)
+                    _fresh_stage_dir(st, state, fp, force)
+                    record = {"fingerprint": fp, "run": cfg["run"], "stage": st.name, "params": st.params}
+                    log(f"[{k}/{n}] {st.name}: running {st.notebook.name} -> {st.out_dir}")
+                    running[pool.submit(_execute, st, record, log_output and jobs == 1)] = (k, st)
+                if not running:
+                    break  # a stage failed: nothing more starts
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    k, st = running.pop(fut)
+                    try:
+                        dt = fut.result()
+                    except Exception as e:  # raised below, after the running stages finish
+                        failure = failure or e
+                        log(f"[{k}/{n}] {st.name}: failed")
+                        continue
+                    waiting.discard(st.name)
+                    log(f"[{k}/{n}] {st.name}: done in {dt:.1f} s")
+                    records[st.name] = {"stage": st.name, "status": "done", "seconds": dt}
+        if failure is not None:
+            raise failure
+    return [records[st.name] for st in stages if st.name in records]

@@ -1,10 +1,13 @@
 import os
 
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores; one thread each (and their
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses and notebook kernels), not N threads spinning on N
+
 import pytest
 import torch
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")
@@ -22,15 +25,11 @@ def tiny_lm_dir(tmp_path_factory):
     return str(out / "policy")
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """The whole papermill pipeline on configs/tiny.yaml, once per test session: (run folder, stage records)."""
-    from pathlib import Path
+SLOW_FIRST = ("test_study.py", "test_gpu_check.py")  # the longest modules: started first under pytest -n N
 
-    from shardlib import runner
 
-    runs = tmp_path_factory.mktemp("runs")
-    records = runner.run(
-        runner.load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"), runs_dir=runs
-    )
-    return runs / "tiny", records
+def pytest_collection_modifyitems(config, items):
+    """Put the longest test modules first, so that with ``pytest -n 2 --dist loadfile`` (the README's test command)
+    they start at once on the workers and the short ones fill in around them. Order within a module is kept."""
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))

@@ -8,69 +8,10 @@ from pathlib import Path
 import pytest
 
 from shardlib import runner
-from shardlib.io import load_results
 from shardlib.runner import PipelineError, load_config, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
-
-
-def test_tiny_pipeline_writes_notebooks_results_and_plots(tiny_run):
-    run_dir, records = tiny_run
-    assert all(r["status"] == "done" for r in records) and len(records) == len(plan(load_config(TINY), run_dir.parent))
-    for stage in (
-        "pretrain",
-        "rl_bandit",
-        "rl_lm",
-        "sft_lm",
-        "shards_bandit",
-        "shards_lm",
-        "planted",
-        "sparsity",
-        "frontier",
-        "analysis_bandit",
-        "analysis_lm",
-        "toy_models",
-        "figures",
-        "frontier_events/rank=1,k=1",
-        "lr_sweep/lr=0.01",
-    ):
-        d = run_dir / stage
-        nb = json.loads((d / "notebook.ipynb").read_text())
-        assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
-        last = [c for c in nb["cells"] if c["cell_type"] == "code"][-1]
-        text = "".join("".join(o.get("text", "")) for o in last["outputs"])
-        assert text.startswith("Finding: ") and "?" not in text, (
-            stage,
-            text[:200],
-        )  # every notebook ends with its Finding
-        assert (d / "notebook.ipynb").stat().st_size < 2_000_000, stage  # no pages of progress bars
-        ds = load_results(d / "results.nc")
-        cfg = json.loads(ds.attrs["config"])
-        assert cfg["out_dir"] == str(d) and ds.attrs["seed"] == 0
-        for key in ("git_commit", "git_dirty", "python_version", "torch_version", "shardlib_version", "created"):
-            assert key in ds.attrs
-    assert (run_dir / "pretrain" / "pretrain.png").exists()
-    assert (run_dir / "rl_lm" / "reward_by_task.png").exists()
-    assert (run_dir / "rl_lm" / "updates" / "events").is_dir()
-    assert (run_dir / "rl_lm" / "update_norms.png").exists()
-    assert (run_dir / "rl_lm" / "online_shards.nc").exists()
-    for f in ("shards.nc", "activations.nc", "sae/cfg.json", "sae/sae.safetensors", "shards_by_event_type.png"):
-        assert (run_dir / "shards_lm" / f).exists(), f
-    assert (run_dir / "planted" / "planted_recovery.png").exists()
-    assert (run_dir / "sparsity" / "sparsity_lenses.png").exists()
-    assert (run_dir / "frontier" / "frontier.png").exists()
-    assert (run_dir / "analysis_lm" / "intervention_effects.png").exists()
-
-
-def test_unchanged_stages_are_skipped_and_changes_rerun(tiny_run, tmp_path):
-    run_dir, _ = tiny_run
-    cfg = load_config(TINY)
-    recs = runner.run(cfg, runs_dir=run_dir.parent)
-    assert {r["status"] for r in recs} == {"skipped"}
-    cfg = load_config(TINY, ["rl_bandit.lr=0.02"])
-    recs = runner.run(cfg, runs_dir=run_dir.parent, only=["rl_bandit"])
-    assert [(r["stage"], r["status"]) for r in recs] == [("rl_bandit", "done")]
 
 
 def test_a_stage_hashes_only_the_library_code_its_notebook_reaches():
@@ -177,21 +118,6 @@ def test_notebooks_are_committed_without_outputs(nb):
         if c["cell_type"] == "code":
             assert c["outputs"] == [] and c["execution_count"] is None
     assert data["metadata"]["kernelspec"]["name"] == "python3"
-
-
-def test_figures_regenerate_byte_identical_from_results(tiny_run, tmp_path):
-    from shardlib.figures import make_all, scripts
-
-    run_dir, _ = tiny_run
-    a = make_all(run_dir, tmp_path / "a", log=lambda *_: None)
-    b = make_all(run_dir, tmp_path / "b", log=lambda *_: None)
-    assert set(a) == {s.stem[4:] for s in scripts()}  # every figure script made its figure
-    for name in a:
-        for pa, pb in zip(a[name], b[name]):
-            assert pa.read_bytes() == pb.read_bytes(), pa
-    skipped = []
-    assert make_all(tmp_path / "empty_run", tmp_path / "c", log=skipped.append) == {}
-    assert len(skipped) == len(scripts()) and "missing" in skipped[0]
 
 
 # ---------------------------------------------------------------------------
@@ -369,34 +295,91 @@ def test_a_run_cannot_nest_inside_another_runs_folder(tmp_path):
         load_config(tmp_path / "a.yaml")
 
 
+def _timing_notebook(folder: Path) -> Path:
+    """A stage notebook of seconds: waits ``wait`` s (or until the file ``until`` exists), writes its start and end
+    times to ``times.json`` in its folder, raises when ``fail``."""
+    import nbformat
+
+    folder.mkdir(exist_ok=True)
+    nb = nbformat.v4.new_notebook(
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    )
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            'out_dir = ""\nseed = 0\nwait = 0.0\nuntil = ""\ninp = ""\nfail = False', metadata={"tags": ["parameters"]}
+        ),
+        nbformat.v4.new_code_cell(
+            "import json, pathlib, time\n"
+            "t0 = time.time()\n"
+            "assert not fail, 'asked to fail'\n"
+            "time.sleep(wait)\n"
+            "while until and not pathlib.Path(until).exists():\n"
+            "    time.sleep(0.05)\n"
+            "pathlib.Path(out_dir, 'times.json').write_text(json.dumps([t0, time.time()]))"
+        ),
+    ]
+    nbformat.write(nb, folder / "timing.ipynb")
+    return folder
+
+
 def test_two_concurrent_cli_runs_on_one_run_name(tmp_path):
-    """A real second process: the first holds the lock while it runs a stage; the second is refused."""
+    """A real second process: the first holds the lock while it runs a stage (one that waits until the second has
+    been refused); the second is refused."""
     import time
 
-    runs = str(tmp_path / "runs")
-    args = [
-        sys.executable,
-        "-m",
-        "shardlib",
-        "run",
-        "--config",
-        str(TINY),
-        "--only",
-        "pretrain",
-        "--runs-dir",
-        runs,
-        "--quiet",
-    ]
+    nbs = _timing_notebook(tmp_path / "nbs")
+    config = tmp_path / "wait.yaml"
+    config.write_text(
+        f"run: tiny\nstages:\n  wait: {{notebook: timing.ipynb, params: {{until: {tmp_path / 'refused'}}}}}\n"
+    )
+    args = [sys.executable, "-m", "shardlib", "run", "--config", str(config), "--notebooks-dir", str(nbs)]
+    args += ["--runs-dir", str(tmp_path / "runs"), "--quiet"]
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lock = tmp_path / "runs" / "tiny" / ".shardlib.lock"
-    for _ in range(600):
-        if lock.exists() or first.poll() is not None:
+    stage = tmp_path / "runs" / "tiny" / "wait" / ".stage.json"
+    for _ in range(1200):
+        if stage.exists() or first.poll() is not None:
             break
         time.sleep(0.05)
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    (tmp_path / "refused").touch()
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 1 and f"in use by process {first.pid}" in second.stderr, second.stderr
+
+
+def test_jobs_run_independent_stages_at_once_and_inputs_first(tmp_path):
+    nbs = _timing_notebook(tmp_path / "nbs")
+    stages = {
+        "a": {"notebook": "timing.ipynb", "params": {"wait": 1.0}},
+        "b": {"notebook": "timing.ipynb", "params": {"wait": 1.0}},
+        "c": {"notebook": "timing.ipynb", "params": {"inp": "@a"}},
+    }
+    cfg = {"run": "jobs", "seed": 0, "stages": stages}
+    records = runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=2, log=lambda *_: None)
+    assert [r["stage"] for r in records] == ["a", "b", "c"] and all(r["status"] == "done" for r in records)
+    t = {s: json.loads((tmp_path / "runs" / "jobs" / s / "times.json").read_text()) for s in stages}
+    assert t["b"][0] < t["a"][1] and t["a"][0] < t["b"][1]  # a and b ran at the same time
+    assert t["c"][0] >= t["a"][1]  # c reads a: it started after a finished
+    again = runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=2, log=lambda *_: None)
+    assert [r["status"] for r in again] == ["skipped"] * 3
+    with pytest.raises(PipelineError, match="jobs must be a whole number >= 1"):
+        runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=0)
+
+
+def test_after_a_failure_no_stage_starts_and_the_running_ones_finish(tmp_path):
+    nbs = _timing_notebook(tmp_path / "nbs")
+    stages = {
+        "slow": {"notebook": "timing.ipynb", "params": {"wait": 1.5}},
+        "bad": {"notebook": "timing.ipynb", "params": {"fail": True}},
+        "later": {"notebook": "timing.ipynb", "params": {"inp": "@slow"}},
+    }
+    cfg = {"run": "fails", "seed": 0, "stages": stages}
+    with pytest.raises(PipelineError, match=r"stage 'bad' failed in cell \d+ \(AssertionError: asked to fail"):
+        runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=2, log=lambda *_: None)
+    run = tmp_path / "runs" / "fails"
+    assert json.loads((run / "slow" / ".stage.json").read_text())["status"] == "done"
+    assert json.loads((run / "bad" / ".stage.json").read_text())["status"] == "failed"
+    assert not (run / "later").exists()  # never started
 
 
 @pytest.mark.parametrize("errno_,fragment", [(28, "free some disk space"), (30, "read-only; give a writable folder")])

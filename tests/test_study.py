@@ -1,0 +1,115 @@
+"""The tiny study end to end (notebook smoke tests): configs/tiny.yaml through the papermill runner once per
+module (two stages at a time), then what a reader and the report get from it. Its tests stay in this one file so
+that ``pytest -n 2 --dist loadfile`` (the README's test command) makes the run once, on one worker."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shardlib import runner
+from shardlib.io import load_results
+from shardlib.report import BEGIN, END, report_html, results_markdown, update_readme
+from shardlib.runner import load_config, plan
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole papermill pipeline on configs/tiny.yaml: (run folder, stage records)."""
+    runs = tmp_path_factory.mktemp("runs")
+    return runs / "tiny", runner.run(load_config(TINY), runs_dir=runs, jobs=2)
+
+
+def test_readme_results_are_generated_from_the_run_and_checked(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    md = results_markdown(run_dir)
+    for heading in ("### RL on both testbeds", "### What shards mean", "### Toy models"):
+        assert heading in md
+    assert md.count("Finding: ") >= 10 and "figures/tiny/training_curves.png" in md
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{BEGIN}\nold numbers\n{END}\n\nafter\n")
+    assert update_readme(run_dir, readme, check=True) is False  # stale
+    assert update_readme(run_dir, readme) is False  # written now
+    assert update_readme(run_dir, readme, check=True) is True
+    text = readme.read_text()
+    assert text.startswith("# x\n\n") and text.endswith(f"{END}\n\nafter\n") and md in text
+    readme.write_text(text.replace(md.split("| rl_bandit (GRPO) | ")[1][:10], "9.99 / 9.9"))  # a number typed by hand
+    assert update_readme(run_dir, readme, check=True) is False
+    html = report_html(run_dir).read_text()
+    assert "Finding: " in html and "data:image/png;base64," in html and "git_commit" in html
+
+
+def test_tiny_pipeline_writes_notebooks_results_and_plots(tiny_run):
+    run_dir, records = tiny_run
+    assert all(r["status"] == "done" for r in records) and len(records) == len(plan(load_config(TINY), run_dir.parent))
+    for stage in (
+        "pretrain",
+        "rl_bandit",
+        "rl_lm",
+        "sft_lm",
+        "shards_bandit",
+        "shards_lm",
+        "planted",
+        "sparsity",
+        "frontier",
+        "analysis_bandit",
+        "analysis_lm",
+        "toy_models",
+        "figures",
+        "frontier_events/rank=1,k=1",
+        "lr_sweep/lr=0.01",
+    ):
+        d = run_dir / stage
+        nb = json.loads((d / "notebook.ipynb").read_text())
+        assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+        last = [c for c in nb["cells"] if c["cell_type"] == "code"][-1]
+        text = "".join("".join(o.get("text", "")) for o in last["outputs"])
+        assert text.startswith("Finding: ") and "?" not in text, (
+            stage,
+            text[:200],
+        )  # every notebook ends with its Finding
+        assert (d / "notebook.ipynb").stat().st_size < 2_000_000, stage  # no pages of progress bars
+        ds = load_results(d / "results.nc")
+        cfg = json.loads(ds.attrs["config"])
+        assert cfg["out_dir"] == str(d) and ds.attrs["seed"] == 0
+        for key in ("git_commit", "git_dirty", "python_version", "torch_version", "shardlib_version", "created"):
+            assert key in ds.attrs
+    assert (run_dir / "pretrain" / "pretrain.png").exists()
+    assert (run_dir / "rl_lm" / "reward_by_task.png").exists()
+    assert (run_dir / "rl_lm" / "updates" / "events").is_dir()
+    assert (run_dir / "rl_lm" / "update_norms.png").exists()
+    assert (run_dir / "rl_lm" / "online_shards.nc").exists()
+    for f in ("shards.nc", "activations.nc", "sae/cfg.json", "sae/sae.safetensors", "shards_by_event_type.png"):
+        assert (run_dir / "shards_lm" / f).exists(), f
+    assert (run_dir / "planted" / "planted_recovery.png").exists()
+    assert (run_dir / "sparsity" / "sparsity_lenses.png").exists()
+    assert (run_dir / "frontier" / "frontier.png").exists()
+    assert (run_dir / "analysis_lm" / "intervention_effects.png").exists()
+
+
+def test_unchanged_stages_are_skipped_and_changes_rerun(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    cfg = load_config(TINY)
+    recs = runner.run(cfg, runs_dir=run_dir.parent)
+    assert {r["status"] for r in recs} == {"skipped"}
+    cfg = load_config(TINY, ["rl_bandit.lr=0.02"])
+    recs = runner.run(cfg, runs_dir=run_dir.parent, only=["rl_bandit"])
+    assert [(r["stage"], r["status"]) for r in recs] == [("rl_bandit", "done")]
+
+
+def test_figures_regenerate_byte_identical_from_results(tiny_run, tmp_path):
+    from shardlib.figures import make_all, scripts
+
+    run_dir, _ = tiny_run
+    a = make_all(run_dir, tmp_path / "a", log=lambda *_: None)
+    b = make_all(run_dir, tmp_path / "b", log=lambda *_: None)
+    assert set(a) == {s.stem[4:] for s in scripts()}  # every figure script made its figure
+    for name in a:
+        for pa, pb in zip(a[name], b[name]):
+            assert pa.read_bytes() == pb.read_bytes(), pa
+    skipped = []
+    assert make_all(tmp_path / "empty_run", tmp_path / "c", log=skipped.append) == {}
+    assert len(skipped) == len(scripts()) and "missing" in skipped[0]
