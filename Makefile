@@ -17,7 +17,7 @@ study: setup
 	-$(PY) -m shardlib report --check --run $(RUN)
 
 test: setup
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	$(VENV)/bin/ruff check .

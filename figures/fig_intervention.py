@@ -10,6 +10,13 @@ NAME = "intervention"
 INPUTS = ["analysis_bandit/results.nc", "analysis_lm/results.nc"]
 
 
+def _mean_sd(x):
+    """Mean and spread of the finite values (no bar, and no warning, where there are none: a tiny run)."""
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    return (float(x.mean()), float(x.std())) if x.size else (np.nan, 0.0)
+
+
 def make(run_dir):
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     spec = []
@@ -19,15 +26,9 @@ def make(run_dir):
         spec.append((title, ds.specificity.values, ds.random_specificity.values))
     ax = axes[2]
     for i, (_title, s, r) in enumerate(spec):
-        ax.bar([2 * i], [np.nanmean(s)], yerr=[np.nanstd(s)], capsize=3, color="C0", label="shards" if i == 0 else None)
-        ax.bar(
-            [2 * i + 0.8],
-            [np.nanmean(r)],
-            yerr=[np.nanstd(r)],
-            capsize=3,
-            color="C7",
-            label="random" if i == 0 else None,
-        )
+        (ms, ss), (mr, sr) = _mean_sd(s), _mean_sd(r)
+        ax.bar([2 * i], [ms], yerr=[ss], capsize=3, color="C0", label="shards" if i == 0 else None)
+        ax.bar([2 * i + 0.8], [mr], yerr=[sr], capsize=3, color="C7", label="random" if i == 0 else None)
     ax.set_xticks([0.4, 2.4], [t for t, _, _ in spec])
     ax.set(ylabel="specificity max|E|/Σ|E|", title="effect specificity", ylim=(0, 1.05))
     ax.legend()

@@ -78,7 +78,8 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 
 echo "== study: $CONFIG -> $RUN_DIR (limit ${TIMEOUT}s)"
-study=(-m shardlib run --config "$CONFIG" --run "$RUN" --runs-dir "$RUNS_DIR" --quiet)
+# one stage at a time: the GPU memory samples are attributed to the stage running when they were taken
+study=(-m shardlib run --config "$CONFIG" --run "$RUN" --runs-dir "$RUNS_DIR" --quiet --jobs 1)
 for s in ${SETS[@]+"${SETS[@]}"}; do study+=(--set "$s"); done
 if [ ${#ONLY[@]} -gt 0 ]; then study+=(--only "${ONLY[@]}"); fi
 limit=()

@@ -52,8 +52,16 @@ def main(argv=None) -> int:
         type=int,
         default=None,
         metavar="N",
-        help="stages run at once when their inputs are ready (default: 2 on a machine with 2 or more cores, else 1); "
+        help="stages run at once when their inputs are ready (default: the cores over --threads, at most 4); "
         "the numbers do not depend on it; notebook output is streamed only with --jobs 1",
+    )
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPU threads of each stage's kernel (default 1; part of a stage's fingerprint, since sums can round "
+        "differently with another count)",
     )
     r.add_argument(
         "--notebooks-dir",
@@ -136,7 +144,7 @@ def _main(args) -> int:
         cfg = load_config(args.config, args.sets)
         if args.run_name is not None:
             cfg["run"] = check_name("run", args.run_name)
-        jobs = default_jobs() if args.jobs is None else args.jobs
+        jobs = default_jobs(max(1, args.threads)) if args.jobs is None else args.jobs
         if not args.quiet and jobs == 1:
             logging.basicConfig(level=logging.WARNING, format="%(message)s")
             logging.getLogger("papermill").setLevel(logging.INFO)
@@ -148,12 +156,13 @@ def _main(args) -> int:
             log_output=not args.quiet,
             notebook_dirs=args.notebooks_dir,
             jobs=jobs,
+            threads=args.threads,
         )
         total = sum(r["seconds"] for r in records)
         print(
             "stage wall times: "
             + ", ".join(f"{r['stage']} {r['seconds']:.1f}s ({r['status']})" for r in records)
-            + f"; sum {total:.1f}s; wall {time.perf_counter() - t0:.1f}s with {jobs} job(s)"
+            + f"; sum {total:.1f}s; wall {time.perf_counter() - t0:.1f}s, {jobs} stage(s) at a time, {args.threads} thread(s) each"
         )
     return 0
 

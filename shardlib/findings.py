@@ -13,6 +13,14 @@ import numpy as np
 import xarray as xr
 
 
+def nanmean(x) -> float:
+    """``np.nanmean`` as a float, without its warning when every value is NaN (then NaN): a tiny run's
+    intervention effects can all be zero, and a reader should not see a warning for it."""
+    x = np.asarray(x, dtype=float)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else float("nan")
+
+
 def _cfg(ds: xr.Dataset) -> dict:
     return json.loads(ds.attrs.get("config", "{}"))
 
@@ -143,9 +151,9 @@ def analysis(ds: xr.Dataset) -> str:
         out += " Negative: shards align with event types no better than a random dictionary of the same structure."
     if "specificity" in ds:
         out += (
-            f" Adding a shard changes reward with specificity {float(np.nanmean(ds.specificity)):.2f} "
-            f"(random directions {float(np.nanmean(ds.random_specificity)):.2f}); its largest effect is on its own task in "
-            f"{float(np.nanmean(ds.own_task_hit)):.0%} of shards (chance {1 / ds.sizes['task']:.0%})."
+            f" Adding a shard changes reward with specificity {nanmean(ds.specificity):.2f} "
+            f"(random directions {nanmean(ds.random_specificity):.2f}); its largest effect is on its own task in "
+            f"{nanmean(ds.own_task_hit):.0%} of shards (chance {1 / ds.sizes['task']:.0%})."
         )
     else:
         why = ds.attrs.get("interventions", "not in the results")

@@ -19,6 +19,7 @@ import numpy as np
 import xarray as xr
 
 from . import findings
+from .findings import nanmean
 from .io import load_results, sweep_points
 
 BEGIN, END, WALL = "<!-- results:begin -->", "<!-- results:end -->", "<!-- wall-clock -->"
@@ -242,10 +243,10 @@ def _interventions(run_dir: Path) -> str:
         rows.append(
             [
                 stage.split("_")[1],
-                f"{float(np.nanmean(ds.specificity)):.2f} ({float(np.nanmean(ds.random_specificity)):.2f})",
-                f"{float(np.nanmean(ds.own_task_hit)):.2f} ({1 / ds.sizes['task']:.2f})",
-                f"{float(np.nanmean(ds.add_effect.sel(alpha=float(ds.alpha.max())))):+.3f}",
-                f"{float(np.nanmean(ds.ablate_effect)):+.3f}",
+                f"{nanmean(ds.specificity):.2f} ({nanmean(ds.random_specificity):.2f})",
+                f"{nanmean(ds.own_task_hit):.2f} ({1 / ds.sizes['task']:.2f})",
+                f"{nanmean(ds.add_effect.sel(alpha=float(ds.alpha.max()))):+.3f}",
+                f"{nanmean(ds.ablate_effect):+.3f}",
             ]
         )
     head = [
@@ -290,19 +291,30 @@ def _toy(ds: xr.Dataset) -> str:
 
 
 def _times(run_dir: Path) -> str:
-    parts, total = [], 0.0
-    for f in sorted(run_dir.glob("**/.stage.json"), key=lambda f: f.stat().st_mtime):  # in the order they ran
+    """The stages' wall times (in the order they finished), their sum, and the span from the first start to the
+    last finish with the number of stages run at once (``--jobs``)."""
+    records = []
+    for f in run_dir.glob("**/.stage.json"):
         points = sweep_points(f.parent.parent)  # a point a former config swept: not part of this run
         if points is not None and f.parent.name not in points:
             continue
         st = json.loads(f.read_text())
         if "seconds" in st:
-            parts.append((st.get("stage", f.parent.name), st["seconds"]))
-            total += st["seconds"]
-    if not parts:
+            records.append((st.get("finished", f.stat().st_mtime), st.get("stage", f.parent.name), st))
+    if not records:
         return ""
-    body = ", ".join(f"{n} {s:.0f} s" for n, s in parts)
-    return f"Stage wall times of this run: {body}; total {total / 60:.1f} min. {WALL}"
+    records.sort(key=lambda r: r[0])
+    body = ", ".join(f"{n} {st['seconds']:.0f} s" for _, n, st in records)
+    total = sum(st["seconds"] for _, _, st in records)
+    text = f"Stage wall times of this run: {body}; they add up to {total / 60:.1f} min."
+    if all("started" in st for _, _, st in records):
+        span = max(st["finished"] for _, _, st in records) - min(st["started"] for _, _, st in records)
+        jobs = sorted({st.get("jobs", 1) for _, _, st in records})
+        text += (
+            f" From the first stage's start to the last one's end: {span / 60:.1f} min, "
+            f"{' or '.join(map(str, jobs))} stage(s) at a time (`--jobs`)."
+        )
+    return f"{text} {WALL}"
 
 
 def results_markdown(run_dir) -> str:

@@ -489,13 +489,16 @@ def library_digest(notebook: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(stage: Stage, dep_prints: dict[str, str]) -> str:
+def fingerprint(stage: Stage, dep_prints: dict[str, str], threads: int = 1) -> str:
+    """What a stage's results depend on: its notebook, library code, parameters, inputs, and the number of CPU
+    threads its kernel computes with (sums can round differently with another thread count)."""
     blob = json.dumps(
         {
             "nb": _notebook_digest(stage.notebook),
             "lib": library_digest(stage.notebook),
             "params": stage.params,
             "deps": {d: dep_prints[d] for d in stage.deps},
+            "threads": threads,
         },
         sort_keys=True,
     )
@@ -583,10 +586,12 @@ def _fresh_stage_dir(st: Stage, state: dict, fp: str, force: bool) -> None:
 
 
 def _execute(st: Stage, record: dict, log_output: bool) -> float:
-    """Run one stage's notebook with papermill in its folder; returns its wall time in seconds."""
+    """Run one stage's notebook with papermill in its folder; returns its wall time in seconds (recorded in
+    ``.stage.json`` with its start and end, seconds since the epoch)."""
     import papermill as pm
 
     _write_state(st.out_dir, {**record, "status": "running"})
+    started = time.time()
     t0 = time.perf_counter()
     out_nb = st.out_dir / "notebook.ipynb"
     try:
@@ -598,6 +603,9 @@ def _execute(st: Stage, record: dict, log_output: bool) -> float:
             cwd=str(st.out_dir),
             progress_bar=False,
             log_output=log_output,
+            # the kernel's own log at ERROR: ipykernel warns on every start that its local TCP sockets are not
+            # encrypted (the kernel and the runner are on one machine); the notebook's output is not affected
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except pm.PapermillExecutionError as e:
         _write_state(st.out_dir, {**record, "status": "failed"})
@@ -606,14 +614,34 @@ def _execute(st: Stage, record: dict, log_output: bool) -> float:
             f"the executed notebook is at {out_nb}"
         ) from None
     dt = time.perf_counter() - t0
-    _write_state(st.out_dir, {**record, "status": "done", "seconds": round(dt, 2)})
+    times = {"seconds": round(dt, 2), "started": round(started, 2), "finished": round(time.time(), 2)}
+    _write_state(st.out_dir, {**record, "status": "done", **times})
     return dt
 
 
-def default_jobs() -> int:
-    """Stages run at once by default: 2 where the machine has 2 or more cores (a stage spends much of its
-    time starting a kernel and importing, one core's work), else 1."""
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
+def default_jobs(threads: int = 1) -> int:
+    """Stages run at once by default: as many as the machine's cores hold at ``threads`` threads each (at least
+    1, at most 4: the study's stages seldom have more than a few ready at a time)."""
+    return max(1, min(4, (os.cpu_count() or 1) // threads))
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def kernel_threads(threads: int):
+    """Kernels started inside the block compute with ``threads`` CPU threads (torch, OpenMP, BLAS read these
+    variables when they start); the runner's own environment is restored after."""
+    old = {v: os.environ.get(v) for v in THREAD_VARS}
+    os.environ.update({v: str(threads) for v in THREAD_VARS})
+    try:
+        yield
+    finally:
+        for v, val in old.items():
+            if val is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = val
 
 
 def run(
@@ -625,18 +653,21 @@ def run(
     log_output: bool = False,
     notebook_dirs=(),
     jobs: int = 1,
+    threads: int = 1,
 ) -> list[dict]:
     """Execute the stages; returns one record per stage (name, status, seconds), in config order.
 
     Everything is validated (:func:`plan`) before any file is touched; the run folder is locked
-    while the stages execute. With ``jobs`` > 1, up to that many stages whose inputs are finished run
-    at once (each in its own kernel, started in config order); their numbers do not depend on ``jobs``,
-    and notebook output is not streamed (``log_output`` applies to ``jobs=1`` only). After a stage fails,
-    no further stage starts; the ones running finish, then the first failure is raised."""
+    while the stages execute. Each stage's kernel computes with ``threads`` CPU threads (part of its
+    fingerprint: another count can round sums differently). With ``jobs`` > 1, up to that many stages whose
+    inputs are finished run at once (each in its own kernel, started in config order); their numbers do not
+    depend on ``jobs``, and notebook output is not streamed (``log_output`` applies to ``jobs=1`` only).
+    After a stage fails, no further stage starts; the ones running finish, then the first failure is raised."""
     import concurrent.futures as cf
 
-    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
-        raise PipelineError(f"jobs must be a whole number >= 1, got {jobs!r}")
+    for name, v in (("jobs", jobs), ("threads", threads)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise PipelineError(f"{name} must be a whole number >= 1, got {v!r}")
     stages = plan(cfg, runs_dir, notebook_dirs)
     validate(stages)
     if only:
@@ -649,11 +680,11 @@ def run(
     run_dir = runs_folder(runs_dir, cfg) / cfg["run"]
     prints, records = {}, {}
     n = len(stages)
-    with run_lock(run_dir):
+    with run_lock(run_dir), kernel_threads(threads):
         write_sweep_manifests(stages)
         todo = []  # (position, stage, fingerprint, state) of the stages to execute, in config order
         for k, st in enumerate(stages, 1):
-            fp = fingerprint(st, prints)
+            fp = fingerprint(st, prints, threads)
             prints[st.name] = fp
             if only and st.name not in expanded:
                 continue
@@ -673,7 +704,14 @@ def run(
                     k, st, fp, state = t
                     todo.remove(t)
                     _fresh_stage_dir(st, state, fp, force)
-                    record = {"fingerprint": fp, "run": cfg["run"], "stage": st.name, "params": st.params}
+                    record = {
+                        "fingerprint": fp,
+                        "run": cfg["run"],
+                        "stage": st.name,
+                        "params": st.params,
+                        "jobs": jobs,
+                        "threads": threads,
+                    }
                     log(f"[{k}/{n}] {st.name}: running {st.notebook.name} -> {st.out_dir}")
                     running[pool.submit(_execute, st, record, log_output and jobs == 1)] = (k, st)
                 if not running:

@@ -25,11 +25,22 @@ def tiny_lm_dir(tmp_path_factory):
     return str(out / "policy")
 
 
-SLOW_FIRST = ("test_study.py", "test_gpu_check.py")  # the longest modules: started first under pytest -n N
+# the longest modules first, roughly by time (pytest -n 2 --dist loadfile --no-loadscope-reorder keeps this order): the
+# two longest start at once on the two workers, the short ones fill in at the end
+SLOW_FIRST = (
+    "test_study.py",
+    "test_gpu_check.py",
+    "test_runner.py",
+    "test_integrations_trl.py",
+    "test_shards.py",
+    "test_rl.py",
+    "test_launch.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Put the longest test modules first, so that with ``pytest -n 2 --dist loadfile`` (the README's test command)
-    they start at once on the workers and the short ones fill in around them. Order within a module is kept."""
+    """Put the longest test modules first, so that under the README's test command (``pytest -n auto --dist
+    loadfile --no-loadscope-reorder``) they start early and the short ones fill in around them. Order within a
+    module is kept."""
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))

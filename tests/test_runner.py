@@ -57,51 +57,22 @@ def test_a_failing_stage_names_its_cell_and_keeps_the_notebook(tmp_path):
 
 
 def test_plain_papermill_cli_runs_a_notebook_alone_and_validates(tmp_path):
-    nb = ROOT / "notebooks" / "02_rl.ipynb"
+    nb = str(ROOT / "notebooks" / "01_pretrain.ipynb")
+    small = ["-p", "steps", "3", "-p", "batch_size", "8", "-p", "eval_prompts", "8", "-p", "d_model", "16"]
+    small += ["-p", "d_ff", "32", "-p", "n_heads", "2", "-p", "device", "cpu"]
     ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "papermill",
-            str(nb),
-            str(tmp_path / "ok.ipynb"),
-            "-p",
-            "out_dir",
-            str(tmp_path / "o"),
-            "-p",
-            "steps",
-            "3",
-            "-p",
-            "eval_prompts",
-            "16",
-            "-p",
-            "device",
-            "cpu",
-            "-k",
-            "python3",
-        ],
+        [sys.executable, "-m", "papermill", nb, str(tmp_path / "ok.ipynb"), "-p", "out_dir", str(tmp_path / "o")]
+        + small
+        + ["-k", "python3"],
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert (tmp_path / "o" / "results.nc").exists()
+    assert (tmp_path / "o" / "results.nc").exists() and (tmp_path / "o" / "policy").is_dir()
     bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "papermill",
-            str(nb),
-            str(tmp_path / "bad.ipynb"),
-            "-p",
-            "out_dir",
-            str(tmp_path / "b"),
-            "-p",
-            "steps",
-            "-2",
-            "-k",
-            "python3",
-        ],
+        [sys.executable, "-m", "papermill", nb, str(tmp_path / "bad.ipynb"), "-p", "out_dir", str(tmp_path / "b")]
+        + ["-p", "steps", "-2", "-k", "python3"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -297,7 +268,7 @@ def test_a_run_cannot_nest_inside_another_runs_folder(tmp_path):
 
 def _timing_notebook(folder: Path) -> Path:
     """A stage notebook of seconds: waits ``wait`` s (or until the file ``until`` exists), writes its start and end
-    times to ``times.json`` in its folder, raises when ``fail``."""
+    times and its ``OMP_NUM_THREADS`` to ``times.json`` in its folder, raises when ``fail``."""
     import nbformat
 
     folder.mkdir(exist_ok=True)
@@ -309,13 +280,14 @@ def _timing_notebook(folder: Path) -> Path:
             'out_dir = ""\nseed = 0\nwait = 0.0\nuntil = ""\ninp = ""\nfail = False', metadata={"tags": ["parameters"]}
         ),
         nbformat.v4.new_code_cell(
-            "import json, pathlib, time\n"
+            "import json, os, pathlib, time\n"
             "t0 = time.time()\n"
             "assert not fail, 'asked to fail'\n"
             "time.sleep(wait)\n"
             "while until and not pathlib.Path(until).exists():\n"
             "    time.sleep(0.05)\n"
-            "pathlib.Path(out_dir, 'times.json').write_text(json.dumps([t0, time.time()]))"
+            "threads = os.environ.get('OMP_NUM_THREADS')\n"
+            "pathlib.Path(out_dir, 'times.json').write_text(json.dumps([t0, time.time(), threads]))"
         ),
     ]
     nbformat.write(nb, folder / "timing.ipynb")
@@ -360,8 +332,12 @@ def test_jobs_run_independent_stages_at_once_and_inputs_first(tmp_path):
     t = {s: json.loads((tmp_path / "runs" / "jobs" / s / "times.json").read_text()) for s in stages}
     assert t["b"][0] < t["a"][1] and t["a"][0] < t["b"][1]  # a and b ran at the same time
     assert t["c"][0] >= t["a"][1]  # c reads a: it started after a finished
+    assert {v[2] for v in t.values()} == {"1"}  # each kernel computes with one thread (the default)
     again = runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=2, log=lambda *_: None)
     assert [r["status"] for r in again] == ["skipped"] * 3
+    two = runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=3, threads=2, log=lambda *_: None)
+    assert [r["status"] for r in two] == ["done"] * 3  # another thread count: another fingerprint
+    assert {json.loads((tmp_path / "runs" / "jobs" / s / "times.json").read_text())[2] for s in stages} == {"2"}
     with pytest.raises(PipelineError, match="jobs must be a whole number >= 1"):
         runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=0)
 
