@@ -10,3 +10,31 @@ def test_report_names_what_is_missing(tmp_path):
         results_markdown(tmp_path)
     with pytest.raises(ReportError, match="has no <!-- results:begin -->"):
         update_readme(tmp_path, readme)
+
+
+def test_wall_clock_numbers_are_left_out_of_the_check():
+    """Two runs with the same results and other fitting times: the same checked text (a fresh clone's
+    `make study` used to fail its README check on the planted family's times)."""
+    import numpy as np
+    import xarray as xr
+
+    from shardlib.report import WALL, _planted, _strip_wall
+
+    def planted(seconds):
+        one = ("rank", "seed")
+        ds = xr.Dataset(
+            {k: (one, np.full((1, 2), 0.5)) for k in ("mmcs_g2d", "mmcs_d2g", "r_at_0.9", "uniqueness", "fvu")},
+            coords={"rank": [1], "seed": [0, 1], "member": ["attn_heavy"], "sae": ["signed"], "family_seed": [0]},
+        )
+        ds["hungarian_mcc"] = (one, np.full((1, 2), 0.5))
+        ds["n_parameters"] = (one, np.full((1, 2), 10))
+        ds["seed_stability"] = ("rank", [0.9])
+        fam = ("member", "sae", "family_seed")
+        for k in ("mmcs_g2d", "r_at_0.9", "fvu", "dead_fraction", "n_parameters"):
+            ds[f"family_{k}"] = (fam, np.ones((1, 1, 1)))
+        ds["family_seconds"] = (fam, np.full((1, 1, 1), seconds))
+        return _planted(ds)
+
+    a, b = planted(24.0), planted(31.0)
+    assert a != b and "24 s" in a and WALL in a
+    assert _strip_wall(a) == _strip_wall(b) and "attn_heavy" in _strip_wall(a)
