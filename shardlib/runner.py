@@ -600,7 +600,9 @@ def _execute(st: Stage, record: dict, log_output: bool) -> float:
             str(out_nb),
             parameters=st.params,
             kernel_name="python3",
-            cwd=str(st.out_dir),
+            # the kernel starts in the stage folder (nbclient's resources path); papermill's own cwd= would
+            # os.chdir the whole runner process, which stages running in threads would race on
+            resources={"metadata": {"path": str(st.out_dir)}},
             progress_bar=False,
             log_output=log_output,
             # the kernel's own log at ERROR: ipykernel warns on every start that its local TCP sockets are not

@@ -268,7 +268,7 @@ def test_a_run_cannot_nest_inside_another_runs_folder(tmp_path):
 
 def _timing_notebook(folder: Path) -> Path:
     """A stage notebook of seconds: waits ``wait`` s (or until the file ``until`` exists), writes its start and end
-    times and its ``OMP_NUM_THREADS`` to ``times.json`` in its folder, raises when ``fail``."""
+    times, its ``OMP_NUM_THREADS`` and its working folder to ``times.json`` in its folder, raises when ``fail``."""
     import nbformat
 
     folder.mkdir(exist_ok=True)
@@ -287,7 +287,7 @@ def _timing_notebook(folder: Path) -> Path:
             "while until and not pathlib.Path(until).exists():\n"
             "    time.sleep(0.05)\n"
             "threads = os.environ.get('OMP_NUM_THREADS')\n"
-            "pathlib.Path(out_dir, 'times.json').write_text(json.dumps([t0, time.time(), threads]))"
+            "pathlib.Path(out_dir, 'times.json').write_text(json.dumps([t0, time.time(), threads, os.getcwd()]))"
         ),
     ]
     nbformat.write(nb, folder / "timing.ipynb")
@@ -327,17 +327,22 @@ def test_jobs_run_independent_stages_at_once_and_inputs_first(tmp_path):
         "c": {"notebook": "timing.ipynb", "params": {"inp": "@a"}},
     }
     cfg = {"run": "jobs", "seed": 0, "stages": stages}
+    cwd = Path.cwd()
     records = runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=2, log=lambda *_: None)
     assert [r["stage"] for r in records] == ["a", "b", "c"] and all(r["status"] == "done" for r in records)
     t = {s: json.loads((tmp_path / "runs" / "jobs" / s / "times.json").read_text()) for s in stages}
     assert t["b"][0] < t["a"][1] and t["a"][0] < t["b"][1]  # a and b ran at the same time
     assert t["c"][0] >= t["a"][1]  # c reads a: it started after a finished
     assert {v[2] for v in t.values()} == {"1"}  # each kernel computes with one thread (the default)
+    for name, v in t.items():  # each kernel ran in its own stage folder; the runner's folder did not move
+        assert Path(v[3]) == (tmp_path / "runs" / "jobs" / name).resolve()
+    assert Path.cwd() == cwd
     again = runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=2, log=lambda *_: None)
     assert [r["status"] for r in again] == ["skipped"] * 3
     two = runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=3, threads=2, log=lambda *_: None)
     assert [r["status"] for r in two] == ["done"] * 3  # another thread count: another fingerprint
     assert {json.loads((tmp_path / "runs" / "jobs" / s / "times.json").read_text())[2] for s in stages} == {"2"}
+    assert Path.cwd() == cwd  # (papermill's cwd= used to chdir the process: threads left it in a deleted folder)
     with pytest.raises(PipelineError, match="jobs must be a whole number >= 1"):
         runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=0)
 
