@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -621,6 +622,16 @@ def _execute(st: Stage, record: dict, log_output: bool) -> float:
     return dt
 
 
+def _interrupt_threads(idents: list[int]) -> None:
+    """Raise KeyboardInterrupt in these threads (each a stage's papermill execution, which unwinds as it does
+    on Ctrl-C in the main thread; its kernel exits with the runner, whose death its parent poller sees). The
+    stage's record stays ``running``: the next run resumes it."""
+    import ctypes
+
+    for ident in idents:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
+
+
 def default_jobs(threads: int = 1) -> int:
     """Stages run at once by default: as many as the machine's cores hold at ``threads`` threads each (at least
     1, at most 4: the study's stages seldom have more than a few ready at a time)."""
@@ -697,39 +708,62 @@ def run(
                 continue
             todo.append((k, st, fp, state))
         waiting = {st.name for _, st, _, _ in todo}  # not finished yet: a later stage that reads one waits
-        failure = None
+        failure, idents = None, {}  # idents: the thread each running stage executes in
+
+        def execute(st: Stage, record: dict) -> float:
+            idents[st.name] = threading.get_ident()
+            try:
+                return _execute(st, record, log_output and jobs == 1)
+            finally:
+                idents.pop(st.name, None)
+
+        def start(pool, st: Stage, record: dict) -> cf.Future:
+            if jobs > 1:
+                return pool.submit(execute, st, record)
+            done = cf.Future()  # one at a time: in this thread, so that Ctrl-C stops it at once, as it always did
+            try:
+                done.set_result(_execute(st, record, log_output))
+            except Exception as e:
+                done.set_exception(e)
+            return done
+
         with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
             running = {}
-            while todo or running:
-                ready = [t for t in todo if not (set(t[1].deps) & waiting)] if failure is None else []
-                for t in ready[: jobs - len(running)]:
-                    k, st, fp, state = t
-                    todo.remove(t)
-                    _fresh_stage_dir(st, state, fp, force)
-                    record = {
-                        "fingerprint": fp,
-                        "run": cfg["run"],
-                        "stage": st.name,
-                        "params": st.params,
-                        "jobs": jobs,
-                        "threads": threads,
-                    }
-                    log(f"[{k}/{n}] {st.name}: running {st.notebook.name} -> {st.out_dir}")
-                    running[pool.submit(_execute, st, record, log_output and jobs == 1)] = (k, st)
-                if not running:
-                    break  # a stage failed: nothing more starts
-                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for fut in finished:
-                    k, st = running.pop(fut)
-                    try:
-                        dt = fut.result()
-                    except Exception as e:  # raised below, after the running stages finish
-                        failure = failure or e
-                        log(f"[{k}/{n}] {st.name}: failed")
-                        continue
-                    waiting.discard(st.name)
-                    log(f"[{k}/{n}] {st.name}: done in {dt:.1f} s")
-                    records[st.name] = {"stage": st.name, "status": "done", "seconds": dt}
+            try:
+                while todo or running:
+                    ready = [t for t in todo if not (set(t[1].deps) & waiting)] if failure is None else []
+                    for t in ready[: jobs - len(running)]:
+                        k, st, fp, state = t
+                        todo.remove(t)
+                        _fresh_stage_dir(st, state, fp, force)
+                        record = {
+                            "fingerprint": fp,
+                            "run": cfg["run"],
+                            "stage": st.name,
+                            "params": st.params,
+                            "jobs": jobs,
+                            "threads": threads,
+                        }
+                        log(f"[{k}/{n}] {st.name}: running {st.notebook.name} -> {st.out_dir}")
+                        running[start(pool, st, record)] = (k, st)
+                    if not running:
+                        break  # a stage failed: nothing more starts
+                    finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                    for fut in finished:
+                        k, st = running.pop(fut)
+                        try:
+                            dt = fut.result()
+                        except Exception as e:  # raised below, after the running stages finish
+                            failure = failure or e
+                            log(f"[{k}/{n}] {st.name}: failed")
+                            continue
+                        waiting.discard(st.name)
+                        log(f"[{k}/{n}] {st.name}: done in {dt:.1f} s")
+                        records[st.name] = {"stage": st.name, "status": "done", "seconds": dt}
+            except BaseException:  # Ctrl-C (or SIGINT from `timeout`): stop the running stages too, not wait for them
+                _interrupt_threads(list(idents.values()))
+                cf.wait(running, timeout=60)
+                raise
         if failure is not None:
             raise failure
     return [records[st.name] for st in stages if st.name in records]

@@ -363,6 +363,47 @@ def test_after_a_failure_no_stage_starts_and_the_running_ones_finish(tmp_path):
     assert not (run / "later").exists()  # never started
 
 
+def test_ctrl_c_stops_the_stages_running_side_by_side_and_they_resume(tmp_path):
+    """SIGINT (Ctrl-C, or `timeout --signal=INT`) to a run with two stages running: it ends in seconds, not when
+    the stages would have finished, and leaves them `running`, so the next run resumes them."""
+    import signal
+    import time
+
+    nbs = _timing_notebook(tmp_path / "nbs")
+    config = tmp_path / "long.yaml"
+    stop = tmp_path / "never"
+    config.write_text(
+        "run: long\nstages:\n"
+        + "".join(f"  {s}: {{notebook: timing.ipynb, params: {{until: {stop}}}}}\n" for s in ("a", "b"))
+    )
+    args = [sys.executable, "-m", "shardlib", "run", "--config", str(config), "--notebooks-dir", str(nbs)]
+    args += ["--runs-dir", str(tmp_path / "runs"), "--quiet", "--jobs", "2"]
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored as in a background job
+    )
+    states = [tmp_path / "runs" / "long" / s / ".stage.json" for s in ("a", "b")]
+    for _ in range(1200):
+        if all(f.exists() for f in states) or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)  # both kernels started and waiting
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.perf_counter() - t0 < 20
+    assert [json.loads(f.read_text())["status"] for f in states] == ["running", "running"]
+    stop.touch()
+    records = runner.run(
+        load_config(config), runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=2, log=lambda *_: None
+    )
+    assert [r["status"] for r in records] == ["done", "done"]
+
+
 @pytest.mark.parametrize("errno_,fragment", [(28, "free some disk space"), (30, "read-only; give a writable folder")])
 def test_io_errors_end_in_one_error_line(tmp_path, capsys, monkeypatch, errno_, fragment):
     from shardlib import __main__ as cli

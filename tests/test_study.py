@@ -59,7 +59,7 @@ def test_tiny_pipeline_writes_notebooks_results_and_plots(tiny_run):
         "analysis_lm",
         "toy_models",
         "figures",
-        "frontier_events/rank=1,k=1",
+        "frontier_events/rank=0,k=1",
         "lr_sweep/lr=0.01",
     ):
         d = run_dir / stage
