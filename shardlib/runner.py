@@ -708,18 +708,18 @@ def run(
                 continue
             todo.append((k, st, fp, state))
         waiting = {st.name for _, st, _, _ in todo}  # not finished yet: a later stage that reads one waits
-        failure, idents = None, {}  # idents: the thread each running stage executes in
+        failure, idents = None, {}  # idents: the thread each running stage executes in (jobs > 1)
 
-        def execute(st: Stage, record: dict) -> float:
+        def in_thread(st: Stage, record: dict) -> float:
             idents[st.name] = threading.get_ident()
             try:
-                return _execute(st, record, log_output and jobs == 1)
+                return _execute(st, record, log_output=False)  # side by side: output not streamed
             finally:
                 idents.pop(st.name, None)
 
         def start(pool, st: Stage, record: dict) -> cf.Future:
             if jobs > 1:
-                return pool.submit(execute, st, record)
+                return pool.submit(in_thread, st, record)
             done = cf.Future()  # one at a time: in this thread, so that Ctrl-C stops it at once, as it always did
             try:
                 done.set_result(_execute(st, record, log_output))
