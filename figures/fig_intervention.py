@@ -1,20 +1,13 @@
 """Figure: reward change per task when a shard is added to the starting policy; specificity vs random directions."""
 
 import matplotlib.pyplot as plt
-import numpy as np
 
 from shardlib import plotting
+from shardlib.findings import nanmean_std
 from shardlib.io import load_results
 
 NAME = "intervention"
 INPUTS = ["analysis_bandit/results.nc", "analysis_lm/results.nc"]
-
-
-def _mean_sd(x):
-    """Mean and spread of the finite values (no bar, and no warning, where there are none: a tiny run)."""
-    x = np.asarray(x, dtype=float)
-    x = x[np.isfinite(x)]
-    return (float(x.mean()), float(x.std())) if x.size else (np.nan, 0.0)
 
 
 def make(run_dir):
@@ -26,7 +19,7 @@ def make(run_dir):
         spec.append((title, ds.specificity.values, ds.random_specificity.values))
     ax = axes[2]
     for i, (_title, s, r) in enumerate(spec):
-        (ms, ss), (mr, sr) = _mean_sd(s), _mean_sd(r)
+        (ms, ss), (mr, sr) = nanmean_std(s), nanmean_std(r)  # no bar where all are NaN (a tiny run)
         ax.bar([2 * i], [ms], yerr=[ss], capsize=3, color="C0", label="shards" if i == 0 else None)
         ax.bar([2 * i + 0.8], [mr], yerr=[sr], capsize=3, color="C7", label="random" if i == 0 else None)
     ax.set_xticks([0.4, 2.4], [t for t, _, _ in spec])

@@ -13,12 +13,17 @@ import numpy as np
 import xarray as xr
 
 
-def nanmean(x) -> float:
-    """``np.nanmean`` as a float, without its warning when every value is NaN (then NaN): a tiny run's
-    intervention effects can all be zero, and a reader should not see a warning for it."""
+def nanmean_std(x) -> tuple[float, float]:
+    """``np.nanmean`` and ``np.nanstd`` as floats, without their warnings when every value is NaN (then NaN,
+    NaN): a tiny run's intervention effects can all be zero, and a reader should not see a warning for it."""
     x = np.asarray(x, dtype=float)
     x = x[~np.isnan(x)]
-    return float(x.mean()) if x.size else float("nan")
+    return (float(x.mean()), float(x.std())) if x.size else (float("nan"), float("nan"))
+
+
+def nanmean(x) -> float:
+    """The mean of :func:`nanmean_std`."""
+    return nanmean_std(x)[0]
 
 
 def _cfg(ds: xr.Dataset) -> dict:
