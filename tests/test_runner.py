@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shardlib import runner
-from shardlib.runner import PipelineError, load_config, plan
+from shardlib.runner import STAGE_FILE, PipelineError, load_config, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -294,24 +294,41 @@ def _timing_notebook(folder: Path) -> Path:
     return folder
 
 
-def test_two_concurrent_cli_runs_on_one_run_name(tmp_path):
-    """A real second process: the first holds the lock while it runs a stage (one that waits until the second has
-    been refused); the second is refused."""
+def _cli_run_of_waiting_stages(tmp_path, run: str, names, until: Path, *extra: str):
+    """`python -m shardlib run` on a config of timing stages ``names`` that wait until the file ``until`` exists
+    (SIGINT acts as in a terminal, not ignored as in a background job); the config is ``<run>.yaml`` in
+    ``tmp_path``. Returns (command, process, the stages' record files) once every stage has written its record."""
+    import signal
     import time
 
     nbs = _timing_notebook(tmp_path / "nbs")
-    config = tmp_path / "wait.yaml"
+    config = tmp_path / f"{run}.yaml"
     config.write_text(
-        f"run: tiny\nstages:\n  wait: {{notebook: timing.ipynb, params: {{until: {tmp_path / 'refused'}}}}}\n"
+        f"run: {run}\nstages:\n"
+        + "".join(f"  {s}: {{notebook: timing.ipynb, params: {{until: {until}}}}}\n" for s in names)
     )
     args = [sys.executable, "-m", "shardlib", "run", "--config", str(config), "--notebooks-dir", str(nbs)]
-    args += ["--runs-dir", str(tmp_path / "runs"), "--quiet"]
-    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stage = tmp_path / "runs" / "tiny" / "wait" / ".stage.json"
+    args += ["--runs-dir", str(tmp_path / "runs"), "--quiet", *extra]
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    states = [tmp_path / "runs" / run / s / STAGE_FILE for s in names]
     for _ in range(1200):
-        if stage.exists() or first.poll() is not None:
+        if all(f.exists() for f in states) or proc.poll() is not None:
             break
         time.sleep(0.05)
+    return args, proc, states
+
+
+def test_two_concurrent_cli_runs_on_one_run_name(tmp_path):
+    """A real second process: the first holds the lock while it runs a stage (one that waits until the second has
+    been refused); the second is refused."""
+    args, first, _ = _cli_run_of_waiting_stages(tmp_path, "tiny", ["wait"], tmp_path / "refused")
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     (tmp_path / "refused").touch()
     _, err = first.communicate(timeout=300)
@@ -369,28 +386,8 @@ def test_ctrl_c_stops_the_stages_running_side_by_side_and_they_resume(tmp_path):
     import signal
     import time
 
-    nbs = _timing_notebook(tmp_path / "nbs")
-    config = tmp_path / "long.yaml"
     stop = tmp_path / "never"
-    config.write_text(
-        "run: long\nstages:\n"
-        + "".join(f"  {s}: {{notebook: timing.ipynb, params: {{until: {stop}}}}}\n" for s in ("a", "b"))
-    )
-    args = [sys.executable, "-m", "shardlib", "run", "--config", str(config), "--notebooks-dir", str(nbs)]
-    args += ["--runs-dir", str(tmp_path / "runs"), "--quiet", "--jobs", "2"]
-    proc = subprocess.Popen(
-        args,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored as in a background job
-    )
-    states = [tmp_path / "runs" / "long" / s / ".stage.json" for s in ("a", "b")]
-    for _ in range(1200):
-        if all(f.exists() for f in states) or proc.poll() is not None:
-            break
-        time.sleep(0.05)
+    _, proc, states = _cli_run_of_waiting_stages(tmp_path, "long", ["a", "b"], stop, "--jobs", "2")
     time.sleep(1.0)  # both kernels started and waiting
     t0 = time.perf_counter()
     proc.send_signal(signal.SIGINT)
@@ -399,7 +396,11 @@ def test_ctrl_c_stops_the_stages_running_side_by_side_and_they_resume(tmp_path):
     assert [json.loads(f.read_text())["status"] for f in states] == ["running", "running"]
     stop.touch()
     records = runner.run(
-        load_config(config), runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=2, log=lambda *_: None
+        load_config(tmp_path / "long.yaml"),
+        runs_dir=tmp_path / "runs",
+        notebook_dirs=[tmp_path / "nbs"],
+        jobs=2,
+        log=lambda *_: None,
     )
     assert [r["status"] for r in records] == ["done", "done"]
 
