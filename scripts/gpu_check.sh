@@ -19,6 +19,8 @@
 #   GPU_CHECK_RUN=...              run name (default: the config's);  GPU_CHECK_RUNS_DIR=runs  where runs go
 #   GPU_CHECK_SET="a.b=1 c.d=2"    extra --set overrides (whitespace-separated; no spaces inside a value)
 #   GPU_CHECK_ONLY="pretrain rl_lm" run only these stages (--only)
+#   GPU_CHECK_THREADS=N            CPU threads of each stage's kernel (default: all cores; the stages run one at
+#                                  a time, and the first H200 run, at 1 thread of 16, spent 62 s in `planted`)
 #   GPU_CHECK_TIMEOUT=480          seconds before the study is stopped (0: no limit); a stopped study
 #                                  resumes where it stopped when the same command runs again
 #   GPU_CHECK_BENCH=1              0: skip step 4
@@ -31,6 +33,7 @@ CONFIG=${GPU_CHECK_CONFIG:-configs/gpu.yaml}
 RUNS_DIR=${GPU_CHECK_RUNS_DIR:-runs}
 TIMEOUT=${GPU_CHECK_TIMEOUT:-480}
 BENCH=${GPU_CHECK_BENCH:-1}
+THREADS=${GPU_CHECK_THREADS:-$(nproc 2>/dev/null || echo 1)}
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:---widths 256 512 --tokens 12 --events 16 --latents 256 --sae-batch 16 --sae-steps 3 --recovery-events 256 --recovery-epochs 5}
 read -r -a SETS <<< "${GPU_CHECK_SET:-}"
 read -r -a ONLY <<< "${GPU_CHECK_ONLY:-}"
@@ -79,7 +82,7 @@ fi
 
 echo "== study: $CONFIG -> $RUN_DIR (limit ${TIMEOUT}s)"
 # one stage at a time: the GPU memory samples are attributed to the stage running when they were taken
-study=(-m shardlib run --config "$CONFIG" --run "$RUN" --runs-dir "$RUNS_DIR" --quiet --jobs 1)
+study=(-m shardlib run --config "$CONFIG" --run "$RUN" --runs-dir "$RUNS_DIR" --quiet --jobs 1 --threads "$THREADS")
 for s in ${SETS[@]+"${SETS[@]}"}; do study+=(--set "$s"); done
 if [ ${#ONLY[@]} -gt 0 ]; then study+=(--only "${ONLY[@]}"); fi
 limit=()

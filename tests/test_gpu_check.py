@@ -98,6 +98,7 @@ def test_gpu_check_script_on_cpu(tmp_path):
         "GPU_CHECK_ONLY": "pretrain rl_lm",
         "GPU_CHECK_SET": "rl_lm.steps=2",
         "GPU_CHECK_TIMEOUT": "240",
+        "GPU_CHECK_THREADS": "1",  # the other test worker has the second core
         "GPU_CHECK_SAE_ARGS": "--steps 1 --cpu-steps 1",
         "GPU_CHECK_BENCH_ARGS": "--widths 16 --tokens 4 --events 4 --latents 8 --sae-batch 4 --sae-steps 1 "
         "--recovery-events 32 --recovery-epochs 1",
