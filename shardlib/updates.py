@@ -77,6 +77,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 STORE_META = "store.json"
 STORE_FORMAT = 2
 CHUNK_RE = re.compile(r"chunk-(\d{8})-(\d{8})\.nc")
+MAX_STORE_STEP = 99_999_999
+"""The last step a chunk name holds (8 digits)."""
 
 
 class StoreError(ValueError):
@@ -509,6 +511,10 @@ class UpdateStore:
     def _write(self, ds: xr.Dataset, first: int, last: int, replaces: str | None = None) -> None:
         """Write one chunk atomically, then list it (steps, events, SHA-256) in ``store.json``, dropping the
         entry of the chunk it ``replaces`` in the same write."""
+        if not 0 <= first <= last <= MAX_STORE_STEP:
+            raise StoreError(
+                f"{self.path}: steps {first}-{last} cannot name a chunk (steps 0 to {MAX_STORE_STEP}); number steps from 0"
+            )
         ds.attrs.update(self.attrs)
         ds.attrs["store_dtype"] = self.dtype
         f = self.path / f"chunk-{first:08d}-{last:08d}.nc"
@@ -547,7 +553,20 @@ def _read_meta(folder: Path) -> dict:
         ) from None
     if not isinstance(meta, dict):
         raise StoreError(f"{folder / STORE_META} is not a JSON object; rerun the stage that wrote the store")
+    chunks = meta.get("chunks")
+    for name, e in chunks.items() if isinstance(chunks, dict) else ():
+        bad = [k for k, t in MANIFEST_ENTRY.items() if not isinstance(e, dict) or not isinstance(e.get(k), t)]
+        if bad or isinstance(e.get("events"), bool) or CHUNK_RE.fullmatch(str(name)) is None:
+            what = f"lacks or mistypes {bad}" if bad else "is malformed"
+            raise StoreError(
+                f"{folder / STORE_META}: the entry of chunk {str(name)[:80]!r} {what} (each lists first, last, events and "
+                "sha256 of a chunk-<first>-<last>.nc): it was edited or damaged; rerun the stage that wrote the store"
+            )
     return meta
+
+
+MANIFEST_ENTRY = {"first": int, "last": int, "events": int, "sha256": str}
+"""What ``store.json`` lists for each chunk, and the type of each."""
 
 
 def _check_chunk_files(folder: Path, files: list[Path], verify: bool) -> dict:
@@ -638,26 +657,22 @@ def open_store(path, lazy_above_bytes: int = 2**30, verify: bool = True) -> xr.D
         raise StoreError(f"update store {path} holds no .nc files")
     size = sum(f.stat().st_size for f in files)
     lazy = size > lazy_above_bytes
-    parts, ranges = [], []
+    parts, ranges, steps = [], [], []
     for f in files:
         try:
             ds = xr.open_dataset(f, engine=NETCDF_ENGINE, chunks={} if lazy else None)
         except Exception as e:
-            raise StoreError(f"{f} is not a readable netCDF file: {e}") from e
+            raise StoreError(f"{f} is not a readable netCDF file: {str(e).splitlines()[0]}") from e
         validate_store(ds, where=str(f))
         r = _check_chunk(ds, f, meta)
         if r is not None:
             ranges.append((r, f))
+        if "step" in ds.coords:
+            steps.append((f, np.unique(np.asarray(ds["step"].values))))
         parts.append(ds if lazy else ds.load())
         if not lazy:
             ds.close()
-    ranges.sort()
-    for ((a0, a1), fa), ((b0, b1), fb) in itertools.pairwise(ranges):
-        if b0 <= a1:
-            raise StoreError(
-                f"{fb.name} (steps {b0}-{b1}) overlaps {fa.name} (steps {a0}-{a1}) in {path}: the same steps "
-                "stored twice; remove the copy, or rerun the stage that wrote the store"
-            )
+    _check_no_overlaps(path, ranges, steps)
     if len(parts) > 1:
         parts = _pad_factors(parts)
     out = (
@@ -668,6 +683,26 @@ def open_store(path, lazy_above_bytes: int = 2**30, verify: bool = True) -> xr.D
         )
     )
     return out
+
+
+def _check_no_overlaps(path: Path, ranges: list, steps: list) -> None:
+    """No step stored twice: neither by the step ranges chunk names promise nor by the files' ``step`` labels
+    (a folder without ``store.json`` may hold a copy of a chunk under any name)."""
+    ranges.sort()
+    for ((a0, a1), fa), ((b0, b1), fb) in itertools.pairwise(ranges):
+        if b0 <= a1:
+            raise StoreError(
+                f"{fb.name} (steps {b0}-{b1}) overlaps {fa.name} (steps {a0}-{a1}) in {path}: the same steps "
+                "stored twice; remove the copy, or rerun the stage that wrote the store"
+            )
+    owner: dict[int, Path] = {}
+    for f, labels in steps:
+        for step in labels.tolist():
+            if owner.setdefault(step, f) != f:
+                raise StoreError(
+                    f"{f.name} and {owner[step].name} in {path} both hold events of step {step}: the same steps stored "
+                    "twice; remove the copy, or rerun the stage that wrote the store"
+                )
 
 
 def _pad_factors(parts: list[xr.Dataset]) -> list[xr.Dataset]:

@@ -436,6 +436,39 @@ def test_hand_written_chunk_folders_are_checked_for_overlaps_and_step_labels(tmp
         open_store(d)
 
 
+def test_a_folder_without_store_json_refuses_two_files_holding_the_same_steps(tmp_path):
+    import shutil
+
+    good = three_chunk_store(tmp_path / "good")
+    d = tmp_path / "plain"  # a store folder by hand: plain file names, no store.json
+    d.mkdir()
+    for i, f in enumerate(sorted(good.glob("chunk-*.nc"))):
+        shutil.copy(f, d / f"part{i}.nc")
+    assert open_store(d).sizes["event"] == 36
+    shutil.copy(d / "part1.nc", d / "steps_3_to_5.nc")  # the copy under a plain new name: steps 3-5 twice
+    with pytest.raises(StoreError, match=r"steps_3_to_5.nc and part1.nc in .* both hold events of step 3"):
+        open_store(d)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda e: e.pop("sha256"), r"lacks or mistypes \['sha256'\]"),
+        (lambda e: e.update(events="12"), r"lacks or mistypes \['events'\]"),
+        (lambda e: e.clear(), r"lacks or mistypes \['first', 'last', 'events', 'sha256'\]"),
+    ],
+)
+def test_a_store_json_entry_without_its_fields_is_a_store_error(tmp_path, edit, message):
+    d = three_chunk_store(tmp_path / "st")
+    meta = json.loads((d / "store.json").read_text())
+    edit(meta["chunks"]["chunk-00000003-00000005.nc"])
+    (d / "store.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"store.json: the entry of chunk 'chunk-00000003-00000005.nc' " + message):
+        open_store(d)
+    with pytest.raises(StoreError, match=message):  # resuming the store too
+        UpdateStore(d, "event", "sgd", "run-a")
+
+
 def test_resuming_a_store_drops_unlisted_chunks_and_stale_tmp_files(tmp_path):
     d = three_chunk_store(tmp_path / "st")
     (d / "chunk-00000009-00000009.nc.abc.tmp").write_bytes(b"half")  # a kill during a chunk write
