@@ -1,8 +1,8 @@
 """Compare the results of two runs: ``python -m shardlib compare RUN_A RUN_B``.
 
-Every netCDF file of run A (results, shard files, update-store chunks) is compared with the
-file at the same path in run B: the same variables and coordinates, with exactly equal values
-(NaN equal to NaN). Attributes (provenance, paths, creation times) and wall-clock variables
+Every netCDF file of either run (results, shard files, update-store chunks) is compared with the
+file at the same path in the other (a file only one of them holds is a difference): the same variables
+and coordinates, with exactly equal values (NaN equal to NaN). Attributes (provenance, paths, creation times) and wall-clock variables
 (``*seconds*``, ``*_per_s``, ``*_time``) are left out: two runs of one config and seed on CPU must agree on
 everything else. Used to show that a refactor left the study's numbers unchanged.
 """
@@ -26,7 +26,7 @@ class FileComparison:
     path: str
     """The file, relative to the run folder."""
     status: str
-    """``identical``, ``differs`` or ``missing`` (in run B)."""
+    """``identical``, ``differs`` or ``missing`` (in one of the runs: ``detail`` says which)."""
     detail: str = ""
 
 
@@ -61,15 +61,17 @@ def compare_files(fa: Path, fb: Path) -> tuple[bool, str]:
 
 
 def compare_runs(run_a, run_b) -> list[FileComparison]:
-    """One :class:`FileComparison` per netCDF file of ``run_a``."""
+    """One :class:`FileComparison` per netCDF file of either run (a file only one run holds is ``missing`` in the
+    other, and a difference)."""
     run_a, run_b = Path(run_a), Path(run_b)
+    files_a = {f.relative_to(run_a) for f in run_a.rglob("*.nc")}
+    files_b = {f.relative_to(run_b) for f in run_b.rglob("*.nc")}
     out = []
-    for fa in sorted(run_a.rglob("*.nc")):
-        rel = fa.relative_to(run_a)
-        fb = run_b / rel
-        if not fb.exists():
-            out.append(FileComparison(str(rel), "missing"))
+    for rel in sorted(files_a | files_b):
+        if rel not in files_b or rel not in files_a:
+            side, other = ("A", "B") if rel in files_a else ("B", "A")
+            out.append(FileComparison(str(rel), "missing", f"(only in run {side}; run {other} lacks it)"))
             continue
-        same, detail = compare_files(fa, fb)
+        same, detail = compare_files(run_a / rel, run_b / rel)
         out.append(FileComparison(str(rel), "identical" if same else "differs", detail))
     return out

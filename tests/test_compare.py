@@ -26,3 +26,16 @@ def test_compare_ignores_provenance_and_wall_clock_but_not_values(tmp_path, caps
     assert main(["compare", str(a), str(b)]) == 1
     assert "1 of 3 results files identical" in capsys.readouterr().out
     assert main(["compare", str(a / "s"), str(b / "s")]) == 0
+
+
+def test_compare_looks_both_ways(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a, "s/results.nc", fvu=[0.5])
+    write(b, "s/results.nc", fvu=[0.5])
+    write(b, "s/updates/chunk-00000009-00000011.nc", w=[1.0])  # an extra chunk in the second run only
+    rows = {r.path: r for r in compare_runs(a, b)}
+    assert rows["s/updates/chunk-00000009-00000011.nc"].status == "missing"
+    assert "only in run B" in rows["s/updates/chunk-00000009-00000011.nc"].detail
+    assert main(["compare", str(a), str(b)]) == 1 and main(["compare", str(b), str(a)]) == 1
+    out = capsys.readouterr().out
+    assert "1 of 2 results files identical" in out and "only in run A" in out
