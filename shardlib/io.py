@@ -91,9 +91,38 @@ def atomic_write(path, write) -> None:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        full = disk_full_error(e, path)
+        if full is None:
+            raise
+        raise full from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+NEARLY_FULL_BYTES = 64 << 20
+"""Below this much free space, a write that failed for an unnamed reason (netCDF's "HDF error") is a full disk."""
+
+
+def disk_full_error(e: Exception, path) -> OSError | None:
+    """``OSError(ENOSPC)`` naming ``path`` when ``e`` (an error while writing it) comes from a full disk: an ENOSPC or
+    EDQUOT error about a temporary file, or an error without one (netCDF says "HDF error") with under
+    ``NEARLY_FULL_BYTES`` free; None otherwise."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
+    if isinstance(e, OSError) and e.errno is not None:
+        return None
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return None
+    if free >= NEARLY_FULL_BYTES:
+        return None
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return OSError(errno.ENOSPC, f"No space left on device ({why}; {free >> 20} MiB free)", str(path))
 
 
 def atomic_dir(path: Path) -> Path:
@@ -148,11 +177,18 @@ def write_checkpoint(path, state: dict, savers: dict, optimizer=None) -> None:
     import torch
 
     tmp = atomic_dir(Path(path))
-    for name, save in savers.items():
-        save(tmp / name)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    (tmp / "state.json").write_text(json.dumps(state))
+    try:
+        for name, save in savers.items():
+            save(tmp / name)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        (tmp / "state.json").write_text(json.dumps(state))
+    except Exception as e:  # torch and safetensors report a full disk in their own words
+        full = disk_full_error(e, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is None:
+            raise
+        raise full from None
     commit_dir(tmp, Path(path))
 
 

@@ -92,3 +92,33 @@ def test_read_checkpoint_checks_fingerprint_step_history_and_files(tmp_path):
     (tmp_path / "nostate" / "optimizer.pt").write_text("x")
     with pytest.raises(CheckpointError, match="no state.json"):
         read_checkpoint(tmp_path / "nostate", "fp", "step", 10)
+
+
+def test_a_full_disk_while_writing_names_the_file_whatever_the_writer_says(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from shardlib import io
+
+    target = tmp_path / "results.nc"
+
+    def hdf_error(tmp):  # what netCDF raises when the disk fills up
+        Path(tmp).write_text("partial")
+        raise RuntimeError("NetCDF: HDF error")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(OSError) as e:
+        atomic_write(target, hdf_error)
+    assert e.value.errno == 28 and e.value.filename == str(target) and "HDF error; 1 MiB free" in e.value.strerror
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone, freeing what it held
+
+    def enospc(tmp):
+        raise OSError(28, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError) as e:
+        io.write_checkpoint(tmp_path / "ckpt", {"step": 1}, {"model": lambda f: enospc(f)})
+    assert e.value.errno == 28 and e.value.filename == str(tmp_path / "ckpt") and not (tmp_path / "ckpt.tmp").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 1 << 30, 9 << 30))
+    with pytest.raises(RuntimeError, match="HDF error"):  # with free space it is another problem: left as it is
+        atomic_write(target, hdf_error)
