@@ -77,10 +77,113 @@ def check_name(kind: str, name) -> str:
     return name
 
 
+class RefusedYAML(yaml.MarkedYAMLError):
+    """Valid YAML that a config may not use (anchors and aliases, duplicate keys, deep nesting); ``fix`` says
+    what to write instead."""
+
+    def __init__(self, problem: str, mark, fix: str):
+        super().__init__(problem=problem, problem_mark=mark)
+        self.fix = fix
+
+
+MAX_YAML_DEPTH = 32
+MAX_YAML_ALIASES = 100
+MAX_YAML_NODES = 100_000
+MAX_CONFIG_BYTES = 1 << 20
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, bounded for configs. A few hundred bytes of nested aliases (``&a [x, x]``, ``&b [*a,
+    *a]``, ...: the "billion laughs") expand to gigabytes once walked, so a config may hold at most
+    ``MAX_YAML_ALIASES`` aliases, expanding to at most ``MAX_YAML_NODES`` values, none of them recursive; a key given
+    twice in one mapping (YAML keeps the last one silently) and nesting deeper than ``MAX_YAML_DEPTH`` are refused
+    too, each with the line they are on."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise RefusedYAML(
+                    f"more than {MAX_YAML_ALIASES} aliases (*{event.anchor})",
+                    event.start_mark,
+                    "write the values out, or share settings with extends:",
+                )
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_YAML_DEPTH:
+            raise RefusedYAML(f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark, "flatten it")
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            key = "<<" if key_node.tag == MERGE_TAG else self.construct_object(key_node, deep=True)
+            try:
+                if key in first:
+                    raise RefusedYAML(
+                        f"duplicate key {_short(key)} (first given on line {first[key].line + 1})",
+                        key_node.start_mark,
+                        "keep one of them",
+                    )
+                first[key] = key_node.start_mark
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, sizes: dict, open_: set) -> int:
+    """Values ``node`` stands for once its aliases are expanded (each shared node counted once per use, computed
+    once); refuses more than ``MAX_YAML_NODES`` and aliases that contain themselves."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise RefusedYAML("an alias refers to a value that contains it", node.start_mark, "remove the recursion")
+    open_.add(id(node))
+    children = node.value if isinstance(node, yaml.SequenceNode) else ()
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    size = 1 + sum(_expanded_size(c, sizes, open_) for c in children)
+    open_.discard(id(node))
+    if size > MAX_YAML_NODES:
+        raise RefusedYAML(
+            f"expands to more than {MAX_YAML_NODES} values (through its aliases)",
+            node.start_mark,
+            "write a smaller config; aliases may not multiply values",
+        )
+    sizes[id(node)] = size
+    return size
+
+
+def load_yaml(text: str, where: str):
+    """``text`` parsed with :class:`ConfigLoader`; a :class:`PipelineError` naming ``where`` when it is refused."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader
+    except yaml.YAMLError as e:
+        raise _yaml_error(where, e) from None
+
+
+def _short(v, n: int = 80) -> str:
+    """``repr(v)``, cut to ``n`` characters for an error line."""
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
 def _yaml_error(where: str, e: Exception) -> PipelineError:
     mark = getattr(e, "problem_mark", None)
     at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if isinstance(e, RefusedYAML):
+        return PipelineError(f"{where}{at}: {problem}; {e.fix}")
     return PipelineError(
         f"{where}: not valid YAML{at}: {problem}; fix the syntax (quote strings that hold ':', '[' or '#')"
     )
@@ -107,11 +210,11 @@ def _check_value(where: str, v, depth: int = 0):
     if type(v) is dict:
         for k, x in v.items():
             if type(k) is not str:
-                raise PipelineError(f"{where}: mapping keys must be strings, got {k!r}")
+                raise PipelineError(f"{where}: mapping keys must be strings, got {_short(k)}")
             _check_value(where, x, depth + 1)
         return
     raise PipelineError(
-        f"{where}: value {v!r} of type {type(v).__name__} is not allowed; use numbers, strings, booleans, null, "
+        f"{where}: value {_short(v)} of type {type(v).__name__} is not allowed; use numbers, strings, booleans, null, "
         "or lists/mappings of them (quote dates and other special YAML values)"
     )
 
@@ -133,11 +236,19 @@ def load_config(path, sets: list[str] = (), _seen: tuple = ()) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"config {path} does not exist; configs live in {ROOT / 'configs'}")
+        raise PipelineError(f"config {path} does not exist or is not a file; configs live in {ROOT / 'configs'}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise PipelineError(
+            f"config {path} is {path.stat().st_size} bytes; a config is a short YAML text (at most {MAX_CONFIG_BYTES})"
+        )
     try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise _yaml_error(f"config {path}", e) from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PipelineError(
+            f"config {path} is not a UTF-8 text file (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            "give a YAML config, e.g. configs/tiny.yaml"
+        ) from None
+    cfg = load_yaml(text, f"config {path}")
     cfg = {} if cfg is None else cfg
     if not isinstance(cfg, dict):
         raise PipelineError(f"config {path}: expected a mapping of run, seed, stages; got {type(cfg).__name__}")
@@ -160,10 +271,7 @@ def load_config(path, sets: list[str] = (), _seen: tuple = ()) -> dict:
         if "=" not in s:
             raise PipelineError(f"--set {s!r}: expected key=value, e.g. --set rl_lm.steps=100")
         key, raw = s.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise _yaml_error(f"--set {s!r}", e) from None
+        value = load_yaml(raw, f"--set {s!r}")
         parts = key.split(".")
         if len(parts) == 1:
             if parts[0] not in ("run", "seed", "runs_dir"):
