@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .config import Params, param
+from .config import SEED_MAX, Params, param
 from .events import event_type_labels, event_types
 from .io import save_results
 from .metrics import abs_cos, hungarian_mcc, seed_stability
@@ -153,7 +153,9 @@ class AnalysisParams(Params):
         "'' = shardlib's event types (shardlib.events: task x correctness, bandit: cluster x arm); else the store "
         "label whose values are the event types as they are (e.g. 'task' from collect_updates(columns=['task']))",
     )
-    extra_seeds: list[int] = param([1, 2], "more SAE seeds trained on the same store, for seed-to-seed stability")
+    extra_seeds: list[int] = param(
+        [1, 2], "more SAE seeds trained on the same store, for seed-to-seed stability", ge=0, le=SEED_MAX
+    )
     alphas: list[float] = param(
         [-1.0, 1.0], "intervention strengths, relative to the total RL update's norm on the shard's tensors"
     )

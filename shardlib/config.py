@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A parameter is unknown, of the wrong type, or out of range."""
 
 
+SEED_MAX = 2**32 - 1
+"""The largest seed: every generator the stages seed (numpy's legacy one included) accepts 0..2**32 - 1."""
+INT_LIMIT = 2**31 - 1
+"""Whole-number parameters without a bound of their own lie in -INT_LIMIT..INT_LIMIT (a count, size or number of
+steps beyond it would overflow inside a stage, or never finish)."""
+
+
 def param(default, doc: str, *, choices=None, ge=None, gt=None, le=None, lt=None):
     """A dataclass field with documentation and validation metadata."""
     meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
@@ -86,6 +93,11 @@ def _coerce(name: str, value: Any, tp, f: dataclasses.Field):
         raise TypeError(f"unsupported parameter type {tp} for {name}")
     m = f.metadata
     items = value if isinstance(value, tuple) else (value,)
+    whole = tp is int or (origin is list and typing.get_args(tp) == (int,))
+    if whole and m.get("le") is m.get("lt") is None and any(abs(v) > INT_LIMIT for v in items):
+        raise ConfigError(
+            f"parameter {name!r}: got {value!r}; accepted: {_accepted(f, tp)} of at most {INT_LIMIT} (2**31 - 1)"
+        )
     for v in items:
         if m.get("choices") is not None and v not in m["choices"]:
             raise bad
@@ -105,7 +117,7 @@ class Params:
     """Base of every stage's parameters."""
 
     out_dir: str = param("runs/scratch", "folder the stage writes its results into")
-    seed: int = param(0, "seed of every random number generator of the stage", ge=0)
+    seed: int = param(0, "seed of every random number generator of the stage", ge=0, le=SEED_MAX)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):

@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 
 from .common import dense_parameter_count, flatten, progress_bar
-from .config import Params, param
+from .config import SEED_MAX, Params, param
 
 
 def model_shapes(d_model: int = 64, d_ff: int = 128, n_layers: int = 2, patterns=("mlp", "attn")) -> dict[str, tuple]:
@@ -319,11 +319,11 @@ class PlantedParams(Params):
     tensors_per_shard: int = param(2, "tensors each ground-truth shard touches", ge=1)
     zipf: float = param(1.0, "Zipf exponent of the shards' firing frequencies", ge=0)
     noise: float = param(0.05, "noise norm relative to a unit shard", ge=0)
-    data_seed: int = param(0, "seed of the synthetic data", ge=0)
+    data_seed: int = param(0, "seed of the synthetic data", ge=0, le=SEED_MAX)
     n_latents: int = param(32, "SAE latents", ge=1)
     k: int = param(4, "SAE active latents per update", ge=1)
     ranks: list[int] = param([1, 2, 0], "SAE ranks to compare (0 = dense baseline)")
-    seeds: list[int] = param([0, 1], "SAE seeds (seed-to-seed stability needs two or more)")
+    seeds: list[int] = param([0, 1], "SAE seeds (seed-to-seed stability needs two or more)", ge=0, le=SEED_MAX)
     signed: bool = param(True, "signed TopK (planted coefficients are signed)")
     epochs: int = param(10, "SAE epochs", ge=1)
     batch_size: int = param(128, "SAE batch size", ge=1)
@@ -335,7 +335,7 @@ class PlantedParams(Params):
         " defaults ([] = none)",
     )
     family_events: int = param(2048, "family: synthetic updates per member", ge=16)
-    family_seeds: list[int] = param([0, 1], "family: seeds (data and SAE)")
+    family_seeds: list[int] = param([0, 1], "family: seeds (data and SAE)", ge=0, le=SEED_MAX)
 
     def check(self):
         unknown = [m for m in self.family if m not in FAMILY]

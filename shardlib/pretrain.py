@@ -19,14 +19,14 @@ import xarray as xr
 from . import policy as pol
 from .common import make_accelerator, progress_bar, step_generator
 from .config import Params, param
-from .tasks import SyntheticTasks
+from .tasks import TASKS, SyntheticTasks, check_task_names
 
 
 @dataclass(frozen=True)
 class PretrainParams(Params):
     """Parameters of the pretrain stage (``notebooks/01_pretrain.ipynb``)."""
 
-    tasks: list[str] = param(["max", "rev", "sort", "par"], "task families of the mixture")
+    tasks: list[str] = param(["max", "rev", "sort", "par"], "task families of the mixture", choices=tuple(TASKS))
     n_digits: int = param(4, "digits per prompt", ge=1, le=12)
     init_path: str = param("", "start from this causal-LM checkpoint folder instead of a fresh tiny Llama")
     d_model: int = param(64, "hidden size of the fresh tiny Llama", ge=8)
@@ -41,6 +41,7 @@ class PretrainParams(Params):
     device: str = param("auto", "'cpu', 'cuda' or 'auto'", choices=("auto", "cpu", "cuda"))
 
     def check(self):
+        check_task_names(self.tasks)
         if self.d_model % self.n_heads:
             raise ValueError(f"parameter 'n_heads': {self.n_heads} must divide d_model={self.d_model}")
 

@@ -37,10 +37,10 @@ import xarray as xr
 
 from . import policy as pol
 from .common import make_accelerator, progress_bar, step_generator
-from .config import Params, param
+from .config import SEED_MAX, Params, param
 from .io import OPTIMIZER_FILE, CheckpointError, load_optimizer, read_checkpoint, write_checkpoint
-from .tasks import ContextualBandit, SyntheticTasks
-from .updates import RingBuffer, UpdateCollector, UpdateStore, select_params, selection_summary
+from .tasks import TASKS, ContextualBandit, SyntheticTasks, check_task_names
+from .updates import MAX_STORE_STEP, RingBuffer, UpdateCollector, UpdateStore, select_params, selection_summary
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,11 @@ class RLParams(Params):
     rare_cluster_prob: float = param(0.0, "bandit: probability of the last cluster (0 = uniform)", ge=0, lt=1)
     negative_rewards: bool = param(False, "bandit: -1 for a wrong arm")
     hidden: int = param(32, "bandit: MLP hidden width", ge=1)
-    env_seed: int = param(0, "bandit: seed of the cluster centres (fixed across RL seeds)", ge=0)
+    env_seed: int = param(0, "bandit: seed of the cluster centres (fixed across RL seeds)", ge=0, le=SEED_MAX)
     # lm
-    tasks: list[str] = param(["max", "rev", "sort", "par"], "LM: task families (must match the pretrained policy's)")
+    tasks: list[str] = param(
+        ["max", "rev", "sort", "par"], "LM: task families (must match the pretrained policy's)", choices=tuple(TASKS)
+    )
     n_digits: int = param(4, "LM: digits per prompt (must match the pretrained policy's)", ge=1, le=12)
     format_bonus: float = param(0.1, "LM: reward clause for a well-formed completion", ge=0)
     spurious_bonus: float = param(0.0, "LM: reward clause for any completion containing a 7 (0 = off)", ge=0)
@@ -117,6 +119,12 @@ class RLParams(Params):
     online_warmup: int = param(256, "online SAE: events in the buffer before training starts", ge=1)
 
     def check(self):
+        check_task_names(self.tasks)
+        if self.steps * self.inner_epochs > MAX_STORE_STEP + 1:
+            raise ValueError(
+                f"parameter 'steps': {self.steps} rollout steps x inner_epochs={self.inner_epochs} make more optimizer "
+                f"steps than an update store numbers ({MAX_STORE_STEP + 1:,}); use fewer"
+            )
         if self.testbed == "lm" and not self.init_path:
             raise ValueError(
                 "parameter 'init_path': the LM testbed needs a pretrained policy folder (the pretrain stage's 'policy')"

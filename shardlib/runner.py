@@ -52,6 +52,8 @@ from pathlib import Path
 
 import yaml
 
+from .config import SEED_MAX
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 STAGE_FILE = ".stage.json"
@@ -192,8 +194,10 @@ def _yaml_error(where: str, e: Exception) -> PipelineError:
 def _check_seed(seed, where: str) -> int:
     if isinstance(seed, float) and seed.is_integer():
         seed = int(seed)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise PipelineError(f"{where}: seed must be an integer >= 0, got {seed!r}; e.g. --set seed=1")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise PipelineError(
+            f"{where}: seed must be an integer from 0 to {SEED_MAX} (2**32 - 1), got {_short(seed)}; e.g. --set seed=1"
+        )
     return seed
 
 

@@ -185,6 +185,14 @@ class SyntheticTasks:
         return " ".join(self.vocab[i] for i in ids)
 
 
+def check_task_names(tasks) -> None:
+    """The ``tasks`` parameter of a stage: a non-empty list of distinct names of ``TASKS`` (a stage's Params check)."""
+    if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(TASKS):
+        raise ValueError(
+            f"parameter 'tasks': got {list(tasks)!r}; accepted: a non-empty list of distinct task names from {list(TASKS)}"
+        )
+
+
 def completion_mask(completion: torch.Tensor) -> torch.Tensor:
     """Tokens up to and including the first ``<eos>`` (all tokens when there is none)."""
     is_eos = completion == EOS

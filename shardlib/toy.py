@@ -53,7 +53,7 @@ import xarray as xr
 from torch.func import functional_call, grad, vmap
 
 from .common import progress_bar
-from .config import Params, param
+from .config import SEED_MAX, Params, param
 
 PUBLISHED = {
     # case: {metric: (value, source)}
@@ -255,7 +255,7 @@ class ToyParams(Params):
     """Parameters of the toy-model reproductions (``notebooks/08_toy_models.ipynb``)."""
 
     cases: list[str] = param(["tms_5_2", "tms_40_10", "tmcs"], "toy models: tms_5_2, tms_40_10, tmcs")
-    seeds: list[int] = param([0, 1, 2], "seeds (toy-model training, gradient sampling and SAE)")
+    seeds: list[int] = param([0, 1, 2], "seeds (toy-model training, gradient sampling and SAE)", ge=0, le=SEED_MAX)
     feature_prob: float = param(0.05, "probability a feature is active", gt=0, le=1)
     model_steps: int = param(4000, "toy-model training steps (Adam, batches of 1024)", ge=1)
     n_samples: int = param(

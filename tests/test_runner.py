@@ -190,15 +190,26 @@ def test_a_config_cannot_run_code_through_parameter_names_or_values(tmp_path):
         ("shards_bandit.holdout_frac=.nan", "parameter 'holdout_frac': got nan"),
         ("rl_bandit.steps=2.5", "parameter 'steps': got 2.5"),
         ("rl_bandit.online_k=99", "parameter 'online_k': 99 exceeds online_n_latents"),
-        ("seed=1.7", "seed must be an integer >= 0, got 1.7"),
-        ("seed=abc", "seed must be an integer >= 0, got 'abc'"),
-        ("seed=true", "seed must be an integer >= 0, got True"),
+        ("seed=1.7", "seed must be an integer from 0 to 4294967295 (2**32 - 1), got 1.7"),
+        ("seed=abc", "seed must be an integer from 0 to 4294967295 (2**32 - 1), got 'abc'"),
+        ("seed=true", "seed must be an integer from 0 to 4294967295 (2**32 - 1), got True"),
         ("rl_lm.steps=[a", "not valid YAML"),
+        ("seed=99999999999999999999999", "seed must be an integer from 0 to 4294967295"),
+        ("seed=-1", "seed must be an integer from 0 to 4294967295"),
+        ("rl_lm.steps=99999999999999999999", "'steps': got 99999999999999999999; accepted: int >= 1 of at most"),
+        ("rl_bandit.steps=1.0e+30", "'steps': got 1000000000000000019884624838656; accepted: int >= 1 of at most"),
+        ("rl_bandit.steps=200000000", "more optimizer steps than an update store numbers"),
+        ("planted.seeds=[0, 4294967296]", "parameter 'seeds': got [0, 4294967296] (list); accepted: list >= 0 <="),
+        ("pretrain.tasks=[max, nope]", "parameter 'tasks': got ['max', 'nope'] (list); accepted: list one of 'add'"),
+        ("rl_lm.tasks=[]", "parameter 'tasks': got []; accepted: a non-empty list of distinct task names"),
+        ("rl_lm.tasks=[max, max]", "parameter 'tasks': got ['max', 'max']; accepted: a non-empty list of distinct"),
+        ("rl_lm.steps=*x", "found undefined alias"),
     ],
 )
-def test_bad_values_are_named_before_any_stage_runs(tmp_path, capsys, setting, message):
+def test_bad_values_are_named_before_any_stage_runs(tmp_path, capsys, monkeypatch, setting, message):
     from shardlib.__main__ import main
 
+    monkeypatch.setattr(runner, "_execute", lambda *a, **k: pytest.fail(f"a stage ran with {setting}"))
     assert main(["run", "--config", str(TINY), "--set", setting, "--runs-dir", str(tmp_path / "runs"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
