@@ -424,7 +424,7 @@ class UpdateStore:
                     f"(fingerprint {old.get('fingerprint')}, this run {fingerprint}); "
                     "choose another out_dir, or delete that folder if its updates are no longer wanted"
                 )
-            if old.get("format") != STORE_FORMAT:
+            if old.get("format") != STORE_FORMAT or not isinstance(old.get("chunks"), dict):
                 raise StoreError(
                     f"{self.path} was written by an older shardlib (no chunk list in {STORE_META}); "
                     "delete that folder and rerun the stage that writes it"

@@ -469,6 +469,16 @@ def test_a_store_json_entry_without_its_fields_is_a_store_error(tmp_path, edit, 
         UpdateStore(d, "event", "sgd", "run-a")
 
 
+def test_a_store_json_without_a_chunk_mapping_is_a_store_error(tmp_path):
+    d = three_chunk_store(tmp_path / "st")
+    meta = json.loads((d / "store.json").read_text())
+    (d / "store.json").write_text(json.dumps({**meta, "chunks": sorted(meta["chunks"])}))  # a list, not a mapping
+    with pytest.raises(StoreError, match="holds no chunk list"):
+        open_store(d)
+    with pytest.raises(StoreError, match="no chunk list"):
+        UpdateStore(d, "event", "sgd", "run-a")
+
+
 def test_resuming_a_store_drops_unlisted_chunks_and_stale_tmp_files(tmp_path):
     d = three_chunk_store(tmp_path / "st")
     (d / "chunk-00000009-00000009.nc.abc.tmp").write_bytes(b"half")  # a kill during a chunk write
