@@ -23,6 +23,9 @@ def _os_error(e: OSError) -> str:
         errno.EROFS: "that file system is read-only; give a writable folder with --runs-dir",
         errno.EACCES: "that folder is not writable for you; give a writable folder with --runs-dir",
         errno.EPERM: "that folder is not writable for you; give a writable folder with --runs-dir",
+        errno.EISDIR: "a file is expected there, not a folder: rerun the stage that writes it (run --only STAGE --force)",
+        errno.ENOTDIR: "a folder is expected there, not a file: rerun the stage that writes it (run --only STAGE --force)",
+        errno.ELOOP: "it is a symbolic link where none is expected: replace it by a plain file or folder",
     }.get(e.errno, "check that the path exists and is writable, then run the same command again")
     return f"error: {where}{what}; {hint}"
 
@@ -93,6 +96,16 @@ def main(argv=None) -> int:
     except OSError as e:
         print(_os_error(e), file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # asyncio would report the stages' unfinished polling tasks as the interpreter exits
+        logging.getLogger("asyncio").disabled = True
+        then = (
+            "the stages that were running stay 'running' in their records: run the same command again to resume them"
+            if args.cmd == "run"
+            else "run the same command again"
+        )
+        print(f"error: interrupted (Ctrl-C); {then}", file=sys.stderr)
+        return 130
 
 
 def _main(args) -> int:
@@ -148,6 +161,8 @@ def _main(args) -> int:
         if not args.quiet and jobs == 1:
             logging.basicConfig(level=logging.WARNING, format="%(message)s")
             logging.getLogger("papermill").setLevel(logging.INFO)
+        else:  # what papermill logs on a failure ("Kernel died ...") the runner's one error line says
+            logging.getLogger("papermill").setLevel(logging.CRITICAL)
         records = run(
             cfg,
             force=args.force,

@@ -28,7 +28,9 @@ What a config may do (it is data, not code): name a run and stages (letters, dig
 ``parameters`` cell already defines, as YAML scalars, lists and mappings. Anything else is
 refused before any file is touched. Every file the runner writes is inside
 ``<runs>/<run>/``; it deletes only stage folders that carry its own record (``.stage.json``)
-and refuses to reuse a non-empty folder without one. A run holds ``<runs>/<run>/.shardlib.lock``
+and refuses to reuse a non-empty folder without one; it marks that record ``stale`` before it empties the folder,
+and trusts a ``done`` record only while the files it lists are there. It writes through no symbolic link inside the
+runs folder (the runs folder itself may be one). A run holds ``<runs>/<run>/.shardlib.lock``
 while it executes, so a second ``shardlib run`` on the same run is refused.
 """
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import errno
 import hashlib
 import itertools
 import json
@@ -508,6 +511,8 @@ def plan(cfg: dict, runs_dir=None, notebook_dirs=()) -> list[Stage]:
             tag = ",".join(f"{k}={v}" for k, v in combo.items())
             sname = f"{name}[{tag}]" if tag else name
             out = run_dir / name / tag if tag else run_dir / name
+            for d in (d for d in [out, *out.parents] if run_dir in d.parents):
+                _refuse_link(d)
             if not _inside(out, run_dir) or out.resolve() == run_dir.resolve():  # belt and braces
                 raise PipelineError(f"stage {sname!r}: folder {out} is not inside the run folder {run_dir}")
             sp = {**params, **combo, "out_dir": str(out), "seed": seed}
@@ -627,12 +632,17 @@ def _read_state(out: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
+STATUSES = ("running", "done", "failed", "stale")
+"""A stage record's status; ``stale``: the folder is being emptied (a forced rerun or a changed configuration), so
+whatever a kill left in it is emptied again by the next run."""
+
+
 def _is_record(state: dict, st: Stage) -> bool:
     """Whether ``state`` is a record this runner wrote for this very stage folder."""
     try:
         return (
             isinstance(state.get("fingerprint"), str)
-            and state.get("status") in ("running", "done", "failed")
+            and state.get("status") in STATUSES
             and Path(state["params"]["out_dir"]).resolve() == st.out_dir.resolve()
         )
     except (KeyError, TypeError):
@@ -654,7 +664,13 @@ def run_lock(run_dir: Path):
 
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_FILE
-    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+    _refuse_link(lock)
+    try:  # O_NOFOLLOW: a link put there after the check is not followed either
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _link_error(lock) from None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -678,9 +694,78 @@ def run_lock(run_dir: Path):
         os.close(fd)
 
 
+def _stage_files(out: Path) -> list[str]:
+    """The files a finished stage left in its folder (relative paths; its record aside), listed in its record."""
+    files = []
+    for folder, _, names in os.walk(out):  # does not follow links
+        files += [os.path.relpath(os.path.join(folder, n), out) for n in names]
+    return sorted(f for f in files if f != STAGE_FILE)
+
+
+def _missing_output(out: Path, state: dict) -> str | None:
+    """The first output a ``done`` record lists that is no longer a plain file in the stage folder (deleted, or
+    replaced by a folder or a link), or why the record cannot tell; None when every one is there."""
+    files = state.get("outputs")
+    if not isinstance(files, list):
+        return "its record lists no outputs"
+    for rel in files:
+        f = out / str(rel)
+        if f.is_symlink() or not f.is_file():
+            return f"{rel} is missing or not a file"
+    return None
+
+
+def check_no_links(run_dir: Path, stages: list[Stage]) -> None:
+    """Refuse a symbolic link where the runner writes inside the runs folder: the run folder, its lock file, the
+    stage and sweep folders (the runs folder itself may be a link: it was resolved)."""
+    paths = {run_dir, run_dir / LOCK_FILE}
+    for st in stages:
+        paths |= {p for p in [st.out_dir, *st.out_dir.parents] if run_dir in p.parents}
+    for p in sorted(paths):
+        _refuse_link(p)
+
+
+def _refuse_link(p: Path) -> None:
+    if p.is_symlink():
+        raise _link_error(p)
+
+
+def _link_error(p: Path) -> PipelineError:
+    try:
+        target = f" (to {os.readlink(p)})"
+    except OSError:
+        target = ""
+    return PipelineError(
+        f"{p} is a symbolic link{target}; the runner writes nothing through links inside the runs folder: replace "
+        "it by a plain folder or file (or remove it), or use another run name (--run)"
+    )
+
+
+def _check_stage_folder_links(out: Path) -> None:
+    """Refuse a stage folder holding a symbolic link anywhere (a resumed stage would write through it)."""
+    for folder, dirs, names in os.walk(out):
+        for n in sorted(dirs + names):
+            _refuse_link(Path(folder, n))
+
+
+def _empty_stage_dir(out: Path, state: dict) -> None:
+    """Empty the runner's own stage folder: its record is marked ``stale`` first (atomically), then every file
+    but the record goes, links removed, not followed; a kill on the way leaves a ``stale`` record, whose folder
+    the next run empties again."""
+    _write_state(out, {**state, "status": "stale"})
+    for child in sorted(out.iterdir()):
+        if child.name == STAGE_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 def _fresh_stage_dir(st: Stage, state: dict, fp: str, force: bool) -> None:
-    """Make ``st.out_dir`` ready: keep it (resume) when its record matches, empty it when the runner's
-    own record says the configuration changed, refuse when it holds files without such a record."""
+    """Make ``st.out_dir`` ready: keep it (resume) when its record matches, empty it when the runner's own record
+    says the configuration changed (or ``force``, or a former emptying was cut short, or a finished stage's outputs
+    are gone), refuse when it holds files without such a record, or a symbolic link."""
     out = st.out_dir
     if out.exists() and not out.is_dir():
         raise PipelineError(
@@ -693,14 +778,49 @@ def _fresh_stage_dir(st: Stage, state: dict, fp: str, force: bool) -> None:
                     f"stage {st.name!r}: {out} holds files but no valid {STAGE_FILE}, so the runner did not write it and "
                     "will not delete it; move or delete that folder yourself, or choose another run name (--run)"
                 )
-        elif force or state["fingerprint"] != fp:
-            shutil.rmtree(out)  # the runner's own folder, configuration changed (or --force): start clean
+        elif (
+            force
+            or state["fingerprint"] != fp
+            or state["status"] == "stale"
+            or (state["status"] == "done" and _missing_output(out, state))
+        ):
+            _empty_stage_dir(out, state)  # the runner's own folder: start clean
     out.mkdir(parents=True, exist_ok=True)
+    _check_stage_folder_links(out)
+
+
+def _failure(st: Stage, e: Exception, out_nb: Path) -> PipelineError:
+    """One line for a stage that failed: the cell and its error, or a kernel that died; the executed notebook."""
+    import papermill as pm
+
+    from .io import NEARLY_FULL_BYTES
+
+    where = f"the executed notebook is at {out_nb}" if out_nb.exists() else f"its folder is {st.out_dir}"
+    if isinstance(e, pm.PapermillExecutionError):
+        lines = str(e.evalue).splitlines() or [""]
+        what = f"failed in cell {e.exec_count} ({e.ename}: {lines[0]}{' ...' if len(lines) > 1 else ''})"
+    elif type(e).__name__ == "DeadKernelError":
+        what = "failed: its kernel died (killed, or out of memory)"
+    else:
+        what = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    try:
+        free = shutil.disk_usage(st.out_dir).free
+    except OSError:
+        free = NEARLY_FULL_BYTES
+    full = free < NEARLY_FULL_BYTES or re.search(r"Errno (28|122)\b|No space left|quota exceeded", what, re.I)
+    fix = (
+        f"free some disk space ({free >> 20} MiB free there) and run the same command again: finished stages are kept"
+        if full
+        else "fix the cause and run the same command again (the stage resumes)"
+        if "kernel died" in what
+        else ""
+    )
+    return PipelineError(f"stage {st.name!r} {what}; {where}" + (f"; {fix}" if fix else ""))
 
 
 def _execute(st: Stage, record: dict, log_output: bool) -> float:
     """Run one stage's notebook with papermill in its folder; returns its wall time in seconds (recorded in
-    ``.stage.json`` with its start and end, seconds since the epoch)."""
+    ``.stage.json`` with its start and end, seconds since the epoch, and the files it left)."""
     import papermill as pm
 
     _write_state(st.out_dir, {**record, "status": "running"})
@@ -718,19 +838,23 @@ def _execute(st: Stage, record: dict, log_output: bool) -> float:
             resources={"metadata": {"path": str(st.out_dir)}},
             progress_bar=False,
             log_output=log_output,
-            # the kernel's own log at ERROR: ipykernel warns on every start that its local TCP sockets are not
-            # encrypted (the kernel and the runner are on one machine); the notebook's output is not affected
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            # the kernel's own log (not the notebook's output) at CRITICAL: ipykernel warns on every start that its
+            # local TCP sockets are not encrypted, and logs "KeyboardInterrupt caught in kernel" (and, after a
+            # Ctrl-C, ZMQ tracebacks) when the runner interrupts it on shutdown, as jupyter_client does
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
         )
-    except pm.PapermillExecutionError as e:
+    except OSError as e:  # papermill saving the executed notebook (a full disk) names no file
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(out_nb)) from None
+        raise
+    except PipelineError:
+        raise
+    except Exception as e:  # a failing cell, a kernel that died
         _write_state(st.out_dir, {**record, "status": "failed"})
-        raise PipelineError(
-            f"stage {st.name!r} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
-            f"the executed notebook is at {out_nb}"
-        ) from None
+        raise _failure(st, e, out_nb) from None
     dt = time.perf_counter() - t0
     times = {"seconds": round(dt, 2), "started": round(started, 2), "finished": round(time.time(), 2)}
-    _write_state(st.out_dir, {**record, "status": "done", **times})
+    _write_state(st.out_dir, {**record, "status": "done", **times, "outputs": _stage_files(st.out_dir)})
     return dt
 
 
@@ -788,94 +912,115 @@ def run(
     inputs are finished run at once (each in its own kernel, started in config order); their numbers do not
     depend on ``jobs``, and notebook output is not streamed (``log_output`` applies to ``jobs=1`` only).
     After a stage fails, no further stage starts; the ones running finish, then the first failure is raised."""
-    import concurrent.futures as cf
-
     for name, v in (("jobs", jobs), ("threads", threads)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise PipelineError(f"{name} must be a whole number >= 1, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_JOBS:
+            raise PipelineError(f"{name} must be a whole number from 1 to {MAX_JOBS}, got {_short(v)}")
     stages = plan(cfg, runs_dir, notebook_dirs)
     validate(stages)
-    if only:
-        expanded = []
-        for o in only:
-            expanded += [s.name for s in stages if s.name == o or s.name.startswith(o + "[")]
-        missing = {o for o in only if not any(s.name == o or s.name.startswith(o + "[") for s in stages)}
-        if missing:
-            raise PipelineError(f"--only: no stage(s) {sorted(missing)}; stages: {[s.name for s in stages]}")
+    selected = _selected(stages, only)
     run_dir = runs_folder(runs_dir, cfg) / cfg["run"]
-    prints, records = {}, {}
-    n = len(stages)
+    check_no_links(run_dir, stages)
+    records = {}
     with run_lock(run_dir), kernel_threads(threads):
         write_sweep_manifests(stages)
-        todo = []  # (position, stage, fingerprint, state) of the stages to execute, in config order
-        for k, st in enumerate(stages, 1):
-            fp = fingerprint(st, prints, threads)
-            prints[st.name] = fp
-            if only and st.name not in expanded:
-                continue
-            state = _read_state(st.out_dir)
-            if _is_record(state, st) and state["fingerprint"] == fp and state["status"] == "done" and not force:
+        todo = _to_execute(stages, selected, force, threads, records, log)
+        _execute_all(todo, len(stages), {**cfg, "jobs": jobs, "threads": threads}, force, records, log, log_output)
+    return [records[st.name] for st in stages if st.name in records]
+
+
+MAX_JOBS = 1024
+"""The most stages at once (``jobs``) and CPU threads per kernel (``threads``)."""
+
+
+def _selected(stages: list[Stage], only) -> set[str]:
+    """Names of the stages ``--only`` selects (a sweep's name selects its combinations); all without it."""
+    if not only:
+        return {s.name for s in stages}
+    picked = {s.name for o in only for s in stages if s.name == o or s.name.startswith(o + "[")}
+    missing = {o for o in only if not any(s.name == o or s.name.startswith(o + "[") for s in stages)}
+    if missing:
+        raise PipelineError(f"--only: no stage(s) {sorted(missing)}; stages: {[s.name for s in stages]}")
+    return picked
+
+
+def _to_execute(stages, selected, force, threads, records, log) -> list[tuple]:
+    """(position, stage, fingerprint, record) of the selected stages to execute, in config order; a stage whose
+    ``done`` record has this fingerprint and whose outputs are all there is skipped (in ``records``)."""
+    prints, todo, n = {}, [], len(stages)
+    for k, st in enumerate(stages, 1):
+        fp = fingerprint(st, prints, threads)
+        prints[st.name] = fp
+        if st.name not in selected:
+            continue
+        state = _read_state(st.out_dir)
+        if _is_record(state, st) and state["fingerprint"] == fp and state["status"] == "done" and not force:
+            missing = _missing_output(st.out_dir, state)
+            if missing is None:
                 log(f"[{k}/{n}] {st.name}: unchanged, skipped (--force reruns)")
                 records[st.name] = {"stage": st.name, "status": "skipped", "seconds": 0.0}
                 continue
-            todo.append((k, st, fp, state))
-        waiting = {st.name for _, st, _, _ in todo}  # not finished yet: a later stage that reads one waits
-        failure, idents = None, {}  # idents: the thread each running stage executes in (jobs > 1)
+            log(f"[{k}/{n}] {st.name}: finished before, but {missing}: running it again from an empty folder")
+        todo.append((k, st, fp, state))
+    return todo
 
-        def in_thread(st: Stage, record: dict) -> float:
-            idents[st.name] = threading.get_ident()
-            try:
-                return _execute(st, record, log_output=False)  # side by side: output not streamed
-            finally:
-                idents.pop(st.name, None)
 
-        def start(pool, st: Stage, record: dict) -> cf.Future:
-            if jobs > 1:
-                return pool.submit(in_thread, st, record)
-            done = cf.Future()  # one at a time: in this thread, so that Ctrl-C stops it at once, as it always did
-            try:
-                done.set_result(_execute(st, record, log_output))
-            except Exception as e:
-                done.set_exception(e)
-            return done
+def _execute_all(todo: list, n: int, cfg: dict, force: bool, records: dict, log, log_output: bool) -> None:
+    """Execute the stages of ``todo`` as their inputs finish, ``cfg["jobs"]`` at a time (in threads when more than
+    one; in this thread otherwise, so that Ctrl-C stops it at once); raise the first failure once the running ones
+    finish. Ctrl-C stops the running stages too, not waiting for them."""
+    import concurrent.futures as cf
 
-        with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
-            running = {}
-            try:
-                while todo or running:
-                    ready = [t for t in todo if not (set(t[1].deps) & waiting)] if failure is None else []
-                    for t in ready[: jobs - len(running)]:
-                        k, st, fp, state = t
-                        todo.remove(t)
-                        _fresh_stage_dir(st, state, fp, force)
-                        record = {
-                            "fingerprint": fp,
-                            "run": cfg["run"],
-                            "stage": st.name,
-                            "params": st.params,
-                            "jobs": jobs,
-                            "threads": threads,
-                        }
-                        log(f"[{k}/{n}] {st.name}: running {st.notebook.name} -> {st.out_dir}")
-                        running[start(pool, st, record)] = (k, st)
-                    if not running:
-                        break  # a stage failed: nothing more starts
-                    finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                    for fut in finished:
-                        k, st = running.pop(fut)
-                        try:
-                            dt = fut.result()
-                        except Exception as e:  # raised below, after the running stages finish
-                            failure = failure or e
-                            log(f"[{k}/{n}] {st.name}: failed")
-                            continue
-                        waiting.discard(st.name)
-                        log(f"[{k}/{n}] {st.name}: done in {dt:.1f} s")
-                        records[st.name] = {"stage": st.name, "status": "done", "seconds": dt}
-            except BaseException:  # Ctrl-C (or SIGINT from `timeout`): stop the running stages too, not wait for them
-                _interrupt_threads(list(idents.values()))
-                cf.wait(running, timeout=60)
-                raise
-        if failure is not None:
-            raise failure
-    return [records[st.name] for st in stages if st.name in records]
+    jobs = cfg["jobs"]
+    waiting = {st.name for _, st, _, _ in todo}  # not finished yet: a later stage that reads one waits
+    failure, idents = None, {}  # idents: the thread each running stage executes in (jobs > 1)
+
+    def in_thread(st: Stage, record: dict) -> float:
+        idents[st.name] = threading.get_ident()
+        try:
+            return _execute(st, record, log_output=False)  # side by side: output not streamed
+        finally:
+            idents.pop(st.name, None)
+
+    def start(pool, st: Stage, record: dict) -> cf.Future:
+        if jobs > 1:
+            return pool.submit(in_thread, st, record)
+        done = cf.Future()
+        try:
+            done.set_result(_execute(st, record, log_output))
+        except Exception as e:
+            done.set_exception(e)
+        return done
+
+    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+        running = {}
+        try:
+            while todo or running:
+                ready = [t for t in todo if not (set(t[1].deps) & waiting)] if failure is None else []
+                for t in ready[: jobs - len(running)]:
+                    k, st, fp, state = t
+                    todo.remove(t)
+                    _fresh_stage_dir(st, state, fp, force)
+                    record = {"fingerprint": fp, "run": cfg["run"], "stage": st.name, "params": st.params}
+                    record |= {"jobs": jobs, "threads": cfg["threads"]}
+                    log(f"[{k}/{n}] {st.name}: running {st.notebook.name} -> {st.out_dir}")
+                    running[start(pool, st, record)] = (k, st)
+                if not running:
+                    break  # a stage failed: nothing more starts
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    k, st = running.pop(fut)
+                    try:
+                        dt = fut.result()
+                    except Exception as e:  # raised below, after the running stages finish
+                        failure = failure or e
+                        log(f"[{k}/{n}] {st.name}: failed")
+                        continue
+                    waiting.discard(st.name)
+                    log(f"[{k}/{n}] {st.name}: done in {dt:.1f} s")
+                    records[st.name] = {"stage": st.name, "status": "done", "seconds": dt}
+        except BaseException:  # Ctrl-C (or SIGINT from `timeout`): stop the running stages too, not wait for them
+            _interrupt_threads(list(idents.values()))
+            cf.wait(running, timeout=60)
+            raise
+    if failure is not None:
+        raise failure

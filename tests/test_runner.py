@@ -343,7 +343,7 @@ def test_two_concurrent_cli_runs_on_one_run_name(tmp_path):
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     (tmp_path / "refused").touch()
     _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-2000:]
+    assert first.returncode == 0 and "IPKernelApp" not in err, err[-2000:]  # no kernel log in a successful run
     assert second.returncode == 1 and f"in use by process {first.pid}" in second.stderr, second.stderr
 
 
@@ -371,7 +371,7 @@ def test_jobs_run_independent_stages_at_once_and_inputs_first(tmp_path):
     assert [r["status"] for r in two] == ["done"] * 3  # another thread count: another fingerprint
     assert {json.loads((tmp_path / "runs" / "jobs" / s / "times.json").read_text())[2] for s in stages} == {"2"}
     assert Path.cwd() == cwd  # (papermill's cwd= used to chdir the process: threads left it in a deleted folder)
-    with pytest.raises(PipelineError, match="jobs must be a whole number >= 1"):
+    with pytest.raises(PipelineError, match="jobs must be a whole number from 1 to 1024, got 0"):
         runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=0)
 
 
@@ -402,8 +402,9 @@ def test_ctrl_c_stops_the_stages_running_side_by_side_and_they_resume(tmp_path):
     time.sleep(1.0)  # both kernels started and waiting
     t0 = time.perf_counter()
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and time.perf_counter() - t0 < 20
+    assert err.startswith("error: interrupted (Ctrl-C); ") and err.count("\n") == 1, err  # no traceback, no kernel log
     assert [json.loads(f.read_text())["status"] for f in states] == ["running", "running"]
     stop.touch()
     records = runner.run(
@@ -435,6 +436,90 @@ def test_io_errors_end_in_one_error_line(tmp_path, capsys, monkeypatch, errno_, 
 
 # ---------------------------------------------------------------------------
 # reliability, second round (issue 25)
+
+
+def test_a_kill_inside_a_forced_reruns_deletion_reruns_the_stage_instead_of_skipping_it(tmp_path, monkeypatch):
+    """The forced rerun marks the record stale before it deletes; a kill after the first file went (simulated here)
+    leaves a stale record, so the next run empties the folder and runs the stage again, not "unchanged, skipped"."""
+    nbs = _timing_notebook(tmp_path / "nbs")
+    cfg = {"run": "r", "seed": 0, "stages": {"a": {"notebook": "timing.ipynb", "params": {}}}}
+    kw = dict(runs_dir=tmp_path / "runs", notebook_dirs=[nbs], log=lambda *_: None)
+    stage = tmp_path / "runs" / "r" / "a"
+    assert [r["status"] for r in runner.run(cfg, **kw)] == ["done"]
+    real_unlink, calls = os.unlink, []
+
+    def killed_after_one(path, *a, **k):  # the runner dies right after deleting one file
+        real_unlink(path, *a, **k)
+        calls.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "unlink", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg, force=True, **kw)
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert len(calls) == 1 and json.loads((stage / STAGE_FILE).read_text())["status"] == "stale"
+    assert [r["status"] for r in runner.run(cfg, **kw)] == ["done"]  # rerun, not skipped
+    assert json.loads((stage / "times.json").read_text()) and (stage / "notebook.ipynb").is_file()
+    assert [r["status"] for r in runner.run(cfg, **kw)] == ["skipped"]
+
+
+def test_a_done_record_is_trusted_only_while_its_outputs_are_there(tmp_path):
+    nbs = _timing_notebook(tmp_path / "nbs")
+    cfg = {"run": "r", "seed": 0, "stages": {"a": {"notebook": "timing.ipynb", "params": {}}}}
+    logged = []
+    kw = dict(runs_dir=tmp_path / "runs", notebook_dirs=[nbs], log=logged.append)
+    out = tmp_path / "runs" / "r" / "a"
+    runner.run(cfg, **kw)
+    assert json.loads((out / STAGE_FILE).read_text())["outputs"] == ["notebook.ipynb", "times.json"]
+    (out / "times.json").unlink()
+    (out / "times.json").mkdir()  # the results file replaced by a folder
+    assert [r["status"] for r in runner.run(cfg, **kw)] == ["done"]
+    assert "times.json is missing or not a file: running it again from an empty folder" in logged[-3]
+    assert (out / "times.json").is_file()
+    (out / "notebook.ipynb").unlink()  # an output deleted by hand
+    assert [r["status"] for r in runner.run(cfg, **kw)] == ["done"]
+    assert [r["status"] for r in runner.run(cfg, **kw)] == ["skipped"]
+
+
+def test_the_runner_writes_through_no_symlink_inside_the_runs_folder(tmp_path, monkeypatch):
+    nbs = _timing_notebook(tmp_path / "nbs")
+    cfg = {"run": "r", "seed": 0, "stages": {"a": {"notebook": "timing.ipynb", "params": {}}}}
+    kw = dict(notebook_dirs=[nbs], log=lambda *_: None)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("mine")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "r").symlink_to(elsewhere)  # the run folder a link (issue: ln -s "$PWD" runs/R2)
+    with pytest.raises(PipelineError, match=rf"{runs / 'r'} is a symbolic link \(to {elsewhere}\)"):
+        runner.run(cfg, runs_dir=runs, **kw)
+    (runs / "r").unlink()
+    (runs / "r").mkdir()
+    (runs / "r" / ".shardlib.lock").symlink_to(elsewhere / "precious.txt")  # the lock a link
+    with pytest.raises(PipelineError, match=r"\.shardlib\.lock is a symbolic link"):
+        runner.run(cfg, runs_dir=runs, **kw)
+    (runs / "r" / ".shardlib.lock").unlink()
+    (runs / "r" / "a").symlink_to(elsewhere)  # a stage folder a link
+    with pytest.raises(PipelineError, match=r"/r/a is a symbolic link"):
+        runner.run(cfg, runs_dir=runs, **kw)
+    (runs / "r" / "a").unlink()
+    (runs / "r" / ".shardlib.lock").symlink_to(elsewhere / "precious.txt")
+    monkeypatch.setattr(runner, "_refuse_link", lambda p: None)  # a link put there after the check: not followed
+    with pytest.raises(PipelineError, match=r"\.shardlib\.lock is a symbolic link"), runner.run_lock(runs / "r"):
+        pass
+    monkeypatch.undo()
+    (runs / "r" / ".shardlib.lock").unlink()
+    assert (elsewhere / "precious.txt").read_text() == "mine" and sorted(os.listdir(elsewhere)) == ["precious.txt"]
+    # the runs folder itself may be a link to a folder of your choice; a resumed stage's notebook may not be one
+    (tmp_path / "my_runs").symlink_to(runs)
+    assert [r["status"] for r in runner.run(cfg, runs_dir=tmp_path / "my_runs", **kw)] == ["done"]
+    state = json.loads((runs / "r" / "a" / STAGE_FILE).read_text())
+    (runs / "r" / "a" / STAGE_FILE).write_text(json.dumps({**state, "status": "running"}))  # interrupted: resumes
+    (runs / "r" / "a" / "notebook.ipynb").unlink()
+    (runs / "r" / "a" / "notebook.ipynb").symlink_to(elsewhere / "precious.txt")
+    with pytest.raises(PipelineError, match=r"a/notebook.ipynb is a symbolic link"):
+        runner.run(cfg, runs_dir=runs, **kw)
+    assert (elsewhere / "precious.txt").read_text() == "mine" and sorted(os.listdir(elsewhere)) == ["precious.txt"]
 
 
 def _alias_bomb(wide: int, deep: int) -> str:
@@ -485,3 +570,52 @@ def test_a_config_that_is_not_text_is_one_error_line(tmp_path, capsys):
     assert main(["run", "--config", str(tmp_path / "bin.yaml"), "--runs-dir", str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: config ") and "is not a UTF-8 text file" in err and err.count("\n") == 1
+
+
+def _crash_notebook(folder: Path) -> Path:
+    """A stage notebook that kills its own kernel (``action='die'``) or fails as a full disk does (``'full'``)."""
+    import nbformat
+
+    folder.mkdir(exist_ok=True)
+    nb = nbformat.v4.new_notebook(
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    )
+    nb.cells = [
+        nbformat.v4.new_code_cell('out_dir = ""\nseed = 0\naction = ""', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "import os, signal\n"
+            "if action == 'die':\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "if action == 'full':\n"
+            "    raise OSError(28, 'No space left on device', os.path.join(out_dir, 'results.nc'))"
+        ),
+    ]
+    nbformat.write(nb, folder / "crash.ipynb")
+    return folder
+
+
+def test_a_dead_kernel_and_a_full_disk_inside_a_stage_are_one_error_line(tmp_path, monkeypatch):
+    nbs = _crash_notebook(tmp_path / "nbs")
+    config = tmp_path / "crash.yaml"
+    config.write_text("run: c\nstages:\n  die: {notebook: crash.ipynb, params: {action: die}}\n")
+    args = [sys.executable, "-m", "shardlib", "run", "--config", str(config), "--notebooks-dir", str(nbs)]
+    args += ["--runs-dir", str(tmp_path / "runs"), "--quiet"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    nb = tmp_path / "runs" / "c" / "die" / "notebook.ipynb"
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: stage 'die' failed: its kernel died") and str(nb) in done.stderr
+    cfg = {"run": "c", "seed": 0, "stages": {"full": {"notebook": "crash.ipynb", "params": {"action": "full"}}}}
+    with pytest.raises(PipelineError) as e:
+        runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], log=lambda *_: None)
+    msg = str(e.value)
+    assert "(OSError: [Errno 28] No space left on device" in msg and "full/results.nc" in msg and "\n" not in msg
+    assert "free some disk space" in msg and str(tmp_path / "runs" / "c" / "full" / "notebook.ipynb") in msg
+    import papermill
+
+    def saving_fails(*a, **k):  # papermill saving the executed notebook on a full disk: an OSError naming no file
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(papermill, "execute_notebook", saving_fails)
+    with pytest.raises(OSError) as e:
+        runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], log=lambda *_: None)
+    assert e.value.filename == str(tmp_path / "runs" / "c" / "full" / "notebook.ipynb") and e.value.errno == 28
