@@ -56,11 +56,11 @@ def accuracy(ev: dict, tasks: list[str]) -> list[float]:
 
 
 @torch.no_grad()
-def samples(model, testbed: TextTasks, n: int, seed: int, temperature: float) -> dict[str, list]:
+def samples(model, testbed: TextTasks, n: int, seed: int, temperature: float, device=None) -> dict[str, list]:
     """``n`` held-out questions with one sampled completion each, and their reward."""
     gen = torch.Generator().manual_seed(20_000_003 + seed)
     batch = testbed.sample(n, gen)
-    comp, mask = pol.sample_batch(model, testbed, batch, gen, temperature)
+    comp, mask = pol.sample_batch(model, testbed, batch, gen, temperature, device)
     texts = testbed.event_texts(batch, comp, mask)
     total = sum(testbed.rewards(batch, comp, mask).values())
     return {

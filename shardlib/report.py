@@ -527,6 +527,26 @@ def _text_sparsity(ds: xr.Dataset) -> str:
     )
 
 
+def _text_sae_cost(shards: xr.Dataset, frontier: xr.Dataset) -> str:
+    from .updates import fmt_bytes
+
+    cfg = json.loads(shards.attrs.get("config", "{}"))
+    rss = float(shards["peak_rss_bytes"]) if "peak_rss_bytes" in shards else float("nan")
+    kmax = int(frontier.k.max())
+    mem = (
+        f"peak resident memory of its process {fmt_bytes(rss)} (target ≤ 8 GiB: "
+        f"{'met' if rss <= 8 * 2**30 else 'NOT met'})"
+        if np.isfinite(rss)
+        else "peak memory not recorded"
+    )
+    return (
+        f"The shard SAE (`shards_text`: {cfg.get('n_latents')} latents, k = {cfg.get('k')}, rank {cfg.get('rank')}, "
+        f"{int(shards['n_parameters']):,} parameters against {int(shards['dense_n_parameters']):,} for dense "
+        f"latents) trained on the factored store in {float(shards['train_seconds']):.0f} s, {mem}; the frontier "
+        f"reaches k = {kmax} (target k = 64: {'met' if kmax >= 64 else 'NOT met'})."
+    )
+
+
 def smollm_markdown(run_dir) -> str:
     """The README's SmolLM2 block for a run of configs/smollm.yaml."""
     run_dir = Path(run_dir)
@@ -554,6 +574,7 @@ def smollm_markdown(run_dir) -> str:
             "with 256 latents over all 90 matrices, never densified (`frontier/results.nc`).\n\n"
             + _frontier(ds["frontier"]),
             "\n".join(f"- `{s}`: {find[s]}" for s in ("shards_text", "frontier")),
+            _text_sae_cost(ds["shards_text"], ds["frontier"]),
             "#### Are RL updates sparse on a real model?\n\nFraction of parameters unchanged (`sparsity/results.nc`).\n\n"
             + _text_sparsity(ds["sparsity"]),
             f"- `sparsity`: {find['sparsity']}",

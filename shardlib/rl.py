@@ -311,6 +311,7 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
         on_step.load(ckpt / "on_step")
     if acc.is_main_process and start == 0:
         init_eval = pol.evaluate(base, testbed, p.eval_prompts, p.seed, p.temperature, acc.device)
+        init_eval["samples"] = _samples(base, testbed, p, acc.device)
     else:
         init_eval = history[0]["init_eval"] if history else None
 
@@ -342,9 +343,19 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     if acc.is_main_process:
         extra = {"tasks": list(p.tasks), "n_digits": p.n_digits} if p.testbed == "lm" else None
         pol.save_policy(base, out / "policy", extra=extra, tokenizer=getattr(testbed, "tokenizer", None))
+        final_eval["samples"] = _samples(base, testbed, p, acc.device)
         ds = history_dataset(history, testbed, history[0]["init_eval"], final_eval)
     acc.wait_for_everyone()
     return RLResult(ds, base, acc, collector, buffer)
+
+
+def _samples(model, testbed, p: RLParams, device=None, n: int = 8) -> dict | None:
+    """Text tasks: ``n`` held-out questions (the same before and after) with a sampled completion each."""
+    if not hasattr(testbed, "event_texts"):
+        return None
+    from .instruct import samples
+
+    return samples(model, testbed, n, p.seed, p.temperature, device)
 
 
 def resume(p: RLParams, ckpt: Path, model, optimizer, log=print):
@@ -584,6 +595,13 @@ def history_dataset(history: list[dict], testbed, init_eval: dict, final_eval: d
         },
         coords={"step": steps, "task": list(testbed.task_names), "clause": clauses},
     )
+    if init_eval.get("samples") and final_eval.get("samples"):  # text tasks: what the policy says, before and after
+        a, b = init_eval["samples"], final_eval["samples"]
+        ds["sample_task"] = ("sample", np.array(a["task"], dtype=object))
+        ds["sample_prompt"] = ("sample", np.array(a["prompt"], dtype=object))
+        for when, s in (("init", a), ("final", b)):
+            ds[f"sample_completion_{when}"] = ("sample", np.array(s["completion"], dtype=object))
+            ds[f"sample_reward_{when}"] = ("sample", np.array(s["reward"], dtype=float))
     ds["reward"].attrs["long_name"] = "mean total reward of the step's rollouts"
     ds["eval_reward_init"].attrs["long_name"] = "mean reward on held-out prompts, starting policy"
     ds["eval_reward_final"].attrs["long_name"] = "mean reward on held-out prompts, fine-tuned policy"

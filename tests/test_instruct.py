@@ -147,6 +147,9 @@ def test_grpo_step_on_text_collects_factored_events_with_text(tmp_path, tiny_ins
     kept = [c for c in ev.coords if str(c).endswith("__kept")]
     assert len(kept) == 6 and all(((ev[c] > 0) & (ev[c] <= 1 + 1e-6)).all() for c in kept)
     assert res.results.sizes["task"] == 2
+    ds = res.results  # the same held-out questions, answered before and after
+    assert ds.sizes["sample"] == 8 and all(isinstance(t, str) for t in ds.sample_completion_final.values)
+    assert set(ds.sample_task.values) <= {"add1", "sub"}
     assert (tmp_path / "rl" / "policy" / "tokenizer.json").exists()  # the policy keeps its tokenizer
     steps = np.unique(ev.step.values)
     assert steps.tolist() == [0, 1]
