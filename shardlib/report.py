@@ -550,7 +550,7 @@ def _text_sae_cost(shards: xr.Dataset, frontier: xr.Dataset) -> str:
 def smollm_markdown(run_dir) -> str:
     """The README's SmolLM2 block for a run of configs/smollm.yaml."""
     run_dir = Path(run_dir)
-    needed = [s for s, _ in SMOLLM_STAGES] + ["frontier", "sparsity"]
+    needed = [s for s, _ in SMOLLM_STAGES] + ["frontier", "sparsity", "analysis_text"]
     missing = [s for s in needed if not (run_dir / s / "results.nc").exists()]
     if missing:
         raise ReportError(
@@ -559,7 +559,8 @@ def smollm_markdown(run_dir) -> str:
         )
     ds = {s: load_results(run_dir / s / "results.nc") for s in needed}
     find = {
-        s: findings.finding(k, ds[s]) for s, k in [*SMOLLM_STAGES, ("frontier", "frontier"), ("sparsity", "sparsity")]
+        s: findings.finding(k, ds[s])
+        for s, k in [*SMOLLM_STAGES, ("frontier", "frontier"), ("sparsity", "sparsity"), ("analysis_text", "analysis")]
     }
     return "\n\n".join(
         [
@@ -578,5 +579,9 @@ def smollm_markdown(run_dir) -> str:
             "#### Are RL updates sparse on a real model?\n\nFraction of parameters unchanged (`sparsity/results.nc`).\n\n"
             + _text_sparsity(ds["sparsity"]),
             f"- `sparsity`: {find['sparsity']}",
+            "#### What shards mean and do\n\nOne matrix's shards (`shards_text_one`: layer 15's down_proj, 64 latents; "
+            "the analysis makes events and shards dense), against event types (task × correct × format, "
+            "`shardlib/events.py`) and as interventions on the fine-tuned policy (`analysis_text/results.nc`).",
+            f"- `analysis_text`: {find['analysis_text']}",
         ]
     )
