@@ -91,6 +91,9 @@ class RLParams(Params):
     n_digits: int = param(4, "LM: digits per prompt (must match the pretrained policy's)", ge=1, le=12)
     format_bonus: float = param(0.1, "LM, text: reward clause for a well-formed completion", ge=0)
     max_new_tokens: int = param(12, "text: tokens sampled per completion", ge=1, le=512)
+    require_signal: bool = param(
+        True, "text, GRPO: stop before training when a family earns no reward on 16 or more held-out prompts"
+    )
     spurious_bonus: float = param(0.0, "LM: reward clause for any completion containing a 7 (0 = off)", ge=0)
     # update collection (issue 3)
     collect_params: list[str] = param([], "glob patterns of parameters whose updates are collected ([] = none)")
@@ -312,6 +315,7 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     if acc.is_main_process and start == 0:
         init_eval = pol.evaluate(base, testbed, p.eval_prompts, p.seed, p.temperature, acc.device)
         init_eval["samples"] = _samples(base, testbed, p, acc.device)
+        check_signal(p, testbed, init_eval)
     else:
         init_eval = history[0]["init_eval"] if history else None
 
@@ -347,6 +351,22 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
         ds = history_dataset(history, testbed, history[0]["init_eval"], final_eval)
     acc.wait_for_everyone()
     return RLResult(ds, base, acc, collector, buffer)
+
+
+def check_signal(p: RLParams, testbed, ev: dict, min_prompts: int = 16) -> None:
+    """Text tasks under GRPO: a family whose held-out prompts (``min_prompts`` or more) all earn zero reward
+    gives groups of equal rewards, zero advantages and nothing to learn; stop before training."""
+    if not (p.testbed == "text" and p.algorithm == "grpo" and p.require_signal):
+        return
+    dead = [
+        f"{t} (0 of {n})" for t, r, n in zip(testbed.task_names, ev["reward"], ev["n"]) if n >= min_prompts and r == 0
+    ]
+    if dead:
+        raise ValueError(
+            f"parameter 'tasks': the starting policy earns no reward on {', '.join(dead)} held-out prompts, so GRPO "
+            "has nothing to reinforce there; drop those families (the model stage measures each one), raise "
+            "max_new_tokens or format_bonus, or set require_signal: false"
+        )
 
 
 def _samples(model, testbed, p: RLParams, device=None, n: int = 8) -> dict | None:

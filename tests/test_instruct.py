@@ -162,3 +162,25 @@ def test_text_testbed_parameters_are_checked_before_compute():
         RLParams.from_dict({"out_dir": "x", "testbed": "text", "init_path": "p", "tasks": ["add1", "rev"]})
     with pytest.raises(ValueError, match="init_path"):
         RLParams.from_dict({"out_dir": "x", "testbed": "text", "tasks": ["add1"]})
+
+
+def test_a_family_without_reward_stops_grpo_before_training(tmp_path, tiny_instruct_dir):
+    from shardlib.rl import RLParams, train
+
+    p = RLParams.from_dict(
+        {
+            "out_dir": str(tmp_path / "rl"),
+            "testbed": "text",
+            "init_path": tiny_instruct_dir,
+            "tasks": ["add2"],
+            "steps": 1,
+            "prompts_per_step": 1,
+            "group_size": 2,
+            "max_new_tokens": 2,
+            "eval_prompts": 16,
+            "device": "cpu",
+        }
+    )  # a random tiny model never answers a two-digit sum in two tokens
+    with pytest.raises(ValueError, match=r"no reward on add2 \(0 of 16\)"):
+        train(p, progress=False)
+    assert not (tmp_path / "rl" / "checkpoint").exists()
