@@ -184,3 +184,16 @@ def test_a_family_without_reward_stops_grpo_before_training(tmp_path, tiny_instr
     with pytest.raises(ValueError, match=r"no reward on add2 \(0 of 16\)"):
         train(p, progress=False)
     assert not (tmp_path / "rl" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("name", ["smollm.yaml", "gpu_smollm.yaml"])
+def test_the_real_model_configs_plan_and_validate(name, tmp_path):
+    from pathlib import Path
+
+    from shardlib import runner
+
+    cfg = runner.load_config(Path(__file__).resolve().parent.parent / "configs" / name)
+    stages = runner.plan(cfg, tmp_path)
+    runner.validate(stages)  # every stage's parameters against its notebook's Params class
+    rl = next(s for s in stages if s.name == "rl_text")
+    assert rl.params["testbed"] == "text" and rl.params["init_path"].endswith("model/policy")
