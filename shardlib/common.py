@@ -79,3 +79,12 @@ def progress_bar(iterable=None, **kwargs):
 
     kwargs.setdefault("mininterval", PROGRESS_INTERVAL)
     return tqdm(iterable, **kwargs)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (``getrusage``; kilobytes on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)

@@ -3,7 +3,7 @@
 Every netCDF file of either run (results, shard files, update-store chunks) is compared with the
 file at the same path in the other (a file only one of them holds is a difference): the same variables
 and coordinates, with exactly equal values (NaN equal to NaN). Attributes (provenance, paths, creation times) and wall-clock variables
-(``*seconds*``, ``*_per_s``, ``*_time``) are left out: two runs of one config and seed on CPU must agree on
+(``*seconds*``, ``*_per_s``, ``*_time``, ``peak_rss*``) are left out: two runs of one config and seed on CPU must agree on
 everything else. Used to show that a refactor left the study's numbers unchanged.
 """
 
@@ -18,7 +18,7 @@ import xarray as xr
 
 from .io import NETCDF_ENGINE
 
-WALL_CLOCK = re.compile(r"seconds|_per_s$|(^|_)time$")
+WALL_CLOCK = re.compile(r"seconds|_per_s$|(^|_)time$|^peak_rss")
 
 
 @dataclass

@@ -61,6 +61,17 @@ def pretrain(ds: xr.Dataset) -> str:
     return f"Pretraining {verdict} the held-out reward from {a:.2f} to {b:.2f} (mean over task families; {per})."
 
 
+def model(ds: xr.Dataset) -> str:
+    per = ", ".join(f"{t} {float(a):.2f} (n={int(n)})" for t, a, n in zip(ds.task.values, ds.accuracy, ds.n))
+    band = [str(t) for t, b in zip(ds.task.values, ds.in_band) if int(b)]
+    lo, hi = float(ds.attrs["band_low"]), float(ds.attrs["band_high"])
+    kept = ", ".join(band) if band else "none (negative: GRPO has nothing to reinforce on these families)"
+    return (
+        f"{ds.attrs['model']} ({int(ds.attrs['n_params']):,} parameters) starts with held-out accuracy {per}; "
+        f"families inside the {lo:.0%}-{hi:.0%} band worth fine-tuning: {kept}."
+    )
+
+
 def rl(ds: xr.Dataset) -> str:
     cfg = _cfg(ds)
     name = "SFT" if cfg.get("algorithm") == "sft" else "GRPO"
@@ -195,6 +206,7 @@ def figures(ds: xr.Dataset) -> str:
 
 
 FINDINGS = {
+    "model": model,
     "pretrain": pretrain,
     "rl": rl,
     "shards": shards,

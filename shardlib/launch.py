@@ -20,6 +20,7 @@ import yaml
 
 # stage name -> (module, Params class)
 STAGES = {
+    "model": ("instruct", "InstructParams"),
     "pretrain": ("pretrain", "PretrainParams"),
     "rl": ("rl", "RLParams"),
     "shards": ("shards", "ShardParams"),

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .io import atomic_dir, commit_dir
-from .tasks import SyntheticTasks, completion_mask
+from .tasks import EOS, SyntheticTasks, completion_mask
 
 MLP_CONFIG = "shardlib_policy.json"
 
@@ -63,8 +63,8 @@ def unwrap(model):
     return getattr(model, "module", model)  # DDP
 
 
-def save_policy(model, path, extra: dict | None = None) -> None:
-    """Save weights (safetensors) and JSON config atomically into folder ``path``."""
+def save_policy(model, path, extra: dict | None = None, tokenizer=None) -> None:
+    """Save weights (safetensors) and JSON config (and ``tokenizer``, when given) atomically into folder ``path``."""
     path = Path(path)
     model = unwrap(model)
     tmp = atomic_dir(path)
@@ -74,6 +74,8 @@ def save_policy(model, path, extra: dict | None = None) -> None:
         (tmp / MLP_CONFIG).write_text(json.dumps(model.config))
     else:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     if extra is not None:
         (tmp / "shardlib_extra.json").write_text(json.dumps(extra, sort_keys=True))
     commit_dir(tmp, path)
@@ -116,19 +118,33 @@ def check_vocab(model, tasks: SyntheticTasks) -> None:
 # sampling and log-probabilities, shared by both policies
 
 
-def _lm_logits(model, prompt, completion):
-    """Logits predicting each completion token: [N, L, V]."""
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _lm_logits(model, prompt, completion, prompt_mask=None):
+    """Logits predicting each completion token: [N, L, V]. With ``prompt_mask`` (left-padded prompts of
+    different lengths) padding is masked out of attention and positions start at each prompt's first token,
+    and only the L positions that predict the completion go through the output layer."""
     ids = torch.cat([prompt, completion], dim=1)
-    out = model(input_ids=ids, use_cache=False)
     P = prompt.shape[1]
-    return out.logits[:, P - 1 : -1].float()
+    if prompt_mask is None:
+        out = model(input_ids=ids, use_cache=False)
+        return out.logits[:, P - 1 : -1].float()
+    attn = torch.cat([prompt_mask.long(), torch.ones_like(completion)], dim=1)
+    L = completion.shape[1]
+    out = model(
+        input_ids=ids, attention_mask=attn, position_ids=_positions(attn), use_cache=False, logits_to_keep=L + 1
+    )
+    return out.logits[:, :-1].float()
 
 
-def logprobs(model, prompt, completion, vocab_size: int | None = None, temperature: float = 1.0):
+def logprobs(model, prompt, completion, vocab_size: int | None = None, temperature: float = 1.0, prompt_mask=None):
     """Per-token log pi(completion_t | prompt, completion_<t) and entropy, both [N, L], of the policy
     that samples at ``temperature`` (logits divided by it, as TRL's GRPO does)."""
     if is_lm(model):
-        logits = _lm_logits(model, prompt, completion)
+        logits = _lm_logits(model, prompt, completion, prompt_mask)
         if vocab_size is not None:
             logits = logits[..., :vocab_size]
     else:
@@ -142,8 +158,49 @@ def logprobs(model, prompt, completion, vocab_size: int | None = None, temperatu
 
 
 @torch.no_grad()
-def sample(model, prompt, max_new_tokens: int, generator: torch.Generator, temperature: float = 1.0, vocab_size=None):
-    """Sample completions [N, L] and their mask (tokens up to the first ``<eos>``)."""
+def _sample_cached(model, prompt, prompt_mask, max_new_tokens: int, generator, temperature: float, eos_id: int):
+    """Sampling with the key/value cache over left-padded prompts; rows that have ended keep emitting
+    ``eos_id`` (masked out of every loss by the completion mask)."""
+    attn = prompt_mask.long()
+    out = model(input_ids=prompt, attention_mask=attn, position_ids=_positions(attn), use_cache=True, logits_to_keep=1)
+    pos = _positions(attn)[:, -1:]
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    tokens = []
+    for t in range(max_new_tokens):
+        probs = F.softmax(out.logits[:, -1].float() / temperature, -1)
+        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(prompt.device)
+        nxt = torch.where(done[:, None], torch.full_like(nxt, eos_id), nxt)
+        tokens.append(nxt)
+        done |= nxt[:, 0] == eos_id
+        if done.all() or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones_like(nxt)], dim=1)
+        pos = pos + 1
+        out = model(
+            input_ids=nxt, attention_mask=attn, position_ids=pos, past_key_values=out.past_key_values, use_cache=True
+        )
+    completion = torch.cat(tokens, dim=1)
+    pad = max_new_tokens - completion.shape[1]  # every row ended early: fill to the fixed width
+    if pad:
+        completion = F.pad(completion, (0, pad), value=eos_id)
+    return completion, completion_mask(completion, eos_id)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt,
+    max_new_tokens: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    vocab_size=None,
+    prompt_mask=None,
+    eos_id: int | None = None,
+):
+    """Sample completions [N, L] and their mask (tokens up to the first end-of-sequence token).
+    ``prompt_mask``: left-padded prompts (real tokenizers), sampled with the key/value cache."""
+    if prompt_mask is not None and is_lm(model):
+        return _sample_cached(model, prompt, prompt_mask, max_new_tokens, generator, temperature, eos_id)
     if not is_lm(model):
         logits = model(prompt).float() / temperature
         act = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=generator).to(prompt.device)
@@ -160,14 +217,42 @@ def sample(model, prompt, max_new_tokens: int, generator: torch.Generator, tempe
     return completion, completion_mask(completion)
 
 
+def prompt_inputs(batch: dict, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt ids, prompt mask or None) of a testbed batch, on ``device``."""
+    mask = batch.get("prompt_mask")
+    return batch["prompt"].to(device), None if mask is None else mask.to(device)
+
+
+@torch.no_grad()
+def sample_batch(model, testbed, batch: dict, generator, temperature: float = 1.0, device=None, chunk: int = 0):
+    """Completions and masks (on the CPU) for a testbed batch, in chunks of ``chunk`` prompts (0: all at once)."""
+    prompt, pmask = prompt_inputs(batch, device)
+    vs, eos = getattr(testbed, "vocab_size", None), getattr(testbed, "eos_id", EOS)
+    n = prompt.shape[0]
+    step = chunk or n
+    parts = [
+        sample(
+            model,
+            prompt[i : i + step],
+            testbed.max_new_tokens,
+            generator,
+            temperature,
+            vs,
+            None if pmask is None else pmask[i : i + step],
+            eos,
+        )
+        for i in range(0, n, step)
+    ]
+    return torch.cat([c for c, _ in parts]).cpu(), torch.cat([m for _, m in parts]).cpu()
+
+
 @torch.no_grad()
 def evaluate(model, testbed, n_prompts: int, seed: int, temperature: float = 1.0, device="cpu") -> dict:
     """Mean reward and per-clause reward by task family on a fixed held-out prompt set."""
     gen = torch.Generator().manual_seed(10_000_019 + seed)
     batch = testbed.sample(n_prompts, gen)
-    vs = getattr(testbed, "vocab_size", None)
-    comp, mask = sample(model, batch["prompt"].to(device), testbed.max_new_tokens, gen, temperature, vs)
-    clauses = testbed.rewards(batch, comp.cpu(), mask.cpu())
+    comp, mask = sample_batch(model, testbed, batch, gen, temperature, device)
+    clauses = testbed.rewards(batch, comp, mask)
     total = sum(clauses.values())
     out = {"reward": [], "n": []}
     for k in range(len(testbed.task_names)):

@@ -370,14 +370,17 @@ def update_readme(run_dir, readme, check: bool = False) -> bool:
     """Write (or, with ``check``, compare) the Results block; returns whether the README was already current."""
     readme = Path(readme)
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise ReportError(f"{readme} has no {BEGIN} ... {END} markers to write the results between")
-    head, rest = text.split(BEGIN, 1)
-    old, tail = rest.split(END, 1)
-    new = "\n" + results_markdown(run_dir) + "\n"
+    begin, end, render = (
+        (SMOLLM_BEGIN, SMOLLM_END, smollm_markdown) if is_smollm_run(run_dir) else (BEGIN, END, results_markdown)
+    )
+    if begin not in text or end not in text:
+        raise ReportError(f"{readme} has no {begin} ... {end} markers to write the results between")
+    head, rest = text.split(begin, 1)
+    old, tail = rest.split(end, 1)
+    new = "\n" + render(run_dir) + "\n"
     current = _strip_wall(old) == _strip_wall(new)
     if not check and old != new:
-        readme.write_text(head + BEGIN + new + END + tail)
+        readme.write_text(head + begin + new + end + tail)
     return current
 
 
@@ -386,7 +389,7 @@ def report_html(run_dir) -> Path:
     run_dir = Path(run_dir)
     parts = [f"<h1>shardlib run {html.escape(run_dir.name)}</h1>"]
     prov = None
-    for stage, kind in STAGES:
+    for stage, kind in STAGES + SMOLLM_STAGES:
         ds = _load(run_dir, stage)
         if ds is None:
             continue
@@ -408,3 +411,177 @@ def report_html(run_dir) -> Path:
         "<!doctype html><meta charset='utf-8'><body style='font-family:sans-serif;max-width:60em'>" + "\n".join(parts)
     )
     return out
+
+
+# ---------------------------------------------------------------------------
+# The SmolLM2 study (configs/smollm.yaml): its own block of the README
+
+SMOLLM_BEGIN, SMOLLM_END = "<!-- smollm:begin -->", "<!-- smollm:end -->"
+SMOLLM_STAGES = [("model", "model"), ("rl_text", "rl"), ("sft_text", "rl"), ("shards_text", "shards")]
+
+
+def is_smollm_run(run_dir) -> bool:
+    """A run of configs/smollm.yaml (it has the model stage), reported in its own README block."""
+    return (Path(run_dir) / "model" / "results.nc").exists()
+
+
+def _text_rl(run_dir: Path) -> str:
+    rows, rises = [], {}
+    for stage in ("rl_text", "sft_text"):
+        ds = _load(run_dir, stage)
+        if ds is None:
+            continue
+        d = ds.eval_reward_final - ds.eval_reward_init
+        rises[stage] = int((d >= 0.05).sum())
+        for t in ds.task.values:
+            r = ds.sel(task=t)
+            rows.append(
+                [
+                    stage,
+                    str(t),
+                    f"{float(r.eval_reward_init):.2f}",
+                    f"{float(r.eval_reward_final):.2f}",
+                    f"{float(r.eval_reward_final - r.eval_reward_init):+.2f}",
+                    str(int(r.eval_n)),
+                ]
+            )
+    table = _table(["stage", "family", "before", "after", "change", "held-out prompts"], rows)
+    n_tasks = len(_load(run_dir, "rl_text").task) if _load(run_dir, "rl_text") is not None else 0
+    verdict = "met" if rises.get("rl_text", 0) >= 3 else "NOT met"
+    return (
+        table + f"\n\nHeld-out reward rose by ≥ 0.05 on {rises.get('rl_text', 0)} of {n_tasks} families under GRPO "
+        f"(target ≥ 3: {verdict}) and on {rises.get('sft_text', 0)} under the SFT control. Rewards are "
+        "correct (1) plus the bare-number format clause (0.2), one sampled completion per prompt at temperature 0.7."
+    )
+
+
+def store_cost(store_dir: Path) -> dict:
+    """Events, bytes on disk per event, dense fp32 bytes per event, and the kept energy of a factored store."""
+    from .updates import factor_pairs, open_store
+
+    ds = open_store(store_dir, verify=False)
+    n = ds.sizes["event"]
+    disk = sum(f.stat().st_size for f in Path(store_dir).glob("*.nc"))
+    pairs = factor_pairs(ds)
+    dense = 4 * sum(ds.sizes[f"{v}_dim0"] * ds.sizes[f"{v}_dim1"] for v in pairs)
+    kept = np.array([ds[c].values for c in ds.coords if str(c).endswith("__kept")])
+    return {
+        "events": n,
+        "matrices": len(pairs),
+        "disk_per_event": disk / max(n, 1),
+        "dense_per_event": dense,
+        "kept_mean": float(kept.mean()) if kept.size else 1.0,
+        "kept_min": float(kept.min()) if kept.size else 1.0,
+    }
+
+
+def collection_overhead(ds: xr.Dataset) -> float:
+    """Median seconds of a step that collected updates over one that did not, from the RL history (step 0, the
+    warm-up, left out); NaN when every step collected."""
+    cfg = json.loads(ds.attrs.get("config", "{}"))
+    every = int(cfg.get("collect_every", 1))
+    steps, sec = ds.step.values, 1.0 / ds.steps_per_s.values
+    on, off = sec[(steps % every == 0) & (steps > 0)], sec[(steps % every != 0) & (steps > 0)]
+    return float(np.median(on) / np.median(off)) if len(on) and len(off) else float("nan")
+
+
+def _text_storage(run_dir: Path) -> str:
+    from .updates import fmt_bytes
+
+    c = store_cost(run_dir / "rl_text" / "updates" / "events")
+    ratio = c["dense_per_event"] / c["disk_per_event"]
+    over = collection_overhead(_load(run_dir, "rl_text"))
+    return (
+        f"{c['events']} GRPO events, every one holding all {c['matrices']} MLP matrices as rank-≤4 factors: "
+        f"{fmt_bytes(c['disk_per_event'])} per event on disk (labels, text and netCDF overhead included) against "
+        f"{fmt_bytes(c['dense_per_event'])} dense fp32: {ratio:.0f}× smaller (target ≥ 30×: "
+        f"{'met' if ratio >= 30 else 'NOT met'}); the compression kept {c['kept_mean']:.3f} of each event's squared "
+        f"norm on average (lowest {c['kept_min']:.3f}). A step that collected took {over:.2f}× as long as one that "
+        f"did not (median; target ≤ 1.5×: {'met' if over <= 1.5 else 'NOT met'})."
+    )
+
+
+def _text_sparsity(ds: xr.Dataset) -> str:
+    rows = []
+    for run in ds.run.values:
+        r = ds.sel(run=run)
+        ev = f"{float(r.unchanged.sel(scope='event', tau=0.0)):.3f}" if "event" in ds.scope.values else "–"
+        rows.append(
+            [
+                str(run),
+                f"{float(r.unchanged.sel(scope='cumulative', tau=0.0)):.4f}",
+                f"{float(r.bf16_unchanged.sel(scope='cumulative')):.4f}",
+                f"{float(r.mukherjee_unchanged.sel(scope='cumulative')):.4f}",
+                ev,
+            ]
+        )
+    return _table(
+        [
+            "run",
+            "exact fp32 unchanged",
+            "bf16 unchanged",
+            "Mukherjee et al. (bf16, |Δ| ≤ 1e-5)",
+            "one event, exact zeros (collected matrices)",
+        ],
+        rows,
+    )
+
+
+def _text_sae_cost(shards: xr.Dataset, frontier: xr.Dataset) -> str:
+    from .updates import fmt_bytes
+
+    cfg = json.loads(shards.attrs.get("config", "{}"))
+    rss = float(shards["peak_rss_bytes"]) if "peak_rss_bytes" in shards else float("nan")
+    kmax = int(frontier.k.max())
+    mem = (
+        f"peak resident memory of its process {fmt_bytes(rss)} (target ≤ 8 GiB: "
+        f"{'met' if rss <= 8 * 2**30 else 'NOT met'})"
+        if np.isfinite(rss)
+        else "peak memory not recorded"
+    )
+    return (
+        f"The shard SAE (`shards_text`: {cfg.get('n_latents')} latents, k = {cfg.get('k')}, rank {cfg.get('rank')}, "
+        f"{int(shards['n_parameters']):,} parameters against {int(shards['dense_n_parameters']):,} for dense "
+        f"latents) trained on the factored store in {float(shards['train_seconds']):.0f} s, {mem}; the frontier "
+        f"reaches k = {kmax} (target k = 64: {'met' if kmax >= 64 else 'NOT met'})."
+    )
+
+
+def smollm_markdown(run_dir) -> str:
+    """The README's SmolLM2 block for a run of configs/smollm.yaml."""
+    run_dir = Path(run_dir)
+    needed = [s for s, _ in SMOLLM_STAGES] + ["frontier", "sparsity", "analysis_text"]
+    missing = [s for s in needed if not (run_dir / s / "results.nc").exists()]
+    if missing:
+        raise ReportError(
+            f"{run_dir} lacks the results of {missing}; run the study first "
+            "(make study CONFIG=configs/smollm.yaml RUN=smollm)"
+        )
+    ds = {s: load_results(run_dir / s / "results.nc") for s in needed}
+    find = {
+        s: findings.finding(k, ds[s])
+        for s, k in [*SMOLLM_STAGES, ("frontier", "frontier"), ("sparsity", "sparsity"), ("analysis_text", "analysis")]
+    }
+    return "\n\n".join(
+        [
+            f"Generated by `python -m shardlib report --run {run_dir.name}` from `runs/{run_dir.name}/*/results.nc` and "
+            "the run's update store; every number below is read from those files.",
+            _times(run_dir),
+            f"- `model`: {find['model']}",
+            "#### GRPO against the SFT control\n\n" + _text_rl(run_dir),
+            "\n".join(f"- `{s}`: {find[s]}" for s in ("rl_text", "sft_text")),
+            "#### (1) What storing per-event updates costs\n\n" + _text_storage(run_dir),
+            "#### (2, 3) Shards on the factored store; do updates reconstruct sparsely?\n\nHeld-out FVU of signed SAEs "
+            "with 256 latents over all 90 matrices, never densified (`frontier/results.nc`).\n\n"
+            + _frontier(ds["frontier"]),
+            "\n".join(f"- `{s}`: {find[s]}" for s in ("shards_text", "frontier")),
+            _text_sae_cost(ds["shards_text"], ds["frontier"]),
+            "#### Are RL updates sparse on a real model?\n\nFraction of parameters unchanged (`sparsity/results.nc`).\n\n"
+            + _text_sparsity(ds["sparsity"]),
+            f"- `sparsity`: {find['sparsity']}",
+            "#### What shards mean and do\n\nOne matrix's shards (`shards_text_one`: layer 15's down_proj, 64 latents; "
+            "the analysis makes events and shards dense), against event types (task × correct × format, "
+            "`shardlib/events.py`) and as interventions on the fine-tuned policy (`analysis_text/results.nc`).",
+            f"- `analysis_text`: {find['analysis_text']}",
+        ]
+    )

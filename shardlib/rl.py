@@ -39,7 +39,7 @@ from . import policy as pol
 from .common import make_accelerator, progress_bar, step_generator
 from .config import SEED_MAX, Params, param
 from .io import OPTIMIZER_FILE, CheckpointError, load_optimizer, read_checkpoint, write_checkpoint
-from .tasks import TASKS, ContextualBandit, SyntheticTasks, check_task_names
+from .tasks import TASKS, TEXT_TASKS, ContextualBandit, SyntheticTasks, TextTasks, check_task_names
 from .updates import MAX_STORE_STEP, RingBuffer, UpdateCollector, UpdateStore, select_params, selection_summary
 
 
@@ -48,7 +48,9 @@ class RLParams(Params):
     """Parameters of the RL fine-tuning stage (``notebooks/02_rl.ipynb``)."""
 
     testbed: str = param(
-        "bandit", "which testbed: the contextual bandit or the synthetic-task LM", choices=("bandit", "lm")
+        "bandit",
+        "which testbed: the contextual bandit, the synthetic-task LM, or text tasks for a real instruct model",
+        choices=("bandit", "lm", "text"),
     )
     algorithm: str = param("grpo", "GRPO fine-tuning, or the SFT control on the same prompts", choices=("grpo", "sft"))
     init_path: str = param(
@@ -86,10 +88,15 @@ class RLParams(Params):
     env_seed: int = param(0, "bandit: seed of the cluster centres (fixed across RL seeds)", ge=0, le=SEED_MAX)
     # lm
     tasks: list[str] = param(
-        ["max", "rev", "sort", "par"], "LM: task families (must match the pretrained policy's)", choices=tuple(TASKS)
+        ["max", "rev", "sort", "par"],
+        "LM: task families (must match the pretrained policy's); text: families of shardlib.tasks.TEXT_TASKS",
     )
     n_digits: int = param(4, "LM: digits per prompt (must match the pretrained policy's)", ge=1, le=12)
-    format_bonus: float = param(0.1, "LM: reward clause for a well-formed completion", ge=0)
+    format_bonus: float = param(0.1, "LM, text: reward clause for a well-formed completion", ge=0)
+    max_new_tokens: int = param(12, "text: tokens sampled per completion", ge=1, le=512)
+    require_signal: bool = param(
+        True, "text, GRPO: stop before training when a family earns no reward on 16 or more held-out prompts"
+    )
     spurious_bonus: float = param(0.0, "LM: reward clause for any completion containing a 7 (0 = off)", ge=0)
     # update collection (issue 3)
     collect_params: list[str] = param([], "glob patterns of parameters whose updates are collected ([] = none)")
@@ -119,15 +126,16 @@ class RLParams(Params):
     online_warmup: int = param(256, "online SAE: events in the buffer before training starts", ge=1)
 
     def check(self):
-        check_task_names(self.tasks)
         if self.steps * self.inner_epochs > MAX_STORE_STEP + 1:
             raise ValueError(
                 f"parameter 'steps': {self.steps} rollout steps x inner_epochs={self.inner_epochs} make more optimizer "
                 f"steps than an update store numbers ({MAX_STORE_STEP + 1:,}); use fewer"
             )
-        if self.testbed == "lm" and not self.init_path:
+        check_task_names(self.tasks, TEXT_TASKS if self.testbed == "text" else TASKS)
+        if self.testbed in ("lm", "text") and not self.init_path:
             raise ValueError(
-                "parameter 'init_path': the LM testbed needs a pretrained policy folder (the pretrain stage's 'policy')"
+                f"parameter 'init_path': the {self.testbed} testbed needs a policy folder (lm: the pretrain stage's "
+                "'policy'; text: an instruct model's folder, the model stage's 'policy')"
             )
         if self.online_sae and not (self.buffer_capacity and self.collect_params and self.collect_events):
             raise ValueError(
@@ -158,6 +166,11 @@ def make_testbed(p: RLParams):
             p.negative_rewards,
             p.env_seed,
         )
+    if p.testbed == "text":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(p.init_path)
+        return TextTasks(tok, tuple(p.tasks), p.format_bonus, p.max_new_tokens)
     return SyntheticTasks(tuple(p.tasks), p.n_digits, p.format_bonus, p.spurious_bonus)
 
 
@@ -209,9 +222,10 @@ def completion_hash(comp: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     )
 
 
-def _labels(step: int, rank: int, ro: Rollout, epoch: int, bandit: bool = False) -> dict[str, np.ndarray]:
+def _labels(step: int, rank: int, ro: Rollout, epoch: int, bandit: bool = False, testbed=None) -> dict[str, np.ndarray]:
     """Labels of a step's events: where they come from, their rewards (every clause), and what was
-    reinforced (``action`` = the arm taken on the bandit; ``completion_hash`` = the completion's tokens)."""
+    reinforced (``action`` = the arm taken on the bandit; ``completion_hash`` = the completion's tokens;
+    on text tasks the prompt and completion text)."""
     n = len(ro.total)
     lab = {
         "step": np.full(n, step, dtype=np.int64),
@@ -228,6 +242,8 @@ def _labels(step: int, rank: int, ro: Rollout, epoch: int, bandit: bool = False)
         lab["action"] = ro.comp[:, 0].numpy().astype(np.int64)
     for c, v in ro.clauses.items():
         lab[f"reward_{c}"] = v.numpy().astype(np.float32)
+    if hasattr(testbed, "event_texts"):
+        lab.update(testbed.event_texts(ro.rep, ro.comp, ro.mask))
     return lab
 
 
@@ -301,6 +317,8 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
         on_step.load(ckpt / "on_step")
     if acc.is_main_process and start == 0:
         init_eval = pol.evaluate(base, testbed, p.eval_prompts, p.seed, p.temperature, acc.device)
+        init_eval["samples"] = _samples(base, testbed, p, acc.device)
+        check_signal(p, testbed, init_eval)
     else:
         init_eval = history[0]["init_eval"] if history else None
 
@@ -331,10 +349,36 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     ds = None
     if acc.is_main_process:
         extra = {"tasks": list(p.tasks), "n_digits": p.n_digits} if p.testbed == "lm" else None
-        pol.save_policy(base, out / "policy", extra=extra)
+        pol.save_policy(base, out / "policy", extra=extra, tokenizer=getattr(testbed, "tokenizer", None))
+        final_eval["samples"] = _samples(base, testbed, p, acc.device)
         ds = history_dataset(history, testbed, history[0]["init_eval"], final_eval)
     acc.wait_for_everyone()
     return RLResult(ds, base, acc, collector, buffer)
+
+
+def check_signal(p: RLParams, testbed, ev: dict, min_prompts: int = 16) -> None:
+    """Text tasks under GRPO: a family whose held-out prompts (``min_prompts`` or more) all earn zero reward
+    gives groups of equal rewards, zero advantages and nothing to learn; stop before training."""
+    if not (p.testbed == "text" and p.algorithm == "grpo" and p.require_signal):
+        return
+    dead = [
+        f"{t} (0 of {n})" for t, r, n in zip(testbed.task_names, ev["reward"], ev["n"]) if n >= min_prompts and r == 0
+    ]
+    if dead:
+        raise ValueError(
+            f"parameter 'tasks': the starting policy earns no reward on {', '.join(dead)} held-out prompts, so GRPO "
+            "has nothing to reinforce there; drop those families (the model stage measures each one), raise "
+            "max_new_tokens or format_bonus, or set require_signal: false"
+        )
+
+
+def _samples(model, testbed, p: RLParams, device=None, n: int = 8) -> dict | None:
+    """Text tasks: ``n`` held-out questions (the same before and after) with a sampled completion each."""
+    if not hasattr(testbed, "event_texts"):
+        return None
+    from .instruct import samples
+
+    return samples(model, testbed, n, p.seed, p.temperature, device)
 
 
 def resume(p: RLParams, ckpt: Path, model, optimizer, log=print):
@@ -434,9 +478,7 @@ def rollout(p: RLParams, testbed, base, step: int, acc) -> Rollout:
     if p.algorithm == "grpo":
         G = p.group_size
         rep = {k: v.repeat_interleave(G, 0) for k, v in batch.items()}
-        vs = getattr(testbed, "vocab_size", None)
-        comp, mask = pol.sample(base, rep["prompt"].to(acc.device), testbed.max_new_tokens, gen, p.temperature, vs)
-        comp, mask = comp.cpu(), mask.cpu()
+        comp, mask = pol.sample_batch(base, testbed, rep, gen, p.temperature, acc.device)
         clauses = testbed.rewards(rep, comp, mask)
         total = sum(clauses.values())
         adv = group_advantages(total, G, p.scale_rewards)
@@ -458,10 +500,13 @@ def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, co
     base = pol.unwrap(model)
     vs = getattr(testbed, "vocab_size", None)
     prompt_d, comp_d, mask_d, adv_d = (x.to(acc.device) for x in (ro.rep["prompt"], ro.comp, ro.mask, ro.adv))
+    pmask_d = ro.rep["prompt_mask"].to(acc.device) if "prompt_mask" in ro.rep else None
+    pm = (lambda sl: None) if pmask_d is None else (lambda sl: pmask_d[sl])
     temp = p.temperature if p.algorithm == "grpo" else 1.0  # SFT: the likelihood of the targets
     with torch.no_grad():
-        old_logp = pol.logprobs(base, prompt_d, comp_d, vs, temp)[0]
-        ref_logp = pol.logprobs(ref, prompt_d, comp_d, vs, temp)[0] if ref is not None else None
+        every = slice(None)
+        old_logp = pol.logprobs(base, prompt_d, comp_d, vs, temp, pm(every))[0]
+        ref_logp = pol.logprobs(ref, prompt_d, comp_d, vs, temp, pm(every))[0] if ref is not None else None
     rollout_tokens = mask_d.float().sum()
     if acc.num_processes > 1:
         rollout_tokens = acc.reduce(rollout_tokens, "sum") / acc.num_processes
@@ -477,7 +522,7 @@ def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, co
             sl = slice(m * mb, (m + 1) * mb)
             with acc.accumulate(model):
                 with collector.capture(collect) if collector is not None else nullcontext():
-                    logp, ent = pol.logprobs(model, prompt_d[sl], comp_d[sl], vs, temp)
+                    logp, ent = pol.logprobs(model, prompt_d[sl], comp_d[sl], vs, temp, pm(sl))
                     msk = mask_d[sl].float()
                     ntok = msk.sum().clamp(min=1)
                     if p.algorithm == "grpo":
@@ -495,9 +540,10 @@ def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, co
             stats["kl"] += float(kl.detach().sum() / ntok) / parts
             stats["entropy"] += float((ent.detach() * msk).sum() / ntok) / parts
         if collect:
-            labels = _labels(opt_step, acc.process_index, ro, epoch, bandit=p.testbed == "bandit")
+            labels = _labels(opt_step, acc.process_index, ro, epoch, p.testbed == "bandit", testbed)
             if acc.num_processes > 1:
-                labels = {k: acc.gather(torch.from_numpy(v)).numpy() for k, v in labels.items()}
+                # text labels stay with the main process's store only when there is one process
+                labels = {k: acc.gather(torch.from_numpy(v)).numpy() for k, v in labels.items() if v.dtype != object}
             collector.after_step(opt_step, labels, gather=acc.gather if acc.num_processes > 1 else None)
     return stats
 
@@ -572,6 +618,13 @@ def history_dataset(history: list[dict], testbed, init_eval: dict, final_eval: d
         },
         coords={"step": steps, "task": list(testbed.task_names), "clause": clauses},
     )
+    if init_eval.get("samples") and final_eval.get("samples"):  # text tasks: what the policy says, before and after
+        a, b = init_eval["samples"], final_eval["samples"]
+        ds["sample_task"] = ("sample", np.array(a["task"], dtype=object))
+        ds["sample_prompt"] = ("sample", np.array(a["prompt"], dtype=object))
+        for when, s in (("init", a), ("final", b)):
+            ds[f"sample_completion_{when}"] = ("sample", np.array(s["completion"], dtype=object))
+            ds[f"sample_reward_{when}"] = ("sample", np.array(s["reward"], dtype=float))
     ds["reward"].attrs["long_name"] = "mean total reward of the step's rollouts"
     ds["eval_reward_init"].attrs["long_name"] = "mean reward on held-out prompts, starting policy"
     ds["eval_reward_final"].attrs["long_name"] = "mean reward on held-out prompts, fine-tuned policy"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .common import dense_parameter_count, deterministic, make_accelerator, progress_bar
+from .common import dense_parameter_count, deterministic, make_accelerator, peak_rss_bytes, progress_bar
 from .config import Params, param
 from .io import OPTIMIZER_FILE, load_optimizer, load_results, read_checkpoint, save_results, write_checkpoint
 from .metrics import ReconStats
@@ -557,6 +557,7 @@ def write_outputs(p: ShardParams, res: ShardTraining) -> dict[str, Path]:
             "n_parameters": sae.n_parameters(),
             "dense_n_parameters": dense_parameter_count(sae.shapes, sae.n_latents),
             "train_seconds": res.seconds,
+            "peak_rss_bytes": peak_rss_bytes(),  # the stage's process: loading, training and encoding
             "n_zero_skipped": int(res.store.attrs.get("n_zero_skipped", 0)) if res.store is not None else 0,
         },
         coords={"epoch": [h["epoch"] for h in hist]},

@@ -16,6 +16,9 @@ own algorithm (add, reverse, sort, parity, max).
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import torch
 
 # ---------------------------------------------------------------------------
@@ -185,16 +188,159 @@ class SyntheticTasks:
         return " ".join(self.vocab[i] for i in ids)
 
 
-def check_task_names(tasks) -> None:
-    """The ``tasks`` parameter of a stage: a non-empty list of distinct names of ``TASKS`` (a stage's Params check)."""
-    if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(TASKS):
+def check_task_names(tasks, known=None) -> None:
+    """The ``tasks`` parameter of a stage: a non-empty list of distinct names of ``known`` (default ``TASKS``)."""
+    known = TASKS if known is None else known
+    if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(known):
         raise ValueError(
-            f"parameter 'tasks': got {list(tasks)!r}; accepted: a non-empty list of distinct task names from {list(TASKS)}"
+            f"parameter 'tasks': got {list(tasks)!r}; accepted: a non-empty list of distinct task names from {list(known)}"
         )
 
 
-def completion_mask(completion: torch.Tensor) -> torch.Tensor:
-    """Tokens up to and including the first ``<eos>`` (all tokens when there is none)."""
-    is_eos = completion == EOS
+def completion_mask(completion: torch.Tensor, eos_id: int = EOS) -> torch.Tensor:
+    """Tokens up to and including the first end-of-sequence token (all tokens when there is none)."""
+    is_eos = completion == eos_id
     before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()  # eos seen strictly before t
     return before == 0
+
+
+# ---------------------------------------------------------------------------
+# Verifiable text tasks for a real instruct model (chat template, real tokenizer)
+
+
+def _two(g, lo, hi):
+    return torch.randint(lo, hi + 1, (2,), generator=g).tolist()
+
+
+def _larger(g):
+    a, b = torch.randperm(90, generator=g)[:2].add(10).tolist()  # two different 2-digit numbers
+    return f"Which number is larger, {a} or {b}? Answer with the number only.", max(a, b)
+
+
+def _max4(g):
+    xs = torch.randperm(90, generator=g)[:4].add(10).tolist()
+    return f"What is the largest of these numbers: {', '.join(map(str, xs))}? Answer with the number only.", max(xs)
+
+
+def _add1(g):
+    a, b = _two(g, 0, 9)
+    return f"What is {a} + {b}? Answer with the number only.", a + b
+
+
+def _add2(g):
+    a, b = _two(g, 10, 99)
+    return f"What is {a} + {b}? Answer with the number only.", a + b
+
+
+def _sub(g):
+    a = int(torch.randint(5, 21, (1,), generator=g))
+    b = int(torch.randint(0, 6, (1,), generator=g))
+    return f"What is {a} - {b}? Answer with the number only.", a - b
+
+
+# name: (what it asks, a function of a torch.Generator -> (question, integer answer))
+TEXT_TASKS = {
+    "add1": ("one-digit addition", _add1),
+    "add2": ("two-digit addition", _add2),
+    "sub": ("subtraction, 5-20 minus 0-5", _sub),
+    "larger": ("the larger of two 2-digit numbers", _larger),
+    "max4": ("the largest of four 2-digit numbers", _max4),
+}
+_NUMBER = re.compile(r"-?\d+")
+_BARE = re.compile(r"^\s*-?\d+\s*\.?\s*$")
+
+
+def parse_answer(text: str) -> int | None:
+    """The last integer in a completion's text ("7 + 5 = 12." -> 12), or None."""
+    found = _NUMBER.findall(text)
+    return int(found[-1]) if found else None
+
+
+class TextTasks:
+    """Verifiable arithmetic questions for a real instruct model, asked through its chat template.
+
+    A prompt is the chat template's rendering of one user question (the template's default system
+    prompt included), tokenized and left-padded to the batch's longest prompt, with ``prompt_mask``
+    marking real tokens. The answer is the last integer of the decoded completion. Clauses:
+    ``correct_<task>`` (1 when that integer is the answer, on that task's prompts only) and ``format``
+    (``format_bonus`` when the completion is the bare number: the easy first signal for GRPO).
+    Each event's prompt and completion text are kept as labels (:meth:`event_texts`).
+    """
+
+    def __init__(
+        self, tokenizer, tasks=("add1", "sub", "larger", "max4"), format_bonus: float = 0.2, max_new_tokens: int = 12
+    ):
+        unknown = [t for t in tasks if t not in TEXT_TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"unknown text task(s) {unknown}; accepted: {sorted(TEXT_TASKS)}")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template: use an instruct model's folder as init_path")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no end-of-sequence token: use an instruct model's tokenizer")
+        self.tokenizer = tokenizer
+        self.task_names = list(tasks)
+        self.format_bonus, self.max_new_tokens = format_bonus, max_new_tokens
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
+        self.clause_names = [f"correct_{t}" for t in tasks] + ["format"]
+        self.vocab_size = None  # the model's whole vocabulary
+
+    def render(self, question: str) -> list[int]:
+        """Token ids of one question in the chat template, ending where the assistant's answer begins."""
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def sample(self, n: int, generator: torch.Generator) -> dict:
+        task = torch.randint(len(self.task_names), (n,), generator=generator)
+        qa = [TEXT_TASKS[self.task_names[t]][1](generator) for t in task.tolist()]
+        ids = [self.render(q) for q, _ in qa]
+        width = max(len(x) for x in ids)
+        prompt = torch.full((n, width), self.pad_id)
+        prompt_mask = torch.zeros((n, width), dtype=torch.bool)
+        for i, x in enumerate(ids):  # left padding: every prompt ends where the completion starts
+            prompt[i, width - len(x) :] = torch.tensor(x)
+            prompt_mask[i, width - len(x) :] = True
+        return {"prompt": prompt, "prompt_mask": prompt_mask, "task": task, "answer": torch.tensor([a for _, a in qa])}
+
+    def texts(self, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(c[m.bool()].tolist(), skip_special_tokens=True) for c, m in zip(completion, mask)]
+
+    def rewards(self, batch: dict, completion: torch.Tensor, mask: torch.Tensor) -> dict:
+        n = completion.shape[0]
+        out = {c: torch.zeros(n) for c in self.clause_names}
+        for i, text in enumerate(self.texts(completion, mask)):
+            task = self.task_names[int(batch["task"][i])]
+            if parse_answer(text) == int(batch["answer"][i]):
+                out[f"correct_{task}"][i] = 1.0
+            if _BARE.match(text):
+                out["format"][i] = self.format_bonus
+        return out
+
+    def sft_targets(self, batch: dict):
+        """The bare answer followed by the end-of-sequence token."""
+        answers = [
+            self.tokenizer(str(int(a)), add_special_tokens=False)["input_ids"] + [self.eos_id]
+            for a in batch["answer"].tolist()
+        ]
+        width = max(len(a) for a in answers)
+        target = torch.full((len(answers), width), self.pad_id)
+        mask = torch.zeros((len(answers), width), dtype=torch.bool)
+        for i, a in enumerate(answers):
+            target[i, : len(a)], mask[i, : len(a)] = torch.tensor(a), True
+        return target, mask
+
+    def event_texts(self, batch: dict, completion: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
+        """Per-event labels a reader needs to see what was reinforced: the question and the completion."""
+        prompts = [
+            self.tokenizer.decode(p[m].tolist(), skip_special_tokens=False)
+            for p, m in zip(batch["prompt"], batch["prompt_mask"])
+        ]
+        return {
+            "prompt_text": np.array(prompts, dtype=object),
+            "completion_text": np.array(self.texts(completion, mask), dtype=object),
+        }
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)

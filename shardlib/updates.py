@@ -310,6 +310,8 @@ class RingBuffer:
                     v = v.dense()
                 self.data[k][idx] = v[first:].to(self.data[k].dtype)
         for k, v in labels.items():
+            if np.asarray(v).dtype.kind in "OUS":  # text labels stay in the stores, not the buffer
+                continue
             if k not in self.labels:
                 self.labels[k] = np.zeros(self.capacity, dtype=np.asarray(v).dtype)
             self.labels[k][idx.numpy()] = np.asarray(v)[first:]

@@ -44,3 +44,15 @@ def pytest_collection_modifyitems(config, items):
     module is kept."""
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
+
+@pytest.fixture(scope="session")
+def tiny_instruct_dir(tmp_path_factory):
+    """A tiny Llama with a byte-level BPE tokenizer and a chat template, written as GGUF and converted by
+    shardlib.hub as SmolLM2 is (the text testbed's model in tests)."""
+    from tiny_gguf import tiny_gguf_path
+
+    from shardlib.hub import convert_gguf
+
+    tmp = tmp_path_factory.mktemp("instruct")
+    return str(convert_gguf(tiny_gguf_path(tmp), tmp / "policy"))

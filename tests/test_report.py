@@ -38,3 +38,34 @@ def test_wall_clock_numbers_are_left_out_of_the_check():
     a, b = planted(24.0), planted(31.0)
     assert a != b and "24 s" in a and WALL in a
     assert _strip_wall(a) == _strip_wall(b) and "attn_heavy" in _strip_wall(a)
+
+
+def test_collection_overhead_compares_collecting_steps_with_the_others():
+    import json
+
+    import numpy as np
+    import xarray as xr
+
+    from shardlib.report import collection_overhead
+
+    sec = np.array([9.0, 1.0, 1.0, 3.0, 1.0, 1.0, 3.0])  # every third step collects; step 0 is the warm-up
+    ds = xr.Dataset({"steps_per_s": ("step", 1 / sec)}, coords={"step": np.arange(7)})
+    ds.attrs["config"] = json.dumps({"collect_every": 3})
+    assert collection_overhead(ds) == 3.0
+    ds.attrs["config"] = json.dumps({"collect_every": 1})
+    assert np.isnan(collection_overhead(ds))
+
+
+def test_a_smollm_run_fills_its_own_readme_block(tmp_path, monkeypatch):
+    from shardlib import report
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "results.nc").write_bytes(b"")
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"a\n{report.BEGIN}\nold default\n{report.END}\n{report.SMOLLM_BEGIN}\nold\n{report.SMOLLM_END}\n"
+    )
+    monkeypatch.setattr(report, "smollm_markdown", lambda run_dir: "new smollm")
+    assert not report.update_readme(tmp_path / "run", readme)
+    text = readme.read_text()
+    assert "old default" in text and "new smollm" in text and "\nold\n" not in text

@@ -1,0 +1,199 @@
+"""The model stage (shardlib.instruct) on a tiny GGUF model, and the text testbed's reward, padding and
+GRPO step with factored collection on it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from shardlib import policy as pol
+from shardlib.instruct import InstructParams, question, run
+from shardlib.tasks import TEXT_TASKS, TextTasks, parse_answer
+
+
+def test_parse_answer():
+    assert parse_answer("To add 7 and 5: 7 + 5 = 12.") == 12
+    assert parse_answer("The answer is -3") == -3
+    assert parse_answer("no number here") is None
+
+
+@pytest.fixture(scope="module")
+def testbed(tiny_instruct_dir):
+    return TextTasks(AutoTokenizer.from_pretrained(tiny_instruct_dir), ("add1", "sub", "larger"), 0.2, 6)
+
+
+def test_prompts_are_left_padded_chat_renderings(testbed):
+    batch = testbed.sample(6, torch.Generator().manual_seed(0))
+    ids, mask = batch["prompt"], batch["prompt_mask"]
+    assert ids.shape == mask.shape and mask[:, -1].all()  # every prompt ends where its completion starts
+    lengths = mask.sum(1)
+    assert lengths.min() < lengths.max()  # different lengths in one batch: padding is exercised
+    for i in range(6):
+        n = int(lengths[i])
+        assert not mask[i, : ids.shape[1] - n].any()
+        text = testbed.tokenizer.decode(ids[i, -n:].tolist())
+        assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+        task = testbed.task_names[int(batch["task"][i])]
+        q = question(text)
+        assert q.endswith("Answer with the number only."), q
+        if task == "add1":  # the answer is the question's own arithmetic
+            a, b = (int(x) for x in q.split("?")[0].replace("What is", "").split("+"))
+            assert int(batch["answer"][i]) == a + b
+
+
+def _completion(testbed, texts):
+    ids = [testbed.tokenizer(t, add_special_tokens=False)["input_ids"] + [testbed.eos_id] for t in texts]
+    width = max(map(len, ids))
+    comp = torch.full((len(ids), width), testbed.eos_id)
+    for i, x in enumerate(ids):
+        comp[i, : len(x)] = torch.tensor(x)
+    return comp, (torch.cumsum((comp == testbed.eos_id).int(), 1) - (comp == testbed.eos_id).int()) == 0
+
+
+def test_rewards_parse_the_last_number_and_the_bare_format(testbed):
+    batch = {"task": torch.tensor([0, 0, 1, 2]), "answer": torch.tensor([12, 12, 4, 71])}
+    comp, mask = _completion(testbed, ["12", "The answer is 12.", "5", "71 is larger than 20"])
+    r = testbed.rewards(batch, comp, mask)
+    assert r["correct_add1"].tolist() == [1, 1, 0, 0]
+    assert r["correct_sub"].tolist() == [0, 0, 0, 0]  # a wrong answer on sub's prompt
+    assert r["correct_larger"].tolist() == [0, 0, 0, 0]  # the last number is 20
+    assert r["format"].tolist() == pytest.approx([0.2, 0, 0.2, 0])
+
+
+def test_sft_targets_are_the_bare_answers(testbed):
+    batch = testbed.sample(5, torch.Generator().manual_seed(1))
+    target, mask = testbed.sft_targets(batch)
+    texts = testbed.texts(target, mask)
+    assert [int(t) for t in texts] == batch["answer"].tolist()
+    assert all(testbed.rewards(batch, target, mask)["format"] > 0)
+
+
+def test_bad_text_testbeds_are_refused(tiny_instruct_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_instruct_dir)
+    with pytest.raises(ValueError, match="unknown text task"):
+        TextTasks(tok, ("add1", "poetry"))
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        TextTasks(tok, ("add1",))
+
+
+def test_padded_logprobs_equal_unpadded(testbed, tiny_instruct_dir):
+    model = pol.load_policy(tiny_instruct_dir).eval()
+    batch = testbed.sample(4, torch.Generator().manual_seed(2))
+    comp, mask = pol.sample_batch(model, testbed, batch, torch.Generator().manual_seed(3), 1.0)
+    assert comp.shape == (4, testbed.max_new_tokens) and mask[:, 0].all()
+    lp, _ = pol.logprobs(model, batch["prompt"], comp, None, 0.7, batch["prompt_mask"])
+    for i in range(4):
+        n = int(batch["prompt_mask"][i].sum())
+        one, _ = pol.logprobs(model, batch["prompt"][i : i + 1, -n:], comp[i : i + 1], None, 0.7)
+        torch.testing.assert_close(lp[i], one[0], atol=1e-4, rtol=1e-4)
+    again, _ = pol.sample_batch(model, testbed, batch, torch.Generator().manual_seed(3), 1.0)
+    assert torch.equal(comp, again)  # seeded sampling is deterministic
+
+
+def test_model_stage_measures_every_family(tmp_path, tiny_instruct_dir):
+    from tiny_gguf import tiny_gguf_path
+
+    p = InstructParams(
+        out_dir=str(tmp_path / "model"),
+        model=str(tiny_gguf_path(tmp_path)),
+        eval_prompts=10,
+        max_new_tokens=3,
+        n_samples=3,
+    )
+    ds = run(p)
+    assert list(ds.task.values) == list(TEXT_TASKS)
+    seen = ds.n > 0  # a family no held-out prompt drew has no accuracy (NaN)
+    assert ds.n.sum() == 10 and ((ds.accuracy >= 0) & (ds.accuracy <= 1)).where(seen, True).all()
+    assert np.isnan(ds.accuracy.where(~seen)).all()
+    assert ds.sizes["sample"] == 3 and all(isinstance(s, str) for s in ds.sample_completion.values)
+    assert (tmp_path / "model" / "policy" / "config.json").exists()
+    assert json.loads((tmp_path / "model" / "policy" / "shardlib_source.json").read_text())["n_params"] > 0
+    from shardlib.findings import finding
+
+    assert "families inside the 15%-85% band" in finding("model", ds)
+
+
+def test_grpo_step_on_text_collects_factored_events_with_text(tmp_path, tiny_instruct_dir):
+    from shardlib.rl import RLParams
+    from shardlib.rl import run as rl_run
+    from shardlib.updates import open_store
+
+    p = RLParams(
+        out_dir=str(tmp_path / "rl"),
+        testbed="text",
+        init_path=tiny_instruct_dir,
+        tasks=["add1", "sub"],
+        steps=2,
+        prompts_per_step=2,
+        group_size=4,
+        lr=1e-3,
+        max_new_tokens=4,
+        eval_prompts=4,
+        device="cpu",
+        collect_params=["model.layers.*.mlp.*_proj.weight"],
+        collect_factored=True,
+        collect_max_rank=2,
+        loss_type="dr_grpo",
+        checkpoint_every=2,
+    )
+    res = rl_run(p, progress=False)
+    ev = open_store(tmp_path / "rl" / "updates" / "events")
+    assert ev.sizes["event"] == 2 * 2 * 4  # steps x prompts x completions
+    assert {"prompt_text", "completion_text"} <= set(ev.coords)
+    assert all(isinstance(t, str) and "Answer with the number only." in t for t in ev.prompt_text.values)
+    kept = [c for c in ev.coords if str(c).endswith("__kept")]
+    assert len(kept) == 6 and all(((ev[c] > 0) & (ev[c] <= 1 + 1e-6)).all() for c in kept)
+    assert res.results.sizes["task"] == 2
+    ds = res.results  # the same held-out questions, answered before and after
+    assert ds.sizes["sample"] == 8 and all(isinstance(t, str) for t in ds.sample_completion_final.values)
+    assert set(ds.sample_task.values) <= {"add1", "sub"}
+    assert (tmp_path / "rl" / "policy" / "tokenizer.json").exists()  # the policy keeps its tokenizer
+    steps = np.unique(ev.step.values)
+    assert steps.tolist() == [0, 1]
+
+
+def test_text_testbed_parameters_are_checked_before_compute():
+    from shardlib.rl import RLParams
+
+    with pytest.raises(ValueError, match="parameter .tasks.: got"):
+        RLParams.from_dict({"out_dir": "x", "testbed": "text", "init_path": "p", "tasks": ["add1", "rev"]})
+    with pytest.raises(ValueError, match="init_path"):
+        RLParams.from_dict({"out_dir": "x", "testbed": "text", "tasks": ["add1"]})
+
+
+def test_a_family_without_reward_stops_grpo_before_training(tmp_path, tiny_instruct_dir):
+    from shardlib.rl import RLParams, train
+
+    p = RLParams.from_dict(
+        {
+            "out_dir": str(tmp_path / "rl"),
+            "testbed": "text",
+            "init_path": tiny_instruct_dir,
+            "tasks": ["add2"],
+            "steps": 1,
+            "prompts_per_step": 1,
+            "group_size": 2,
+            "max_new_tokens": 2,
+            "eval_prompts": 16,
+            "device": "cpu",
+        }
+    )  # a random tiny model never answers a two-digit sum in two tokens
+    with pytest.raises(ValueError, match=r"no reward on add2 \(0 of 16\)"):
+        train(p, progress=False)
+    assert not (tmp_path / "rl" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("name", ["smollm.yaml", "gpu_smollm.yaml"])
+def test_the_real_model_configs_plan_and_validate(name, tmp_path):
+    from pathlib import Path
+
+    from shardlib import runner
+
+    cfg = runner.load_config(Path(__file__).resolve().parent.parent / "configs" / name)
+    stages = runner.plan(cfg, tmp_path)
+    runner.validate(stages)  # every stage's parameters against its notebook's Params class
+    rl = next(s for s in stages if s.name == "rl_text")
+    assert rl.params["testbed"] == "text" and rl.params["init_path"].endswith("model/policy")
