@@ -158,17 +158,21 @@ def planted_recovery(ds):
 
 
 def sparsity_lenses(ds):
-    """Fraction of parameters unchanged under |Δ| ≤ τ for cumulative, step and event updates, and against lr."""
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-    for ax, scope in zip(axes[:3], ["cumulative", "step", "event"]):
+    """Fraction of parameters unchanged under |Δ| ≤ τ for cumulative, step and event updates (those the study
+    holds), and against lr (when it holds a learning-rate sweep)."""
+    scopes = [s for s in ("cumulative", "step", "event") if s in ds.scope.values]
+    sweep = "lr" in ds.dims
+    fig, axes = plt.subplots(1, len(scopes) + sweep, figsize=(3.5 * (len(scopes) + sweep), 3.2), squeeze=False)
+    axes = axes[0]
+    for ax, scope in zip(axes, scopes):
         for run in ds.run.values:
             ax.plot(range(ds.sizes["tau"]), ds.unchanged.sel(run=run, scope=scope), marker="o", label=str(run))
         ax.set_xticks(range(ds.sizes["tau"]), [f"{t:g}" for t in ds.tau.values], rotation=45)
         ax.set(xlabel="τ", title=f"{scope} update", ylim=(-0.02, 1.02))
     axes[0].set_ylabel("fraction with |Δ| ≤ τ")
     axes[0].legend()
-    ax = axes[3]
-    if "lr" in ds.dims:
+    if sweep:
+        ax = axes[-1]
         ax.plot(ds.lr, ds.lr_bf16_unchanged, marker="o", label="bf16 unchanged")
         ax.plot(ds.lr, ds.lr_mukherjee_unchanged, marker="s", label="bf16, |Δ| ≤ 1e-5")
         ax.plot(ds.lr, ds.lr_unchanged.sel(tau=0.0), marker="^", label="fp32 exact zeros")

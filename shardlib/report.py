@@ -111,8 +111,10 @@ def _frontier(ds: xr.Dataset) -> str:
     for store in ds.store.values:
         for r in ds["rank"].values:
             label = "dense" if r == 0 else str(r)
-            vals = [f"{float(ds.fvu.sel(store=store, rank=r, k=k)):.2f}" for k in ds.k.values]
-            rows.append([f"{store}", label, *vals])
+            fvu = [float(ds.fvu.sel(store=store, rank=r, k=k)) for k in ds.k.values]
+            if all(np.isnan(fvu)):  # a (store, rank) the sweeps did not train
+                continue
+            rows.append([f"{store}", label, *("–" if np.isnan(v) else f"{v:.2f}" for v in fvu)])
     return _table(["store", "rank", *[f"k = {int(k)}" for k in ds.k.values]], rows)
 
 
