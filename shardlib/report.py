@@ -523,7 +523,7 @@ def _text_sparsity(ds: xr.Dataset) -> str:
             "exact fp32 unchanged",
             "bf16 unchanged",
             "Mukherjee et al. (bf16, |Δ| ≤ 1e-5)",
-            "one event, exact zeros (collected matrices)",
+            "single events, exact zeros (collected matrices; a zero-advantage event is all zeros)",
         ],
         rows,
     )
@@ -574,8 +574,9 @@ def smollm_markdown(run_dir) -> str:
             "\n".join(f"- `{s}`: {find[s]}" for s in ("rl_text", "sft_text")),
             "#### (1) What storing per-event updates costs\n\n" + _text_storage(run_dir),
             "#### (2, 3) Shards on the factored store; do updates reconstruct sparsely?\n\nHeld-out FVU of signed SAEs "
-            "with 256 latents over all 90 matrices, never densified (`frontier/results.nc`).\n\n"
-            + _frontier(ds["frontier"]),
+            "with 256 latents (`frontier/results.nc`): `events`, rank-1 latents over all 90 matrices, never "
+            "densified; `events_one_matrix`, the dense reference on one matrix (layer 15's down_proj), its events "
+            "made dense.\n\n" + _frontier(ds["frontier"]),
             "\n".join(f"- `{s}`: {find[s]}" for s in ("shards_text", "frontier")),
             _text_sae_cost(ds["shards_text"], ds["frontier"]),
             "#### Are RL updates sparse on a real model?\n\nFraction of parameters unchanged (`sparsity/results.nc`).\n\n"
