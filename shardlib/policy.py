@@ -7,6 +7,7 @@ Both policies share two functions used by the RL loop: :func:`sample` and
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -164,6 +165,8 @@ def _sample_cached(model, prompt, prompt_mask, max_new_tokens: int, generator, t
     attn = prompt_mask.long()
     out = model(input_ids=prompt, attention_mask=attn, position_ids=_positions(attn), use_cache=True, logits_to_keep=1)
     pos = _positions(attn)[:, -1:]
+    # transformers 5.2x names the key/value cache `cache` (argument and output), earlier releases `past_key_values`
+    key = "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     tokens = []
     for t in range(max_new_tokens):
@@ -176,9 +179,7 @@ def _sample_cached(model, prompt, prompt_mask, max_new_tokens: int, generator, t
             break
         attn = torch.cat([attn, torch.ones_like(nxt)], dim=1)
         pos = pos + 1
-        out = model(
-            input_ids=nxt, attention_mask=attn, position_ids=pos, past_key_values=out.past_key_values, use_cache=True
-        )
+        out = model(input_ids=nxt, attention_mask=attn, position_ids=pos, use_cache=True, **{key: getattr(out, key)})
     completion = torch.cat(tokens, dim=1)
     pad = max_new_tokens - completion.shape[1]  # every row ended early: fill to the fixed width
     if pad:
