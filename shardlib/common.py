@@ -88,3 +88,18 @@ def peak_rss_bytes() -> int:
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
+
+
+@contextlib.contextmanager
+def hf_quiet():
+    """transformers' own progress bars (loading, writing, converting weights) off inside the block: in an executed
+    notebook they are left as stale 0% bars."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

