@@ -21,7 +21,7 @@ import xarray as xr
 from . import hub
 from . import policy as pol
 from .config import Params, param
-from .tasks import TEXT_TASKS, TextTasks
+from .tasks import TEXT_TASKS, TextTasks, check_task_names
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,7 @@ class InstructParams(Params):
     n_samples: int = param(8, "sample completions kept for the reader", ge=0)
 
     def check(self):
-        bad = [t for t in self.tasks if t not in TEXT_TASKS]
-        if bad or not self.tasks:
-            raise ValueError(f"parameter 'tasks': unknown text task(s) {bad}; accepted: {sorted(TEXT_TASKS)}")
+        check_task_names(self.tasks, TEXT_TASKS)
         if len(self.band) != 2 or not 0 <= self.band[0] < self.band[1] <= 1:
             raise ValueError(f"parameter 'band': expected [low, high] with 0 <= low < high <= 1, got {self.band}")
 
@@ -86,9 +84,7 @@ def run(p: InstructParams) -> xr.Dataset:
     folder = hub.convert_gguf(gguf_path(p.model), out / "policy")
     torch.manual_seed(p.seed)
     model = pol.load_policy(folder).eval()
-    from transformers import AutoTokenizer
-
-    testbed = TextTasks(AutoTokenizer.from_pretrained(folder), tuple(p.tasks), p.format_bonus, p.max_new_tokens)
+    testbed = TextTasks.from_folder(folder, tuple(p.tasks), p.format_bonus, p.max_new_tokens)
     ev = pol.evaluate(model, testbed, p.eval_prompts, p.seed, p.temperature)
     acc = np.array(accuracy(ev, p.tasks))
     s = samples(model, testbed, p.n_samples, p.seed, p.temperature)

@@ -223,33 +223,22 @@ def sample(
     return completion, completion_mask(completion)
 
 
-def prompt_inputs(batch: dict, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(prompt ids, prompt mask or None) of a testbed batch, on ``device``."""
-    mask = batch.get("prompt_mask")
-    return batch["prompt"].to(device), None if mask is None else mask.to(device)
-
-
 @torch.no_grad()
-def sample_batch(model, testbed, batch: dict, generator, temperature: float = 1.0, device=None, chunk: int = 0):
-    """Completions and masks (on the CPU) for a testbed batch, in chunks of ``chunk`` prompts (0: all at once)."""
-    prompt, pmask = prompt_inputs(batch, device)
-    vs, eos = getattr(testbed, "vocab_size", None), getattr(testbed, "eos_id", EOS)
-    n = prompt.shape[0]
-    step = chunk or n
-    parts = [
-        sample(
-            model,
-            prompt[i : i + step],
-            testbed.max_new_tokens,
-            generator,
-            temperature,
-            vs,
-            None if pmask is None else pmask[i : i + step],
-            eos,
-        )
-        for i in range(0, n, step)
-    ]
-    return torch.cat([c for c, _ in parts]).cpu(), torch.cat([m for _, m in parts]).cpu()
+def sample_batch(model, testbed, batch: dict, generator, temperature: float = 1.0, device=None):
+    """Completions and masks (on the CPU) for a testbed batch; left-padded prompts (``prompt_mask``) go through
+    the key/value-cached sampler."""
+    pmask = batch.get("prompt_mask")
+    comp, mask = sample(
+        model,
+        batch["prompt"].to(device),
+        testbed.max_new_tokens,
+        generator,
+        temperature,
+        getattr(testbed, "vocab_size", None),
+        None if pmask is None else pmask.to(device),
+        getattr(testbed, "eos_id", EOS),
+    )
+    return comp.cpu(), mask.cpu()
 
 
 @torch.no_grad()

@@ -427,12 +427,11 @@ def is_smollm_run(run_dir) -> bool:
     return (Path(run_dir) / "model" / "results.nc").exists()
 
 
-def _text_rl(run_dir: Path) -> str:
+def _text_rl(runs: dict[str, xr.Dataset]) -> str:
+    """Per-family held-out reward before and after, GRPO (``rl_text``) and the SFT control (``sft_text``)."""
     rows, rises = [], {}
     for stage in ("rl_text", "sft_text"):
-        ds = _load(run_dir, stage)
-        if ds is None:
-            continue
+        ds = runs[stage]
         d = ds.eval_reward_final - ds.eval_reward_init
         rises[stage] = int((d >= 0.05).sum())
         for t in ds.task.values:
@@ -448,12 +447,13 @@ def _text_rl(run_dir: Path) -> str:
                 ]
             )
     table = _table(["stage", "family", "before", "after", "change", "held-out prompts"], rows)
-    n_tasks = len(_load(run_dir, "rl_text").task) if _load(run_dir, "rl_text") is not None else 0
-    verdict = "met" if rises.get("rl_text", 0) >= 3 else "NOT met"
+    cfg = json.loads(runs["rl_text"].attrs.get("config", "{}"))
+    verdict = "met" if rises["rl_text"] >= 3 else "NOT met"
     return (
-        table + f"\n\nHeld-out reward rose by ≥ 0.05 on {rises.get('rl_text', 0)} of {n_tasks} families under GRPO "
-        f"(target ≥ 3: {verdict}) and on {rises.get('sft_text', 0)} under the SFT control. Rewards are "
-        "correct (1) plus the bare-number format clause (0.2), one sampled completion per prompt at temperature 0.7."
+        table + f"\n\nHeld-out reward rose by ≥ 0.05 on {rises['rl_text']} of {runs['rl_text'].sizes['task']} families "
+        f"under GRPO (target ≥ 3: {verdict}) and on {rises['sft_text']} under the SFT control. Rewards are correct "
+        f"(1) plus the bare-number format clause ({cfg.get('format_bonus')}), one sampled completion per prompt at "
+        f"temperature {cfg.get('temperature')}."
     )
 
 
@@ -487,14 +487,17 @@ def collection_overhead(ds: xr.Dataset) -> float:
     return float(np.median(on) / np.median(off)) if len(on) and len(off) else float("nan")
 
 
-def _text_storage(run_dir: Path) -> str:
+def _text_storage(run_dir: Path, rl: xr.Dataset) -> str:
+    """Bytes per event of ``rl_text``'s factored store against dense, and the cost of collecting (``rl``: its results)."""
     from .updates import fmt_bytes
 
     c = store_cost(run_dir / "rl_text" / "updates" / "events")
     ratio = c["dense_per_event"] / c["disk_per_event"]
-    over = collection_overhead(_load(run_dir, "rl_text"))
+    over = collection_overhead(rl)
+    rank = json.loads(rl.attrs.get("config", "{}")).get("collect_max_rank") or "exact"
     return (
-        f"{c['events']} GRPO events, every one holding all {c['matrices']} MLP matrices as rank-≤4 factors: "
+        f"{c['events']} GRPO events, every one holding all {c['matrices']} collected matrices as factors (rank "
+        f"≤ {rank}): "
         f"{fmt_bytes(c['disk_per_event'])} per event on disk (labels, text and netCDF overhead included) against "
         f"{fmt_bytes(c['dense_per_event'])} dense fp32: {ratio:.0f}× smaller (target ≥ 30×: "
         f"{'met' if ratio >= 30 else 'NOT met'}); the compression kept {c['kept_mean']:.3f} of each event's squared "
@@ -570,9 +573,9 @@ def smollm_markdown(run_dir) -> str:
             "the run's update store; every number below is read from those files.",
             _times(run_dir),
             f"- `model`: {find['model']}",
-            "#### GRPO against the SFT control\n\n" + _text_rl(run_dir),
+            "#### GRPO against the SFT control\n\n" + _text_rl(ds),
             "\n".join(f"- `{s}`: {find[s]}" for s in ("rl_text", "sft_text")),
-            "#### (1) What storing per-event updates costs\n\n" + _text_storage(run_dir),
+            "#### (1) What storing per-event updates costs\n\n" + _text_storage(run_dir, ds["rl_text"]),
             "#### (2, 3) Shards on the factored store; do updates reconstruct sparsely?\n\nHeld-out FVU of signed SAEs "
             "with 256 latents (`frontier/results.nc`): `events`, rank-1 latents over all 90 matrices, never "
             "densified; `events_one_matrix`, the dense reference on one matrix (layer 15's down_proj), its events "

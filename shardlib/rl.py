@@ -167,10 +167,7 @@ def make_testbed(p: RLParams):
             p.env_seed,
         )
     if p.testbed == "text":
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(p.init_path)
-        return TextTasks(tok, tuple(p.tasks), p.format_bonus, p.max_new_tokens)
+        return TextTasks.from_folder(p.init_path, tuple(p.tasks), p.format_bonus, p.max_new_tokens)
     return SyntheticTasks(tuple(p.tasks), p.n_digits, p.format_bonus, p.spurious_bonus)
 
 
@@ -500,13 +497,11 @@ def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, co
     base = pol.unwrap(model)
     vs = getattr(testbed, "vocab_size", None)
     prompt_d, comp_d, mask_d, adv_d = (x.to(acc.device) for x in (ro.rep["prompt"], ro.comp, ro.mask, ro.adv))
-    pmask_d = ro.rep["prompt_mask"].to(acc.device) if "prompt_mask" in ro.rep else None
-    pm = (lambda sl: None) if pmask_d is None else (lambda sl: pmask_d[sl])
+    pmask_d = ro.rep["prompt_mask"].to(acc.device) if "prompt_mask" in ro.rep else None  # text: left padding
     temp = p.temperature if p.algorithm == "grpo" else 1.0  # SFT: the likelihood of the targets
     with torch.no_grad():
-        every = slice(None)
-        old_logp = pol.logprobs(base, prompt_d, comp_d, vs, temp, pm(every))[0]
-        ref_logp = pol.logprobs(ref, prompt_d, comp_d, vs, temp, pm(every))[0] if ref is not None else None
+        old_logp = pol.logprobs(base, prompt_d, comp_d, vs, temp, pmask_d)[0]
+        ref_logp = pol.logprobs(ref, prompt_d, comp_d, vs, temp, pmask_d)[0] if ref is not None else None
     rollout_tokens = mask_d.float().sum()
     if acc.num_processes > 1:
         rollout_tokens = acc.reduce(rollout_tokens, "sum") / acc.num_processes
@@ -522,7 +517,8 @@ def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, co
             sl = slice(m * mb, (m + 1) * mb)
             with acc.accumulate(model):
                 with collector.capture(collect) if collector is not None else nullcontext():
-                    logp, ent = pol.logprobs(model, prompt_d[sl], comp_d[sl], vs, temp, pm(sl))
+                    pmask = None if pmask_d is None else pmask_d[sl]
+                    logp, ent = pol.logprobs(model, prompt_d[sl], comp_d[sl], vs, temp, pmask)
                     msk = mask_d[sl].float()
                     ntok = msk.sum().clamp(min=1)
                     if p.algorithm == "grpo":

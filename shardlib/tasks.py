@@ -285,6 +285,15 @@ class TextTasks:
         self.clause_names = [f"correct_{t}" for t in tasks] + ["format"]
         self.vocab_size = None  # the model's whole vocabulary
 
+    @classmethod
+    def from_folder(
+        cls, folder, tasks=("add1", "sub", "larger", "max4"), format_bonus: float = 0.2, max_new_tokens: int = 12
+    ) -> TextTasks:
+        """The text tasks with the tokenizer (and chat template) saved in a model folder."""
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(folder)), tasks, format_bonus, max_new_tokens)
+
     def render(self, question: str) -> list[int]:
         """Token ids of one question in the chat template, ending where the assistant's answer begins."""
         text = self.tokenizer.apply_chat_template(
