@@ -178,7 +178,7 @@ def sparsity_lenses(ds):
         ax.plot(ds.lr, ds.lr_unchanged.sel(tau=0.0), marker="^", label="fp32 exact zeros")
         ax.set(xscale="log", xlabel="learning rate", title="cumulative, GRPO on LM", ylim=(-0.02, 1.02))
         ax.legend()
-    fig.suptitle("How sparse are the updates? Fraction of parameters unchanged, by lens")
+    fig.suptitle("How sparse are the updates? Fraction of parameters unchanged, by lens", y=1.03)
     return fig
 
 
