@@ -67,46 +67,108 @@ ALIGNMENT_METRICS = {
     "types_matched": "types whose mean update has a dictionary direction at |cos| > 0.9",
 }
 
+BASELINES = {
+    "shuffled": "the SAE's codes with the event types permuted across events (chance for these codes)",
+    "kmeans": "k-means (scikit-learn, K = the SAE's latents, 3 starts) fitted to the SAE's input, centred; its "
+    "centroids as a dictionary, encoded as the SAE encodes (each event's top-k signed projections)",
+    "pca": "the SAE's input's top principal directions (as many as latents), encoded as the SAE encodes",
+    "events": "as many nonzero events drawn from the store as latents, as a dictionary, encoded as the SAE encodes",
+    "oracle": "the type-mean updates themselves as the dictionary, encoded as the SAE encodes: the ceiling",
+    "random": "random dictionaries of the SAE's structure (rank-r per matrix), encoded as the SAE encodes: mean "
+    "over RANDOM_SEEDS seeds (``_random_std``: their spread)",
+}
+RANDOM_SEEDS = 5
+FITTED = ("kmeans", "pca", "events", "oracle")
+
+
+def _unit_rows(D: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(D, axis=1, keepdims=True)
+    return D / np.where(n > 0, n, 1.0)
+
+
+def fitted_dictionaries(
+    X: np.ndarray, types: np.ndarray, n: int, seed: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The dictionaries fitted to the same events as the SAE (``BASELINES``: kmeans, pca, events, oracle), each as
+    (encoder, directions), unit rows [n_directions, D]: the encoder acts on the centred input (the SAE subtracts
+    its b_pre, so its codes see centred events), the directions are compared with the type-mean updates (a
+    k-means centroid is a mean of events, as a type mean is)."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    X = np.asarray(X, dtype=np.float64)
+    mu = X.mean(0)
+    km = KMeans(n_clusters=min(n, len(X)), n_init=3, random_state=seed).fit(X - mu).cluster_centers_ + mu
+    pca = PCA(n_components=min(n, *X.shape), random_state=seed).fit(X).components_
+    nonzero = np.flatnonzero(np.linalg.norm(X, axis=1) > 0)
+    drawn = X[np.random.default_rng(seed).choice(nonzero, min(n, len(nonzero)), replace=False)]
+    means = type_means(X, types)[0]
+    return {
+        name: (_unit_rows(v - mu), _unit_rows(v)) if name != "pca" else (_unit_rows(v), _unit_rows(v))
+        for name, v in (("kmeans", km), ("pca", pca), ("events", drawn), ("oracle", means))
+    }
+
+
+def _clustering_scores(codes: np.ndarray, types: np.ndarray) -> dict[str, float]:
+    from . import metrics as M
+
+    return {
+        "purity": M.weighted_purity(codes, types),
+        "nmi": M.nmi(codes, types),
+        "ari": M.ari(codes, types),
+        "auroc": float(np.nanmean(list(M.best_signed_auroc(codes, types).values()))),
+    }
+
+
+def _dictionary_scores(codes, types, means, D) -> dict[str, float]:
+    from . import metrics as M
+
+    return {
+        **_clustering_scores(codes, types),
+        "type_match": hungarian_mcc(means, D),
+        "types_matched": M.types_matched(means, D),
+    }
+
 
 def alignment(
     codes: np.ndarray,
     types: np.ndarray,
     updates: np.ndarray,
     directions: np.ndarray,
-    random_dirs: np.ndarray,
+    random_dirs: list[np.ndarray],
     k: int,
     seed: int = 0,
     signed: bool = True,
 ) -> dict[str, float]:
-    """Every ``ALIGNMENT_METRICS`` entry, with ``_shuffled`` (the same codes, event types permuted) and
-    ``_random`` (a random dictionary of the SAE's structure: its top-``k`` signed projections as codes,
-    its directions for the type matches) baselines, and ``n_types``."""
+    """Every ``ALIGNMENT_METRICS`` entry for the SAE (its ``codes`` and ``directions``), and the same entry for
+    every ``BASELINES`` dictionary as ``<metric>_<baseline>`` (``random_dirs``: one random dictionary per seed,
+    scored as their mean with ``<metric>_random_std``), and ``n_types``. Every fixed dictionary encodes the
+    centred ``updates`` with the SAE's k and sign handling; type matches compare with the type-mean updates."""
     from . import metrics as M
 
+    X = np.asarray(updates, dtype=np.float64)
+    Xc = X - X.mean(0)
     shuffled = np.random.default_rng(seed).permutation(types)
-    rand_codes = M.random_codes(updates, random_dirs, k, signed)
-    means, means_s = type_means(updates, types)[0], type_means(updates, shuffled)[0]
-    clustering = {
-        "purity": M.weighted_purity,
-        "nmi": M.nmi,
-        "ari": M.ari,
-        "auroc": lambda c, t: float(np.nanmean(list(M.best_signed_auroc(c, t).values()))),
-    }
-    out = {}
-    for name, f in clustering.items():
-        out[name], out[f"{name}_shuffled"], out[f"{name}_random"] = (
-            f(codes, types),
-            f(codes, shuffled),
-            f(rand_codes, types),
-        )
-    out["type_match"] = hungarian_mcc(means, directions)
-    out["type_match_shuffled"] = hungarian_mcc(means_s, directions)
-    out["type_match_random"] = hungarian_mcc(means, random_dirs)
-    out["types_matched"] = M.types_matched(means, directions)
-    out["types_matched_shuffled"] = M.types_matched(means_s, directions)
-    out["types_matched_random"] = M.types_matched(means, random_dirs)
+    means, means_s = type_means(X, types)[0], type_means(X, shuffled)[0]
+    out = _dictionary_scores(codes, types, means, directions)
+    for name, v in _dictionary_scores(codes, shuffled, means_s, directions).items():
+        out[f"{name}_shuffled"] = v
+    for base, (E, D) in fitted_dictionaries(X, types, len(directions), seed).items():
+        for name, v in _dictionary_scores(M.random_codes(Xc, E, k, signed), types, means, D).items():
+            out[f"{name}_{base}"] = v
+    rand = [_dictionary_scores(M.random_codes(Xc, R, k, signed), types, means, R) for R in random_dirs]
+    for name in rand[0]:
+        vals = np.array([r[name] for r in rand], dtype=float)
+        out[f"{name}_random"], out[f"{name}_random_std"] = float(np.nanmean(vals)), float(np.nanstd(vals))
     out["n_types"] = len(means)
     return out
+
+
+def random_dictionaries(shapes: dict[str, tuple], names: list[str], n: int, rank: int, seed: int) -> list[np.ndarray]:
+    """``RANDOM_SEEDS`` flattened :func:`random_dictionary` draws (seeds derived from ``seed``)."""
+    from .common import flatten
+
+    return [flatten(random_dictionary(shapes, n, rank, 1000 * seed + 7 + j), names) for j in range(RANDOM_SEEDS)]
 
 
 # ---------------------------------------------------------------------------
@@ -157,7 +219,10 @@ class AnalysisParams(Params):
         [1, 2], "more SAE seeds trained on the same store, for seed-to-seed stability", ge=0, le=SEED_MAX
     )
     alphas: list[float] = param(
-        [-1.0, 1.0], "intervention strengths, relative to the total RL update's norm on the shard's tensors"
+        [-1.0, 1.0], "intervention strengths, relative to each shard's own size (its summed component in the events)"
+    )
+    noise_seeds: int = param(
+        4, "evaluations of the unchanged policy under other sampling seeds: the noise floor of every effect", ge=1
     )
     settings_k: list[int] = param(
         [1, 4], "settings comparison: k of the SAEs trained (other parameters: the shard stage's)"
@@ -213,9 +278,36 @@ def load_inputs(p: AnalysisParams) -> AnalysisInputs:
     return AnalysisInputs(sh, acts, sp, data, store, shard_directions(sh))
 
 
-def intervention_effects(p: AnalysisParams, dirs: dict[str, np.ndarray], order: np.ndarray, rank: int):
-    """Effect of adding each shard (and random directions) to the base policy, and of ablating
-    each shard from the fine-tuned policy: reward change per task family."""
+def shard_sizes(raw: np.ndarray, codes: np.ndarray, D: np.ndarray) -> np.ndarray:
+    """Each shard's size in parameter space: the sum over the events it fires on of the event update's
+    component along it, ``sum_e |<x_e, d_i>|`` (``raw``: the stored updates, unnormalised; ``D``: unit
+    directions). One event's component is far too small to move a policy's reward; the sum is how far the
+    stored updates moved the policy along the shard."""
+    proj = np.abs(np.asarray(raw, dtype=np.float64) @ np.asarray(D, dtype=np.float64).T)
+    return (proj * (np.asarray(codes) != 0)).sum(0)
+
+
+def span_directions(raw: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` unit directions drawn from the span of the stored updates (Gaussian combinations of the events):
+    the intervention null, in the space the updates occupy rather than anywhere in parameter space."""
+    w = np.random.default_rng(seed).standard_normal((n, len(raw)))
+    return _unit_rows(w @ np.asarray(raw, dtype=np.float64))
+
+
+def _unflatten(v: np.ndarray, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        out[name] = torch.from_numpy(np.ascontiguousarray(v[i : i + size]).reshape(shape)).float()
+        i += size
+    return out
+
+
+def intervention_effects(p: AnalysisParams, inp: AnalysisInputs, shard_ids: np.ndarray, sizes, randoms, rand_sizes):
+    """Reward change per task family of adding each shard (``alpha`` × its own size, both signs) to the base
+    policy and of ablating it from the fine-tuned one; the same additions for ``randoms`` (unit rows at
+    ``rand_sizes``); and the evaluation noise: the unchanged base policy under ``noise_seeds`` other sampling
+    seeds on the same prompts."""
     from .policy import evaluate, load_policy
     from .rl import RLParams, make_testbed
 
@@ -223,44 +315,86 @@ def intervention_effects(p: AnalysisParams, dirs: dict[str, np.ndarray], order: 
     testbed = make_testbed(rp)
     base = load_policy(Path(p.rl_dir) / "init_policy").eval()
     final = load_policy(Path(p.rl_dir) / "policy").eval()
-    names = list(dirs)
+    names, shapes = inp.names, {n: inp.dirs[n].shape[1:] for n in inp.names}
     delta = param_delta(base, final, names)
-    scale = float(sum((d**2).sum() for d in delta.values()).sqrt())
-    ev = lambda m: np.array(evaluate(m, testbed, p.eval_prompts, p.seed, rp.temperature)["reward"])
+
+    def ev(m, sample_seed=None):
+        return np.array(evaluate(m, testbed, p.eval_prompts, p.seed, rp.temperature, sample_seed=sample_seed)["reward"])
+
     r_base, r_final = ev(base), ev(final)
-    shard_ids = order[: p.n_shards]
-    rand = random_dictionary({n: dirs[n].shape[1:] for n in names}, p.n_random, rank, p.seed + 1)
+    noise = np.array([ev(base, 1 + j) - r_base for j in range(p.noise_seeds)])
     add, add_rand, abl, coef = [], [], [], []
-    for i in shard_ids:
-        d = {n: torch.from_numpy(dirs[n][i]) for n in names}
-        add.append([ev(add_direction(base, d, a * scale)) - r_base for a in p.alphas])
+    for i, size in zip(shard_ids, sizes):
+        d = {n: torch.from_numpy(inp.dirs[n][i]) for n in names}
+        add.append([ev(add_direction(base, d, a * size)) - r_base for a in p.alphas])
         m, c = project_out(final, d, delta)
         abl.append(ev(m) - r_final)
         coef.append(c)
-    for j in range(p.n_random):
-        d = {n: rand[n][j] for n in names}
-        add_rand.append([ev(add_direction(base, d, a * scale)) - r_base for a in p.alphas])
-    tasks = list(testbed.task_names)
+    for r, size in zip(randoms, rand_sizes):
+        d = _unflatten(r, shapes)
+        add_rand.append([ev(add_direction(base, d, a * size)) - r_base for a in p.alphas])
     return xr.Dataset(
         {
             "add_effect": (("shard", "alpha", "task"), np.array(add)),
+            "shard_size": ("shard", np.asarray(sizes, dtype=float)),
             "random_add_effect": (("random", "alpha", "task"), np.array(add_rand)),
+            "random_size": ("random", np.asarray(rand_sizes, dtype=float)),
             "ablate_effect": (("shard", "task"), np.array(abl)),
             "ablate_coefficient": ("shard", np.array(coef)),
+            "noise_effect": (("noise_seed", "task"), noise.reshape(p.noise_seeds, len(r_base))),
             "reward_base": ("task", r_base),
             "reward_final": ("task", r_final),
         },
-        coords={"shard": shard_ids, "alpha": list(p.alphas), "task": tasks, "random": np.arange(p.n_random)},
-        attrs={"update_norm": scale},
+        coords={
+            "shard": shard_ids,
+            "alpha": list(p.alphas),
+            "task": list(testbed.task_names),
+            "random": np.arange(len(randoms)),
+            "noise_seed": np.arange(p.noise_seeds),
+        },
+        attrs={"update_norm": float(sum((d**2).sum() for d in delta.values()).sqrt())},
     )
 
 
 def specificity(effect: np.ndarray) -> np.ndarray:
-    """max_t |E_t| / sum_t |E_t| per row (1 = the whole effect on one task; 1/T = spread evenly)."""
+    """max_t |E_t| / sum_t |E_t| per row (1 = the whole effect on one task; 1/T = spread evenly); NaN where a
+    row has no effect. Scale-free: pass only effects above the noise floor (:func:`effect_scores`)."""
     a = np.abs(effect)
     total = a.sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, a.max(-1) / total, np.nan)  # no effect at all: undefined
+
+
+def effect_scores(effect: np.ndarray, floor: np.ndarray) -> dict[str, np.ndarray]:
+    """Per direction, from its effects [direction, alpha, task] and the noise floor [task]: whether any effect
+    exceeds the floor (``moves``), how many (alpha, task) cells do, the sign with the larger total effect
+    above the floor, the specificity of that sign's above-floor effects, and its most-moved task (-1: none)."""
+    a = np.abs(effect)
+    above = np.where(a > floor, a, 0.0)
+    best_alpha = above.sum(-1).argmax(1)
+    best = above[np.arange(len(a)), best_alpha]
+    moves = best.sum(-1) > 0
+    return {
+        "moves": moves.astype(float),
+        "n_above": (above > 0).sum((1, 2)).astype(float),
+        "best_alpha": best_alpha,
+        "specificity": specificity(best),
+        "top_task": np.where(moves, best.argmax(-1), -1),
+    }
+
+
+def own_task_null(own: np.ndarray, top: np.ndarray, n_perm: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Own-task hit rate under shuffled shard tasks: the shards' own tasks permuted among the shards that move
+    reward (``top`` >= 0), so that a task every direction hits hardest gives no credit. Returns the null's mean,
+    its 95th percentile, and the share of permutations at or above the observed rate (a p-value)."""
+    keep = top >= 0
+    if not keep.any():
+        return float("nan"), float("nan"), float("nan")
+    o, t = own[keep], top[keep]
+    observed = float((o == t).mean())
+    rng = np.random.default_rng(seed)
+    null = np.array([(rng.permutation(o) == t).mean() for _ in range(n_perm)])
+    return float(null.mean()), float(np.quantile(null, 0.95)), float((null >= observed).mean())
 
 
 def stage_event_types(labels: xr.Dataset, label: str = "") -> np.ndarray:
@@ -308,8 +442,10 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     if p.rl_dir:
         if task is None:
             task = inp.acts["task"].values
-        parts.append(intervention_results(p, inp, codes, task))
+        parts.append(intervention_results(p, inp, codes, task, X, D))
     out = xr.merge(parts, combine_attrs="override")
+    out["n_events"] = len(X)  # the events aligned; zero updates (nothing reinforced) are left out and counted
+    out["n_zero_events"] = int(inp.store.attrs.get("n_zero_skipped", 0))
     out.attrs["store_path"] = inp.sae_params.store_path
     if not p.rl_dir:
         out.attrs["interventions"] = NO_INTERVENTIONS
@@ -323,15 +459,23 @@ def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -
     from .common import flatten
 
     sp, names, F = inp.sae_params, inp.names, inp.n_shards
-    R = flatten(random_dictionary({n: inp.dirs[n].shape[1:] for n in names}, F, sp.rank, p.seed + 7), names)
-    rows = {sp.seed: alignment(codes, types, X, D, R, sp.k, p.seed, sp.signed)}
+    shapes = {n: inp.dirs[n].shape[1:] for n in names}
+    # every SAE seed's baselines get their own seed (k-means starts, drawn events, random dictionaries), so
+    # the spread over sae_seed is a spread for the baselines too
+    rows = {
+        sp.seed: alignment(
+            codes, types, X, D, random_dictionaries(shapes, names, F, sp.rank, sp.seed), sp.k, sp.seed, sp.signed
+        )
+    }
     seed_dirs = {sp.seed: D}
     for s in p.extra_seeds:
         q = sp.replace(seed=s, out_dir=str(Path(p.out_dir) / f"sae_seed{s}"), online_shards_path="")
         r = sh_mod.train(q, progress=False, data=inp.data)
         _, _, z = sh_mod.encode_all(r.sae.cpu(), inp.data)
         Ds = flatten(r.sae.directions(), names)
-        rows[s] = alignment(z.numpy(), types, X, Ds, R, sp.k, p.seed, sp.signed)
+        rows[s] = alignment(
+            z.numpy(), types, X, Ds, random_dictionaries(shapes, names, F, sp.rank, s), sp.k, s, sp.signed
+        )
         seed_dirs[s] = Ds
     seeds = list(rows)
     out = xr.Dataset({k: ("sae_seed", [rows[s][k] for s in seeds]) for k in rows[seeds[0]]}, coords={"sae_seed": seeds})
@@ -349,7 +493,7 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
     if not p.settings_k or not p.settings_normalize:
         return xr.Dataset()
     sp, names = inp.sae_params, inp.names
-    R = flatten(random_dictionary({n: inp.dirs[n].shape[1:] for n in names}, sp.n_latents, sp.rank, p.seed + 7), names)
+    R = random_dictionaries({n: inp.dirs[n].shape[1:] for n in names}, names, sp.n_latents, sp.rank, sp.seed)
     rows = {}
     for k in p.settings_k:
         for norm in p.settings_normalize:
@@ -379,7 +523,7 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
                 flatten(sae.directions(), names),
                 R,
                 q.k,
-                p.seed,
+                sp.seed,
                 q.signed,
             )
             row["heldout_fvu"] = sh_mod.evaluate(sae, data, heldout).get("fvu", np.nan)
@@ -398,14 +542,14 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
 
 
 def type_views(codes: np.ndarray, types: np.ndarray, updates: np.ndarray, seed: int) -> xr.Dataset:
-    """Per event type: its number of events, its coherence (norm of the mean unit update: 1 = one
-    computation), the best (latent, sign)'s AUROC (and with shuffled labels), and each shard's mean
-    |activation| on it."""
-    from .metrics import best_signed_auroc, coherence
+    """Per event type: its number of events, its coherence (signed: norm of the mean unit update; sign-free:
+    the top singular direction's share of its unit updates' energy; 1 = one computation), the best
+    (latent, sign)'s AUROC (and with shuffled labels), and each shard's mean |activation| on it."""
+    from .metrics import best_signed_auroc, coherence, coherence_rank1
 
     au = best_signed_auroc(codes, types)
     au_s = best_signed_auroc(codes, np.random.default_rng(seed).permutation(types))
-    coh = coherence(updates, types)
+    coh, coh1 = coherence(updates, types), coherence_rank1(updates, types)
     uniq = list(au)
     absolute = np.abs(codes)
     return xr.Dataset(
@@ -414,6 +558,7 @@ def type_views(codes: np.ndarray, types: np.ndarray, updates: np.ndarray, seed: 
             "type_auroc_shuffled": ("event_type", [au_s[t] for t in uniq]),
             "type_count": ("event_type", [int((types == t).sum()) for t in uniq]),
             "type_coherence": ("event_type", [coh.get(t, np.nan) for t in uniq]),
+            "type_coherence_rank1": ("event_type", [coh1.get(t, np.nan) for t in uniq]),
             "activation_by_type": (("shard", "event_type"), np.stack([absolute[types == t].mean(0) for t in uniq], 1)),
         },
         coords={"event_type": uniq, "shard": np.arange(codes.shape[1])},
@@ -461,26 +606,41 @@ def online_comparison(online: Path, names: list[str], X, types, D) -> xr.Dataset
     )
 
 
-def intervention_results(p: AnalysisParams, inp: AnalysisInputs, codes: np.ndarray, task: np.ndarray) -> xr.Dataset:
-    """:func:`intervention_effects` on the most frequent shards, with each shard's own task (where it fires
-    most), the specificity of its effect (and of random directions), and whether it hits its own task."""
-    codes = np.abs(codes)
+def intervention_results(
+    p: AnalysisParams, inp: AnalysisInputs, codes: np.ndarray, task: np.ndarray, X: np.ndarray, D: np.ndarray
+) -> xr.Dataset:
+    """:func:`intervention_effects` on the most frequent shards, each added at its own size (:func:`shard_sizes`)
+    and against as many random directions from the updates' span at the same sizes, scored against the
+    evaluation's noise floor (the largest change of the unchanged policy across sampling seeds, per task):
+    which directions move reward above it, the specificity of what does, and whether a shard's largest
+    effect falls on its own task (where it fires most), with that hit rate's shuffled-task null."""
+    raw = X * inp.store["update_norm"].values[:, None] if "update_norm" in inp.store.coords else X
     order = np.argsort(-inp.shards["frequency"].values)
-    eff = intervention_effects(p, inp.dirs, order, inp.sae_params.rank)
+    ids = order[: p.n_shards]
+    sizes = shard_sizes(raw, codes[:, ids], D[ids])
+    randoms = span_directions(raw, p.n_random, p.seed + 1)
+    rand_sizes = sizes[np.arange(p.n_random) % len(sizes)]
+    eff = intervention_effects(p, inp, ids, sizes, randoms, rand_sizes)
+    floor = np.abs(eff["noise_effect"].values).max(0)
+    absolute = np.abs(codes)
     own = np.array(
         [
-            np.argmax([codes[task == t, i].mean() if (task == t).any() else -1 for t in range(eff.sizes["task"])])
-            for i in eff["shard"].values
+            np.argmax([absolute[task == t, i].mean() if (task == t).any() else -1 for t in range(eff.sizes["task"])])
+            for i in ids
         ]
     )
-    pos = eff["add_effect"].sel(alpha=max(p.alphas)).values
+    sc = effect_scores(eff["add_effect"].values, floor)
+    rs = effect_scores(eff["random_add_effect"].values, floor)
     out = eff.rename({"shard": "intervened_shard"})
+    out["noise_floor"] = ("task", floor)
     out["own_task"] = ("intervened_shard", own)
-    out["specificity"] = ("intervened_shard", specificity(pos))
-    out["random_specificity"] = ("random", specificity(eff["random_add_effect"].sel(alpha=max(p.alphas)).values))
-    out["own_task_hit"] = ("intervened_shard", (np.abs(pos).argmax(1) == own).astype(float))
-    tot = np.abs(pos).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        own_share = np.where(tot > 0, np.abs(pos)[np.arange(len(own)), own] / tot, np.nan)
-    out["own_share"] = ("intervened_shard", own_share)
+    for name in ("moves", "n_above", "specificity"):
+        out[name] = ("intervened_shard", sc[name])
+        out[f"random_{name}"] = ("random", rs[name])
+    hit = np.where(sc["top_task"] >= 0, (sc["top_task"] == own).astype(float), np.nan)
+    out["own_task_hit"] = ("intervened_shard", hit)
+    null_mean, null_p95, p_value = own_task_null(own, sc["top_task"], seed=p.seed)
+    out["own_task_null"], out["own_task_null_p95"], out["own_task_p"] = null_mean, null_p95, p_value
+    abl = np.abs(eff["ablate_effect"].values)
+    out["ablate_moves"] = ("intervened_shard", (abl > floor).any(1).astype(float))
     return out

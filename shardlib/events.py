@@ -6,8 +6,12 @@ both, never the sign of the advantage (a hit and a miss in one context push the 
 action over taken action" computation, with opposite signs):
 
 - bandit: ``cluster × arm taken`` (``"cluster2 arm1"``); the coarse level is the cluster;
-- LM: ``task × correctness`` (``"rev ok"``), crossed with the format clause where it varies
-  within the store (``"rev wrong nofmt"``); the coarse level is the task.
+- synthetic-task LM: ``task × first answer token`` (``"par ans 1"``): the answer the event pushes up
+  (positive advantage) or down (negative), whether or not it is correct; a correct and a wrong
+  answer "1" to a parity prompt move the same logit, so they are one computation with two signs;
+- text tasks (stores without the ``answer`` label): ``task × correctness`` (``"add1 ok"``), crossed
+  with the format clause where it varies within the store (``"add1 wrong nofmt"``); the coarse level
+  is the task.
 
 Stores written before the ``action`` label existed fall back to the cluster (bandit).
 """
@@ -30,6 +34,8 @@ def event_types(acts: xr.Dataset, level: str = "fine") -> np.ndarray:
         return label.astype(str)
     if "action" in acts.coords:  # bandit: the arm taken
         label = label + np.array([f" arm{a}" for a in acts["action"].values], dtype=object)
+    if "answer" in acts.coords:  # synthetic LM: the answer token reinforced, not its correctness
+        return (label + np.array([f" ans {a}" for a in acts["answer"].values], dtype=object)).astype(str)
     correct = [c for c in acts.coords if str(c).startswith("reward_correct_")]
     if correct:
         ok = np.any([acts[c].values > 0 for c in correct], axis=0)

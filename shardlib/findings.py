@@ -155,22 +155,57 @@ def frontier(ds: xr.Dataset) -> str:
     return out + "Negative: no SAE reaches FVU 0.1 on any store."
 
 
+def _beats(a, b) -> bool:
+    """Mean of ``a`` above mean of ``b`` by more than the larger of their spreads over seeds."""
+    (ma, sa), (mb, sb) = nanmean_std(a), nanmean_std(b)
+    return ma - mb > max(sa, sb)
+
+
 def analysis(ds: xr.Dataset) -> str:
     n_types = int(np.asarray(ds.n_types).ravel()[0]) if "n_types" in ds else 0
-    out = (
-        f"Over {ds.sizes['sae_seed']} SAE seeds, NMI between shards and the {n_types} event types is {_ms(ds.nmi)} "
-        f"(random dictionary {_ms(ds.nmi_random)}, shuffled labels {_ms(ds.nmi_shuffled)}), ARI {_ms(ds.ari)} "
-        f"(random {_ms(ds.ari_random)}), and {_ms(ds.types_matched)} of {n_types} type-mean updates have a shard at "
-        f"|cos| > 0.9 (random dictionary {_ms(ds.types_matched_random)})."
+    zero = f" ({int(ds.n_zero_events)} zero updates left out)" if "n_zero_events" in ds else ""
+    events = f" on {int(ds.n_events)} events{zero}" if "n_events" in ds else ""
+    fitted = "nmi_kmeans" in ds
+    base = (
+        f"k-means {_ms(ds.nmi_kmeans)}, PCA {_ms(ds.nmi_pca)}, drawn events {_ms(ds.nmi_events)}, type means "
+        f"(ceiling) {_ms(ds.nmi_oracle)}; "
+        if fitted
+        else ""
     )
-    if float(np.nanmean(ds.nmi)) <= float(np.nanmean(ds.nmi_random)):
-        out += " Negative: shards align with event types no better than a random dictionary of the same structure."
-    if "specificity" in ds:
-        out += (
-            f" Adding a shard changes reward with specificity {nanmean(ds.specificity):.2f} "
-            f"(random directions {nanmean(ds.random_specificity):.2f}); its largest effect is on its own task in "
-            f"{nanmean(ds.own_task_hit):.0%} of shards (chance {1 / ds.sizes['task']:.0%})."
+    rand_std = f" ± {nanmean(ds.nmi_random_std):.3f} over dictionaries" if "nmi_random_std" in ds else ""
+    out = (
+        f"Over {ds.sizes['sae_seed']} SAE seeds{events}, NMI between shards and the {n_types} event types is "
+        f"{_ms(ds.nmi)} ({base}random dictionaries {nanmean(ds.nmi_random):.3f}{rand_std}, shuffled labels "
+        f"{_ms(ds.nmi_shuffled)}); {_ms(ds.types_matched, 1)} of {n_types} type-mean updates have a shard at "
+        f"|cos| > 0.9 ("
+        + (
+            f"k-means {_ms(ds.types_matched_kmeans, 1)}, drawn events {_ms(ds.types_matched_events, 1)}, "
+            if fitted
+            else ""
         )
+        + f"random {nanmean(ds.types_matched_random):.1f})."
+    )
+    if not _beats(ds.nmi, ds.nmi_random):
+        out += " Negative: shards align with event types no better than random dictionaries of the same structure."
+    elif fitted and not _beats(ds.nmi, ds.nmi_kmeans):
+        out += (
+            " Negative: the SAE aligns with event types no better than k-means on the same updates (within the "
+            "spread over seeds): here it finds clusters, nothing more."
+        )
+    if "moves" in ds:
+        out += (
+            f" Above the evaluation's noise floor, {nanmean(ds.moves):.0%} of the {ds.sizes['intervened_shard']} "
+            f"shards added at their own size move reward (random directions from the updates' span at the same "
+            f"sizes: {nanmean(ds.random_moves):.0%}); specificity of what moves {nanmean(ds.specificity):.2f} (random "
+            f"{nanmean(ds.random_specificity):.2f}); the largest effect is on the shard's own task in "
+            f"{nanmean(ds.own_task_hit):.0%} (shuffled tasks {float(ds.own_task_null):.0%}, p = {float(ds.own_task_p):.2f})."
+        )
+        if nanmean(ds.moves) <= nanmean(ds.random_moves):
+            out += " Negative: shards move reward no more often than random directions of the same size."
+        if not float(ds.own_task_p) < 0.05:
+            out += " Negative: shards hit their own task no more often than with shuffled tasks."
+    elif "specificity" in ds:  # results written before the noise floor existed
+        out += f" Adding a shard changes reward with specificity {nanmean(ds.specificity):.2f} (no noise floor)."
     else:
         why = ds.attrs.get("interventions", "not in the results")
         out += f" Interventions (adding or ablating shards): {why}; no effect on reward is reported."
@@ -179,9 +214,14 @@ def analysis(ds: xr.Dataset) -> str:
         k, norm = s.idxmax()
         fvu = float(ds.setting_heldout_fvu.sel(setting_k=k, setting_normalize=norm))
         matched = float(ds.setting_types_matched.sel(setting_k=k, setting_normalize=norm))
+        km = (
+            f", k-means {float(ds.setting_nmi_kmeans.sel(setting_k=k, setting_normalize=norm)):.3f}"
+            if "setting_nmi_kmeans" in ds
+            else ""
+        )
         out += (
             f" Best setting for event types: k = {k}, {'unit-normalised' if norm else 'raw'} updates "
-            f"(NMI {s.max():.3f}, {matched:.0f} of {n_types} types matched, held-out FVU {fvu:.3f})."
+            f"(NMI {s.max():.3f}{km}, {matched:.0f} of {n_types} types matched, held-out FVU {fvu:.3f})."
         )
     return out
 

@@ -269,10 +269,32 @@ def coherence(updates: np.ndarray, types: np.ndarray) -> dict[str, float]:
     return out
 
 
+def coherence_rank1(updates: np.ndarray, types: np.ndarray) -> dict[str, float]:
+    """Per event type, a sign-free coherence: the share of its unit-normalised updates' energy on their top
+    singular direction (1 = every event on one axis, whatever its sign; a type whose events are + and - of
+    one computation reads 1 here and near 0 in :func:`coherence`). For n unrelated directions in many
+    dimensions it is about 1/n. NaN below 2 events; zero updates are left out."""
+    X = np.asarray(updates, dtype=np.float64).reshape(len(updates), -1)
+    n = np.linalg.norm(X, axis=1)
+    keep = n > 0
+    U = X[keep] / n[keep, None]
+    types = np.asarray(types)[keep]
+    out = {}
+    for t in np.unique(types):
+        sel = U[types == t]
+        if len(sel) < 2:
+            out[str(t)] = float("nan")
+            continue
+        s = np.linalg.svd(sel @ sel.T, compute_uv=False, hermitian=True)  # eigenvalues of the Gram = s^2
+        out[str(t)] = float(s[0] / s.sum())
+    return out
+
+
 def random_codes(updates: np.ndarray, directions: np.ndarray, k: int, signed: bool = True) -> np.ndarray:
-    """Codes a random dictionary gives: each event's top-k projections onto ``directions`` [F, D], signed
-    (as a signed SAE) or rectified (``signed=False``, as a ReLU SAE): the chance baseline of the clustering
-    metrics, with the SAE's dictionary size, k and sign handling."""
+    """Codes a fixed dictionary gives: each event's top-k projections onto ``directions`` [F, D], signed
+    (as a signed SAE) or rectified (``signed=False``, as a ReLU SAE). With random directions it is the chance
+    baseline of the clustering metrics; with k-means centroids, principal directions, drawn events or type
+    means it is that dictionary encoded as the SAE encodes (same size, k and sign handling)."""
     X = np.asarray(updates, dtype=np.float64).reshape(len(updates), -1)
     proj = X @ np.asarray(directions, dtype=np.float64).T
     if not signed:

@@ -192,19 +192,21 @@ def frontier_panels(ds, store_label: str = "{store} updates"):
 
 
 def event_heatmap(ds, ax=None, title: str = ""):
-    """Mean |activation| of each shard by event type, titled with NMI (and its random-dictionary baseline)
-    and firing-weighted purity (and with shuffled labels) of the first SAE seed."""
+    """Mean |activation| of each shard by event type, titled with NMI (and its k-means and random-dictionary
+    baselines) and firing-weighted purity (and with shuffled labels) of the first SAE seed."""
     nmi, nmi_r = float(ds.nmi[0]), float(ds.nmi_random[0])
+    km = f"k-means {float(ds.nmi_kmeans[0]):.2f}, " if "nmi_kmeans" in ds else ""
     pur, pur_s = float(ds.purity[0]), float(ds.purity_shuffled[0])
     return heatmap(
         ds.activation_by_type.T,
         ax,
         xlabel="shard",
-        title=f"{title}NMI {nmi:.2f} (random dict. {nmi_r:.2f}), purity {pur:.2f} (shuffled {pur_s:.2f})",
+        title=f"{title}NMI {nmi:.2f} ({km}random dict. {nmi_r:.2f}), purity {pur:.2f} (shuffled {pur_s:.2f})",
     )
 
 
-def add_effect(ds, ax=None, title: str = ""):
-    """Reward change per task when each shard is added to the base policy at the largest strength."""
-    a = float(ds.alpha.max())
-    return heatmap(ds.add_effect.sel(alpha=a), ax, center=True, title=f"{title}Δ reward, base + {a:g}·|Δθ|·shard")
+def add_effect(ds, ax=None, title: str = "", alpha: float | None = None):
+    """Reward change per task when each shard is added to the base policy at strength ``alpha`` (default: the
+    largest) times its own size."""
+    a = float(ds.alpha.max()) if alpha is None else alpha
+    return heatmap(ds.add_effect.sel(alpha=a), ax, center=True, title=f"{title}Δ reward, base {a:+g} × size × shard")

@@ -242,10 +242,15 @@ def sample_batch(model, testbed, batch: dict, generator, temperature: float = 1.
 
 
 @torch.no_grad()
-def evaluate(model, testbed, n_prompts: int, seed: int, temperature: float = 1.0, device="cpu") -> dict:
-    """Mean reward and per-clause reward by task family on a fixed held-out prompt set."""
+def evaluate(
+    model, testbed, n_prompts: int, seed: int, temperature: float = 1.0, device="cpu", sample_seed: int | None = None
+) -> dict:
+    """Mean reward and per-clause reward by task family on a fixed held-out prompt set (fixed by ``seed``);
+    ``sample_seed`` draws the completions with another seed on the same prompts (the evaluation's noise)."""
     gen = torch.Generator().manual_seed(10_000_019 + seed)
     batch = testbed.sample(n_prompts, gen)
+    if sample_seed is not None:
+        gen = torch.Generator().manual_seed(20_000_003 + sample_seed)
     comp, mask = sample_batch(model, testbed, batch, gen, temperature, device)
     clauses = testbed.rewards(batch, comp, mask)
     total = sum(clauses.values())

@@ -170,70 +170,99 @@ def _planted(ds: xr.Dataset) -> str:
     return out
 
 
+ALIGNMENT_ROWS = {
+    "nmi": "NMI",
+    "ari": "ARI",
+    "purity": "purity",
+    "auroc": "best (latent, sign) AUROC",
+    "types_matched": "types matched at \\|cos\\| > 0.9",
+    "type_match": "type-mean match (Hungarian \\|cos\\|)",
+}
+
+
+def _alignment_rows(ds: xr.Dataset, name: str) -> list[list[str]]:
+    """One row per alignment metric: the SAE, the dictionaries fitted to the same events, and chance."""
+    rows = []
+    fitted = "nmi_kmeans" in ds
+    for m, label in ALIGNMENT_ROWS.items():
+        d = 1 if m == "types_matched" else 3
+        rand = f"{nanmean(ds[f'{m}_random']):.{d}f}"
+        if f"{m}_random_std" in ds:
+            rand += f" ± {nanmean(ds[f'{m}_random_std']):.{d}f}"
+        row = [name, label, _ms(ds[m], d)]
+        row += [_ms(ds[f"{m}_{b}"], d) if fitted else "n/a" for b in ("kmeans", "pca", "events", "oracle")]
+        rows.append(row + [_ms(ds[f"{m}_shuffled"], d), rand])
+    return rows
+
+
 def _alignment(run_dir: Path) -> str:
-    rows, settings, coh = [], [], []
+    rows, settings, coh, counts = [], [], [], []
     for stage in ("analysis_bandit", "analysis_lm"):
         ds = _load(run_dir, stage)
         if ds is None:
             continue
         name = stage.split("_")[1]
         n = int(np.asarray(ds.n_types).ravel()[0])
-        rows.append(
-            [
-                name,
-                f"{_ms(ds.nmi)} ({_ms(ds.nmi_shuffled)} / {_ms(ds.nmi_random)})",
-                f"{_ms(ds.ari)} ({_ms(ds.ari_shuffled)} / {_ms(ds.ari_random)})",
-                f"{_ms(ds.purity)} ({_ms(ds.purity_shuffled)} / {_ms(ds.purity_random)})",
-                f"{_ms(ds.auroc)} ({_ms(ds.auroc_shuffled)} / {_ms(ds.auroc_random)})",
-                f"{_ms(ds.types_matched, 1)} of {n} ({_ms(ds.types_matched_shuffled, 1)} / {_ms(ds.types_matched_random, 1)})",
-                f"{_ms(ds.type_match)} ({_ms(ds.type_match_shuffled)} / {_ms(ds.type_match_random)})",
-                f"{float(ds.seed_stability):.2f}",
-            ]
-        )
+        rows += _alignment_rows(ds, name)
+        if "n_events" in ds:
+            counts.append(
+                f"{name}: {int(ds.n_events)} events, {n} types ({int(ds.n_zero_events)} zero updates left out)"
+            )
         big = ds.type_count.values >= 20  # small types read high (1/sqrt(n) for unrelated directions)
         c = ds.type_coherence.values[big]
         if not big.any():
             coh.append(f"{name}: no type has ≥ 20 events")
         else:
+            c1 = ds.type_coherence_rank1.values[big] if "type_coherence_rank1" in ds else None
+            sign_free = (
+                f"; sign-free (top singular share) {np.nanmin(c1):.2f}–{np.nanmax(c1):.2f} (median {np.nanmedian(c1):.2f})"
+                if c1 is not None
+                else ""
+            )
             coh.append(
-                f"{name}: {int(big.sum())} of {n} types have ≥ 20 events, coherence "
-                f"{np.nanmin(c):.2f}–{np.nanmax(c):.2f} (median {np.nanmedian(c):.2f})"
+                f"{name}: {int(big.sum())} of {n} types have ≥ 20 events; signed coherence "
+                f"{np.nanmin(c):.2f}–{np.nanmax(c):.2f} (median {np.nanmedian(c):.2f}){sign_free}"
             )
         if "setting_nmi" in ds:
             for k in ds.setting_k.values:
                 for norm in ds.setting_normalize.values:
                     s = ds.sel(setting_k=k, setting_normalize=norm)
+                    km = f"{float(s.setting_nmi_kmeans):.3f}" if "setting_nmi_kmeans" in s else "n/a"
                     settings.append(
                         [
                             name,
                             str(int(k)),
                             "unit" if bool(norm) else "raw",
-                            f"{float(s.setting_nmi):.3f} ({float(s.setting_nmi_random):.3f})",
-                            f"{float(s.setting_ari):.3f} ({float(s.setting_ari_random):.3f})",
-                            f"{float(s.setting_types_matched):.0f} of {n} ({float(s.setting_types_matched_random):.0f})",
+                            f"{float(s.setting_nmi):.3f} ({km} / {float(s.setting_nmi_random):.3f})",
+                            f"{float(s.setting_types_matched):.0f} of {n} ({float(s.setting_types_matched_kmeans):.0f} / "
+                            f"{float(s.setting_types_matched_random):.1f})"
+                            if "setting_types_matched_kmeans" in s
+                            else f"{float(s.setting_types_matched):.0f} of {n}",
                             f"{float(s.setting_heldout_fvu):.3f}",
                         ]
                     )
     head = [
         "testbed",
-        "NMI (shuffled / random dict.)",
-        "ARI (shuffled / random)",
-        "purity (shuffled / random)",
-        "best (latent, sign) AUROC (shuffled / random)",
-        "types matched at \\|cos\\| > 0.9 (shuffled / random)",
-        "type-mean match (shuffled / random)",
-        "seed stability",
+        "metric",
+        "SAE",
+        "k-means",
+        "PCA",
+        "drawn events",
+        "type means (ceiling)",
+        "shuffled labels",
+        "random dict. (5 seeds)",
     ]
     out = _table(head, rows)
+    if counts:
+        out += "\n\nEvents aligned: " + "; ".join(counts) + "."
     if coh:
-        out += (
-            "\n\nCoherence of the event types (norm of the mean unit update; 1 = one computation): "
-            + "; ".join(coh)
-            + "."
-        )
+        out += "\n\nCoherence of the event types (1 = one computation): " + "; ".join(coh) + "."
     if settings:
-        out += "\n\nWhat the settings do (one SAE per setting, first seed; random-dictionary baseline in brackets):\n\n"
-        out += _table(["testbed", "k", "updates", "NMI", "ARI", "types matched", "held-out FVU"], settings)
+        out += (
+            "\n\nWhat the settings do (one SAE per setting, first seed; k-means and random dictionaries in "
+            "brackets):\n\n"
+        )
+        out += _table(["testbed", "k", "updates", "NMI", "types matched", "held-out FVU"], settings)
     return out
 
 
@@ -241,23 +270,25 @@ def _interventions(run_dir: Path) -> str:
     rows = []
     for stage in ("analysis_bandit", "analysis_lm"):
         ds = _load(run_dir, stage)
-        if ds is None or "specificity" not in ds:
+        if ds is None or "moves" not in ds:
             continue
         rows.append(
             [
                 stage.split("_")[1],
+                ", ".join(f"{t} {v:.3f}" for t, v in zip(ds.task.values, ds.noise_floor.values)),
+                f"{nanmean(ds.moves):.2f} ({nanmean(ds.random_moves):.2f})",
                 f"{nanmean(ds.specificity):.2f} ({nanmean(ds.random_specificity):.2f})",
-                f"{nanmean(ds.own_task_hit):.2f} ({1 / ds.sizes['task']:.2f})",
-                f"{nanmean(ds.add_effect.sel(alpha=float(ds.alpha.max()))):+.3f}",
-                f"{nanmean(ds.ablate_effect):+.3f}",
+                f"{nanmean(ds.own_task_hit):.2f} ({float(ds.own_task_null):.2f}; p = {float(ds.own_task_p):.2f})",
+                f"{nanmean(ds.ablate_moves):.2f}",
             ]
         )
     head = [
         "testbed",
-        "specificity of adding a shard (random directions)",
-        "own-task hit rate (chance)",
-        "mean Δ reward, shard added",
-        "mean Δ reward, shard ablated",
+        "noise floor per task",
+        "share of shards moving reward above it (random span directions)",
+        "specificity above the floor (random)",
+        "own-task hit rate (shuffled-task null; p)",
+        "share of shards whose ablation moves reward",
     ]
     return _table(head, rows)
 

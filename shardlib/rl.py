@@ -221,8 +221,8 @@ def completion_hash(comp: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
 
 def _labels(step: int, rank: int, ro: Rollout, epoch: int, bandit: bool = False, testbed=None) -> dict[str, np.ndarray]:
     """Labels of a step's events: where they come from, their rewards (every clause), and what was
-    reinforced (``action`` = the arm taken on the bandit; ``completion_hash`` = the completion's tokens;
-    on text tasks the prompt and completion text)."""
+    reinforced (``action`` = the arm taken on the bandit; ``answer`` = the first completion token on the
+    synthetic tasks; ``completion_hash`` = the completion's tokens; on text tasks the prompt and completion text)."""
     n = len(ro.total)
     lab = {
         "step": np.full(n, step, dtype=np.int64),
@@ -237,6 +237,8 @@ def _labels(step: int, rank: int, ro: Rollout, epoch: int, bandit: bool = False,
     }
     if bandit:
         lab["action"] = ro.comp[:, 0].numpy().astype(np.int64)
+    elif isinstance(testbed, SyntheticTasks):  # what the event pushes up or down: its first answer token
+        lab["answer"] = np.array([testbed.vocab[t] for t in ro.comp[:, 0].tolist()])
     for c, v in ro.clauses.items():
         lab[f"reward_{c}"] = v.numpy().astype(np.float32)
     if hasattr(testbed, "event_texts"):

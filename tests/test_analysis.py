@@ -20,7 +20,7 @@ def test_alignment_separates_structure_from_baselines():
     updates = means[types] + 0.05 * rng.normal(size=(900, D))
     codes = np.eye(T)[types] * 2.0
     dirs = means / np.linalg.norm(means, axis=1, keepdims=True)
-    rand = rng.normal(size=(T, D))
+    rand = [rng.normal(size=(T, D)) for _ in range(5)]
     a = analysis.alignment(codes, types, updates, dirs, rand, k=1)
     assert (
         a["purity"] == 1.0 and a["auroc"] == 1.0 and a["nmi"] == pytest.approx(1.0) and a["ari"] == pytest.approx(1.0)
@@ -29,6 +29,52 @@ def test_alignment_separates_structure_from_baselines():
     assert a["auroc_shuffled"] < 0.6 and abs(a["ari_shuffled"]) < 0.02 and a["nmi_shuffled"] < 0.02
     assert a["type_match_random"] < 0.6 and a["types_matched_random"] == 0 and a["purity_shuffled"] < 0.5
     assert a["ari_random"] < a["ari"]  # random projections find some of the clusters the data has, not all
+    assert a["ari_random_std"] > 0  # five random dictionaries: a spread, not one draw
+    # well-separated clusters, one computation per event: the fitted baselines find them as well as the SAE
+    assert a["types_matched_oracle"] == 3 and a["type_match_oracle"] == pytest.approx(1.0)
+    assert a["nmi_kmeans"] > 0.95 and a["types_matched_kmeans"] == 3
+    assert a["types_matched_events"] <= 3 and 0 <= a["nmi_pca"] <= 1
+
+
+def test_coherence_is_sign_free_in_rank1():
+    rng = np.random.default_rng(0)
+    axis = rng.normal(size=30)
+    signed = np.array([s * axis + 0.01 * rng.normal(size=30) for s in rng.choice([-1, 1], 200)])
+    types = np.zeros(200, int)
+    assert metrics.coherence(signed, types)["0"] < 0.2  # + and - cancel in the mean
+    assert metrics.coherence_rank1(signed, types)["0"] > 0.99  # one axis whatever the sign
+    unrelated = rng.normal(size=(50, 400))
+    assert metrics.coherence_rank1(unrelated, np.zeros(50, int))["0"] < 0.1
+
+
+def test_effect_scores_count_only_effects_above_the_noise_floor():
+    floor = np.array([0.1, 0.1, 0.1])
+    effect = np.array(
+        [
+            [[0.0, 0.05, 0.0], [0.0, 0.5, -0.2]],  # moves task 1 (alpha +), and task 2
+            [[0.09, -0.09, 0.05], [0.0, 0.0, 0.0]],  # noise only: one prompt's worth would score 1.0 unfloored
+        ]
+    )
+    sc = analysis.effect_scores(effect, floor)
+    assert sc["moves"].tolist() == [1.0, 0.0] and sc["n_above"].tolist() == [2.0, 0.0]
+    assert sc["top_task"].tolist() == [1, -1] and sc["best_alpha"][0] == 1
+    assert sc["specificity"][0] == pytest.approx(0.5 / 0.7) and np.isnan(sc["specificity"][1])
+
+
+def test_own_task_null_credits_no_task_every_direction_hits():
+    own = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    top = np.zeros(8, int)  # task 0 is hit hardest by every shard
+    null_mean, p95, p = analysis.own_task_null(own, top)
+    assert null_mean == pytest.approx(0.25) and p > 0.3  # observed 0.25: no better than shuffled tasks
+    assert np.isnan(analysis.own_task_null(own, -np.ones(8, int))[0])
+
+
+def test_shard_sizes_and_span_directions():
+    raw = np.array([[2.0, 0.0], [0.0, 1.0], [-3.0, 0.0]])
+    codes = np.array([[1.0], [0.0], [-1.0]])
+    assert analysis.shard_sizes(raw, codes, np.array([[1.0, 0.0]])).tolist() == [5.0]
+    r = analysis.span_directions(raw[:, :1], 3, seed=0)
+    assert np.allclose(np.abs(r), 1.0)  # the span of events along one axis is that axis
 
 
 def test_random_dictionary_has_the_sae_structure():
@@ -92,7 +138,8 @@ def test_analysis_without_an_rl_run_on_a_store_labelled_by_its_writer(tmp_path):
     analysis.run(p, progress=False)
     ds = load_results(tmp_path / "analysis" / "results.nc")
     for m in analysis.ALIGNMENT_METRICS:
-        assert {m, f"{m}_shuffled", f"{m}_random", f"setting_{m}"} <= set(ds.data_vars)
+        assert {m, f"setting_{m}", f"{m}_random_std"} | {f"{m}_{b}" for b in analysis.BASELINES} <= set(ds.data_vars)
+    assert int(ds.n_events) + int(ds.n_zero_events) == n
     assert ds.n_types.values.tolist() == [3] and sorted(ds.event_type.values) == ["0", "1", "2"]
     assert not {"add_effect", "ablate_effect", "specificity", "online_type_match"} & set(ds.data_vars)
     assert "not run: rl_dir is empty" in ds.attrs["interventions"]

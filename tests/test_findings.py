@@ -50,7 +50,45 @@ def test_analysis_finding_compares_with_the_random_dictionary():
         coords={"sae_seed": seeds},
     )
     text = finding("analysis", ds)
-    assert "NMI between shards and the 8 event types is 0.200 ± 0.000 (random dictionary 0.300" in text
-    assert "Negative: shards align with event types no better than a random dictionary" in text
+    assert "NMI between shards and the 8 event types is 0.200 ± 0.000 (random dictionaries 0.300" in text
+    assert "Negative: shards align with event types no better than random dictionaries" in text
+
+
+def test_analysis_finding_says_when_k_means_does_as_well():
+    ds = xr.Dataset(
+        {
+            **{
+                f"{m}{s}": ("sae_seed", v)
+                for m in ("nmi", "types_matched")
+                for s, v in (
+                    ("", [0.60, 0.62]),
+                    ("_kmeans", [0.61, 0.63]),
+                    ("_pca", [0.5, 0.5]),
+                    ("_events", [0.4, 0.4]),
+                    ("_oracle", [0.7, 0.7]),
+                    ("_random", [0.3, 0.3]),
+                    ("_random_std", [0.02, 0.02]),
+                    ("_shuffled", [0.0, 0.0]),
+                )
+            },
+            "n_types": ("sae_seed", [8, 8]),
+            "n_events": 100,
+            "n_zero_events": 40,
+            "moves": ("intervened_shard", [1.0, 0.0]),
+            "random_moves": ("random", [1.0, 1.0]),
+            "specificity": ("intervened_shard", [0.9, np.nan]),
+            "random_specificity": ("random", [0.5, 0.6]),
+            "own_task_hit": ("intervened_shard", [1.0, np.nan]),
+            "own_task_null": 0.4,
+            "own_task_p": 0.4,
+        },
+        coords={"sae_seed": [0, 1]},
+    )
+    text = finding("analysis", ds)
+    assert "on 100 events (40 zero updates left out)" in text and "k-means 0.620 ± 0.010" in text
+    assert "type means (ceiling) 0.700" in text and "random dictionaries 0.300 ± 0.020 over dictionaries" in text
+    assert "Negative: the SAE aligns with event types no better than k-means" in text
+    assert "Negative: shards move reward no more often than random directions" in text
+    assert "Negative: shards hit their own task no more often than with shuffled tasks" in text
     with pytest.raises(ValueError, match="no finding for stage kind 'nope'"):
         finding("nope", ds)
