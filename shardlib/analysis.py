@@ -431,10 +431,15 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
         types, task = event_type_labels(inp.acts)
     X = flatten({n: inp.data[n] for n in names}, names)
     D = np.concatenate([inp.dirs[n].reshape(F, -1) for n in names], 1)
+    means, type_names = type_means(X, types)
     parts = [
         seed_alignment(p, inp, codes, types, X, D),
         type_views(codes, types, X, p.seed),
         where_shards_live(inp.dirs),
+        xr.Dataset(  # each shard against each type's mean update (the shard cards' nearest type)
+            {"shard_type_cos": (("shard", "event_type"), _unit_rows(D) @ _unit_rows(means).T)},
+            coords={"shard": np.arange(F), "event_type": type_names},
+        ),
     ]
     if p.rl_dir:  # what needs a shardlib RL run: its online shards, its policies and testbed
         parts.append(online_comparison(Path(p.rl_dir) / "online_shards.nc", names, X, types, D))
@@ -597,12 +602,17 @@ def online_comparison(online: Path, names: list[str], X, types, D) -> xr.Dataset
 
     on = load_results(online)
     on_dirs = np.concatenate([shard_directions(on)[n].reshape(on.sizes["shard"], -1) for n in names], 1)
+    cos = _unit_rows(D) @ _unit_rows(on_dirs).T
+    nearest = np.abs(cos).argmax(1)
     return xr.Dataset(
         {
             "online_type_match": hungarian_mcc(type_means(X, types)[0], on_dirs),
             "online_offline_match": hungarian_mcc(D, on_dirs),
             "online_offline_mmcs": float(abs_cos(D, on_dirs).max(1).mean()),
-        }
+            "online_nearest": ("shard", nearest),
+            "online_nearest_cos": ("shard", cos[np.arange(len(D)), nearest]),
+        },
+        coords={"shard": np.arange(len(D))},
     )
 
 

@@ -417,10 +417,32 @@ def update_readme(run_dir, readme, check: bool = False) -> bool:
     return current
 
 
+FIGURE_CAPTIONS = {
+    "training_curves": (("rl_bandit", "rl_lm", "sft_lm"), "Training reward of the RL runs and the SFT control."),
+    "sparsity": (("sparsity",), "Share of parameters the fine-tunes left unchanged, under each lens."),
+    "frontier": (("frontier",), "Held-out FVU against L0 of the SAEs on the update stores."),
+    "planted": (("planted",), "Recovery of planted low-rank shards (the positive control)."),
+    "shard_event_heatmap": (("analysis_bandit", "analysis_lm"), "Mean |activation| of each shard by event type."),
+    "intervention": (("analysis_bandit", "analysis_lm"), "Reward change per task when a shard is added."),
+    "online_offline": (("analysis_bandit", "analysis_lm"), "Online shards (trained during RL) against offline ones."),
+    "toy_models": (("toy_models",), "SAEs on toy-model gradients against the published decompositions."),
+    "toy_intervention": (("toy_models",), "Toy models: what adding a recovered component does."),
+}
+PAGE_STYLE = (
+    "body{font-family:sans-serif;max-width:70em;margin:auto;padding:0 1em}img{max-width:100%}"
+    "figure{margin:1em 0}figcaption{font-size:0.9em;color:#333}li{margin:0.3em 0}"
+)
+
+
 def report_html(run_dir) -> Path:
-    """``run_dir/report.html``: every stage's Finding, the figures (embedded) and the run's provenance."""
+    """``run_dir/report.html``, the reader's front page (one file, no server, images embedded): every stage's
+    Finding as a short summary linking to its section, the figures captioned and tied to the Finding they
+    support, each shard stage's index of shards (sortable) with every shard's card (:mod:`shardlib.browse`),
+    and the run's provenance."""
+    from .browse import SORT_SCRIPT, STYLE, Browser, stage_dirs
+
     run_dir = Path(run_dir)
-    parts = [f"<h1>shardlib run {html.escape(run_dir.name)}</h1>"]
+    summary, sections, cards = [], [], []
     prov = None
     for stage, kind in STAGES + SMOLLM_STAGES:
         ds = _load(run_dir, stage)
@@ -429,21 +451,42 @@ def report_html(run_dir) -> Path:
         prov = prov or {
             k: str(ds.attrs.get(k)) for k in ("git_commit", "git_dirty", "torch_version", "python_version", "created")
         }
-        parts.append(f"<h2>{html.escape(stage)}</h2><p>{html.escape(findings.finding(kind, ds))}</p>")
-    figs = sorted((run_dir / "figures").glob("*.png"))
-    for f in figs:
-        data = base64.b64encode(f.read_bytes()).decode()
-        parts.append(f'<h3>{html.escape(f.stem)}</h3><img style="max-width:100%" src="data:image/png;base64,{data}">')
+        text = findings.finding(kind, ds)
+        first = text.split(". ")[0].removeprefix("Finding: ")
+        summary.append(f"<li><a href='#{stage}'>{html.escape(stage)}</a>: {html.escape(first)}.</li>")
+        figs = [
+            f"<figure><img alt='{f}' src='data:image/png;base64,{base64.b64encode((run_dir / 'figures' / f'{f}.png').read_bytes()).decode()}'>"
+            f"<figcaption>{html.escape(cap)}</figcaption></figure>"
+            for f, (stages, cap) in FIGURE_CAPTIONS.items()
+            if stages[0] == stage or (stage in stages and not _load_any(run_dir, stages[: stages.index(stage)]))
+            if (run_dir / "figures" / f"{f}.png").exists()
+        ]
+        sections.append(f"<h2 id='{stage}'>{html.escape(stage)}</h2><p>{html.escape(text)}</p>" + "".join(figs))
+        if kind == "analysis":
+            shards_dir = stage_dirs(ds, run_dir)
+            if shards_dir is not None:
+                page = Browser(shards_dir, run_dir / stage).html(title=f"Shards of {shards_dir.name} ({stage})")
+                cards.append(f"<section id='cards-{stage}'>{page}</section>")
+                summary[-1] = summary[-1].replace("</li>", f" <a href='#cards-{stage}'>Shard cards</a>.</li>")
+    parts = [f"<h1>shardlib run {html.escape(run_dir.name)}</h1>", "<h2>Findings</h2><ul>" + "".join(summary) + "</ul>"]
+    parts += sections + cards
     if prov:
         parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=1)) + "</pre>")
     times = re.sub(r"\s*<!--.*-->", "", _times(run_dir))
     if times:
         parts.append(f"<p>{html.escape(times)}</p>")
     out = run_dir / "report.html"
-    out.write_text(
-        "<!doctype html><meta charset='utf-8'><body style='font-family:sans-serif;max-width:60em'>" + "\n".join(parts)
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(
+        f"<!doctype html><meta charset='utf-8'><title>shardlib run {html.escape(run_dir.name)}</title>"
+        f"<style>{PAGE_STYLE}</style>{STYLE}{SORT_SCRIPT}<body>" + "\n".join(parts) + "</body>"
     )
+    tmp.replace(out)
     return out
+
+
+def _load_any(run_dir: Path, stages) -> bool:
+    return any((run_dir / s / "results.nc").exists() for s in stages)
 
 
 # ---------------------------------------------------------------------------

@@ -187,6 +187,17 @@ class SyntheticTasks:
     def decode(self, ids) -> str:
         return " ".join(self.vocab[i] for i in ids)
 
+    def event_texts(self, batch: dict, completion: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
+        """Per-event labels a reader needs to see what was reinforced: the prompt and the completion as text
+        (``"<bos> par 3 1 4 1 ="``, ``"1 <eos>"``)."""
+        lengths = mask.sum(1).tolist()
+        return {
+            "prompt_text": np.array([self.decode(p.tolist()) for p in batch["prompt"]], dtype=object),
+            "completion_text": np.array(
+                [self.decode(c[:n].tolist()) for c, n in zip(completion, lengths)], dtype=object
+            ),
+        }
+
 
 def check_task_names(tasks, known=None) -> None:
     """The ``tasks`` parameter of a stage: a non-empty list of distinct names of ``known`` (default ``TASKS``)."""

@@ -42,6 +42,32 @@ def test_readme_results_are_generated_from_the_run_and_checked(tiny_run, tmp_pat
     assert "Finding: " in html and "data:image/png;base64," in html and "git_commit" in html
 
 
+def test_report_html_has_a_card_for_every_shard(tiny_run):
+    """The reader's front page: every shard of both shard stages has a card with its top events in readable form
+    (decoded text for the LM), every image is embedded, and nothing points outside the file."""
+    import re
+
+    from shardlib.browse import Browser
+
+    run_dir, _ = tiny_run
+    html = report_html(run_dir).read_text()
+    for stage, analysis in (("shards_bandit", "analysis_bandit"), ("shards_lm", "analysis_lm")):
+        n = load_results(run_dir / stage / "shards.nc").sizes["shard"]
+        section = html.split(f"<section id='cards-{analysis}'>")[1].split("</section>")[0]
+        assert all(f"<h3 id='shard-{i}'>Shard {i}</h3>" in section for i in range(n))
+        b = Browser(run_dir / stage, run_dir / analysis)
+        firing = int(b.index()["fires on"].idxmax())
+        card = b.card(firing).html
+        assert card.count("<tr>") >= 5 and "Where it lives" in card and "Nearest by cosine" in card
+        if stage == "shards_lm":
+            assert "&lt;bos&gt;" in card and "→" in card  # the synthetic tokens decoded: "<bos> add 3 1 4 1 ="
+        else:
+            assert "→ arm" in card
+    assert not re.search(r"(src|href)=['\"](https?:|//)", html)  # no external URLs
+    assert all(src.startswith("data:image/png;base64,") for src in re.findall(r"<img[^>]*src=['\"]([^'\"]+)", html))
+    assert "<a href='#cards-analysis_lm'>Shard cards</a>" in html
+
+
 def test_tiny_pipeline_writes_notebooks_results_and_plots(tiny_run):
     run_dir, records = tiny_run
     assert all(r["status"] == "done" for r in records) and len(records) == len(plan(load_config(TINY), run_dir.parent))
