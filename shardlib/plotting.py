@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 STYLE = {
     "figure.figsize": (5.0, 3.2),
@@ -121,6 +122,14 @@ def frontier(ds, ax=None, title: str = ""):
     for t in (0.1, 0.01):
         ax.axhline(t, ls="--", c="grey", lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="L0 (active latents per update)", ylabel="held-out FVU", title=title)
+    l0 = np.asarray(ds["l0"].values, dtype=float)
+    l0 = l0[np.isfinite(l0) & (l0 > 0)]
+    if len(l0):  # the axis spans the measured points (a dead SAE's L0 near 0 would stretch it to 1e-2)
+        ax.set_xlim(l0.min() / 1.5, l0.max() * 1.5)
+        ticks = sorted(set(np.round(l0, 1)))
+        if len(ticks) <= 8:
+            ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+            ax.minorticks_off()
     ax.legend()
     return ax
 
@@ -191,18 +200,40 @@ def frontier_panels(ds, store_label: str = "{store} updates"):
     return fig
 
 
+MIN_TYPE_EVENTS = 5  # event types with fewer events are left out of the heatmap (their means are noise)
+
+
 def event_heatmap(ds, ax=None, title: str = ""):
-    """Mean |activation| of each shard by event type, titled with NMI (and its k-means and random-dictionary
-    baselines) and firing-weighted purity (and with shuffled labels) of the first SAE seed."""
+    """Mean |activation| of each shard by event type, each row divided by its largest value (the pattern, not the
+    scale of one type), rows labelled with their event counts, types under ``MIN_TYPE_EVENTS`` events left out,
+    shards ordered by their dominant type so that a diagonal shows; titled with NMI (and its k-means and
+    random-dictionary baselines) and firing-weighted purity (and with shuffled labels) of the first SAE seed."""
+    import numpy as np
+
     nmi, nmi_r = float(ds.nmi[0]), float(ds.nmi_random[0])
     km = f"k-means {float(ds.nmi_kmeans[0]):.2f}, " if "nmi_kmeans" in ds else ""
     pur, pur_s = float(ds.purity[0]), float(ds.purity_shuffled[0])
-    return heatmap(
-        ds.activation_by_type.T,
+    act = ds.activation_by_type.transpose("event_type", "shard")
+    keep = ds.type_count.values >= MIN_TYPE_EVENTS
+    if not keep.any():
+        keep[:] = True
+    act = act.isel(event_type=np.flatnonzero(keep))
+    counts = ds.type_count.values[keep]
+    v = act.values / np.clip(act.values.max(1, keepdims=True), 1e-30, None)
+    fired = act.values.max(0) > 0
+    order = np.lexsort((-act.values.max(0), act.values.argmax(0)))  # by dominant type, strongest first
+    order = order[fired[order]]
+    da = act.copy(data=v).isel(shard=order)
+    da = da.assign_coords(event_type=[f"{t} (n={c})" for t, c in zip(act.event_type.values, counts)])
+    dropped = int((~keep).sum())
+    note = f"; {dropped} types under {MIN_TYPE_EVENTS} events left out" if dropped else ""
+    heatmap(
+        da,
         ax,
-        xlabel="shard",
+        xlabel=f"shard (firing ones, by dominant type; rows scaled to their max{note})",
         title=f"{title}NMI {nmi:.2f} ({km}random dict. {nmi_r:.2f}), purity {pur:.2f} (shuffled {pur_s:.2f})",
     )
+    return ax
 
 
 def add_effect(ds, ax=None, title: str = "", alpha: float | None = None):
