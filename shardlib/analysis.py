@@ -1,19 +1,20 @@
 """What shards mean (alignment with event types) and what they do (parameter interventions).
 
-Alignment, each against two baselines (field notes §6: always compare with shuffled labels):
-- purity: for each latent that fires, the share of its firing events that belong to its
-  most common event type; mean over firing latents (1 for a perfect dictionary);
-- best-latent AUROC per event type: max over latents of the AUROC of |activation| as a
-  detector of that type;
-- Hungarian matching of shard directions to the per-type mean updates (mean |cos|);
-baselines: the same statistics with event types shuffled across events, and a dictionary
-of random directions with the SAE's structure (random rank-r factors per matrix).
+Alignment (``ALIGNMENT_METRICS``; NMI and ARI are scikit-learn's): purity of (latent, sign) clusters, NMI and
+ARI between each event's top (latent, sign) and its type, best-cluster AUROC per type, Hungarian matching of
+directions to the type-mean updates, and types matched at |cos| > 0.9. Every score stands beside
+``BASELINES``: chance (shuffled labels; random dictionaries of the SAE's structure over ``RANDOM_SEEDS``
+seeds) and dictionaries fitted to the same events (k-means, PCA, drawn events, and the type means as the
+ceiling), each encoded as the SAE encodes. Clustering is the natural competitor: where every event
+reinforces one computation an SAE with k = 1 *is* a clustering (Coates & Ng 2011 found k-means
+dictionaries competitive with sparse coding), so an SAE shows its worth only by beating these.
 
-Interventions (the parameter-space analogue of the maze policy's "cheese vector"):
-``theta_base + alpha * scale * shard`` with ``scale`` = the norm of the total RL update on
-the shard's tensors, and ablation ``theta_final - <delta_total, shard> shard``; reward per
-task family is measured on fixed held-out prompts, against random directions of the same
-norm and structure.
+Interventions (the parameter-space analogue of the maze policy's "cheese vector"): ``theta_base + alpha *
+size_i * shard_i`` with ``size_i`` the shard's summed component in the events it fires on, both signs, and
+ablation ``theta_final - <delta_total, shard> shard``; reward per task family on fixed held-out prompts.
+Effects count only above the evaluation's noise floor (the unchanged policy under other sampling seeds);
+nulls: random directions from the span of the stored updates at the same sizes, and shuffled shard tasks
+for the own-task hit rate.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Event types: which computation a reinforcement event reinforced (one home for the definition).
 
 An event update is ``A * grad log pi(action | context)``: it carries the event's identity only
-through the context and the action it reinforces (field notes §6, §8). So an event type names
+through the context and the action it reinforces. So an event type names
 both, never the sign of the advantage (a hit and a miss in one context push the same "rewarded
 action over taken action" computation, with opposite signs):
 

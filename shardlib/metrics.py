@@ -1,4 +1,4 @@
-"""Metrics with reference definitions (field notes §3-5).
+"""Metrics with reference definitions (the papers each section names).
 
 Reconstruction (Gao et al. 2024; SAELens' corrected definition)
     FVU = sum_b ||x_b - xhat_b||^2 / sum_b ||x_b - xbar||^2, from sufficient statistics
@@ -135,7 +135,7 @@ def recovery(G, D, t: float = 0.9) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------
-# update sparsity (field notes §5: Mukherjee et al. 2025 and its critiques)
+# update sparsity (Mukherjee et al. 2025, arXiv 2505.11711, and its critiques)
 
 TAUS = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
 
@@ -172,7 +172,7 @@ def touched(delta: torch.Tensor) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------
-# alignment of shards with event types (field notes §8). A signed latent is two clusters:
+# alignment of shards with event types. A signed latent is two clusters:
 # (latent, +) and (latent, -); its sign separates what it fires on.
 
 

@@ -10,7 +10,7 @@ GRPO as in TRL / DeepSeekMath: G completions per prompt; advantage
 changes; the other is its loss aggregation, ``loss_type="dr_grpo"``); token-level clipped
 surrogate with ``clip_eps`` on log-probabilities of the policy at the sampling ``temperature``
 (logits divided by it, as TRL does); optional KL to the frozen starting policy with the k3
-estimator ``exp(ref - logp) - (ref - logp) - 1`` (field notes §6).
+estimator ``exp(ref - logp) - (ref - logp) - 1`` (Schulman, "Approximating KL divergence", 2020; as TRL's GRPO).
 
 Loss aggregation, under TRL's names (``loss_type``), for a micro-batch of completions with token
 losses ``l_t``: ``grpo`` = mean over completions of each one's token mean; ``bnpo`` (default) =

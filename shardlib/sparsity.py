@@ -1,4 +1,4 @@
-"""How sparse are RL parameter updates, under each lens (field notes §5).
+"""How sparse are RL parameter updates, under each lens (Mukherjee et al. 2025, arXiv 2505.11711).
 
 Lenses: exact fp32 zeros; |delta| <= tau for a sweep of tau; bf16-visible change (only for
 the cumulative update, where both checkpoints exist; Mukherjee et al.'s headline number

@@ -10,7 +10,7 @@ Both testbeds expose the same interface to the RL loop (``shardlib.rl``):
 - ``task_names``, ``clause_names``, ``max_new_tokens``.
 
 Event types must reinforce *different computations* for shards to be recoverable
-(field notes §6): every bandit cluster rewards its own arm, every LM task needs its
+every bandit cluster rewards its own arm, every LM task needs its
 own algorithm (add, reverse, sort, parity, max).
 """
 

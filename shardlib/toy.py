@@ -10,7 +10,7 @@ Cases (``CASES``):
   computed by autograd; the coefficients a shard recovers are its bias part (for an input
   with only feature i, the bias gradient is the output ``f(x) ~ x_i A[i, :]``).
 
-Data points (L3D, field notes §2b): per-sample gradients at the trained weights, via
+Data points (L3D: Chrisman et al. 2025, arXiv 2504.00194, code briannachrisman/eigenestimation): per-sample gradients at the trained weights, via
 ``torch.func.vmap(grad)``, of ``1/2 ||f(x_i) - stopgrad f(x_r)||^2`` where the reference
 ``x_r`` is another sample of the batch (TMS) or the output is compared with zero (TMCS, as
 L3D's circuit-superposition script does with its ``ZeroOutput`` reference). Samples with no
