@@ -80,7 +80,12 @@ def main(argv=None) -> int:
     rp = sub.add_parser("report", help="write the README's Results (and runs/<run>/report.html) from a run's results")
     rp.add_argument("--run", default="default", help="run name (folder under runs/), default: default")
     rp.add_argument("--runs-dir", help="where runs are (default: runs/ in the repository)")
-    rp.add_argument("--readme", default=str(ROOT / "README.md"), help="the README to write (default: the repository's)")
+    rp.add_argument(
+        "--readme",
+        default=None,
+        help="the file to write the results into (default: the repository's README.md; docs/smollm.md for a run of "
+        "configs/smollm.yaml)",
+    )
     rp.add_argument("--check", action="store_true", help="only check: exit 1 when the README differs from the results")
     c = sub.add_parser(
         "compare", help="compare the results files of two runs (values only; provenance and timings left out)"
@@ -110,11 +115,12 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     if args.cmd == "report":
-        from .report import ReportError, report_html, update_readme
+        from .report import ReportError, is_smollm_run, report_html, update_readme
 
         run_dir = runs_folder(args.runs_dir) / check_name("run", args.run)
+        readme = args.readme or str(ROOT / ("docs/smollm.md" if is_smollm_run(run_dir) else "README.md"))
         try:
-            current = update_readme(run_dir, args.readme, check=args.check)
+            current = update_readme(run_dir, readme, check=args.check)
         except ReportError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -168,7 +168,7 @@ def analysis(ds: xr.Dataset) -> str:
     fitted = "nmi_kmeans" in ds
     base = (
         f"k-means {_ms(ds.nmi_kmeans)}, PCA {_ms(ds.nmi_pca)}, drawn events {_ms(ds.nmi_events)}, type means "
-        f"(ceiling) {_ms(ds.nmi_oracle)}; "
+        f"(oracle) {_ms(ds.nmi_oracle)}; "
         if fitted
         else ""
     )
@@ -196,13 +196,19 @@ def analysis(ds: xr.Dataset) -> str:
         out += (
             f" Above the evaluation's noise floor, {nanmean(ds.moves):.0%} of the {ds.sizes['intervened_shard']} "
             f"shards added at their own size move reward (random directions from the updates' span at the same "
-            f"sizes: {nanmean(ds.random_moves):.0%}); specificity of what moves {nanmean(ds.specificity):.2f} (random "
-            f"{nanmean(ds.random_specificity):.2f}); the largest effect is on the shard's own task in "
-            f"{nanmean(ds.own_task_hit):.0%} (shuffled tasks {float(ds.own_task_null):.0%}, p = {float(ds.own_task_p):.2f})."
+            f"sizes: {nanmean(ds.random_moves):.0%})"
         )
-        if nanmean(ds.moves) <= nanmean(ds.random_moves):
+        if nanmean(ds.moves) > 0:
+            out += (
+                f"; specificity of what moves {nanmean(ds.specificity):.2f} (random {nanmean(ds.random_specificity):.2f}); "
+                f"the largest effect is on the shard's own task in {nanmean(ds.own_task_hit):.0%} (shuffled tasks "
+                f"{float(ds.own_task_null):.0%}, p = {float(ds.own_task_p):.2f})."
+            )
+        else:
+            out += ". Negative: no shard moves reward above the noise floor, so no effect is attributed to any shard."
+        if nanmean(ds.moves) > 0 and nanmean(ds.moves) <= nanmean(ds.random_moves):
             out += " Negative: shards move reward no more often than random directions of the same size."
-        if not float(ds.own_task_p) < 0.05:
+        if nanmean(ds.moves) > 0 and not float(ds.own_task_p) < 0.05:
             out += " Negative: shards hit their own task no more often than with shuffled tasks."
     elif "specificity" in ds:  # results written before the noise floor existed
         out += f" Adding a shard changes reward with specificity {nanmean(ds.specificity):.2f} (no noise floor)."

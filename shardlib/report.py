@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -248,7 +249,7 @@ def _alignment(run_dir: Path) -> str:
         "k-means",
         "PCA",
         "drawn events",
-        "type means (ceiling)",
+        "type means (oracle)",
         "shuffled labels",
         "random dict. (5 seeds)",
     ]
@@ -399,8 +400,23 @@ def _strip_wall(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if WALL not in line and line.strip())
 
 
+READING = "### Reading the results"
+NUMBER = re.compile(r"(?<![\w.])\d+\.\d{2,}(?![\d])")  # a measured value: two decimals or more
+
+
+def stale_reading_numbers(text: str, generated: str) -> list[str]:
+    """The numbers of the hand-written reading (from ``READING`` to the next ``## `` heading) that the generated
+    Results do not print: a reading may only quote what the results files say."""
+    if READING not in text:
+        return []
+    reading = text.split(READING, 1)[1].split("\n## ", 1)[0]
+    return sorted({x for x in NUMBER.findall(reading) if x not in generated})
+
+
 def update_readme(run_dir, readme, check: bool = False) -> bool:
-    """Write (or, with ``check``, compare) the Results block; returns whether the README was already current."""
+    """Write (or, with ``check``, compare) the Results block; returns whether the README was already current:
+    its Results block is the one the run generates and every number of its reading is one the block prints
+    (:func:`stale_reading_numbers`)."""
     readme = Path(readme)
     text = readme.read_text()
     begin, end, render = (
@@ -414,7 +430,10 @@ def update_readme(run_dir, readme, check: bool = False) -> bool:
     current = _strip_wall(old) == _strip_wall(new)
     if not check and old != new:
         readme.write_text(head + begin + new + end + tail)
-    return current
+    stale = stale_reading_numbers(head + tail, new)
+    if stale:
+        print(f"{readme}: the reading quotes numbers the results do not print: {', '.join(stale)}", file=sys.stderr)
+    return current and not stale
 
 
 FIGURE_CAPTIONS = {

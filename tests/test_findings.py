@@ -86,7 +86,7 @@ def test_analysis_finding_says_when_k_means_does_as_well():
     )
     text = finding("analysis", ds)
     assert "on 100 events (40 zero updates left out)" in text and "k-means 0.620 ± 0.010" in text
-    assert "type means (ceiling) 0.700" in text and "random dictionaries 0.300 ± 0.020 over dictionaries" in text
+    assert "type means (oracle) 0.700" in text and "random dictionaries 0.300 ± 0.020 over dictionaries" in text
     assert "Negative: the SAE aligns with event types no better than k-means" in text
     assert "Negative: shards move reward no more often than random directions" in text
     assert "Negative: shards hit their own task no more often than with shuffled tasks" in text

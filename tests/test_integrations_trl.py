@@ -142,14 +142,14 @@ def test_factored_events_are_stored_factored(runs):
 
 
 def test_the_readme_example_runs_and_its_store_trains_in_notebook_03(tmp_path, monkeypatch):
-    """The README's TRL block, run as written on a GRPOTrainer, then the shard stage under papermill."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### TRL") :]
+    """The TRL page's block (docs/trl.md), run as written on a GRPOTrainer, then the shard stage under papermill."""
+    readme = (ROOT / "docs" / "trl.md").read_text()
+    section = readme[readme.index("# Updates from TRL") :]
     block = re.search(r"```python\n(.*?)```", section, re.S)[1]
     monkeypatch.chdir(tmp_path)
     trainer = ex.make_trainer(tmp_path / "trl", max_steps=2, gradient_accumulation_steps=2)
     ns = {"trainer": trainer}
-    exec(compile(block, "README.md", "exec"), ns)
+    exec(compile(block, "docs/trl.md", "exec"), ns)
     store = tmp_path / "runs" / "trl" / "updates" / "events"
     ev = open_store(store)
     assert ev.sizes["event"] == 2 * 8 and ev.attrs["source"] == "trl.GRPOTrainer"

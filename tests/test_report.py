@@ -1,6 +1,6 @@
 import pytest
 
-from shardlib.report import ReportError, results_markdown, update_readme
+from shardlib.report import ReportError, results_markdown, stale_reading_numbers, update_readme
 
 
 def test_report_names_what_is_missing(tmp_path):
@@ -69,3 +69,10 @@ def test_a_smollm_run_fills_its_own_readme_block(tmp_path, monkeypatch):
     assert not report.update_readme(tmp_path / "run", readme)
     text = readme.read_text()
     assert "old default" in text and "new smollm" in text and "\nold\n" not in text
+
+
+def test_check_fails_on_a_number_the_results_do_not_print():
+    text = "# x\n\n### Reading the results\n\nNMI 0.605 against 0.642; k = 4; 12 types.\n\n## Next\n\n0.999 elsewhere\n"
+    assert stale_reading_numbers(text, "NMI 0.605 ± 0.005, random 0.642") == []
+    assert stale_reading_numbers(text, "NMI 0.605 ± 0.005") == ["0.642"]  # typed by hand, or stale
+    assert stale_reading_numbers("no reading here 0.123", "") == []
