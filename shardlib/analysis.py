@@ -10,7 +10,7 @@ reinforces one computation an SAE with k = 1 *is* a clustering (Coates & Ng 2011
 dictionaries competitive with sparse coding), so an SAE shows its worth only by beating these.
 
 Interventions (the parameter-space analogue of the maze policy's "cheese vector"): ``theta_base + alpha *
-size_i * shard_i`` with ``size_i`` the shard's summed component in the events it fires on, both signs, and
+size_i * shard_i`` with ``size_i`` the shard's component in the fine-tune's total change, both signs, and
 ablation ``theta_final - <delta_total, shard> shard``; reward per task family on fixed held-out prompts.
 Effects count only above the evaluation's noise floor (the unchanged policy under other sampling seeds);
 nulls: random directions from the span of the stored updates at the same sizes, and shuffled shard tasks
@@ -222,7 +222,8 @@ class AnalysisParams(Params):
         [1, 2], "more SAE seeds trained on the same store, for seed-to-seed stability", ge=0, le=SEED_MAX
     )
     alphas: list[float] = param(
-        [-1.0, 1.0], "intervention strengths, relative to each shard's own size (its summed component in the events)"
+        [-1.0, 1.0],
+        "intervention strengths, relative to each shard's own size (its component in the fine-tune's change)",
     )
     noise_seeds: int = param(
         4, "evaluations of the unchanged policy under other sampling seeds: the noise floor of every effect", ge=1
@@ -306,11 +307,14 @@ def _unflatten(v: np.ndarray, shapes: dict[str, tuple]) -> dict[str, torch.Tenso
     return out
 
 
-def intervention_effects(p: AnalysisParams, inp: AnalysisInputs, shard_ids: np.ndarray, sizes, randoms, rand_sizes):
-    """Reward change per task family of adding each shard (``alpha`` × its own size, both signs) to the base
-    policy and of ablating it from the fine-tuned one; the same additions for ``randoms`` (unit rows at
-    ``rand_sizes``); and the evaluation noise: the unchanged base policy under ``noise_seeds`` other sampling
-    seeds on the same prompts."""
+def intervention_effects(p: AnalysisParams, inp: AnalysisInputs, shard_ids: np.ndarray, event_sizes, randoms):
+    """Reward change per task family of adding each shard (``alpha`` × its size, both signs) to the base policy
+    and of ablating it from the fine-tuned one; the same additions for ``randoms`` (unit rows, at the shards'
+    sizes in turn); and the evaluation noise: the unchanged base policy under ``noise_seeds`` other sampling
+    seeds on the same prompts. A shard's size is its component in the fine-tune's actual change,
+    ``|<theta_final - theta_base, shard>|`` (what ablation removes): the space the policy moved in, whatever
+    the optimizer. ``event_sizes`` (:func:`shard_sizes`, the summed components of the stored events) are kept
+    beside it; with Adam and stored updates ``-lr * gradient`` they are on another scale."""
     from .policy import evaluate, load_policy
     from .rl import RLParams, make_testbed
 
@@ -320,26 +324,28 @@ def intervention_effects(p: AnalysisParams, inp: AnalysisInputs, shard_ids: np.n
     final = load_policy(Path(p.rl_dir) / "policy").eval()
     names, shapes = inp.names, {n: inp.dirs[n].shape[1:] for n in inp.names}
     delta = param_delta(base, final, names)
+    coef = np.array([float(sum((torch.from_numpy(inp.dirs[n][i]) * delta[n]).sum() for n in names)) for i in shard_ids])
+    sizes = np.abs(coef)
+    rand_sizes = sizes[np.arange(len(randoms)) % len(sizes)]
 
     def ev(m, sample_seed=None):
         return np.array(evaluate(m, testbed, p.eval_prompts, p.seed, rp.temperature, sample_seed=sample_seed)["reward"])
 
     r_base, r_final = ev(base), ev(final)
     noise = np.array([ev(base, 1 + j) - r_base for j in range(p.noise_seeds)])
-    add, add_rand, abl, coef = [], [], [], []
+    add, add_rand, abl = [], [], []
     for i, size in zip(shard_ids, sizes):
         d = {n: torch.from_numpy(inp.dirs[n][i]) for n in names}
         add.append([ev(add_direction(base, d, a * size)) - r_base for a in p.alphas])
-        m, c = project_out(final, d, delta)
-        abl.append(ev(m) - r_final)
-        coef.append(c)
+        abl.append(ev(project_out(final, d, delta)[0]) - r_final)
     for r, size in zip(randoms, rand_sizes):
         d = _unflatten(r, shapes)
         add_rand.append([ev(add_direction(base, d, a * size)) - r_base for a in p.alphas])
     return xr.Dataset(
         {
             "add_effect": (("shard", "alpha", "task"), np.array(add)),
-            "shard_size": ("shard", np.asarray(sizes, dtype=float)),
+            "shard_size": ("shard", sizes),
+            "shard_event_size": ("shard", np.asarray(event_sizes, dtype=float)),
             "random_add_effect": (("random", "alpha", "task"), np.array(add_rand)),
             "random_size": ("random", np.asarray(rand_sizes, dtype=float)),
             "ablate_effect": (("shard", "task"), np.array(abl)),
@@ -622,7 +628,7 @@ def online_comparison(online: Path, names: list[str], X, types, D) -> xr.Dataset
 def intervention_results(
     p: AnalysisParams, inp: AnalysisInputs, codes: np.ndarray, task: np.ndarray, X: np.ndarray, D: np.ndarray
 ) -> xr.Dataset:
-    """:func:`intervention_effects` on the most frequent shards, each added at its own size (:func:`shard_sizes`)
+    """:func:`intervention_effects` on the most frequent shards, each added at its own size in the fine-tune
     and against as many random directions from the updates' span at the same sizes, scored against the
     evaluation's noise floor (the largest change of the unchanged policy across sampling seeds, per task):
     which directions move reward above it, the specificity of what does, and whether a shard's largest
@@ -630,10 +636,8 @@ def intervention_results(
     raw = X * inp.store["update_norm"].values[:, None] if "update_norm" in inp.store.coords else X
     order = np.argsort(-inp.shards["frequency"].values)
     ids = order[: p.n_shards]
-    sizes = shard_sizes(raw, codes[:, ids], D[ids])
     randoms = span_directions(raw, p.n_random, p.seed + 1)
-    rand_sizes = sizes[np.arange(p.n_random) % len(sizes)]
-    eff = intervention_effects(p, inp, ids, sizes, randoms, rand_sizes)
+    eff = intervention_effects(p, inp, ids, shard_sizes(raw, codes[:, ids], D[ids]), randoms)
     floor = np.abs(eff["noise_effect"].values).max(0)
     absolute = np.abs(codes)
     own = np.array(

@@ -200,7 +200,7 @@ def frontier_panels(ds, store_label: str = "{store} updates"):
     return fig
 
 
-MIN_TYPE_EVENTS = 5  # event types with fewer events are left out of the heatmap (their means are noise)
+MIN_TYPE_EVENTS = 20  # event types with fewer events are left out of the heatmap (their means are noise)
 
 
 def event_heatmap(ds, ax=None, title: str = ""):
@@ -238,6 +238,11 @@ def event_heatmap(ds, ax=None, title: str = ""):
 
 def add_effect(ds, ax=None, title: str = "", alpha: float | None = None):
     """Reward change per task when each shard is added to the base policy at strength ``alpha`` (default: the
-    largest) times its own size."""
+    largest) times its own size; cells within the evaluation's noise floor are left blank."""
     a = float(ds.alpha.max()) if alpha is None else alpha
-    return heatmap(ds.add_effect.sel(alpha=a), ax, center=True, title=f"{title}Δ reward, base {a:+g} × size × shard")
+    da = ds.add_effect.sel(alpha=a)
+    note = ""
+    if "noise_floor" in ds:
+        da = da.where(np.abs(da) > ds.noise_floor)
+        note = " (blank: within noise)"
+    return heatmap(da, ax, center=True, title=f"{title}Δ reward, base {a:+g} × size × shard{note}")
