@@ -309,7 +309,7 @@ class Browser:
                 f"{r['frequency']:.3f}",
                 _esc(r["dominant type"]),
                 f"{r['dominant share']:.2f}",
-                "" if np.isnan(r["largest effect"]) else f"{r['largest effect']:.3f}",
+                _effect_text(r["largest effect"]),
             ]
             for i, r in idx.iterrows()
         ]
@@ -320,6 +320,11 @@ class Browser:
         return (
             f"<h2>{_esc(title)}</h2>" if title else ""
         ) + f"<table class='card sortable'><tr>{th}</tr>{body}</table>\n{cards}"
+
+
+def _effect_text(v: float) -> str:
+    """The index's effect column: blank when not measured, "within noise" when nothing passed the noise floor."""
+    return "" if np.isnan(v) else ("within noise" if v == 0 else f"{v:.3f}")
 
 
 SORT_SCRIPT = """<script>

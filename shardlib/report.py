@@ -471,7 +471,7 @@ def report_html(run_dir) -> Path:
             k: str(ds.attrs.get(k)) for k in ("git_commit", "git_dirty", "torch_version", "python_version", "created")
         }
         text = findings.finding(kind, ds)
-        first = text.split(". ")[0].removeprefix("Finding: ")
+        first = text.split(". ")[0].removeprefix("Finding: ").rstrip(".")
         summary.append(f"<li><a href='#{stage}'>{html.escape(stage)}</a>: {html.escape(first)}.</li>")
         figs = [
             f"<figure><img alt='{f}' src='data:image/png;base64,{base64.b64encode((run_dir / 'figures' / f'{f}.png').read_bytes()).decode()}'>"
