@@ -225,6 +225,7 @@ def run(p: CompositionalParams, progress: bool = False) -> xr.Dataset:
     n_zero = int(store.attrs.get("n_zero_skipped", 0))
     truth, comp_names = store_truth(store)
     n_heads = int(truth.sum(1).max())
+    n_nonzero = store.sizes["event"]
     if p.max_events and store.sizes["event"] > p.max_events:
         keep = np.sort(np.random.default_rng(p.seed).choice(store.sizes["event"], p.max_events, replace=False))
         data = {k: take(v, keep) for k, v in data.items()}
@@ -305,6 +306,7 @@ def run(p: CompositionalParams, progress: bool = False) -> xr.Dataset:
             "f1_random": (("sae_seed", "random_seed"), rand_rows),
             "sae_heldout_fvu": ("sae_seed", [r["fvu"] for r in rows]),
             "n_events": store.sizes["event"],
+            "n_nonzero_events": n_nonzero,
             "n_zero_events": n_zero,
             "n_heads": n_heads,
             "k": k,
@@ -321,5 +323,6 @@ def run(p: CompositionalParams, progress: bool = False) -> xr.Dataset:
     ds["f1"].attrs["long_name"] = "held-out per-event multi-label micro-F1 (predicted vs true sets of computations)"
     ds["types_matched"].attrs["long_name"] = f"computation means with a direction at |cos| > {p.match_threshold}"
     ds["n_zero_events"].attrs["long_name"] = "events left out: their update is exactly zero (zero advantage)"
+    ds["n_events"].attrs["long_name"] = "events scored: the nonzero events, or max_events of them drawn at random"
     save_results(ds, out / "results.nc", p.to_dict(), p.seed)
     return ds
