@@ -8,7 +8,7 @@ Arguments are ``name=value`` pairs of the stage's parameters (values parsed as Y
 stage module's ``run(params)``, the function its notebook calls, so it writes the same files
 (``results.nc``, ``policy/``, ``updates/``, with ``online_sae=true`` the online shards); only the
 main process writes. Stages: pretrain, rl, shards (several processes), and planted, sparsity,
-frontier, analysis, toy, figures (one process).
+frontier, analysis, toy, figures, compositional (one process).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ STAGES = {
     "analysis": ("analysis", "AnalysisParams"),
     "toy": ("toy", "ToyParams"),
     "figures": ("figures", "FiguresParams"),
+    "compositional": ("compositional", "CompositionalParams"),
 }
 
 

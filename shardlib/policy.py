@@ -24,15 +24,36 @@ MLP_CONFIG = "shardlib_policy.json"
 
 
 class MLPPolicy(nn.Module):
-    """Context vector -> logits over arms (a one-token "completion")."""
+    """Context vector -> logits over arms (a one-token "completion"): [N, n_actions].
 
-    def __init__(self, context_dim: int, n_actions: int, hidden: int = 32):
+    With ``n_heads`` > 1 (the compositional bandit) it gives one arm's logits per head, [N, n_heads, n_actions]
+    (the completion's log-probability is the sum over heads): with ``shared_trunk`` one hidden layer on the whole
+    context feeds every head (``net``), else each head is its own MLP on its own slice of the context
+    (``heads.<h>``), so that a head's computation lives in its own parameters whatever the other heads see."""
+
+    def __init__(self, context_dim: int, n_actions: int, hidden: int = 32, n_heads: int = 1, shared_trunk: bool = True):
         super().__init__()
         self.config = {"kind": "mlp", "context_dim": context_dim, "n_actions": n_actions, "hidden": hidden}
-        self.net = nn.Sequential(nn.Linear(context_dim, hidden), nn.Tanh(), nn.Linear(hidden, n_actions))
+        if n_heads != 1:  # one-head policies keep the config (and file) they always had
+            self.config.update(n_heads=n_heads, shared_trunk=shared_trunk)
+        self.n_heads = n_heads
+        if n_heads == 1 or shared_trunk:
+            self.net = nn.Sequential(nn.Linear(context_dim, hidden), nn.Tanh(), nn.Linear(hidden, n_heads * n_actions))
+            return
+        if context_dim % n_heads:
+            raise ValueError(f"context_dim={context_dim} does not split into n_heads={n_heads} equal slices")
+        d = context_dim // n_heads
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, n_actions)) for _ in range(n_heads)
+        )
 
     def forward(self, x):
-        return self.net(x)
+        if self.n_heads == 1:
+            return self.net(x)
+        if hasattr(self, "net"):
+            out = self.net(x)
+            return out.view(*out.shape[:-1], self.n_heads, -1)
+        return torch.stack([m(xh) for m, xh in zip(self.heads, x.chunk(self.n_heads, -1))], -2)
 
 
 def tiny_lm(
@@ -154,7 +175,8 @@ def logprobs(model, prompt, completion, vocab_size: int | None = None, temperatu
         if vocab_size is not None:
             logits = logits[..., :vocab_size]
     else:
-        logits = model(prompt).float()[:, None, :]
+        logits = model(prompt).float()
+        logits = logits[:, None, :] if logits.ndim == 2 else logits  # [N, heads, arms]: one token per head
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
@@ -209,7 +231,11 @@ def sample(
         return _sample_cached(model, prompt, prompt_mask, max_new_tokens, generator, temperature, eos_id)
     if not is_lm(model):
         logits = model(prompt).float() / temperature
-        act = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=generator).to(prompt.device)
+        if logits.ndim == 3:  # one arm per head
+            probs = F.softmax(logits, -1).cpu().reshape(-1, logits.shape[-1])
+            act = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:2]).to(prompt.device)
+        else:
+            act = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=generator).to(prompt.device)
         return act, torch.ones_like(act, dtype=torch.bool)
     seq = prompt
     for _ in range(max_new_tokens):

@@ -86,6 +86,18 @@ class RLParams(Params):
     negative_rewards: bool = param(False, "bandit: -1 for a wrong arm")
     hidden: int = param(32, "bandit: MLP hidden width", ge=1)
     env_seed: int = param(0, "bandit: seed of the cluster centres (fixed across RL seeds)", ge=0, le=SEED_MAX)
+    n_heads: int = param(
+        1,
+        "bandit: action heads (> 1: compositional, one context, arm and reward clause per head, so every event "
+        "reinforces one computation per head)",
+        ge=1,
+        le=8,
+    )
+    shared_trunk: bool = param(
+        False,
+        "bandit, n_heads > 1: one hidden layer for every head (a head's update then depends on every head's "
+        "context) instead of one MLP per head on its own context",
+    )
     # lm
     tasks: list[str] = param(
         ["max", "rev", "sort", "par"],
@@ -132,6 +144,8 @@ class RLParams(Params):
                 f"steps than an update store numbers ({MAX_STORE_STEP + 1:,}); use fewer"
             )
         check_task_names(self.tasks, TEXT_TASKS if self.testbed == "text" else TASKS)
+        if self.n_heads > 1 and self.testbed != "bandit":
+            raise ValueError(f"parameter 'n_heads': {self.n_heads} heads need the bandit testbed, not {self.testbed!r}")
         if self.testbed in ("lm", "text") and not self.init_path:
             raise ValueError(
                 f"parameter 'init_path': the {self.testbed} testbed needs a policy folder (lm: the pretrain stage's "
@@ -165,6 +179,7 @@ def make_testbed(p: RLParams):
             p.rare_cluster_prob,
             p.negative_rewards,
             p.env_seed,
+            p.n_heads,
         )
     if p.testbed == "text":
         return TextTasks.from_folder(p.init_path, tuple(p.tasks), p.format_bonus, p.max_new_tokens)
@@ -222,7 +237,9 @@ def completion_hash(comp: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
 def _labels(step: int, rank: int, ro: Rollout, epoch: int, bandit: bool = False, testbed=None) -> dict[str, np.ndarray]:
     """Labels of a step's events: where they come from, their rewards (every clause), and what was
     reinforced (``action`` = the arm taken on the bandit; ``answer`` = the first completion token on the
-    synthetic tasks; ``completion_hash`` = the completion's tokens; on text tasks the prompt and completion text)."""
+    synthetic tasks; ``completion_hash`` = the completion's tokens; on text tasks the prompt and completion text).
+    The compositional bandit (several heads) has per head ``cluster_h<h>`` and ``action_h<h>`` instead of
+    ``action``: each event's set of reinforced computations, (head, its cluster, its arm), is known."""
     n = len(ro.total)
     lab = {
         "step": np.full(n, step, dtype=np.int64),
@@ -235,7 +252,11 @@ def _labels(step: int, rank: int, ro: Rollout, epoch: int, bandit: bool = False,
         "length": ro.mask.sum(1).numpy().astype(np.int64),
         "completion_hash": completion_hash(ro.comp, ro.mask),
     }
-    if bandit:
+    if bandit and "clusters" in ro.rep:  # the compositional bandit: every head's cluster and arm
+        for h in range(ro.rep["clusters"].shape[1]):
+            lab[f"cluster_h{h}"] = ro.rep["clusters"][:, h].numpy().astype(np.int64)
+            lab[f"action_h{h}"] = ro.comp[:, h].numpy().astype(np.int64)
+    elif bandit:
         lab["action"] = ro.comp[:, 0].numpy().astype(np.int64)
     elif isinstance(testbed, SyntheticTasks):  # what the event pushes up or down: its first answer token
         lab["answer"] = np.array([testbed.vocab[t] for t in ro.comp[:, 0].tolist()])
@@ -408,6 +429,8 @@ def initial_policy(p: RLParams, testbed) -> torch.nn.Module:
                     )
         return model
     torch.manual_seed(p.seed)
+    if p.n_heads > 1:  # the context is one per head, side by side; one output head per action token
+        return pol.MLPPolicy(p.context_dim * p.n_heads, p.n_arms, p.hidden, p.n_heads, p.shared_trunk)
     return pol.MLPPolicy(p.context_dim, p.n_arms, p.hidden)
 
 

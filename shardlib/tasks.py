@@ -32,6 +32,15 @@ class ContextualBandit:
     Gaussian noise. Cluster k's rewarded arm is k, or k mod n_arms when arms are
     shared. Clauses: ``hit`` (+1 for the rewarded arm) and ``miss`` (-1 for any
     other arm when ``negative_rewards``, else 0).
+
+    ``n_heads`` > 1 makes it compositional: the context is the concatenation of one such
+    context per head (each head has its own centres; each head's cluster is drawn
+    independently), the action is one arm per head (a completion of ``n_heads`` tokens),
+    and the reward has one clause per head, ``hit_h<h>`` (and ``miss_h<h>``), from that
+    head's own cluster. Every event then reinforces ``n_heads`` computations at once, one
+    per head (head, its cluster, its arm taken). ``task`` is the joint cluster
+    (``sum_h cluster_h * K**h``, named ``"h0c1 h1c3"``) and ``clusters`` [n, n_heads] holds
+    each head's. ``n_heads`` = 1 is the plain bandit, draw for draw.
     """
 
     def __init__(
@@ -44,15 +53,23 @@ class ContextualBandit:
         rare_cluster_prob: float = 0.0,
         negative_rewards: bool = False,
         env_seed: int = 0,
+        n_heads: int = 1,
     ):
         if not shared_arms and n_arms < n_clusters:
             raise ValueError(
                 f"n_arms={n_arms} < n_clusters={n_clusters}: every cluster needs its own arm; "
                 "raise n_arms or set shared_arms=True"
             )
+        if n_heads < 1:
+            raise ValueError(f"n_heads={n_heads}: the action needs at least one head")
         g = torch.Generator().manual_seed(env_seed)
         centres = torch.randn(n_clusters, context_dim, generator=g)
         self.centres = centres / centres.norm(dim=1, keepdim=True)
+        self.head_centres = [self.centres]  # head 0's centres are the one-head bandit's; later heads draw on
+        for _ in range(1, n_heads):
+            c = torch.randn(n_clusters, context_dim, generator=g)
+            self.head_centres.append(c / c.norm(dim=1, keepdim=True))
+        self.n_heads = n_heads
         self.n_clusters, self.n_arms, self.context_dim = n_clusters, n_arms, context_dim
         self.noise, self.negative_rewards = noise, negative_rewards
         self.best_arm = torch.arange(n_clusters) % n_arms
@@ -61,23 +78,49 @@ class ContextualBandit:
             probs[:-1] = (1 - rare_cluster_prob) / (n_clusters - 1)
             probs[-1] = rare_cluster_prob
         self.cluster_probs = probs
-        self.task_names = [f"cluster{k}" for k in range(n_clusters)]
-        self.clause_names = ["hit", "miss"]
-        self.max_new_tokens = 1
+        if n_heads == 1:
+            self.task_names = [f"cluster{k}" for k in range(n_clusters)]
+            self.clause_names = ["hit", "miss"]
+        else:
+            joint = np.stack(np.unravel_index(np.arange(n_clusters**n_heads), (n_clusters,) * n_heads)[::-1], 1)
+            self.task_names = [" ".join(f"h{h}c{c}" for h, c in enumerate(row)) for row in joint]
+            self.clause_names = [f"hit_h{h}" for h in range(n_heads)] + [f"miss_h{h}" for h in range(n_heads)]
+        self.max_new_tokens = n_heads
         self.n_actions = n_arms
 
     def sample(self, n: int, generator: torch.Generator) -> dict:
-        task = torch.multinomial(self.cluster_probs, n, replacement=True, generator=generator)
-        ctx = self.centres[task] + self.noise * torch.randn(n, self.context_dim, generator=generator)
-        return {"prompt": ctx, "task": task}
+        if self.n_heads == 1:
+            task = torch.multinomial(self.cluster_probs, n, replacement=True, generator=generator)
+            ctx = self.centres[task] + self.noise * torch.randn(n, self.context_dim, generator=generator)
+            return {"prompt": ctx, "task": task}
+        clusters = torch.stack(
+            [
+                torch.multinomial(self.cluster_probs, n, replacement=True, generator=generator)
+                for _ in self.head_centres
+            ],
+            1,
+        )
+        ctx = torch.cat([c[clusters[:, h]] for h, c in enumerate(self.head_centres)], 1)
+        ctx = ctx + self.noise * torch.randn(n, self.n_heads * self.context_dim, generator=generator)
+        task = (clusters * self.n_clusters ** torch.arange(self.n_heads)).sum(1)
+        return {"prompt": ctx, "task": task, "clusters": clusters}
 
     def rewards(self, batch: dict, completion: torch.Tensor, mask: torch.Tensor) -> dict:
-        hit = (completion[:, 0] == self.best_arm[batch["task"]]).float()
-        miss = -(1 - hit) if self.negative_rewards else torch.zeros_like(hit)
-        return {"hit": hit, "miss": miss}
+        if self.n_heads == 1:
+            hit = (completion[:, 0] == self.best_arm[batch["task"]]).float()
+            miss = -(1 - hit) if self.negative_rewards else torch.zeros_like(hit)
+            return {"hit": hit, "miss": miss}
+        hits = (completion[:, : self.n_heads] == self.best_arm[batch["clusters"]]).float()
+        out = {f"hit_h{h}": hits[:, h] for h in range(self.n_heads)}
+        for h in range(self.n_heads):
+            out[f"miss_h{h}"] = -(1 - hits[:, h]) if self.negative_rewards else torch.zeros_like(hits[:, h])
+        return out
 
     def sft_targets(self, batch: dict):
-        target = self.best_arm[batch["task"]][:, None]
+        if self.n_heads == 1:
+            target = self.best_arm[batch["task"]][:, None]
+        else:
+            target = self.best_arm[batch["clusters"]]
         return target, torch.ones_like(target, dtype=torch.bool)
 
 

@@ -1,0 +1,328 @@
+"""The compositional testbed's stage: per-event multi-label recovery, SAE against clustering.
+
+In the plain bandit and the LM tasks every event reinforces one computation, so clustering the
+updates is the natural tool and an SAE cannot show what it adds. The compositional bandit
+(``RLParams.n_heads`` >= 2, :class:`~shardlib.tasks.ContextualBandit`) has one context, arm and
+reward clause per head, so every event reinforces ``n_heads`` computations at once, each a
+(head, that head's cluster, the arm that head took), and its store records them per event
+(``cluster_h<h>``, ``action_h<h>``). Events with a zero update (zero advantage) are left out and counted.
+
+For every SAE seed, on that seed's train/held-out split of the events:
+
+- the shard SAE (:func:`shardlib.shards.train`, signed latents, ``k`` = the number of heads by default);
+- k-means with K = the SAE's latents on the SAE's input (unit-normalised when the SAE normalises), one
+  cluster per event (``kmeans``), and its centroids as a dictionary with the SAE's top-k signed encoding
+  (``kmeans_dict``: each event takes its k most similar centroids);
+- PCA's top directions with the same encoding (``pca``);
+- the oracle (``oracle``, the ceiling): the computations' mean updates (least squares of the events on their
+  signed sets of computations) as the dictionary, the same encoding;
+- random dictionaries with the SAE's structure (``random``, chance), over ``n_random`` dictionary seeds.
+
+Scoring is the same for all: a *unit* is a latent with a sign (a signed code's + and - are two units), a
+centroid or a direction with a sign; a unit's label set is the computations present in more than
+``label_threshold`` of the training events it is active on; an event's predicted set is the union of its
+active units' label sets; per-event multi-label micro-F1 compares held-out events' predicted and true
+sets. Beside it, type-mean matches: how many computations' mean updates have a dictionary direction
+within |cos| > ``match_threshold``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .config import Params, param
+from .io import save_results
+
+METHODS = ("sae", "kmeans", "kmeans_dict", "pca", "oracle", "random")
+"""The methods scored, in the order results and plots show them."""
+
+
+@dataclass(frozen=True)
+class CompositionalParams(Params):
+    """Parameters of the compositional-testbed stage (``notebooks/10_compositional.ipynb``)."""
+
+    store_path: str = param("", "event store of a compositional bandit run (the rl stage with n_heads >= 2)")
+    sae_seeds: list[int] = param([0, 1, 2], "SAE seeds; each also draws its own train/held-out split of the events")
+    n_latents: int = param(32, "SAE latents; also k-means' K and the number of PCA and random directions", ge=1)
+    k: int = param(
+        0, "active latents (units) per event for the SAE and every dictionary (0 = the number of heads)", ge=0
+    )
+    rank: int = param(1, "rank of each SAE latent per weight matrix (0 = dense); random dictionaries share it", ge=0)
+    signed: bool = param(True, "signed TopK latents (each latent's + and - are two units)")
+    normalize: bool = param(True, "unit-normalise every event's update (the SAE's and every baseline's input)")
+    epochs: int = param(10, "SAE: passes over the training events", ge=1)
+    batch_size: int = param(128, "SAE: events per step", ge=1)
+    holdout_frac: float = param(0.2, "fraction of events held out for scoring", gt=0, lt=1)
+    max_events: int = param(0, "at most this many nonzero events, drawn at random (0 = all)", ge=0)
+    n_random: int = param(5, "random dictionaries per SAE seed (chance)", ge=1)
+    label_threshold: float = param(
+        0.5, "a unit's label set: computations present in more than this share of its training events", ge=0, lt=1
+    )
+    match_threshold: float = param(
+        0.9, "a computation's mean update is matched by a direction at |cos| above this", gt=0, lt=1
+    )
+    device: str = param("auto", "SAE: 'cpu', 'cuda' or 'auto'", choices=("auto", "cpu", "cuda"))
+
+    def check(self):
+        if not self.store_path:
+            raise ValueError(
+                "parameter 'store_path': give the event store of a compositional bandit run "
+                "(e.g. runs/default/rl_bandit2/updates/events)"
+            )
+        if not self.sae_seeds or len(set(self.sae_seeds)) != len(self.sae_seeds):
+            raise ValueError(
+                f"parameter 'sae_seeds': got {list(self.sae_seeds)}; accepted: distinct seeds, at least one"
+            )
+        if self.k > self.n_latents:
+            raise ValueError(f"parameter 'k': {self.k} exceeds n_latents={self.n_latents}")
+
+
+# ---------------------------------------------------------------------------
+# scoring functions (any dictionary, any labels)
+
+
+def unit_rows(D: np.ndarray) -> np.ndarray:
+    """Rows of ``D`` scaled to unit norm (zero rows stay zero)."""
+    D = np.asarray(D, dtype=np.float64)
+    n = np.linalg.norm(D, axis=1, keepdims=True)
+    return D / np.where(n > 0, n, 1.0)
+
+
+def topk_units(X: np.ndarray, D: np.ndarray, k: int, signed: bool = True) -> np.ndarray:
+    """Active units of a fixed dictionary under top-k encoding: each row of ``X`` takes the ``k`` directions of
+    ``D`` with the largest |projection| (``signed``; else the largest positive projection, as a ReLU TopK).
+    Returns a boolean matrix [N, 2F] (signed: unit 2f = direction f with a positive code, 2f + 1 = negative)
+    or [N, F]. (The dense codes themselves: ``shardlib.metrics.random_codes``.)"""
+    proj = np.asarray(X, dtype=np.float64) @ unit_rows(D).T
+    return code_units(_topk(proj, k, signed), signed)
+
+
+def _topk(proj: np.ndarray, k: int, signed: bool) -> np.ndarray:
+    if not signed:
+        proj = np.maximum(proj, 0)
+    k = max(1, min(k, proj.shape[1]))
+    idx = np.argsort(-np.abs(proj), axis=1, kind="stable")[:, :k]
+    out = np.zeros_like(proj)
+    np.put_along_axis(out, idx, np.take_along_axis(proj, idx, 1), 1)
+    return out
+
+
+def code_units(codes: np.ndarray, signed: bool = True) -> np.ndarray:
+    """Active units of codes [N, F]: with ``signed`` [N, 2F] (unit 2f: code f > 0, unit 2f + 1: code f < 0),
+    else [N, F] (code f != 0)."""
+    codes = np.asarray(codes)
+    if not signed:
+        return codes != 0
+    out = np.zeros((codes.shape[0], 2 * codes.shape[1]), dtype=bool)
+    out[:, 0::2], out[:, 1::2] = codes > 0, codes < 0
+    return out
+
+
+def unit_labels(units: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Each unit's label set [U, C]: the computations (columns of ``truth`` [N, C], bool) present in more than
+    ``threshold`` of the events the unit is active on (``units`` [N, U], bool). A unit never active: no labels."""
+    units, truth = np.asarray(units, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    count = units.sum(0)
+    share = (units.T @ truth) / np.where(count > 0, count, 1.0)[:, None]
+    return (share > threshold) & (count > 0)[:, None]
+
+
+def predicted_sets(units: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each event's predicted set of computations [N, C]: the union of its active units' label sets."""
+    return (np.asarray(units, dtype=np.float64) @ np.asarray(labels, dtype=np.float64)) > 0
+
+
+def multilabel_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Micro-averaged precision, recall and F1 of predicted sets against true sets (bool [N, C]), over all
+    (event, computation) pairs: F1 = 2 TP / (2 TP + FP + FN), 1 exactly when every set is right."""
+    pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    tp = float((pred & truth).sum())
+    fp = float((pred & ~truth).sum())
+    fn = float((~pred & truth).sum())
+    return {
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
+    }
+
+
+def score_units(units: np.ndarray, truth: np.ndarray, train: np.ndarray, held: np.ndarray, threshold: float = 0.5):
+    """Label the units on the ``train`` events, then :func:`multilabel_scores` on the ``held`` events."""
+    labels = unit_labels(units[train], truth[train], threshold)
+    return multilabel_scores(predicted_sets(units[held], labels), truth[held])
+
+
+def computation_means(X: np.ndarray, truth: np.ndarray, sign: np.ndarray) -> np.ndarray:
+    """Each computation's mean update [C, D] in a compositional store: least squares of the events ``X`` on
+    their signed sets of computations (``truth`` [N, C] times ``sign`` [N], the advantage's sign), both centred,
+    so that computations that occur together are told apart. A computation with no event: a zero row."""
+    S = np.asarray(truth, dtype=np.float64) * np.asarray(sign, dtype=np.float64)[:, None]
+    X = np.asarray(X, dtype=np.float64)
+    M = np.linalg.lstsq(S - S.mean(0), X - X.mean(0), rcond=None)[0]
+    M[~np.asarray(truth, dtype=bool).any(0)] = 0
+    return M
+
+
+def types_matched(means: np.ndarray, D: np.ndarray, t: float = 0.9) -> int:
+    """How many nonzero rows of ``means`` have a direction of ``D`` within |cos| > ``t``."""
+    means = means[np.linalg.norm(means, axis=1) > 0]
+    if not len(means) or not len(D):
+        return 0
+    return int((np.abs(unit_rows(means) @ unit_rows(D).T).max(1) > t).sum())
+
+
+# ---------------------------------------------------------------------------
+# the store's ground truth
+
+
+def store_truth(store: xr.Dataset) -> tuple[np.ndarray, list[str]]:
+    """The events' true sets of computations [N, C] (bool) and the computations' names (``"h0 c2 arm1"``): one
+    computation per head, (head, that head's cluster, the arm it took), from the labels ``cluster_h<h>`` and
+    ``action_h<h>`` of a compositional bandit's store."""
+    heads = sorted(int(str(c)[len("cluster_h") :]) for c in store.coords if str(c).startswith("cluster_h"))
+    if len(heads) < 2:
+        raise ValueError(
+            "parameter 'store_path': the store has no per-head labels (cluster_h0, cluster_h1, ...): make it with the "
+            "rl stage at testbed 'bandit' and n_heads >= 2"
+        )
+    cfg = json.loads(store.attrs.get("config", "{}"))
+    K = int(cfg.get("n_clusters", max(int(store[f"cluster_h{h}"].max()) for h in heads) + 1))
+    A = int(cfg.get("n_arms", max(int(store[f"action_h{h}"].max()) for h in heads) + 1))
+    n = store.sizes["event"]
+    truth = np.zeros((n, len(heads) * K * A), dtype=bool)
+    for h in heads:
+        col = h * K * A + store[f"cluster_h{h}"].values.astype(np.int64) * A + store[f"action_h{h}"].values
+        truth[np.arange(n), col] = True
+    names = [f"h{h} c{c} arm{a}" for h in heads for c in range(K) for a in range(A)]
+    return truth, names
+
+
+# ---------------------------------------------------------------------------
+# the stage
+
+
+def run(p: CompositionalParams, progress: bool = False) -> xr.Dataset:
+    """The stage: for every SAE seed, train the SAE and fit every baseline on that seed's training events, score
+    them on its held-out events; write ``results.nc``."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    from .analysis import random_dictionary
+    from .common import flatten
+    from .shards import ShardParams, encode_all, evaluate, load_updates, shapes_of, train
+    from .updates import take
+
+    out = Path(p.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data, store = load_updates(p.store_path, skip_zero=True, normalize=p.normalize)
+    n_zero = int(store.attrs.get("n_zero_skipped", 0))
+    truth, comp_names = store_truth(store)
+    n_heads = int(truth.sum(1).max())
+    n_nonzero = store.sizes["event"]
+    if p.max_events and store.sizes["event"] > p.max_events:
+        keep = np.sort(np.random.default_rng(p.seed).choice(store.sizes["event"], p.max_events, replace=False))
+        data = {k: take(v, keep) for k, v in data.items()}
+        store, truth = store.isel(event=keep), truth[keep]
+    names = list(data)
+    X = flatten(data, names).astype(np.float64)
+    sign = np.sign(store["advantage"].values)
+    k = p.k or n_heads
+    means = computation_means(X, truth, sign)  # the reference for type-mean matches (all events)
+    present = np.linalg.norm(means, axis=1) > 0
+    rows, rand_rows = [], []
+    tmp = tempfile.mkdtemp(prefix="sae_", dir=out)  # the SAEs' checkpoints: removed at the end, never resumed
+    for s in p.sae_seeds:
+        shutil.rmtree(tmp)
+        sp = ShardParams.from_dict(
+            dict(
+                out_dir=tmp,
+                store_path=p.store_path,
+                seed=s,
+                n_latents=p.n_latents,
+                k=k,
+                rank=p.rank,
+                signed=p.signed,
+                epochs=p.epochs,
+                batch_size=p.batch_size,
+                normalize=p.normalize,
+                holdout_frac=p.holdout_frac,
+                device=p.device,
+            )
+        )
+        res = train(sp, progress=progress, data=data)
+        tr, ho = res.train_idx, res.heldout_idx
+        z = encode_all(res.sae, data, device=res.accelerator.device)[2].cpu().numpy()
+        fvu = evaluate(res.sae, data, ho, device=res.accelerator.device).get("fvu", float("nan"))
+        sae_dirs = flatten({n: v.detach().cpu() for n, v in res.sae.directions().items()}, names)
+
+        mu = X[tr].mean(0)
+        Xc = X - mu
+        F = p.n_latents
+        km = KMeans(n_clusters=min(F, len(tr)), n_init=3, random_state=s).fit(Xc[tr])
+        one_hot = np.eye(km.n_clusters, dtype=bool)[km.predict(Xc)]
+        pca = PCA(n_components=min(F, len(tr), X.shape[1]), random_state=s).fit(X[tr]).components_
+        oracle = computation_means(X[tr], truth[tr], sign[tr])
+        oracle = oracle[np.linalg.norm(oracle, axis=1) > 0]
+        dicts = {"kmeans_dict": km.cluster_centers_, "pca": pca, "oracle": oracle}
+        units = {
+            "sae": code_units(z, p.signed),
+            "kmeans": one_hot,
+            **{m: topk_units(Xc, D, k, p.signed) for m, D in dicts.items()},
+        }
+        directions = {"sae": sae_dirs, "kmeans": km.cluster_centers_, **dicts}
+        row = {}
+        for m, U in units.items():
+            sc = score_units(U, truth, tr, ho, p.label_threshold)
+            row.update({(m, key): v for key, v in sc.items()})
+            row[(m, "types_matched")] = types_matched(means, directions[m], p.match_threshold)
+            row[(m, "l0")] = float(U[ho].sum(1).mean())
+        shapes = shapes_of(data)
+        rand = []
+        for j in range(p.n_random):
+            R = flatten(random_dictionary(shapes, F, p.rank, 1000 * s + 7 + j), names)
+            U = topk_units(Xc, R, k, p.signed)
+            sc = score_units(U, truth, tr, ho, p.label_threshold)
+            sc["types_matched"] = types_matched(means, R, p.match_threshold)
+            sc["l0"] = float(U[ho].sum(1).mean())
+            rand.append(sc)
+        for key in rand[0]:
+            row[("random", key)] = float(np.mean([r[key] for r in rand]))
+        rand_rows.append([r["f1"] for r in rand])
+        row["fvu"] = float(fvu)
+        rows.append(row)
+    shutil.rmtree(tmp)
+
+    scores = ("f1", "precision", "recall", "types_matched", "l0")
+    ds = xr.Dataset(
+        {
+            **{key: (("sae_seed", "approach"), [[r[(m, key)] for m in METHODS] for r in rows]) for key in scores},
+            "f1_random": (("sae_seed", "random_seed"), rand_rows),
+            "sae_heldout_fvu": ("sae_seed", [r["fvu"] for r in rows]),
+            "n_events": store.sizes["event"],
+            "n_nonzero_events": n_nonzero,
+            "n_zero_events": n_zero,
+            "n_heads": n_heads,
+            "k": k,
+            "n_computations": int(present.sum()),
+            "computation_events": ("computation", truth.sum(0)),
+        },
+        coords={
+            "sae_seed": list(p.sae_seeds),
+            "approach": list(METHODS),
+            "random_seed": np.arange(p.n_random),
+            "computation": comp_names,
+        },
+    )
+    ds["f1"].attrs["long_name"] = "held-out per-event multi-label micro-F1 (predicted vs true sets of computations)"
+    ds["types_matched"].attrs["long_name"] = f"computation means with a direction at |cos| > {p.match_threshold}"
+    ds["n_zero_events"].attrs["long_name"] = "events left out: their update is exactly zero (zero advantage)"
+    ds["n_events"].attrs["long_name"] = "events scored: the nonzero events, or max_events of them drawn at random"
+    save_results(ds, out / "results.nc", p.to_dict(), p.seed)
+    return ds
