@@ -31,7 +31,7 @@ import xarray as xr
 from .config import SEED_MAX, Params, param
 from .events import event_type_labels, event_types
 from .io import save_results
-from .metrics import abs_cos, hungarian_mcc, seed_stability
+from .metrics import abs_cos, hungarian_mcc, seed_stability, unit_rows
 from .sae import ShardSAE
 
 # ---------------------------------------------------------------------------
@@ -84,11 +84,6 @@ RANDOM_SEEDS = 5
 FITTED = ("kmeans", "pca", "events", "oracle")
 
 
-def _unit_rows(D: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(D, axis=1, keepdims=True)
-    return D / np.where(n > 0, n, 1.0)
-
-
 def fitted_dictionaries(
     X: np.ndarray, types: np.ndarray, n: int, seed: int
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -107,7 +102,7 @@ def fitted_dictionaries(
     drawn = X[np.random.default_rng(seed).choice(nonzero, min(n, len(nonzero)), replace=False)]
     means = type_means(X, types)[0]
     return {
-        name: (_unit_rows(v - mu), _unit_rows(v)) if name != "pca" else (_unit_rows(v), _unit_rows(v))
+        name: (unit_rows(v - mu), unit_rows(v)) if name != "pca" else (unit_rows(v), unit_rows(v))
         for name, v in (("kmeans", km), ("pca", pca), ("events", drawn), ("oracle", means))
     }
 
@@ -295,7 +290,7 @@ def span_directions(raw: np.ndarray, n: int, seed: int) -> np.ndarray:
     """``n`` unit directions drawn from the span of the stored updates (Gaussian combinations of the events):
     the intervention null, in the space the updates occupy rather than anywhere in parameter space."""
     w = np.random.default_rng(seed).standard_normal((n, len(raw)))
-    return _unit_rows(w @ np.asarray(raw, dtype=np.float64))
+    return unit_rows(w @ np.asarray(raw, dtype=np.float64))
 
 
 def _unflatten(v: np.ndarray, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
@@ -446,7 +441,7 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
         type_views(codes, types, X, p.seed),
         where_shards_live(inp.dirs),
         xr.Dataset(  # each shard against each type's mean update (the shard cards' nearest type)
-            {"shard_type_cos": (("shard", "event_type"), _unit_rows(D) @ _unit_rows(means).T)},
+            {"shard_type_cos": (("shard", "event_type"), unit_rows(D) @ unit_rows(means).T)},
             coords={"shard": np.arange(F), "event_type": type_names},
         ),
     ]
@@ -611,7 +606,7 @@ def online_comparison(online: Path, names: list[str], X, types, D) -> xr.Dataset
 
     on = load_results(online)
     on_dirs = np.concatenate([shard_directions(on)[n].reshape(on.sizes["shard"], -1) for n in names], 1)
-    cos = _unit_rows(D) @ _unit_rows(on_dirs).T
+    cos = unit_rows(D) @ unit_rows(on_dirs).T
     nearest = np.abs(cos).argmax(1)
     return xr.Dataset(
         {

@@ -39,6 +39,7 @@ import xarray as xr
 
 from .config import Params, param
 from .io import save_results
+from .metrics import topk_codes, unit_rows
 
 METHODS = ("sae", "kmeans", "kmeans_dict", "pca", "oracle", "random")
 """The methods scored, in the order results and plots show them."""
@@ -88,30 +89,13 @@ class CompositionalParams(Params):
 # scoring functions (any dictionary, any labels)
 
 
-def unit_rows(D: np.ndarray) -> np.ndarray:
-    """Rows of ``D`` scaled to unit norm (zero rows stay zero)."""
-    D = np.asarray(D, dtype=np.float64)
-    n = np.linalg.norm(D, axis=1, keepdims=True)
-    return D / np.where(n > 0, n, 1.0)
-
-
 def topk_units(X: np.ndarray, D: np.ndarray, k: int, signed: bool = True) -> np.ndarray:
     """Active units of a fixed dictionary under top-k encoding: each row of ``X`` takes the ``k`` directions of
     ``D`` with the largest |projection| (``signed``; else the largest positive projection, as a ReLU TopK).
     Returns a boolean matrix [N, 2F] (signed: unit 2f = direction f with a positive code, 2f + 1 = negative)
-    or [N, F]. (The dense codes themselves: ``shardlib.metrics.random_codes``.)"""
+    or [N, F]."""
     proj = np.asarray(X, dtype=np.float64) @ unit_rows(D).T
-    return code_units(_topk(proj, k, signed), signed)
-
-
-def _topk(proj: np.ndarray, k: int, signed: bool) -> np.ndarray:
-    if not signed:
-        proj = np.maximum(proj, 0)
-    k = max(1, min(k, proj.shape[1]))
-    idx = np.argsort(-np.abs(proj), axis=1, kind="stable")[:, :k]
-    out = np.zeros_like(proj)
-    np.put_along_axis(out, idx, np.take_along_axis(proj, idx, 1), 1)
-    return out
+    return code_units(topk_codes(proj, k, signed), signed)
 
 
 def code_units(codes: np.ndarray, signed: bool = True) -> np.ndarray:

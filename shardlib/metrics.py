@@ -290,17 +290,30 @@ def coherence_rank1(updates: np.ndarray, types: np.ndarray) -> dict[str, float]:
     return out
 
 
+def unit_rows(D: np.ndarray) -> np.ndarray:
+    """Rows of ``D`` scaled to unit norm (zero rows stay zero)."""
+    D = np.asarray(D, dtype=np.float64)
+    n = np.linalg.norm(D, axis=1, keepdims=True)
+    return D / np.where(n > 0, n, 1.0)
+
+
+def topk_codes(proj: np.ndarray, k: int, signed: bool = True) -> np.ndarray:
+    """Keep each row's ``k`` entries of largest |value| (``signed``), or of largest positive value (a ReLU
+    TopK), zeroing the rest: the SAE's TopK applied to a fixed dictionary's projections."""
+    proj = np.asarray(proj, dtype=np.float64)
+    if not signed:
+        proj = np.maximum(proj, 0)
+    k = max(1, min(k, proj.shape[1]))
+    idx = np.argsort(-np.abs(proj), axis=1, kind="stable")[:, :k]
+    out = np.zeros_like(proj)
+    np.put_along_axis(out, idx, np.take_along_axis(proj, idx, 1), 1)
+    return out
+
+
 def random_codes(updates: np.ndarray, directions: np.ndarray, k: int, signed: bool = True) -> np.ndarray:
     """Codes a fixed dictionary gives: each event's top-k projections onto ``directions`` [F, D], signed
     (as a signed SAE) or rectified (``signed=False``, as a ReLU SAE). With random directions it is the chance
     baseline of the clustering metrics; with k-means centroids, principal directions, drawn events or type
     means it is that dictionary encoded as the SAE encodes (same size, k and sign handling)."""
     X = np.asarray(updates, dtype=np.float64).reshape(len(updates), -1)
-    proj = X @ np.asarray(directions, dtype=np.float64).T
-    if not signed:
-        proj = np.maximum(proj, 0)
-    k = max(1, min(k, proj.shape[1]))
-    idx = np.argsort(-np.abs(proj), axis=1)[:, :k]
-    out = np.zeros_like(proj)
-    np.put_along_axis(out, idx, np.take_along_axis(proj, idx, 1), 1)
-    return out
+    return topk_codes(X @ np.asarray(directions, dtype=np.float64).T, k, signed)
