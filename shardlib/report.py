@@ -38,6 +38,7 @@ STAGES = [
     ("sparsity", "sparsity"),
     ("analysis_bandit", "analysis"),
     ("analysis_lm", "analysis"),
+    ("compositional", "compositional"),
     ("toy_models", "toy"),
     ("figures", "figures"),
 ]
@@ -267,6 +268,31 @@ def _alignment(run_dir: Path) -> str:
     return out
 
 
+COMPOSITIONAL_NAMES = {
+    "sae": "SAE",
+    "kmeans": "k-means, one cluster per event",
+    "kmeans_dict": "k-means centroids as a dictionary (top-k)",
+    "pca": "PCA directions (top-k)",
+    "oracle": "the computations' means (oracle, top-k)",
+}
+
+
+def _compositional(ds: xr.Dataset) -> str:
+    rows = [
+        [
+            COMPOSITIONAL_NAMES.get(str(m), str(m)),
+            _ms(ds.f1.sel(approach=m)),
+            _ms(ds.precision.sel(approach=m)),
+            _ms(ds.recall.sel(approach=m)),
+            _ms(ds.types_matched.sel(approach=m), 1),
+        ]
+        for m in ds.approach.values
+    ]
+    rows.append(["random dictionaries", _ms(ds.f1_random), "", "", ""])
+    head = ["dictionary", "micro-F1", "precision", "recall", f"of {int(ds.n_computations)} computations matched"]
+    return _table(head, rows)
+
+
 def _interventions(run_dir: Path) -> str:
     rows = []
     for stage in ("analysis_bandit", "analysis_lm"):
@@ -384,6 +410,12 @@ def results_markdown(run_dir) -> str:
         "event types as defined in `shardlib/events.py`.\n\n" + _alignment(run_dir),
         "\n".join(f"- `{s}`: {find[s]}" for s in ("analysis_bandit", "analysis_lm")),
         f"![shard heatmap]({fig}/shard_event_heatmap.png)",
+        "### Where events carry several computations: SAE against clustering\n\nThe two-head bandit (`rl_bandit2`): "
+        "every event reinforces one computation per head (head, its context cluster, the arm it took). Held-out "
+        "per-event multi-label micro-F1 of each event's predicted set of computations (a unit's label set: the "
+        "computations present in more than half of the training events it is active on), mean ± std over SAE "
+        "seeds (`compositional/results.nc`).\n\n" + _compositional(ds["compositional"]),
+        f"- `compositional`: {find['compositional']}",
         "### What shards do: interventions\n\n" + _interventions(run_dir),
         f"![interventions]({fig}/intervention.png)",
         "### Toy models: published decompositions\n\nMean ± std over seeds (`toy_models/results.nc`).\n\n"
