@@ -72,6 +72,7 @@ SHARDLIB_DEAD_WINDOW = ShardParams.__dataclass_fields__["dead_window"].default
 SHARDLIB_FIRE_FRAC = ShardParams.__dataclass_fields__["fire_frac"].default
 SHARDLIB_AUX = ShardParams.__dataclass_fields__["aux_coef"].default
 GAO_AUXK_ALPHA = 1 / 32
+TIMING_EPOCHS = 5
 KEYS = ("mmcs_g2d", "r@0.9", "hungarian_mcc", "fvu", "seconds", "ms_per_step")
 
 
@@ -291,13 +292,14 @@ def main(argv=None):
     ap.add_argument("--member", default="attn_heavy", choices=list(FAMILY))
     ap.add_argument("--d-model", type=int, default=16, help="width of the tiny Llama the shards live in (family: 64)")
     ap.add_argument("--events", type=int, default=4096)
-    ap.add_argument("--budgets", nargs="+", type=int, default=[30, 80], help="epochs over the training events")
+    ap.add_argument("--budgets", nargs="+", type=int, default=[30, 210], help="epochs over the training events")
     ap.add_argument("--ablation-budgets", nargs="*", type=int, default=None, help="default: the first budget")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="data, split and SAE seeds")
     ap.add_argument("--select-seeds", type=int, default=2, help="how many of --seeds run the whole grid")
     ap.add_argument("--pilot-seed", type=int, default=99)
     ap.add_argument("--pilot-mult", nargs="+", type=float, default=[1, 1 / 4, 1 / 16, 1 / 64])
     ap.add_argument("--grid", nargs="+", type=float, default=[2, 1, 0.5], help="times the pilot's multiplier")
+    ap.add_argument("--timing-rounds", type=int, default=3, help="interleaved rounds of the time-per-step measurement")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_peer.json"))
     ap.add_argument("--table", action="store_true", help="print the markdown tables of --out's results; no training")
@@ -408,6 +410,19 @@ def main(argv=None):
                     result["rows"].append(row)
                     log(row)
                     save()
+        # 5. time per step, the four recipes interleaved (the machine may be shared: a fit's own time depends on
+        #    its load); the minimum over rounds of a short fit at the first seed and budget's chosen rate
+        timing = {}
+        seed = args.seeds[0]
+        for _ in range(args.timing_rounds):
+            for lib in libs:
+                for ablate in (False, True):
+                    lr = chosen[f"{lib} | {args.budgets[0]}"] * DEFAULT_LR[lib](F)
+                    r = fit(lib, stores[seed], seed, TIMING_EPOCHS, lr, F, k, rank, tmp, ablate)
+                    timing.setdefault(f"{lib} | {'ablation' if ablate else 'own'}", []).append(r["ms_per_step"])
+        result["timing_epochs"] = TIMING_EPOCHS
+        result["timing_ms_per_step_all"] = timing
+        result["timing_ms_per_step"] = {key: min(v) for key, v in timing.items()}
     result["summary"] = summary(result)
     save()
     print(markdown(result))
@@ -439,15 +454,17 @@ def markdown(result: dict) -> str:
     """The peer table (chosen rates) and the grid (held-out FVU at every rate)."""
     name = {"own": "own recipe", "ablation": "ablation"}
     lines = [
-        "| library | recipe | samples | lr (× default) | MMCS(G→D) | R@0.9 | Hungarian MCC | held-out FVU | ms / step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| library | recipe | samples | lr (× default) | MMCS(G→D) | R@0.9 | Hungarian MCC | held-out FVU "
+        "| ms / step (fits) | ms / step (interleaved) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    timing = result.get("timing_ms_per_step", {})
     for s in result.get("summary") or summary(result):
         lines.append(
             f"| {s['lib']} | {name[s['recipe']]} | {s['samples']:,} | {s['lr']:.3g} (×{s['mult']:.3g}) | "
             f"{s['mmcs_g2d'][0]:.3f} ± {s['mmcs_g2d'][1]:.3f} | {s['r@0.9'][0]:.2f} ± {s['r@0.9'][1]:.2f} | "
             f"{s['hungarian_mcc'][0]:.3f} ± {s['hungarian_mcc'][1]:.3f} | {s['fvu'][0]:.4f} ± {s['fvu'][1]:.4f} | "
-            f"{s['ms_per_step'][0]:.1f} |"
+            f"{s['ms_per_step'][0]:.1f} | {timing.get(s['lib'] + ' | ' + s['recipe'], float('nan')):.1f} |"
         )
     lines += [
         "",
