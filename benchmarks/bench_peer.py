@@ -292,7 +292,7 @@ def main(argv=None):
     ap.add_argument("--member", default="attn_heavy", choices=list(FAMILY))
     ap.add_argument("--d-model", type=int, default=16, help="width of the tiny Llama the shards live in (family: 64)")
     ap.add_argument("--events", type=int, default=4096)
-    ap.add_argument("--budgets", nargs="+", type=int, default=[30, 210], help="epochs over the training events")
+    ap.add_argument("--budgets", nargs="+", type=int, default=[30, 80], help="epochs over the training events")
     ap.add_argument("--ablation-budgets", nargs="*", type=int, default=None, help="default: the first budget")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="data, split and SAE seeds")
     ap.add_argument("--select-seeds", type=int, default=2, help="how many of --seeds run the whole grid")
@@ -300,6 +300,7 @@ def main(argv=None):
     ap.add_argument("--pilot-mult", nargs="+", type=float, default=[1, 1 / 4, 1 / 16, 1 / 64])
     ap.add_argument("--grid", nargs="+", type=float, default=[2, 1, 0.5], help="times the pilot's multiplier")
     ap.add_argument("--timing-rounds", type=int, default=3, help="interleaved rounds of the time-per-step measurement")
+    ap.add_argument("--timing-only", action="store_true", help="only add the interleaved time per step to --out")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_peer.json"))
     ap.add_argument("--table", action="store_true", help="print the markdown tables of --out's results; no training")
@@ -308,6 +309,18 @@ def main(argv=None):
         print(markdown(json.loads(Path(args.out).read_text())))
         return
     torch.set_num_threads(args.threads)
+    if args.timing_only:  # add the interleaved time per step to an existing results file
+        result = json.loads(Path(args.out).read_text())
+        seed = result["seeds"][0]
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            store = make_store(result["member"], result["d_model"], result["events"], seed)
+            measure_timing(result, store, seed, args.timing_rounds, tmp)
+        result["timing_wall_seconds"] = time.perf_counter() - t0
+        result["timing_load_average_end"] = os.getloadavg()
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(markdown(result))
+        return
     ablation_budgets = args.budgets[:1] if args.ablation_budgets is None else args.ablation_budgets
     m = FAMILY[args.member]
     F, k, rank = 2 * m["n_shards"], m["active"], m["rank"]
@@ -410,23 +423,30 @@ def main(argv=None):
                     result["rows"].append(row)
                     log(row)
                     save()
-        # 5. time per step, the four recipes interleaved (the machine may be shared: a fit's own time depends on
-        #    its load); the minimum over rounds of a short fit at the first seed and budget's chosen rate
-        timing = {}
-        seed = args.seeds[0]
-        for _ in range(args.timing_rounds):
-            for lib in libs:
-                for ablate in (False, True):
-                    lr = chosen[f"{lib} | {args.budgets[0]}"] * DEFAULT_LR[lib](F)
-                    r = fit(lib, stores[seed], seed, TIMING_EPOCHS, lr, F, k, rank, tmp, ablate)
-                    timing.setdefault(f"{lib} | {'ablation' if ablate else 'own'}", []).append(r["ms_per_step"])
-        result["timing_epochs"] = TIMING_EPOCHS
-        result["timing_ms_per_step_all"] = timing
-        result["timing_ms_per_step"] = {key: min(v) for key, v in timing.items()}
+        # 5. time per step, the four recipes interleaved
+        measure_timing(result, stores[args.seeds[0]], args.seeds[0], args.timing_rounds, tmp)
     result["summary"] = summary(result)
     save()
     print(markdown(result))
     print(f"wall time {result['wall_seconds']:.0f} s, CPU time {result['cpu_seconds']:.0f} s")
+
+
+def measure_timing(result: dict, store, seed: int, rounds: int, tmp: str) -> None:
+    """Time per step of the four recipes (each library, own and ablation), interleaved: the machine may be shared
+    and a fit's own time depends on its load. The minimum over ``rounds`` of a short fit at ``seed`` and the
+    first budget's chosen rate, into ``result["timing_ms_per_step"]``."""
+    m = FAMILY[result["member"]]
+    F, k, rank = result["n_latents"], result["k"], m["rank"]
+    timing = {}
+    for _ in range(rounds):
+        for lib in ("shardlib", "sparsify"):
+            for ablate in (False, True):
+                lr = result["chosen_mult"][f"{lib} | {result['budgets_epochs'][0]}"] * DEFAULT_LR[lib](F)
+                r = fit(lib, store, seed, TIMING_EPOCHS, lr, F, k, rank, tmp, ablate)
+                timing.setdefault(f"{lib} | {'ablation' if ablate else 'own'}", []).append(r["ms_per_step"])
+    result["timing_epochs"] = TIMING_EPOCHS
+    result["timing_ms_per_step_all"] = timing
+    result["timing_ms_per_step"] = {key: min(v) for key, v in timing.items()}
 
 
 def summary(result: dict) -> list[dict]:
