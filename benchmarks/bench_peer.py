@@ -1,7 +1,7 @@
 """Benchmark: a fair peer comparison of shardlib's shard SAE and EleutherAI sparsify's ``SparseCoder`` (issue 22).
 
     pip install -e '.[bench]'        # eai-sparsify 1.3.3, a benchmark-only extra
-    OMP_NUM_THREADS=1 python benchmarks/bench_peer.py          # about 30 minutes on one CPU thread
+    OMP_NUM_THREADS=1 python benchmarks/bench_peer.py          # 15 minutes on one thread of a shared 2-core machine
     python benchmarks/bench_peer.py --table                    # the markdown tables of the results file
 
 Each library is trained as its own users would, on the same planted stores (one per seed: a member of
