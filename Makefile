@@ -33,4 +33,5 @@ bench: setup
 	$(PY) benchmarks/bench_sae.py
 	$(PY) benchmarks/bench_rl.py
 	$(PY) benchmarks/bench_family.py --members mixed_rank2 attn_heavy
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_peer.py
 	$(PY) benchmarks/bench_factored.py

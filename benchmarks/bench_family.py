@@ -1,5 +1,8 @@
 """Benchmark: the SAE at its defaults on the planted family, side by side with EleutherAI sparsify.
 
+Its sparsify column is not a fair peer comparison (issue 22: sparsify outside its own recipe, one rate
+tuned for shardlib, 110k samples, two seeds); ``benchmarks/bench_peer.py`` is.
+
     pip install -e '.[bench]'        # eai-sparsify, a benchmark-only extra
     python benchmarks/bench_family.py [--members mixed_rank2 attn_heavy] [--seeds 0 1] [--events 4096]
 
