@@ -40,7 +40,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shardlib.updates import Factored, UpdateCollector  # noqa: E402
+from shardlib.collector import UpdateCollector  # noqa: E402
+from shardlib.factored import Factored  # noqa: E402
 
 
 class MLP(nn.Module):

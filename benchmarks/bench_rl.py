@@ -24,8 +24,9 @@ import yaml
 
 from shardlib import policy as pol
 from shardlib import rl
+from shardlib.collector import UpdateCollector, select_params
+from shardlib.store import bytes_per_event
 from shardlib.tasks import SyntheticTasks
-from shardlib.updates import UpdateCollector, bytes_per_event, select_params
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ Attach before ``trainer.train()``; no subclass::
     trainer.train()  # or trainer.train(resume_from_checkpoint=True)
 
 writes an event store (one event per completion and optimizer step, ``<store_dir>/events``) and a step store
-(``<store_dir>/steps``) in shardlib's store format (:mod:`shardlib.updates`), which ``open_store`` and the
+(``<store_dir>/steps``) in shardlib's store format (:mod:`shardlib.store`), which ``open_store`` and the
 shard stage (``notebooks/03_shards.ipynb``) read.
 
 What an event is: completion ``e``'s share of the step's gradient, ``u_e = -lr * grad l_e`` (``convention
@@ -57,14 +57,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..updates import (
+from ..collector import (
     UpdateCollector,
-    UpdateStore,
     check_convention,
     non_linear_message,
     param_owners,
     select_params,
 )
+from ..store import UpdateStore
 
 SUPPORTED_TRL = ("1.16",)
 """trl release series whose GRPOTrainer internals this module was written and tested against."""
