@@ -73,7 +73,7 @@ def one(d: int, tokens: int, events: int, factored: bool, max_rank):
         t0 = time.perf_counter()
         with col.capture():
             (m(x) @ w).sum().backward()
-        kept = [float(v.mean()) for k in col._kept for v in k.values()]
+        kept = [float(v.mean()) for v in col.kept_fractions().values()]
         ups = col.after_step(0)
         best = min(best, time.perf_counter() - t0)
     per_event = sum(nbytes(u) for u in ups.values()) // events

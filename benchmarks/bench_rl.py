@@ -72,8 +72,7 @@ def per_event_throughput(model, names, n_events=256, repeats=3):
         with col.capture():
             logp, _ = pol.logprobs(model, b["prompt"], comp, tasks.vocab_size)
             (-(logp * adv[:, None] * mask).sum()).backward()
-        out = col.event_gradients()
-        col._event_grads = []
+        out = col.pop_event_gradients()
         model.zero_grad()
         return out
 

@@ -66,6 +66,24 @@ def check_convention(convention: str, factored: bool) -> None:
         )
 
 
+class NotGatheredError(ValueError, NotImplementedError):
+    """Factored event updates asked for from several processes: gathering them is not built yet (a
+    ``ValueError`` for the setting that asks for it, a ``NotImplementedError`` for what is missing)."""
+
+
+def check_gatherable(
+    factored: bool, processes: int | str, option: str = "factored=True", dense: str = "factored=False"
+):
+    """Factored events are collected on one process only: refuse ``factored`` with more than one process
+    (``processes``: their number, or a word when unknown), naming the ``option`` that asked for it and the
+    ``dense`` setting that works."""
+    if factored and processes != 1:
+        raise NotGatheredError(
+            f"{option}: factored events from {processes} processes are not gathered yet; run one process, or "
+            f"collect dense events ({dense})"
+        )
+
+
 class UpdateCollector:
     """Collects per-event and per-step updates of selected parameters from any PyTorch loop.
 
@@ -214,6 +232,25 @@ class UpdateCollector:
             out[n] = cat_factored(parts) if isinstance(first, Factored) else torch.cat(parts)
         return out
 
+    def last_event_gradients(self) -> dict[str, torch.Tensor | Factored]:
+        """The raw per-event gradients of the latest capture (one micro-batch) since the last step."""
+        if not self._event_grads:
+            raise RuntimeError("no capture since the last step: call capture() around a forward and backward first")
+        return self._event_grads[-1]
+
+    def pop_event_gradients(self) -> dict[str, torch.Tensor | Factored]:
+        """:meth:`event_gradients`, then forget them (as a step does): the next capture starts a new step."""
+        grads = self.event_gradients()
+        self._event_grads = []
+        return grads
+
+    def kept_fractions(self) -> dict[str, torch.Tensor]:
+        """``{"<var>__kept": kept fraction of ||U_e||^2 per event}`` of the events captured since the last step,
+        for the matrices compressed to ``max_rank`` factors (empty when nothing was compressed)."""
+        if not self._kept:
+            return {}
+        return {key: torch.cat([k[key] for k in self._kept]) for key in self._kept[0]}
+
     def _preconditioner(self, name: str) -> torch.Tensor:
         p = self.params[name]
         state = self.optimizer.state[p]
@@ -233,8 +270,7 @@ class UpdateCollector:
         """
         updates = {}
         if self._event_grads:
-            grads = self.event_gradients()
-            self._event_grads = []
+            grads = self.pop_event_gradients()
             for n, g in grads.items():
                 lr = self.lr[n] if isinstance(self.lr, dict) else self.lr
                 if isinstance(g, Factored):
@@ -244,17 +280,12 @@ class UpdateCollector:
                 if self.convention == "adam":
                     u = u * self._preconditioner(n).to(u.device)
                 updates[n] = u
-            if self._kept:
-                labels = dict(labels or {})
-                for key in self._kept[0]:
-                    labels[key] = torch.cat([k[key] for k in self._kept]).cpu().numpy()
+            kept = self.kept_fractions()
+            if kept:
+                labels = {**(labels or {}), **{key: k.cpu().numpy() for key, k in kept.items()}}
                 self._kept = []
-            if gather is not None and self.factored:
-                raise NotImplementedError(
-                    "factored event updates from several processes are not gathered yet; run one process, or "
-                    "collect dense events"
-                )
             if gather is not None:
+                check_gatherable(self.factored, "several")
                 updates = {n: gather(u.contiguous()) for n, u in updates.items()}
             updates = {
                 n: Factored(u.left.cpu(), u.right.cpu()) if isinstance(u, Factored) else u.cpu()

@@ -60,6 +60,7 @@ from torch import nn
 from ..collector import (
     UpdateCollector,
     check_convention,
+    check_gatherable,
     non_linear_message,
     param_owners,
     select_params,
@@ -185,11 +186,7 @@ class TRLCollection:
         check_convention(convention, factored)
         self.trainer, self.args, self.acc = trainer, trainer.args, trainer.accelerator
         self.model = self.acc.unwrap_model(trainer.model)
-        if factored and self.acc.num_processes > 1:
-            raise ValueError(
-                f"factored=True: factored events from {self.acc.num_processes} processes are not gathered yet; "
-                "run one process, or collect dense events (factored=False)"
-            )
+        check_gatherable(factored, self.acc.num_processes)
         self.params = select_params(self.model, params)
         owners = param_owners(self.model)
         head_params = _lm_head_params(self.model)
@@ -427,7 +424,7 @@ class TRLCollection:
                 "_generate_and_score_completions as wrapped by collect_updates (trl version mismatch?)"
             )
         rows = self._rows
-        grads = self.collector._event_grads[-1] if self.collector.events else {}
+        grads = self.collector.last_event_gradients() if self.collector.events else {}
         n_ev = next((v.shape[0] if torch.is_tensor(v) else v.n_events for v in grads.values()), len(rows))
         if n_ev != len(rows):
             raise RuntimeError(
