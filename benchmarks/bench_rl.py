@@ -24,8 +24,9 @@ import yaml
 
 from shardlib import policy as pol
 from shardlib import rl
+from shardlib.collector import UpdateCollector, select_params
+from shardlib.store import bytes_per_event
 from shardlib.tasks import SyntheticTasks
-from shardlib.updates import UpdateCollector, bytes_per_event, select_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,8 +72,7 @@ def per_event_throughput(model, names, n_events=256, repeats=3):
         with col.capture():
             logp, _ = pol.logprobs(model, b["prompt"], comp, tasks.vocab_size)
             (-(logp * adv[:, None] * mask).sum()).backward()
-        out = col.event_gradients()
-        col._event_grads = []
+        out = col.pop_event_gradients()
         model.zero_grad()
         return out
 

@@ -154,7 +154,9 @@ def store_stats(store: Path) -> dict | None:
     tensors (factored matrices counted as d_out x d_in); from ``store.json`` and the first chunk's shapes."""
     import xarray as xr
 
-    from shardlib.updates import NETCDF_ENGINE, factor_pairs, update_vars
+    from shardlib.factored import factor_pairs
+    from shardlib.io import NETCDF_ENGINE
+    from shardlib.store import update_vars
 
     try:
         meta = json.loads((store / "store.json").read_text())
@@ -207,7 +209,9 @@ def first_events(store: Path, n: int) -> dict:
     import torch
     import xarray as xr
 
-    from shardlib.updates import NETCDF_ENGINE, Factored, factor_pairs, update_vars
+    from shardlib.factored import Factored, factor_pairs
+    from shardlib.io import NETCDF_ENGINE
+    from shardlib.store import update_vars
 
     first = sorted(json.loads((store / "store.json").read_text())["chunks"])[0]
     with xr.open_dataset(store / first, engine=NETCDF_ENGINE) as ds:
@@ -231,6 +235,7 @@ def sae_step_timing(
     import torch
 
     from shardlib.common import deterministic
+    from shardlib.factored import Factored
     from shardlib.shards import (
         ShardParams,
         Trainer,
@@ -240,7 +245,6 @@ def sae_step_timing(
         shapes_of,
         total_variance,
     )
-    from shardlib.updates import Factored
 
     data = first_events(store, batch)
     p = ShardParams.from_dict(

@@ -200,8 +200,8 @@ def run(p: CompositionalParams, progress: bool = False) -> xr.Dataset:
 
     from .analysis import random_dictionary
     from .common import flatten
+    from .factored import take
     from .shards import ShardParams, encode_all, evaluate, load_updates, shapes_of, train
-    from .updates import take
 
     out = Path(p.out_dir)
     out.mkdir(parents=True, exist_ok=True)

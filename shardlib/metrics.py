@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .updates import Factored
+from .factored import Factored
 
 
 @dataclass
@@ -36,7 +36,7 @@ class ReconStats:
 
     def update(self, x: dict, xhat: dict, z: torch.Tensor) -> None:
         """Add a batch: ``x`` and ``xhat`` per tensor, dense [N, *shape] or both
-        :class:`~shardlib.updates.Factored` (then every norm comes from Gram matrices of the factors, in
+        :class:`~shardlib.factored.Factored` (then every norm comes from Gram matrices of the factors, in
         float64, and the running sum for the mean is one dense matrix per tensor)."""
         n = z.shape[0]
         xs = torch.zeros(n, dtype=torch.float64)

@@ -140,7 +140,7 @@ def planted_factored(
     Returns (updates {name: Factored [n_events]}, truth {name: Factored [n_shards]} with ``rank``
     factors each (zero where the shard is elsewhere), codes [n_events, n_shards]).
     """
-    from .updates import Factored
+    from .factored import Factored
 
     if any(len(s) != 2 for s in shapes.values()):
         raise ValueError(f"planted_factored plants matrices only; got shapes {shapes}")

@@ -36,11 +36,13 @@ import torch
 import xarray as xr
 
 from . import policy as pol
+from .collector import UpdateCollector, select_params, selection_summary
 from .common import make_accelerator, progress_bar, step_generator
 from .config import SEED_MAX, Params, param
 from .io import OPTIMIZER_FILE, CheckpointError, load_optimizer, read_checkpoint, write_checkpoint
+from .ring import RingBuffer
+from .store import MAX_STORE_STEP, UpdateStore
 from .tasks import TASKS, TEXT_TASKS, ContextualBandit, SyntheticTasks, TextTasks, check_task_names
-from .updates import MAX_STORE_STEP, RingBuffer, UpdateCollector, UpdateStore, select_params, selection_summary
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ shapes (untied; initialized from the decoder).
   ``b_pre`` is itself rank r (factors P [d_out, r], Q [d_in, r]; started at the best rank-r
   approximation of the mean), which is what factored inputs need.
 
-Factored inputs (:class:`~shardlib.updates.Factored`: ``U_e = sum_f L_f R_f^T``, m factors) of a
+Factored inputs (:class:`~shardlib.factored.Factored`: ``U_e = sum_f L_f R_f^T``, m factors) of a
 low-rank tensor are never made dense: the centred input is the factored ``U_e / scale - P Q^T``
 (m + r factors), its scores are ``sum_f sum_r (a_r^T L_f)(b_r^T R_f)`` (cost m (d_out + d_in) per
 latent and rank instead of d_out d_in), and the reconstruction ``sum_i z_i U_i V_i^T`` is itself
@@ -46,10 +46,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .updates import Factored, best_rank
+from .factored import Factored, best_rank
 
 Tensors = dict[str, "torch.Tensor | Factored"]
-"""One batch of updates per tensor: dense [N, *shape], or :class:`~shardlib.updates.Factored` for matrices."""
+"""One batch of updates per tensor: dense [N, *shape], or :class:`~shardlib.factored.Factored` for matrices."""
 
 
 def dense(v) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import xarray as xr
 
 from .sae import ShardSAE
-from .updates import var_name
+from .store import var_name
 
 DENSE_MAX_BYTES = 2**30
 """Largest total size (fp32) of the low-rank matrices' dense directions that ``shards.nc`` holds."""

@@ -26,11 +26,12 @@ import xarray as xr
 
 from .common import dense_parameter_count, deterministic, make_accelerator, peak_rss_bytes, progress_bar
 from .config import Params, param
+from .factored import Factored, factor_pairs, n_events, take
 from .io import OPTIMIZER_FILE, load_optimizer, load_results, read_checkpoint, save_results, write_checkpoint
 from .metrics import ReconStats
 from .sae import ShardSAE, sae_loss, sq_norms
 from .shardfile import activations_dataset, shards_dataset
-from .updates import Factored, factor_pairs, n_events, open_store, take, update_vars
+from .store import open_store, update_vars
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import xarray as xr
 from . import metrics
 from .config import Params, param
 from .metrics import TAUS
-from .updates import flat_updates, open_store
+from .store import flat_updates, open_store
 
 
 def _state(path) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ Attach before ``trainer.train()``; no subclass::
     trainer.train()  # or trainer.train(resume_from_checkpoint=True)
 
 writes an event store (one event per completion and optimizer step, ``<store_dir>/events``) and a step store
-(``<store_dir>/steps``) in shardlib's store format (:mod:`shardlib.updates`), which ``open_store`` and the
+(``<store_dir>/steps``) in shardlib's store format (:mod:`shardlib.store`), which ``open_store`` and the
 shard stage (``notebooks/03_shards.ipynb``) read.
 
 What an event is: completion ``e``'s share of the step's gradient, ``u_e = -lr * grad l_e`` (``convention
@@ -57,14 +57,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..updates import (
+from ..collector import (
     UpdateCollector,
-    UpdateStore,
     check_convention,
+    check_gatherable,
     non_linear_message,
     param_owners,
     select_params,
 )
+from ..store import UpdateStore
 
 SUPPORTED_TRL = ("1.16",)
 """trl release series whose GRPOTrainer internals this module was written and tested against."""
@@ -185,11 +186,7 @@ class TRLCollection:
         check_convention(convention, factored)
         self.trainer, self.args, self.acc = trainer, trainer.args, trainer.accelerator
         self.model = self.acc.unwrap_model(trainer.model)
-        if factored and self.acc.num_processes > 1:
-            raise ValueError(
-                f"factored=True: factored events from {self.acc.num_processes} processes are not gathered yet; "
-                "run one process, or collect dense events (factored=False)"
-            )
+        check_gatherable(factored, self.acc.num_processes)
         self.params = select_params(self.model, params)
         owners = param_owners(self.model)
         head_params = _lm_head_params(self.model)
@@ -427,7 +424,7 @@ class TRLCollection:
                 "_generate_and_score_completions as wrapped by collect_updates (trl version mismatch?)"
             )
         rows = self._rows
-        grads = self.collector._event_grads[-1] if self.collector.events else {}
+        grads = self.collector.last_event_gradients() if self.collector.events else {}
         n_ev = next((v.shape[0] if torch.is_tensor(v) else v.n_events for v in grads.values()), len(rows))
         if n_ev != len(rows):
             raise RuntimeError(

@@ -1,0 +1,156 @@
+"""Factored matrix updates: ``U_e = sum_f left[e, f] (outer) right[e, f]``, and their algebra.
+
+A linear layer's per-event weight gradient is ``sum_t delta_t x_t^T`` (one factor per token), so an event
+update can be held as its factors, ``factors * (d_out + d_in)`` numbers instead of ``d_out * d_in``.
+:class:`Factored` holds a batch of such events; the functions here pad, concatenate, select, compress
+(:func:`best_rank`) and build (:func:`factorize`) them, and find (:func:`factor_pairs`) and densify
+(:func:`densify`) a store's factored variables (the store format: :mod:`shardlib.store`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import xarray as xr
+
+LEFT, RIGHT = "__left", "__right"
+
+
+class Factored(NamedTuple):
+    """A batch of factored matrix updates: ``U_e = sum_f left[e, f] (outer) right[e, f]``."""
+
+    left: torch.Tensor
+    """[events, factors, d_out]"""
+    right: torch.Tensor
+    """[events, factors, d_in]"""
+
+    @property
+    def n_events(self) -> int:
+        return self.left.shape[0]
+
+    @property
+    def n_factors(self) -> int:
+        return self.left.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of one event's matrix, ``(d_out, d_in)``."""
+        return self.left.shape[2], self.right.shape[2]
+
+    def dense(self) -> torch.Tensor:
+        return torch.einsum("efo,efi->eoi", self.left, self.right)
+
+    def take(self, idx) -> Factored:
+        """The events ``idx`` selects (indices, a mask or a slice)."""
+        return Factored(self.left[idx], self.right[idx])
+
+    def to(self, *args, **kwargs) -> Factored:
+        return Factored(self.left.to(*args, **kwargs), self.right.to(*args, **kwargs))
+
+    def scaled(self, c) -> Factored:
+        """``c * U_e`` (``c`` a number or one per event)."""
+        c = torch.as_tensor(c, dtype=self.left.dtype, device=self.left.device)
+        return Factored(self.left * (c.view(-1, 1, 1) if c.ndim else c), self.right)
+
+    def minus(self, other: Factored) -> Factored:
+        """``U_e - V_e`` as one factored batch (the factors of both, ``other``'s left side negated)."""
+        return Factored(torch.cat([self.left, -other.left], 1), torch.cat([self.right, other.right], 1))
+
+    def detach(self) -> Factored:
+        return Factored(self.left.detach(), self.right.detach())
+
+    def sq_norms(self) -> torch.Tensor:
+        """||U_e||_F^2 per event from the factors' Gram matrices, never forming U_e."""
+        gl = self.left @ self.left.transpose(1, 2)
+        gr = self.right @ self.right.transpose(1, 2)
+        return (gl * gr).sum((1, 2))
+
+    def event_sum(self) -> torch.Tensor:
+        """``sum_e U_e``: one dense [d_out, d_in] matrix for the whole batch (one matmul over all factors)."""
+        return self.left.reshape(-1, self.left.shape[2]).T @ self.right.reshape(-1, self.right.shape[2])
+
+
+def pad_factors(f: Factored, m: int) -> Factored:
+    """``f`` with its factor axis padded by zero rows to ``m`` factors (the same updates)."""
+    pad = (0, 0, 0, m - f.n_factors)
+    return Factored(torch.nn.functional.pad(f.left, pad), torch.nn.functional.pad(f.right, pad))
+
+
+def cat_factored(parts: list[Factored]) -> Factored:
+    """Concatenate batches of factored updates along ``event``, padding the factor axis with zero rows to
+    the largest factor count."""
+    m = max(f.n_factors for f in parts)
+    padded = [pad_factors(f, m) for f in parts]
+    return Factored(torch.cat([f.left for f in padded]), torch.cat([f.right for f in padded]))
+
+
+def _tensors(v) -> tuple:
+    return (v.left, v.right) if isinstance(v, Factored) else (v,)
+
+
+def take(v, idx):
+    """Events ``idx`` of a dense [event, ...] tensor or a Factored batch."""
+    return v.take(idx) if isinstance(v, Factored) else v[idx]
+
+
+def n_events(data: dict) -> int:
+    """Number of events of a ``{name: tensor or Factored}`` batch."""
+    v = next(iter(data.values()))
+    return v.n_events if isinstance(v, Factored) else v.shape[0]
+
+
+def best_rank(f: Factored, rank: int) -> tuple[Factored, torch.Tensor]:
+    """The best rank-``rank`` approximation of every event (Eckart-Young), by a thin QR of both sides and
+    an SVD of the small core: exactly ``rank`` factors per event (zero rows where an event's rank is
+    lower), singular values split evenly (each factor pair has equal norms), ordered by singular value;
+    and the kept fraction of ``||U_e||^2`` (1 for an all-zero event)."""
+    Ql, Rl = torch.linalg.qr(f.left.transpose(1, 2))  # left^T = Ql Rl: [E, d_out, m], [E, m, m]
+    Qr, Rr = torch.linalg.qr(f.right.transpose(1, 2))  # right^T = Qr Rr
+    u, sv, vh = torch.linalg.svd(Rl @ Rr.transpose(1, 2))  # U_e = Ql (Rl Rr^T) Qr^T
+    r = min(rank, sv.shape[1])
+    s = sv[:, None, :r].sqrt()
+    left = (Ql @ u[:, :, :r]) * s  # [E, d_out, r]
+    right = (Qr @ vh[:, :r, :].transpose(1, 2)) * s
+    total = (sv**2).sum(1)
+    kept = torch.where(total > 0, (sv[:, :r] ** 2).sum(1) / total.clamp(min=1e-300), torch.ones_like(total))
+    pad = (0, 0, 0, rank - r)
+    out = Factored(*(torch.nn.functional.pad(t.transpose(1, 2), pad).contiguous() for t in (left, right)))
+    return out, kept
+
+
+def factorize(delta: torch.Tensor, x: torch.Tensor, max_rank: int | None = None) -> tuple[Factored, torch.Tensor]:
+    """Per-event factors of ``U_e = sum_t delta[e, t] x[e, t]^T`` (delta [E, T, d_out], x [E, T, d_in]).
+
+    ``max_rank=None``: exact, one factor per token. Otherwise at most ``max_rank`` factors per event
+    (:func:`best_rank`: the best rank-``max_rank`` approximation of U_e); returns the factors and the kept
+    fraction of ||U_e||^2 per event (1 when exact or when the event's rank is within ``max_rank``).
+    """
+    delta, x = delta.float(), x.float()
+    live = (delta.any(-1) & x.any(-1)).unsqueeze(-1)  # a token with zero delta (masked) or zero x adds nothing:
+    delta, x = delta * live, x * live  # zero both sides, as padding rows are
+    exact = Factored(delta, x)
+    if max_rank is None or max_rank >= delta.shape[1]:
+        return exact, torch.ones(delta.shape[0])
+    return best_rank(exact, max_rank)
+
+
+def factor_pairs(ds: xr.Dataset) -> dict[str, tuple[str, str]]:
+    """``{var: (left var, right var)}`` of a store's factored matrix variables."""
+    return {v[: -len(LEFT)]: (v, v[: -len(LEFT)] + RIGHT) for v in ds.data_vars if v.endswith(LEFT)}
+
+
+def densify(ds: xr.Dataset, events=None) -> xr.Dataset:
+    """The store (or the ``events`` it selects: a slice or indices) with every factored variable made
+    dense: ``<var>`` with dims ``("event", "<var>_dim0", "<var>_dim1")``; dense variables and labels as
+    they are."""
+    if events is not None:
+        ds = ds.isel(event=events)
+    out = ds
+    for var, (lv, rv) in factor_pairs(ds).items():
+        U = np.einsum("efo,efi->eoi", np.asarray(ds[lv].values), np.asarray(ds[rv].values))
+        out = out.drop_vars([lv, rv])
+        out[var] = xr.Variable(("event", f"{var}_dim0", f"{var}_dim1"), U.astype(np.float32), dict(ds[lv].attrs))
+        out = out.drop_dims(f"{var}_factor", errors="ignore")
+    return out
