@@ -60,7 +60,6 @@ import fnmatch
 import hashlib
 import itertools
 import json
-import math
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +70,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from .common import fmt_bytes  # noqa: F401  (re-exported: the notebooks call updates.fmt_bytes)
 from .io import NETCDF_ENGINE, atomic_write, provenance
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -1081,12 +1081,6 @@ def group_events(updates: dict[str, torch.Tensor], labels: dict[str, np.ndarray]
 
 def bytes_per_event(params: dict[str, torch.Tensor], dtype: str = "float32") -> int:
     return sum(p.numel() for p in params.values()) * DTYPES[dtype].itemsize
-
-
-def fmt_bytes(n: float) -> str:
-    units = ["B", "KiB", "MiB", "GiB"]
-    i = min(len(units) - 1, int(math.log(max(n, 1), 1024)))
-    return f"{n / 1024**i:.1f} {units[i]}"
 
 
 def update_norms(ds: xr.Dataset):
