@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shardlib.collector import UpdateCollector  # noqa: E402
+from shardlib.common import fmt_bytes  # noqa: E402
 from shardlib.factored import Factored  # noqa: E402
 
 
@@ -296,22 +297,14 @@ def table(result: dict) -> str:
         md, ds, ratio = r.get("recovery_dense_mmcs"), r["sae_dense_s_per_step"], r["sae_speed_ratio"]
         oom = "out of memory"
         lines.append(
-            f"| {r['d_model']} | {fmt(r['dense_bytes_per_event'])} | {fmt(r['factored_bytes_per_event'])} | "
+            f"| {r['d_model']} | {fmt_bytes(r['dense_bytes_per_event'])} | {fmt_bytes(r['factored_bytes_per_event'])} | "
             f"{r['bytes_ratio_exact']:.1f}x | {r['speed_ratio_exact']:.1f}x | {oom if ds is None else f'{ds:.3f}'} | "
             f"{r['sae_factored_s_per_step']:.3f} | {'-' if ratio is None else f'{ratio:.1f}x'} | "
-            f"{oom if ds is None else fmt(r['sae_dense_peak_bytes'])} | "
-            f"{fmt(r['sae_factored_peak_bytes'])} | {'-' if md is None else f'{md:.3f}'} | "
+            f"{oom if ds is None else fmt_bytes(r['sae_dense_peak_bytes'])} | "
+            f"{fmt_bytes(r['sae_factored_peak_bytes'])} | {'-' if md is None else f'{md:.3f}'} | "
             f"{r['recovery_factored_mmcs']:.3f} |"
         )
     return "\n".join(lines)
-
-
-def fmt(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 if __name__ == "__main__":

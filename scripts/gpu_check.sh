@@ -8,7 +8,7 @@
 #    (the 8-minute target), sampling the GPU's memory with nvidia-smi every 0.5 s when there is one
 #                                                                    -> <run>/gpu_check/study.log, gpu_memory.log
 # 3. times the RL stage's online SAE step on its own events, on the GPU and the CPU
-#                                                                    -> <run>/gpu_check/sae_step.json
+#    (benchmarks/bench_sae_step.py)                                  -> <run>/gpu_check/sae_step.json
 # 4. runs benchmarks/bench_factored.py at a few widths (CPU)         -> <run>/gpu_check/bench_factored.json
 # 5. writes the summary (scripts/gpu_summary.py)                     -> <run>/gpu_check.json, <run>/gpu_check.md
 # Exits non-zero when the study or a benchmark failed (the summary is written either way).
@@ -24,7 +24,7 @@
 #   GPU_CHECK_TIMEOUT=480          seconds before the study is stopped (0: no limit); a stopped study
 #                                  resumes where it stopped when the same command runs again
 #   GPU_CHECK_BENCH=1              0: skip step 4
-#   GPU_CHECK_SAE_ARGS="..."       extra arguments of `gpu_summary.py sae-step` (e.g. --steps 3 --cpu-steps 1)
+#   GPU_CHECK_SAE_ARGS="..."       extra arguments of benchmarks/bench_sae_step.py (e.g. --steps 3 --cpu-steps 1)
 #   GPU_CHECK_BENCH_ARGS="..."     arguments of bench_factored.py (default below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -99,7 +99,7 @@ echo "== study: exit $study_rc after ${study_seconds}s"
 bench_rc=0
 rm -f "$OUT/sae_step.json" "$OUT/bench_factored.json"
 echo "== SAE step: GPU against CPU"
-"$PY" scripts/gpu_summary.py sae-step --run-dir "$RUN_DIR" --out "$OUT/sae_step.json" \
+"$PY" benchmarks/bench_sae_step.py --run-dir "$RUN_DIR" --out "$OUT/sae_step.json" \
   ${SAE_ARGS[@]+"${SAE_ARGS[@]}"} || bench_rc=$?
 if [ "$BENCH" != "0" ]; then
   echo "== benchmarks/bench_factored.py ${BENCH_ARGS}"

@@ -1,15 +1,7 @@
-"""The GPU check's device report, SAE step timing and one-file summary (``scripts/gpu_check.sh`` runs it).
+"""The GPU check's device report and one-file summary (``scripts/gpu_check.sh`` runs it).
 
     python scripts/gpu_summary.py device                                   # torch, CUDA, the GPU (JSON)
-    python scripts/gpu_summary.py sae-step --run-dir runs/gpu --out runs/gpu/gpu_check/sae_step.json
     python scripts/gpu_summary.py summarize --run-dir runs/gpu --study-rc 0 --study-seconds 412
-
-``sae-step`` times training steps of an RL stage's online SAE (its latents, k, rank and batch size, from
-the stage's ``.stage.json``) on the first events of the stage's own event store, on the GPU when there is
-one and on the CPU, in one process, in two settings: ``no_dead`` (no latent counts as dead: no AuxK, no
-restarts; the usual step) and ``all_dead`` (every latent that did not fire in the previous step counts as
-dead: AuxK over up to ``aux_k`` of them and restarts; the worst case). Median of the timed steps after
-one warm-up step; peak GPU memory (``torch.cuda.max_memory_allocated``) of each setting.
 
 ``summarize`` writes ``<run>/gpu_check.json`` and its rendering ``<run>/gpu_check.md``: the device; the
 study's exit status and wall time against the 8-minute target; every stage's status, seconds (its
@@ -17,25 +9,26 @@ study's exit status and wall time against the 8-minute target; every stage's sta
 in ``<run>/gpu_check/gpu_memory.log``; null without a GPU); the policy's parameters; the RL stages'
 completion tokens/s and steps/s (medians over steps of ``tokens_per_s`` / ``steps_per_s`` in
 ``results.nc``: rollout, update and update collection; the online SAE's steps are outside them); bytes
-per event of every update store on disk against its dense fp32 size; the SAE step timing; the rows of
-``benchmarks/bench_factored.py`` when it ran.
+per event of every update store on disk against its dense fp32 size; the SAE step timing
+(``benchmarks/bench_sae_step.py``) and the rows of ``benchmarks/bench_factored.py`` when they ran. Its tables
+are :func:`shardlib.report.markdown_table`'s, its sizes :func:`shardlib.common.fmt_bytes`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from shardlib.common import fmt_bytes  # noqa: E402
+from shardlib.report import markdown_table, run_stages  # noqa: E402
 
 TARGET_SECONDS = 480
 CHECK_DIR = "gpu_check"
@@ -188,146 +181,15 @@ def store_stats(store: Path) -> dict | None:
 
 
 def n_parameters(run_dir: Path) -> int | None:
+    """The policy's parameters, as the run's pretraining stage (found by kind) recorded them."""
     import xarray as xr
 
-    f = run_dir / "pretrain" / "results.nc"
-    if not f.exists():
+    stage = next((s for s, kind in run_stages(run_dir).items() if kind == "pretrain"), None)
+    if stage is None:
         return None
-    with xr.open_dataset(f) as ds:
+    with xr.open_dataset(run_dir / stage / "results.nc") as ds:
         n = ds.attrs.get("n_parameters")
     return int(n) if n is not None else None
-
-
-# ---------------------------------------------------------------------------
-# SAE step timing
-
-
-def first_events(store: Path, n: int) -> dict:
-    """``n`` events from the first chunk of a store (repeated when it holds fewer): ``{param: tensor or
-    Factored}``, as ``shards.load_updates`` gives them."""
-    import numpy as np
-    import torch
-    import xarray as xr
-
-    from shardlib.factored import Factored, factor_pairs
-    from shardlib.io import NETCDF_ENGINE
-    from shardlib.store import update_vars
-
-    first = sorted(json.loads((store / "store.json").read_text())["chunks"])[0]
-    with xr.open_dataset(store / first, engine=NETCDF_ENGINE) as ds:
-        sub = ds.isel(event=slice(0, min(n, ds.sizes["event"]))).load()
-    idx = np.arange(n) % sub.sizes["event"]
-
-    def tensor(v):
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(sub[v].values, dtype=np.float32)[idx]))
-
-    data = {sub[v].attrs["param"]: tensor(v) for v in update_vars(sub)}
-    for lv, rv in factor_pairs(sub).values():
-        data[sub[lv].attrs["param"]] = Factored(tensor(lv), tensor(rv))
-    return data
-
-
-def sae_step_timing(
-    store: Path, n_latents: int, k: int, rank: int, batch: int, steps: int = 10, cpu_steps: int = 2, devices=None
-) -> dict:
-    """Seconds per SAE training step (median after one warm-up step) on each device, ``no_dead`` and
-    ``all_dead`` (see the module docstring), on ``batch`` events of ``store``."""
-    import torch
-
-    from shardlib.common import deterministic
-    from shardlib.factored import Factored
-    from shardlib.shards import (
-        ShardParams,
-        Trainer,
-        init_from_data,
-        make_sae,
-        resolve_b_pre_rank,
-        shapes_of,
-        total_variance,
-    )
-
-    data = first_events(store, batch)
-    p = ShardParams.from_dict(
-        {"store_path": str(store), "n_latents": n_latents, "k": k, "rank": rank, "batch_size": batch}
-    )
-    base = make_sae(p, shapes_of(data), resolve_b_pre_rank(p, data))
-    init_from_data(base, data)
-    variance = total_variance(data, float(base.scale))
-    devices = devices or (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
-    aux_k = p.aux_k or max(1, n_latents // 2)
-    out = {
-        "store": str(store),
-        "events_per_step": batch,
-        "n_latents": n_latents,
-        "k": k,
-        "rank": rank,
-        "aux_k": aux_k,
-        "tensors": len(data),
-        "factored_tensors": sum(isinstance(v, Factored) for v in data.values()),
-        "sae_parameters": base.n_parameters(),
-        "devices": {},
-    }
-
-    def sync(dev):
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
-    for dev in devices:
-        n = steps if dev != "cpu" else cpu_steps
-        batch_d = {name: v.to(dev) for name, v in data.items()}
-        row = {"timed_steps": n}
-        for setting, window in (("no_dead", 10**15), ("all_dead", 1)):
-            sae = copy.deepcopy(base).to(dev)
-            tr = Trainer(
-                sae,
-                p.lr,
-                p.aux_k,
-                p.aux_coef,
-                window,
-                variance,
-                resample=p.resample_dead,
-                fire_frac=p.fire_frac,
-                lr_relative=p.lr_relative,
-            )
-            if dev == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times = []
-            with deterministic():  # as the online and offline trainers run
-                for _ in range(n + 1):
-                    sync(dev)
-                    t0 = time.perf_counter()
-                    tr.step(batch_d)
-                    sync(dev)
-                    times.append(time.perf_counter() - t0)
-            row[f"{setting}_s_per_step"] = statistics.median(times[1:])
-            row[f"{setting}_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
-            del sae, tr
-        out["devices"][dev] = row
-    if "cuda" in out["devices"] and "cpu" in out["devices"]:
-        g, c = out["devices"]["cuda"], out["devices"]["cpu"]
-        out["cpu_over_gpu"] = {s: c[f"{s}_s_per_step"] / g[f"{s}_s_per_step"] for s in ("no_dead", "all_dead")}
-    else:
-        out["cpu_over_gpu"] = None
-    return out
-
-
-def sae_step_for_run(run_dir: Path, stage: str = "rl_lm", **overrides) -> dict:
-    """:func:`sae_step_timing` with the online SAE settings of ``stage`` (its ``.stage.json``), on its event store."""
-    store = run_dir / stage / "updates" / "events"
-    try:
-        params = json.loads((run_dir / stage / ".stage.json").read_text())["params"]
-    except (OSError, ValueError, KeyError):
-        return {"skipped": f"no stage record {run_dir / stage / '.stage.json'}"}
-    if not (_load_json(store / "store.json") or {}).get("chunks"):
-        return {"skipped": f"no events stored in {store}"}
-    settings = {
-        "n_latents": params.get("online_n_latents", 32),
-        "k": params.get("online_k", 4),
-        "rank": params.get("online_rank", 1),
-        "batch": params.get("online_batch_size", 128),
-    }
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    return {"stage": stage, **sae_step_timing(store, **settings)}
 
 
 # ---------------------------------------------------------------------------
@@ -455,92 +317,78 @@ def _f(x, fmt="{:.3g}", none="–"):
 
 
 def _bytes(n) -> str:
-    if n is None:
-        return "–"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+    return fmt_bytes(n, digits=2)
 
 
-def render(s: dict) -> str:
-    """The summary as markdown."""
+def _head(s: dict) -> list[str]:
     d, st = s["device"], s["study"]
     gpu = f"{d['gpu_name']} ({d['gpu_memory_gib']:.0f} GiB)" if d.get("gpu_name") else "none (CPU only)"
-    lines = [
+    met = "met" if st["within_target"] else "not met" if st["within_target"] is not None else "–"
+    return [
         f"# GPU check: {Path(s['run_dir']).name}",
-        "",
         f"Written {s['written']} from `{s['run_dir']}` (config `{s['config'] or '?'}`"
         + (f", --set {' '.join(s['sets'])}" if s["sets"] else "")
         + (f", --only {' '.join(s['only'])}" if s["only"] else "")
         + ").",
-        "",
         f"- Device: **{d['device']}**; GPU: {gpu}; torch {d['torch']} (CUDA {d.get('cuda') or '–'}); "
-        f"{d['cpu_count']} CPU cores.",
+        f"{d['cpu_count']} CPU cores.\n"
         f"- Study: {st['status'] or 'not run'}; wall time {_f(st['wall_seconds'], '{:.1f} s')} "
-        f"(target ≤ {st['target_seconds']:g} s: "
-        + ("met" if st["within_target"] else "not met" if st["within_target"] is not None else "–")
-        + f"); stage times add up to {st['stage_seconds_total']:.1f} s.",
-        f"- Policy: {_f(s['policy_parameters'], '{:,}')} parameters.",
+        f"(target ≤ {st['target_seconds']:g} s: {met}); stage times add up to {st['stage_seconds_total']:.1f} s.\n"
+        f"- Policy: {_f(s['policy_parameters'], '{:,}')} parameters.\n"
         f"- Peak GPU memory (device-wide): {_f((s['gpu_memory'] or {}).get('peak_mib'), '{:.0f} MiB')}.",
-        "",
-        "## Stages",
-        "",
-        "| stage | status | seconds | peak GPU memory (MiB) |",
-        "|---|---|---|---|",
     ]
-    for name, r in s["stages"].items():
-        lines.append(
-            f"| {name} | {r['status']} | {_f(r['seconds'], '{:.1f}')} | {_f(r['gpu_memory_peak_mib'], '{:.0f}')} |"
-        )
+
+
+def _stages_rl_stores(s: dict) -> list[str]:
+    out = [
+        "## Stages",
+        markdown_table(
+            ["stage", "status", "seconds", "peak GPU memory (MiB)"],
+            [
+                [name, r["status"], _f(r["seconds"], "{:.1f}"), _f(r["gpu_memory_peak_mib"], "{:.0f}")]
+                for name, r in s["stages"].items()
+            ],
+        ),
+    ]
     if s["rl"]:
-        lines += [
-            "",
-            "## RL throughput (medians over steps: rollout, update and collection)",
-            "",
-            "| stage | testbed | algorithm | steps | completions / step | completion tokens / s | steps / s |",
-            "|---|---|---|---|---|---|---|",
+        head = ["stage", "testbed", "algorithm", "steps", "completions / step", "completion tokens / s", "steps / s"]
+        rows = [
+            [name, r["testbed"], r["algorithm"], r["steps"], r["completions_per_step"]]
+            + [_f(r["tokens_per_s_median"], "{:.0f}"), _f(r["steps_per_s_median"], "{:.2f}")]
+            for name, r in s["rl"].items()
         ]
-        for name, r in s["rl"].items():
-            lines.append(
-                f"| {name} | {r['testbed']} | {r['algorithm']} | {r['steps']} | {r['completions_per_step']} | "
-                f"{_f(r['tokens_per_s_median'], '{:.0f}')} | {_f(r['steps_per_s_median'], '{:.2f}')} |"
-            )
+        out += ["## RL throughput (medians over steps: rollout, update and collection)", markdown_table(head, rows)]
     if s["stores"]:
-        lines += [
-            "",
-            "## Update stores (bytes on disk, labels and netCDF overhead included)",
-            "",
-            "| store | events | tensors (factored) | on disk | per event | dense fp32 per event | dense / disk |",
-            "|---|---|---|---|---|---|---|",
+        head = ["store", "events", "tensors (factored)", "on disk", "per event", "dense fp32 per event", "dense / disk"]
+        rows = [
+            [name, r["events"], f"{r['tensors']} ({r['factored_tensors']})", _bytes(r["bytes_on_disk"])]
+            + [
+                _bytes(r["bytes_per_event"]),
+                _bytes(r["dense_fp32_bytes_per_event"]),
+                _f(r["dense_over_disk"], "{:.1f}x"),
+            ]
+            for name, r in s["stores"].items()
         ]
-        for name, r in s["stores"].items():
-            lines.append(
-                f"| {name} | {r['events']} | {r['tensors']} ({r['factored_tensors']}) | {_bytes(r['bytes_on_disk'])} | "
-                f"{_bytes(r['bytes_per_event'])} | {_bytes(r['dense_fp32_bytes_per_event'])} | "
-                f"{_f(r['dense_over_disk'], '{:.1f}x')} |"
-            )
+        out += ["## Update stores (bytes on disk, labels and netCDF overhead included)", markdown_table(head, rows)]
+    return out
+
+
+def _benchmarks(s: dict) -> list[str]:
+    out = []
     sae = s.get("sae_step")
     if sae and "devices" in sae:
-        lines += [
-            "",
+        head = ["device", "s / step, no dead latents", "s / step, all dead (AuxK, restarts)", "peak memory (MiB)"]
+        rows = [
+            [dev, _f(r["no_dead_s_per_step"], "{:.4f}"), _f(r["all_dead_s_per_step"], "{:.4f}")]
+            + [_f(r.get("all_dead_peak_memory_mib"), "{:.0f}")]
+            for dev, r in sae["devices"].items()
+        ]
+        ratio = sae.get("cpu_over_gpu")
+        out += [
             f"## SAE step ({sae.get('stage', '?')}'s online SAE: {sae['n_latents']} latents, k = {sae['k']}, "
             f"rank {sae['rank']}, {sae['events_per_step']} events of {sae['tensors']} tensors, "
-            f"{sae['factored_tensors']} factored)",
-            "",
-            "| device | s / step, no dead latents | s / step, all dead (AuxK, restarts) | peak memory (MiB) |",
-            "|---|---|---|---|",
-        ]
-        for dev, r in sae["devices"].items():
-            mem = r.get("all_dead_peak_memory_mib")
-            lines.append(
-                f"| {dev} | {_f(r['no_dead_s_per_step'], '{:.4f}')} | {_f(r['all_dead_s_per_step'], '{:.4f}')} | "
-                f"{_f(mem, '{:.0f}')} |"
-            )
-        ratio = sae.get("cpu_over_gpu")
-        lines += [
-            "",
+            f"{sae['factored_tensors']} factored; benchmarks/bench_sae_step.py)",
+            markdown_table(head, rows),
             "CPU / GPU time per step: "
             + (
                 f"{ratio['no_dead']:.1f}x (no dead), {ratio['all_dead']:.1f}x (all dead)."
@@ -549,26 +397,29 @@ def render(s: dict) -> str:
             ),
         ]
     elif sae:
-        lines += ["", f"SAE step: skipped ({sae.get('skipped')})."]
+        out.append(f"SAE step: skipped ({sae.get('skipped')}).")
     b = s.get("bench_factored")
     if b and b.get("rows"):
-        lines += [
-            "",
-            f"## benchmarks/bench_factored.py (CPU, {b['threads']} threads; {b['tokens']} tokens per event)",
-            "",
-            "| d_model | bytes / event dense | factored | ratio | collection speed-up | SAE s / step dense | factored | MMCS factored |",
-            "|---|---|---|---|---|---|---|---|",
+        head = ["d_model", "bytes / event dense", "factored", "ratio", "collection speed-up", "SAE s / step dense"]
+        rows = [
+            [r["d_model"], _bytes(r["dense_bytes_per_event"]), _bytes(r["factored_bytes_per_event"])]
+            + [_f(r["bytes_ratio_exact"], "{:.1f}x"), _f(r["speed_ratio_exact"], "{:.1f}x")]
+            + [_f(r["sae_dense_s_per_step"], "{:.3f}"), _f(r["sae_factored_s_per_step"], "{:.3f}")]
+            + [_f(r["recovery_factored_mmcs"], "{:.3f}")]
+            for r in b["rows"]
         ]
-        for r in b["rows"]:
-            lines.append(
-                f"| {r['d_model']} | {_bytes(r['dense_bytes_per_event'])} | {_bytes(r['factored_bytes_per_event'])} | "
-                f"{_f(r['bytes_ratio_exact'], '{:.1f}x')} | {_f(r['speed_ratio_exact'], '{:.1f}x')} | "
-                f"{_f(r['sae_dense_s_per_step'], '{:.3f}')} | {_f(r['sae_factored_s_per_step'], '{:.3f}')} | "
-                f"{_f(r['recovery_factored_mmcs'], '{:.3f}')} |"
-            )
+        out += [
+            f"## benchmarks/bench_factored.py (CPU, {b['threads']} threads; {b['tokens']} tokens per event)",
+            markdown_table([*head, "factored", "MMCS factored"], rows),
+        ]
     elif b:
-        lines += ["", f"benchmarks/bench_factored.py: no results (exit {b.get('exit_code')})."]
-    return "\n".join(lines) + "\n"
+        out.append(f"benchmarks/bench_factored.py: no results (exit {b.get('exit_code')}).")
+    return out
+
+
+def render(s: dict) -> str:
+    """The summary as markdown."""
+    return "\n\n".join(_head(s) + _stages_rl_stores(s) + _benchmarks(s)) + "\n"
 
 
 def write_summary(run_dir: Path, **kwargs) -> tuple[Path, Path]:
@@ -584,15 +435,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("device", help="print the device report (JSON)")
-    s = sub.add_parser("sae-step", help="time the online SAE's training step on the GPU (if any) and the CPU")
-    s.add_argument("--run-dir", required=True)
-    s.add_argument("--stage", default="rl_lm")
-    s.add_argument("--latents", type=int, help="default: the stage's online_n_latents")
-    s.add_argument("--k", type=int, help="default: the stage's online_k")
-    s.add_argument("--batch", type=int, help="default: the stage's online_batch_size")
-    s.add_argument("--steps", type=int, default=10, help="timed steps on the GPU")
-    s.add_argument("--cpu-steps", type=int, default=2, help="timed steps on the CPU")
-    s.add_argument("--out", required=True)
     m = sub.add_parser("summarize", help="write <run>/gpu_check.json and gpu_check.md")
     m.add_argument("--run-dir", required=True)
     m.add_argument("--config", default="")
@@ -606,18 +448,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "device":
         print(json.dumps(device_info(), indent=1))
-    elif args.cmd == "sae-step":
-        res = sae_step_for_run(
-            Path(args.run_dir),
-            args.stage,
-            n_latents=args.latents,
-            k=args.k,
-            batch=args.batch,
-            steps=args.steps,
-            cpu_steps=args.cpu_steps,
-        )
-        Path(args.out).write_text(json.dumps(_clean(res), indent=1))
-        print(json.dumps(_clean(res), indent=1))
     else:
         j, md = write_summary(
             Path(args.run_dir),

@@ -103,3 +103,15 @@ def hf_quiet():
     finally:
         if was:
             hf_logging.enable_progress_bar()
+
+
+def fmt_bytes(n: float | None, digits: int = 1, missing: str = "–") -> str:
+    """A size in bytes as B, KiB, MiB or GiB (powers of 1024): whole bytes below 1 KiB, else ``digits`` decimals;
+    ``missing`` for None. The project's one byte formatter (report, notebooks, GPU summary, benchmarks)."""
+    if n is None:
+        return missing
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.{digits}f} {unit}"
+        n /= 1024
+    return f"{n:.{digits}f} GiB"

@@ -12,6 +12,8 @@ import json
 import numpy as np
 import xarray as xr
 
+from .stages import KINDS
+
 
 def nanmean_std(x) -> tuple[float, float]:
     """``np.nanmean`` and ``np.nanstd`` as floats, without their warnings when every value is NaN (then NaN,
@@ -284,19 +286,8 @@ def figures(ds: xr.Dataset) -> str:
     return f"{len(names)} figures written from the run's results: {', '.join(names)}."
 
 
-FINDINGS = {
-    "model": model,
-    "pretrain": pretrain,
-    "rl": rl,
-    "shards": shards,
-    "planted": planted,
-    "sparsity": sparsity,
-    "frontier": frontier,
-    "analysis": analysis,
-    "toy": toy,
-    "compositional": compositional,
-    "figures": figures,
-}
+# the Finding of every stage kind: the function of this module named after it
+FINDINGS = {kind: globals()[kind] for kind in KINDS}
 
 
 def finding(stage: str, ds: xr.Dataset) -> str:

@@ -7,36 +7,22 @@
 Arguments are ``name=value`` pairs of the stage's parameters (values parsed as YAML). Calls the
 stage module's ``run(params)``, the function its notebook calls, so it writes the same files
 (``results.nc``, ``policy/``, ``updates/``, with ``online_sae=true`` the online shards); only the
-main process writes. Stages: pretrain, rl, shards (several processes), and planted, sparsity,
-frontier, analysis, toy, figures, compositional (one process).
+main process writes. Stages: the kinds of :mod:`shardlib.stages` (``KINDS``): pretrain, rl, shards
+(several processes), and model, planted, sparsity, frontier, analysis, toy, figures, compositional (one process).
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import yaml
 
-# stage name -> (module, Params class)
-STAGES = {
-    "model": ("instruct", "InstructParams"),
-    "pretrain": ("pretrain", "PretrainParams"),
-    "rl": ("rl", "RLParams"),
-    "shards": ("shards", "ShardParams"),
-    "planted": ("planted", "PlantedParams"),
-    "sparsity": ("sparsity", "SparsityParams"),
-    "frontier": ("frontier", "FrontierParams"),
-    "analysis": ("analysis", "AnalysisParams"),
-    "toy": ("toy", "ToyParams"),
-    "figures": ("figures", "FiguresParams"),
-    "compositional": ("compositional", "CompositionalParams"),
-}
+from .stages import KINDS, module, params_class
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in STAGES:
+    if not argv or argv[0] not in KINDS:
         print(__doc__, file=sys.stderr)
         return 2
     stage, pairs = argv[0], argv[1:]
@@ -51,15 +37,13 @@ def main(argv=None) -> int:
         except yaml.YAMLError as e:
             print(f"error: argument {a!r}: not valid YAML ({str(e).splitlines()[0]})", file=sys.stderr)
             return 2
-    module_name, params_name = STAGES[stage]
-    module = importlib.import_module(f"shardlib.{module_name}")
     try:
-        p = getattr(module, params_name).from_dict(values)
+        p = params_class(stage).from_dict(values)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    kwargs = {"progress": False} if stage in ("pretrain", "rl", "shards", "planted", "analysis", "toy") else {}
-    res = module.run(p, **kwargs)
+    kwargs = {"progress": False} if KINDS[stage].progress else {}
+    res = module(stage).run(p, **kwargs)
     acc = getattr(res, "accelerator", None)
     if acc is not None and acc.is_main_process:
         print(f"processes={acc.num_processes} distributed_type={acc.distributed_type}")

@@ -10,8 +10,10 @@ when the README differs from what the run's results give (wall-clock lines, mark
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -19,55 +21,98 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from . import findings
+from . import findings, stages
 from .findings import nanmean
 from .io import load_results, sweep_points
+from .runner import params_class_name
+from .stages import KINDS, kind_of
 
 BEGIN, END, WALL = "<!-- results:begin -->", "<!-- results:end -->", "<!-- wall-clock -->"
-
-# the stages of configs/default.yaml whose results the report reads: (stage folder, finding kind)
-STAGES = [
-    ("pretrain", "pretrain"),
-    ("rl_bandit", "rl"),
-    ("rl_lm", "rl"),
-    ("sft_lm", "rl"),
-    ("shards_bandit", "shards"),
-    ("shards_lm", "shards"),
-    ("frontier", "frontier"),
-    ("planted", "planted"),
-    ("sparsity", "sparsity"),
-    ("analysis_bandit", "analysis"),
-    ("analysis_lm", "analysis"),
-    ("compositional", "compositional"),
-    ("toy_models", "toy"),
-    ("figures", "figures"),
-]
 
 
 class ReportError(RuntimeError):
     pass
 
 
-def _load(run_dir: Path, stage: str) -> xr.Dataset | None:
-    f = run_dir / stage / "results.nc"
-    return load_results(f) if f.exists() else None
+def stage_kind(folder: Path) -> str | None:
+    """The kind (:data:`shardlib.stages.KINDS`) of the stage whose results lie in ``folder``: the kind of the
+    ``Params`` class its executed notebook (``notebook.ipynb``) validates with, or else of the one ``Params``
+    class whose fields hold every parameter its ``results.nc`` records (a stage run by ``shardlib.launch``);
+    None when neither tells."""
+    nb = folder / "notebook.ipynb"
+    if nb.exists():
+        found = params_class_name(nb)
+        if found is not None and kind_of(*found) is not None:
+            return kind_of(*found)
+    try:
+        keys = set(json.loads(load_results(folder / "results.nc").attrs.get("config", "{}")))
+    except (OSError, ValueError):
+        return None
+    fits = [k for k in KINDS if keys and keys <= {f.name for f in dataclasses.fields(stages.params_class(k))}]
+    return fits[0] if len(fits) == 1 else None
+
+
+def run_stages(run_dir) -> dict[str, str]:
+    """``{stage folder: kind}`` for every stage folder of a run that holds results (``<folder>/results.nc``)
+    of a known kind, in the order of ``KINDS``, then of folder name: whatever the config named them."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return {}
+    found = {}
+    for d in sorted(run_dir.iterdir()):
+        kind = stage_kind(d) if (d / "results.nc").is_file() else None
+        if kind is not None:
+            found[d.name] = kind
+    order = list(KINDS)
+    return dict(sorted(found.items(), key=lambda item: (order.index(item[1]), item[0])))
+
+
+def _by_kind(run_dir: Path, kinds, how: str) -> dict[str, list[str]]:
+    """The run's stage folders of each of ``kinds``; a ReportError naming the kinds the run has no results of."""
+    found = run_stages(run_dir)
+    by = {k: [s for s, kind in found.items() if kind == k] for k in kinds}
+    missing = [k for k, names in by.items() if not names]
+    if missing:
+        raise ReportError(f"{run_dir} lacks the results of {missing} (stage kinds); run the study first ({how})")
+    return by
+
+
+def _input_stage(path, names) -> str:
+    """Which of the stage folders ``names`` a path a stage read (its parameter, as recorded) lies in."""
+    return next((p for p in reversed(Path(str(path)).parts) if p in names), "?")
+
+
+def _glob(names: list[str]) -> str:
+    """One name, or the names' common prefix and ``*`` (``analysis_*``)."""
+    return names[0] if len(names) == 1 else os.path.commonprefix(names) + "*"
+
+
+def _cfg(ds: xr.Dataset) -> dict:
+    return json.loads(ds.attrs.get("config", "{}"))
+
+
+def _testbed(stage: str) -> str:
+    return stage.split("_", 1)[-1]
+
+
+def _bullets(names, find: dict[str, str]) -> str:
+    return "\n".join(f"- `{s}`: {find[s]}" for s in names)
 
 
 def _ms(da, digits: int = 3) -> str:
     return findings.mean_std(da, digits, missing="–")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: the header, its rule, one line per row (cells as given)."""
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
-def _rl(run_dir: Path) -> str:
+def _rl(runs: dict[str, xr.Dataset]) -> str:
     rows = []
-    for stage, label in (("rl_bandit", "GRPO"), ("rl_lm", "GRPO"), ("sft_lm", "SFT control")):
-        ds = _load(run_dir, stage)
-        if ds is None:
-            continue
+    for stage, ds in runs.items():
+        label = "SFT control" if _cfg(ds).get("algorithm") == "sft" else "GRPO"
         fam = " / ".join(str(t) for t in ds.task.values)
         rows.append(
             [
@@ -78,7 +123,7 @@ def _rl(run_dir: Path) -> str:
                 " / ".join(str(int(n)) for n in ds.eval_n.values),
             ]
         )
-    return _table(["stage", "task families", "before", "after", "held-out prompts"], rows)
+    return markdown_table(["stage", "task families", "before", "after", "held-out prompts"], rows)
 
 
 def _sparsity(ds: xr.Dataset) -> str:
@@ -105,7 +150,7 @@ def _sparsity(ds: xr.Dataset) -> str:
         "one event, exact zero",
         "rank ratio (cumulative)",
     ]
-    return _table(head, rows)
+    return markdown_table(head, rows)
 
 
 def _frontier(ds: xr.Dataset) -> str:
@@ -117,7 +162,7 @@ def _frontier(ds: xr.Dataset) -> str:
             if all(np.isnan(fvu)):  # a (store, rank) the sweeps did not train
                 continue
             rows.append([f"{store}", label, *("–" if np.isnan(v) else f"{v:.2f}" for v in fvu)])
-    return _table(["store", "rank", *[f"k = {int(k)}" for k in ds.k.values]], rows)
+    return markdown_table(["store", "rank", *[f"k = {int(k)}" for k in ds.k.values]], rows)
 
 
 def _planted(ds: xr.Dataset) -> str:
@@ -146,7 +191,7 @@ def _planted(ds: xr.Dataset) -> str:
         "parameters",
         "seed stability",
     ]
-    out = _table(head, rows)
+    out = markdown_table(head, rows)
     if "family_mmcs_g2d" in ds:
         fam, times = [], []
         for m in ds.member.values:
@@ -166,7 +211,7 @@ def _planted(ds: xr.Dataset) -> str:
         n_seeds = ds.sizes["family_seed"]
         out += (
             f"\n\nThe planted family, each member fitted at the shard stage's defaults ({n_seeds} seed(s)):\n\n"
-            + _table(["member", "SAE", "MMCS(G→D)", "R@0.9", "held-out FVU", "dead"], fam)
+            + markdown_table(["member", "SAE", "MMCS(G→D)", "R@0.9", "held-out FVU", "dead"], fam)
             + f"\n\nFitting times of the family's SAEs: {', '.join(times)}. {WALL}"  # wall-clock: not checked
         )
     return out
@@ -197,13 +242,11 @@ def _alignment_rows(ds: xr.Dataset, name: str) -> list[list[str]]:
     return rows
 
 
-def _alignment(run_dir: Path) -> str:
+def _alignment(runs: dict[str, xr.Dataset]) -> str:
+    """The analysis stages' alignment table, event counts, type coherence and settings table."""
     rows, settings, coh, counts = [], [], [], []
-    for stage in ("analysis_bandit", "analysis_lm"):
-        ds = _load(run_dir, stage)
-        if ds is None:
-            continue
-        name = stage.split("_")[1]
+    for stage, ds in runs.items():
+        name = _testbed(stage)
         n = int(np.asarray(ds.n_types).ravel()[0])
         rows += _alignment_rows(ds, name)
         if "n_events" in ds:
@@ -254,7 +297,7 @@ def _alignment(run_dir: Path) -> str:
         "shuffled labels",
         "random dict. (5 seeds)",
     ]
-    out = _table(head, rows)
+    out = markdown_table(head, rows)
     if counts:
         out += "\n\nEvents aligned: " + "; ".join(counts) + "."
     if coh:
@@ -264,7 +307,7 @@ def _alignment(run_dir: Path) -> str:
             "\n\nWhat the settings do (one SAE per setting, first seed; k-means and random dictionaries in "
             "brackets):\n\n"
         )
-        out += _table(["testbed", "k", "updates", "NMI", "types matched", "held-out FVU"], settings)
+        out += markdown_table(["testbed", "k", "updates", "NMI", "types matched", "held-out FVU"], settings)
     return out
 
 
@@ -290,18 +333,17 @@ def _compositional(ds: xr.Dataset) -> str:
     ]
     rows.append(["random dictionaries", _ms(ds.f1_random), "", "", ""])
     head = ["dictionary", "micro-F1", "precision", "recall", f"of {int(ds.n_computations)} computations matched"]
-    return _table(head, rows)
+    return markdown_table(head, rows)
 
 
-def _interventions(run_dir: Path) -> str:
+def _interventions(runs: dict[str, xr.Dataset]) -> str:
     rows = []
-    for stage in ("analysis_bandit", "analysis_lm"):
-        ds = _load(run_dir, stage)
-        if ds is None or "moves" not in ds:
+    for stage, ds in runs.items():
+        if "moves" not in ds:
             continue
         rows.append(
             [
-                stage.split("_")[1],
+                _testbed(stage),
                 ", ".join(f"{t} {v:.3f}" for t, v in zip(ds.task.values, ds.noise_floor.values)),
                 f"{nanmean(ds.moves):.2f} ({nanmean(ds.random_moves):.2f})",
                 f"{nanmean(ds.specificity):.2f} ({nanmean(ds.random_specificity):.2f})",
@@ -317,7 +359,7 @@ def _interventions(run_dir: Path) -> str:
         "own-task hit rate (shuffled-task null; p)",
         "share of shards whose ablation moves reward",
     ]
-    return _table(head, rows)
+    return markdown_table(head, rows)
 
 
 def _toy(ds: xr.Dataset) -> str:
@@ -348,7 +390,7 @@ def _toy(ds: xr.Dataset) -> str:
         "coefficient r",
     ]
     pub = "; ".join(f"{k[len('published_') :]} = {v}" for k, v in ds.attrs.items() if k.startswith("published_"))
-    return _table(head, rows) + (f"\n\nPublished: {pub}." if pub else "")
+    return markdown_table(head, rows) + (f"\n\nPublished: {pub}." if pub else "")
 
 
 def _times(run_dir: Path) -> str:
@@ -378,49 +420,68 @@ def _times(run_dir: Path) -> str:
     return f"{text} {WALL}"
 
 
+DEFAULT_KINDS = (
+    "pretrain",
+    "rl",
+    "shards",
+    "frontier",
+    "planted",
+    "sparsity",
+    "analysis",
+    "compositional",
+    "toy",
+    "figures",
+)
+
+
 def results_markdown(run_dir) -> str:
-    """The README's Results block (between the markers) for run folder ``run_dir``."""
+    """The README's Results block (between the markers) for a run of configs/default.yaml, or of any config with a
+    stage of each of ``DEFAULT_KINDS``: its stages are found by kind (:func:`run_stages`), not by folder name."""
     run_dir = Path(run_dir)
-    missing = [s for s, _ in STAGES if not (run_dir / s / "results.nc").exists()]
-    if missing:
-        raise ReportError(f"{run_dir} lacks the results of {missing}; run the study first (make study)")
-    ds = {s: load_results(run_dir / s / "results.nc") for s, _ in STAGES}
+    by = _by_kind(run_dir, DEFAULT_KINDS, "make study")
+    ds = {s: load_results(run_dir / s / "results.nc") for names in by.values() for s in names}
+    find = {s: findings.finding(k, ds[s]) for k, names in by.items() for s in names}
+    one = {k: names[0] for k, names in by.items()}
+    # the RL runs whose events a compositional stage reads are reported with it
+    fed = [_input_stage(_cfg(ds[s]).get("store_path", ""), by["rl"]) for s in by["compositional"]]
+    rl = {s: ds[s] for s in by["rl"] if s not in fed}
+    analysis = {s: ds[s] for s in by["analysis"]}
     fig = f"figures/{run_dir.name}"
-    find = {s: findings.finding(k, ds[s]) for s, k in STAGES}
-    cfg = json.loads(ds["pretrain"].attrs.get("config", "{}"))
+    cfg = _cfg(ds[one["pretrain"]])
     sections = [
         f"Generated by `python -m shardlib report --run {run_dir.name}` from `runs/{run_dir.name}/*/results.nc` "
         f"(seed {cfg.get('seed', '?')}); every number below is read from those files.",
         _times(run_dir),
         "### RL on both testbeds\n\nHeld-out mean reward per task family before → after fine-tuning "
-        "(`eval_reward_init/final`, one sample per prompt at temperature 1).\n\n" + _rl(run_dir),
-        "\n".join(f"- `{s}`: {find[s]}" for s in ("rl_bandit", "rl_lm", "sft_lm")),
+        "(`eval_reward_init/final`, one sample per prompt at temperature 1).\n\n" + _rl(rl),
+        _bullets(rl, find),
         f"![training curves]({fig}/training_curves.png)",
-        "### Are RL updates sparse?\n\nFraction of parameters unchanged (`sparsity/results.nc`).\n\n"
-        + _sparsity(ds["sparsity"]),
-        f"- `sparsity`: {find['sparsity']}",
+        f"### Are RL updates sparse?\n\nFraction of parameters unchanged (`{one['sparsity']}/results.nc`).\n\n"
+        + _sparsity(ds[one["sparsity"]]),
+        _bullets(by["sparsity"], find),
         f"![sparsity]({fig}/sparsity.png)",
         "### Can updates be reconstructed sparsely?\n\nHeld-out FVU of the LM's update stores "
-        "(`frontier/results.nc`).\n\n" + _frontier(ds["frontier"]),
-        "\n".join(f"- `{s}`: {find[s]}" for s in ("frontier", "shards_bandit", "shards_lm")),
+        f"(`{one['frontier']}/results.nc`).\n\n" + _frontier(ds[one["frontier"]]),
+        _bullets(by["frontier"] + by["shards"], find),
         f"![frontier]({fig}/frontier.png)",
-        "### Positive control: planted shards\n\n" + _planted(ds["planted"]),
-        f"- `planted`: {find['planted']}",
-        "### What shards mean: alignment with event types\n\nMean ± std over SAE seeds (`analysis_*/results.nc`); "
-        "event types as defined in `shardlib/events.py`.\n\n" + _alignment(run_dir),
-        "\n".join(f"- `{s}`: {find[s]}" for s in ("analysis_bandit", "analysis_lm")),
+        "### Positive control: planted shards\n\n" + _planted(ds[one["planted"]]),
+        _bullets(by["planted"], find),
+        "### What shards mean: alignment with event types\n\nMean ± std over SAE seeds "
+        f"(`{_glob(by['analysis'])}/results.nc`); event types as defined in `shardlib/events.py`.\n\n"
+        + _alignment(analysis),
+        _bullets(analysis, find),
         f"![shard heatmap]({fig}/shard_event_heatmap.png)",
-        "### Where events carry several computations: SAE against clustering\n\nThe two-head bandit (`rl_bandit2`): "
-        "every event reinforces one computation per head (head, its context cluster, the arm it took). Held-out "
-        "per-event multi-label micro-F1 of each event's predicted set of computations (a unit's label set: the "
-        "computations present in more than half of the training events it is active on), mean ± std over SAE "
-        "seeds (`compositional/results.nc`).\n\n" + _compositional(ds["compositional"]),
-        f"- `compositional`: {find['compositional']}",
-        "### What shards do: interventions\n\n" + _interventions(run_dir),
+        "### Where events carry several computations: SAE against clustering\n\nThe two-head bandit "
+        f"(`{fed[0]}`): every event reinforces one computation per head (head, its context cluster, the arm it "
+        "took). Held-out per-event multi-label micro-F1 of each event's predicted set of computations (a unit's "
+        "label set: the computations present in more than half of the training events it is active on), mean ± std "
+        f"over SAE seeds (`{one['compositional']}/results.nc`).\n\n" + _compositional(ds[one["compositional"]]),
+        _bullets(by["compositional"], find),
+        "### What shards do: interventions\n\n" + _interventions(analysis),
         f"![interventions]({fig}/intervention.png)",
-        "### Toy models: published decompositions\n\nMean ± std over seeds (`toy_models/results.nc`).\n\n"
-        + _toy(ds["toy_models"]),
-        f"- `toy_models`: {find['toy_models']}",
+        f"### Toy models: published decompositions\n\nMean ± std over seeds (`{one['toy']}/results.nc`).\n\n"
+        + _toy(ds[one["toy"]]),
+        _bullets(by["toy"], find),
         f"![toy models]({fig}/toy_models.png)",
         f"![toy interventions]({fig}/toy_intervention.png)",
     ]
@@ -468,16 +529,17 @@ def update_readme(run_dir, readme, check: bool = False) -> bool:
     return current and not stale
 
 
+# each figure (figures/<name>.png) with its caption, shown under the first stage of its kind
 FIGURE_CAPTIONS = {
-    "training_curves": (("rl_bandit", "rl_lm", "sft_lm"), "Training reward of the RL runs and the SFT control."),
-    "sparsity": (("sparsity",), "Share of parameters the fine-tunes left unchanged, under each lens."),
-    "frontier": (("frontier",), "Held-out FVU against L0 of the SAEs on the update stores."),
-    "planted": (("planted",), "Recovery of planted low-rank shards (the positive control)."),
-    "shard_event_heatmap": (("analysis_bandit", "analysis_lm"), "Mean |activation| of each shard by event type."),
-    "intervention": (("analysis_bandit", "analysis_lm"), "Reward change per task when a shard is added."),
-    "online_offline": (("analysis_bandit", "analysis_lm"), "Online shards (trained during RL) against offline ones."),
-    "toy_models": (("toy_models",), "SAEs on toy-model gradients against the published decompositions."),
-    "toy_intervention": (("toy_models",), "Toy models: what adding a recovered component does."),
+    "training_curves": ("rl", "Training reward of the RL runs and the SFT control."),
+    "sparsity": ("sparsity", "Share of parameters the fine-tunes left unchanged, under each lens."),
+    "frontier": ("frontier", "Held-out FVU against L0 of the SAEs on the update stores."),
+    "planted": ("planted", "Recovery of planted low-rank shards (the positive control)."),
+    "shard_event_heatmap": ("analysis", "Mean |activation| of each shard by event type."),
+    "intervention": ("analysis", "Reward change per task when a shard is added."),
+    "online_offline": ("analysis", "Online shards (trained during RL) against offline ones."),
+    "toy_models": ("toy", "SAEs on toy-model gradients against the published decompositions."),
+    "toy_intervention": ("toy", "Toy models: what adding a recovered component does."),
 }
 PAGE_STYLE = (
     "body{font-family:sans-serif;max-width:70em;margin:auto;padding:0 1em}img{max-width:100%}"
@@ -495,22 +557,25 @@ def report_html(run_dir) -> Path:
     run_dir = Path(run_dir)
     summary, sections, cards = [], [], []
     prov = None
-    for stage, kind in STAGES + SMOLLM_STAGES:
-        ds = _load(run_dir, stage)
-        if ds is None:
-            continue
+    found = run_stages(run_dir)
+    figures_dir = run_dir / next((s for s, k in found.items() if k == "figures"), "figures")
+    first = {}  # the first stage of each kind, where its figures go
+    for stage, kind in found.items():
+        first.setdefault(kind, stage)
+    for stage, kind in found.items():
+        ds = load_results(run_dir / stage / "results.nc")
         prov = prov or {
             k: str(ds.attrs.get(k)) for k in ("git_commit", "git_dirty", "torch_version", "python_version", "created")
         }
         text = findings.finding(kind, ds)
-        first = text.split(". ")[0].removeprefix("Finding: ").rstrip(".")
-        summary.append(f"<li><a href='#{stage}'>{html.escape(stage)}</a>: {html.escape(first)}.</li>")
+        headline = text.split(". ")[0].removeprefix("Finding: ").rstrip(".")
+        summary.append(f"<li><a href='#{stage}'>{html.escape(stage)}</a>: {html.escape(headline)}.</li>")
         figs = [
-            f"<figure><img alt='{f}' src='data:image/png;base64,{base64.b64encode((run_dir / 'figures' / f'{f}.png').read_bytes()).decode()}'>"
+            f"<figure><img alt='{f}' src='data:image/png;base64,{base64.b64encode((figures_dir / f'{f}.png').read_bytes()).decode()}'>"
             f"<figcaption>{html.escape(cap)}</figcaption></figure>"
-            for f, (stages, cap) in FIGURE_CAPTIONS.items()
-            if stages[0] == stage or (stage in stages and not _load_any(run_dir, stages[: stages.index(stage)]))
-            if (run_dir / "figures" / f"{f}.png").exists()
+            for f, (fig_kind, cap) in FIGURE_CAPTIONS.items()
+            if fig_kind == kind and first[kind] == stage
+            if (figures_dir / f"{f}.png").exists()
         ]
         sections.append(f"<h2 id='{stage}'>{html.escape(stage)}</h2><p>{html.escape(text)}</p>" + "".join(figs))
         if kind == "analysis":
@@ -536,34 +601,23 @@ def report_html(run_dir) -> Path:
     return out
 
 
-def _load_any(run_dir: Path, stages) -> bool:
-    return any((run_dir / s / "results.nc").exists() for s in stages)
-
-
 # ---------------------------------------------------------------------------
 # The SmolLM2 study (configs/smollm.yaml): its own block of the README
 
 SMOLLM_BEGIN, SMOLLM_END = "<!-- smollm:begin -->", "<!-- smollm:end -->"
-# the stages of configs/smollm.yaml the report reads beyond STAGES' frontier and sparsity: (stage folder, finding kind)
-SMOLLM_STAGES = [
-    ("model", "model"),
-    ("rl_text", "rl"),
-    ("sft_text", "rl"),
-    ("shards_text", "shards"),
-    ("analysis_text", "analysis"),
-]
+SMOLLM_KINDS = ("model", "rl", "shards", "frontier", "sparsity", "analysis")
 
 
 def is_smollm_run(run_dir) -> bool:
-    """A run of configs/smollm.yaml (it has the model stage), reported in its own README block."""
-    return (Path(run_dir) / "model" / "results.nc").exists()
+    """A run of configs/smollm.yaml (it has a stage of kind ``model``), reported in its own README block."""
+    return "model" in run_stages(run_dir).values()
 
 
 def _text_rl(runs: dict[str, xr.Dataset]) -> str:
-    """Per-family held-out reward before and after, GRPO (``rl_text``) and the SFT control (``sft_text``)."""
+    """Per-family held-out reward before and after, GRPO (the first of ``runs``) and the SFT control (the second)."""
     rows, rises = [], {}
-    for stage in ("rl_text", "sft_text"):
-        ds = runs[stage]
+    grpo, sft = runs
+    for stage, ds in runs.items():
         d = ds.eval_reward_final - ds.eval_reward_init
         rises[stage] = int((d >= 0.05).sum())
         for t in ds.task.values:
@@ -578,12 +632,12 @@ def _text_rl(runs: dict[str, xr.Dataset]) -> str:
                     str(int(r.eval_n)),
                 ]
             )
-    table = _table(["stage", "family", "before", "after", "change", "held-out prompts"], rows)
-    cfg = json.loads(runs["rl_text"].attrs.get("config", "{}"))
-    verdict = "met" if rises["rl_text"] >= 3 else "NOT met"
+    table = markdown_table(["stage", "family", "before", "after", "change", "held-out prompts"], rows)
+    cfg = _cfg(runs[grpo])
+    verdict = "met" if rises[grpo] >= 3 else "NOT met"
     return (
-        table + f"\n\nHeld-out reward rose by ≥ 0.05 on {rises['rl_text']} of {runs['rl_text'].sizes['task']} families "
-        f"under GRPO (target ≥ 3: {verdict}) and on {rises['sft_text']} under the SFT control. Rewards are correct "
+        table + f"\n\nHeld-out reward rose by ≥ 0.05 on {rises[grpo]} of {runs[grpo].sizes['task']} families "
+        f"under GRPO (target ≥ 3: {verdict}) and on {rises[sft]} under the SFT control. Rewards are correct "
         f"(1) plus the bare-number format clause ({cfg.get('format_bonus')}), one sampled completion per prompt at "
         f"temperature {cfg.get('temperature')}."
     )
@@ -619,11 +673,12 @@ def collection_overhead(ds: xr.Dataset) -> float:
     return float(np.median(on) / np.median(off)) if len(on) and len(off) else float("nan")
 
 
-def _text_storage(run_dir: Path, rl: xr.Dataset) -> str:
-    """Bytes per event of ``rl_text``'s factored store against dense, and the cost of collecting (``rl``: its results)."""
-    from .updates import fmt_bytes
+def _text_storage(run_dir: Path, stage: str, rl: xr.Dataset) -> str:
+    """Bytes per event of the GRPO stage's factored store against dense, and the cost of collecting (``rl``: its
+    results)."""
+    from .common import fmt_bytes
 
-    c = store_cost(run_dir / "rl_text" / "updates" / "events")
+    c = store_cost(run_dir / stage / "updates" / "events")
     ratio = c["dense_per_event"] / c["disk_per_event"]
     over = collection_overhead(rl)
     rank = json.loads(rl.attrs.get("config", "{}")).get("collect_max_rank") or "exact"
@@ -652,7 +707,7 @@ def _text_sparsity(ds: xr.Dataset) -> str:
                 ev,
             ]
         )
-    return _table(
+    return markdown_table(
         [
             "run",
             "exact fp32 unchanged",
@@ -664,8 +719,8 @@ def _text_sparsity(ds: xr.Dataset) -> str:
     )
 
 
-def _text_sae_cost(shards: xr.Dataset, frontier: xr.Dataset) -> str:
-    from .updates import fmt_bytes
+def _text_sae_cost(stage: str, shards: xr.Dataset, frontier: xr.Dataset) -> str:
+    from .common import fmt_bytes
 
     cfg = json.loads(shards.attrs.get("config", "{}"))
     rss = float(shards["peak_rss_bytes"]) if "peak_rss_bytes" in shards else float("nan")
@@ -677,7 +732,7 @@ def _text_sae_cost(shards: xr.Dataset, frontier: xr.Dataset) -> str:
         else "peak memory not recorded"
     )
     return (
-        f"The shard SAE (`shards_text`: {cfg.get('n_latents')} latents, k = {cfg.get('k')}, rank {cfg.get('rank')}, "
+        f"The shard SAE (`{stage}`: {cfg.get('n_latents')} latents, k = {cfg.get('k')}, rank {cfg.get('rank')}, "
         f"{int(shards['n_parameters']):,} parameters against {int(shards['dense_n_parameters']):,} for dense "
         f"latents) trained on the factored store in {float(shards['train_seconds']):.0f} s, {mem}; the frontier "
         f"reaches k = {kmax} (target k = 64: {'met' if kmax >= 64 else 'NOT met'})."
@@ -685,38 +740,44 @@ def _text_sae_cost(shards: xr.Dataset, frontier: xr.Dataset) -> str:
 
 
 def smollm_markdown(run_dir) -> str:
-    """The README's SmolLM2 block for a run of configs/smollm.yaml."""
+    """The README's SmolLM2 block for a run of configs/smollm.yaml, its stages found by kind (:func:`run_stages`):
+    the GRPO and SFT runs (by ``algorithm``), the shard SAE over every collected matrix and the one over a few
+    (the analysis's; by their ``params``)."""
     run_dir = Path(run_dir)
-    kinds = [*SMOLLM_STAGES, ("frontier", "frontier"), ("sparsity", "sparsity")]
-    missing = [s for s, _ in kinds if not (run_dir / s / "results.nc").exists()]
-    if missing:
-        raise ReportError(
-            f"{run_dir} lacks the results of {missing}; run the study first "
-            "(make study CONFIG=configs/smollm.yaml RUN=smollm)"
-        )
-    ds = {s: load_results(run_dir / s / "results.nc") for s, _ in kinds}
-    find = {s: findings.finding(k, ds[s]) for s, k in kinds}
+    by = _by_kind(run_dir, SMOLLM_KINDS, "make study CONFIG=configs/smollm.yaml RUN=smollm")
+    ds = {s: load_results(run_dir / s / "results.nc") for names in by.values() for s in names}
+    find = {s: findings.finding(k, ds[s]) for k, names in by.items() for s in names}
+    algo = {s: _cfg(ds[s]).get("algorithm") for s in by["rl"]}
+    grpo, sft = (
+        next((s for s in by["rl"] if algo[s] != "sft"), None),
+        next((s for s in by["rl"] if algo[s] == "sft"), None),
+    )
+    if grpo is None or sft is None:
+        raise ReportError(f"{run_dir} lacks a GRPO run or its SFT control (stages of kind rl: {by['rl']})")
+    shards = sorted(by["shards"], key=lambda s: bool(_cfg(ds[s]).get("params")))  # every matrix first
+    whole, one = shards[0], shards[-1]
+    frontier, sparsity, analysis = by["frontier"][0], by["sparsity"][0], by["analysis"][0]
     return "\n\n".join(
         [
             f"Generated by `python -m shardlib report --run {run_dir.name}` from `runs/{run_dir.name}/*/results.nc` and "
             "the run's update store; every number below is read from those files.",
             _times(run_dir),
-            f"- `model`: {find['model']}",
-            "#### GRPO against the SFT control\n\n" + _text_rl(ds),
-            "\n".join(f"- `{s}`: {find[s]}" for s in ("rl_text", "sft_text")),
-            "#### (1) What storing per-event updates costs\n\n" + _text_storage(run_dir, ds["rl_text"]),
+            _bullets(by["model"], find),
+            "#### GRPO against the SFT control\n\n" + _text_rl({grpo: ds[grpo], sft: ds[sft]}),
+            _bullets([grpo, sft], find),
+            "#### (1) What storing per-event updates costs\n\n" + _text_storage(run_dir, grpo, ds[grpo]),
             "#### (2, 3) Shards on the factored store; do updates reconstruct sparsely?\n\nHeld-out FVU of signed SAEs "
-            "with 256 latents (`frontier/results.nc`): `events`, rank-1 latents over all 90 matrices, never "
+            f"with 256 latents (`{frontier}/results.nc`): `events`, rank-1 latents over all 90 matrices, never "
             "densified; `events_one_matrix`, the dense reference on one matrix (layer 15's down_proj), its events "
-            "made dense.\n\n" + _frontier(ds["frontier"]),
-            "\n".join(f"- `{s}`: {find[s]}" for s in ("shards_text", "frontier")),
-            _text_sae_cost(ds["shards_text"], ds["frontier"]),
-            "#### Are RL updates sparse on a real model?\n\nFraction of parameters unchanged (`sparsity/results.nc`).\n\n"
-            + _text_sparsity(ds["sparsity"]),
-            f"- `sparsity`: {find['sparsity']}",
-            "#### What shards mean and do\n\nOne matrix's shards (`shards_text_one`: layer 15's down_proj, 64 latents; "
+            "made dense.\n\n" + _frontier(ds[frontier]),
+            _bullets([whole, frontier], find),
+            _text_sae_cost(whole, ds[whole], ds[frontier]),
+            "#### Are RL updates sparse on a real model?\n\nFraction of parameters unchanged "
+            f"(`{sparsity}/results.nc`).\n\n" + _text_sparsity(ds[sparsity]),
+            _bullets([sparsity], find),
+            f"#### What shards mean and do\n\nOne matrix's shards (`{one}`: layer 15's down_proj, 64 latents; "
             "the analysis makes events and shards dense), against event types (task × correct × format, "
-            "`shardlib/events.py`) and as interventions on the fine-tuned policy (`analysis_text/results.nc`).",
-            f"- `analysis_text`: {find['analysis_text']}",
+            f"`shardlib/events.py`) and as interventions on the fine-tuned policy (`{analysis}/results.nc`).",
+            _bullets([analysis], find),
         ]
     )

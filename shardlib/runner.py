@@ -363,11 +363,10 @@ def notebook_parameters(nb: Path) -> set[str]:
     )
 
 
-def params_class(nb: Path):
-    """The ``Params`` class a notebook validates its parameters with (``from shardlib.M import XParams`` and
-    ``XParams.from_namespace(...)`` in its code), or None for a notebook that uses none."""
-    import importlib
-
+def params_class_name(nb: Path) -> tuple[str, str] | None:
+    """``(module, class name)`` of the ``Params`` class a notebook validates its parameters with (``from shardlib.M
+    import XParams`` and ``XParams.from_namespace(...)`` in its code), read without importing anything; None for
+    a notebook that uses none. An executed notebook (a stage folder's ``notebook.ipynb``) names the same class."""
     imported, used = {}, set()
     for c in json.loads(nb.read_text())["cells"]:
         if c["cell_type"] != "code":
@@ -381,11 +380,15 @@ def params_class(nb: Path):
                 imported.update({a.asname or a.name: (node.module, a.name) for a in node.names})
             elif isinstance(node, ast.Attribute) and node.attr == "from_namespace" and isinstance(node.value, ast.Name):
                 used.add(node.value.id)
-    for name in sorted(used):
-        if name in imported:
-            module, attr = imported[name]
-            return getattr(importlib.import_module(module), attr)
-    return None
+    return next((imported[name] for name in sorted(used) if name in imported), None)
+
+
+def params_class(nb: Path):
+    """The ``Params`` class a notebook validates its parameters with (:func:`params_class_name`), or None."""
+    import importlib
+
+    found = params_class_name(nb)
+    return None if found is None else getattr(importlib.import_module(found[0]), found[1])
 
 
 def validate(stages: list[Stage]) -> None:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import re
 from pathlib import Path
 
@@ -484,12 +483,6 @@ def flat_updates(ds: xr.Dataset) -> dict[str, np.ndarray]:
 
 def bytes_per_event(params: dict[str, torch.Tensor], dtype: str = "float32") -> int:
     return sum(p.numel() for p in params.values()) * DTYPES[dtype].itemsize
-
-
-def fmt_bytes(n: float) -> str:
-    units = ["B", "KiB", "MiB", "GiB"]
-    i = min(len(units) - 1, int(math.log(max(n, 1), 1024)))
-    return f"{n / 1024**i:.1f} {units[i]}"
 
 
 def update_norms(ds: xr.Dataset):

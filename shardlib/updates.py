@@ -19,6 +19,7 @@ from .collector import (
     select_params,
     selection_summary,
 )
+from .common import fmt_bytes
 from .factored import (
     LEFT,
     RIGHT,
@@ -47,7 +48,6 @@ from .store import (
     bytes_per_event,
     file_sha256,
     flat_updates,
-    fmt_bytes,
     open_store,
     update_norms,
     update_vars,

@@ -92,3 +92,17 @@ def test_analysis_finding_says_when_k_means_does_as_well():
     assert "Negative: shards hit their own task no more often than with shuffled tasks" in text
     with pytest.raises(ValueError, match="no finding for stage kind 'nope'"):
         finding("nope", ds)
+
+
+def test_one_stage_registry_for_launch_findings_and_notebooks():
+    """Every kind of shardlib.stages has a Finding, a Params class in its module with a run(), and a notebook that
+    validates its parameters with that class."""
+    from shardlib import findings, launch, runner, stages
+
+    assert set(findings.FINDINGS) == set(stages.KINDS)
+    assert launch.KINDS is stages.KINDS
+    for name, kind in stages.KINDS.items():
+        cls = stages.params_class(name)
+        assert callable(stages.module(name).run)
+        assert runner.params_class(runner.NOTEBOOKS / kind.notebook) is cls
+        assert stages.kind_of(f"shardlib.{kind.module}", kind.params) == name

@@ -59,8 +59,7 @@ def test_collection_overhead_compares_collecting_steps_with_the_others():
 def test_a_smollm_run_fills_its_own_readme_block(tmp_path, monkeypatch):
     from shardlib import report
 
-    (tmp_path / "run" / "model").mkdir(parents=True)
-    (tmp_path / "run" / "model" / "results.nc").write_bytes(b"")
+    _stage(tmp_path / "run" / "model", "shardlib.instruct", "InstructParams", b"")
     readme = tmp_path / "README.md"
     readme.write_text(
         f"a\n{report.BEGIN}\nold default\n{report.END}\n{report.SMOLLM_BEGIN}\nold\n{report.SMOLLM_END}\n"
@@ -69,6 +68,42 @@ def test_a_smollm_run_fills_its_own_readme_block(tmp_path, monkeypatch):
     assert not report.update_readme(tmp_path / "run", readme)
     text = readme.read_text()
     assert "old default" in text and "new smollm" in text and "\nold\n" not in text
+
+
+def _stage(folder, module, params, results=None):
+    """A stage folder as the runner leaves it: its executed notebook (naming its Params class) and results."""
+    import json
+
+    folder.mkdir(parents=True)
+    code = f"from {module} import {params}\np = {params}.from_namespace(globals())\n"
+    nb = {"cells": [{"cell_type": "code", "source": [code], "metadata": {}}]}
+    (folder / "notebook.ipynb").write_text(json.dumps(nb))
+    if results is not None:
+        (folder / "results.nc").write_bytes(results)
+
+
+def test_stages_are_found_by_kind_whatever_their_folder_names(tmp_path):
+    """A stage's kind comes from its notebook's Params class, or else from the parameters its results record."""
+    import xarray as xr
+
+    from shardlib.io import save_results
+    from shardlib.report import is_smollm_run, run_stages
+
+    _stage(tmp_path / "my_grpo", "shardlib.rl", "RLParams", b"")
+    _stage(tmp_path / "zz_model", "shardlib.instruct", "InstructParams", b"")
+    _stage(tmp_path / "no_results", "shardlib.rl", "RLParams")  # not run yet: not a stage with results
+    (tmp_path / "launched").mkdir()  # run by shardlib.launch: results only
+    save_results(xr.Dataset(), tmp_path / "launched" / "results.nc", {"sweep_dirs": ["x"], "sweep_names": ["a"]})
+    (tmp_path / "other").mkdir()  # parameters no Params class holds
+    save_results(xr.Dataset(), tmp_path / "other" / "results.nc", {"nothing_like_it": 1})
+    assert run_stages(tmp_path) == {"zz_model": "model", "my_grpo": "rl", "launched": "frontier"}
+    assert is_smollm_run(tmp_path) and not is_smollm_run(tmp_path / "my_grpo")
+
+
+def test_markdown_table():
+    from shardlib.report import markdown_table
+
+    assert markdown_table(["a", "b"], [["1", 2]]) == "| a | b |\n| --- | --- |\n| 1 | 2 |"
 
 
 def test_check_fails_on_a_number_the_results_do_not_print():
