@@ -302,12 +302,11 @@ def _alignment(runs: dict[str, xr.Dataset]) -> str:
         out += "\n\nEvents aligned: " + "; ".join(counts) + "."
     if coh:
         out += "\n\nCoherence of the event types (1 = one computation): " + "; ".join(coh) + "."
-    if settings:
+    if settings:  # the table is in notebook 07 and report.html; the README names the best setting in the Findings
         out += (
-            "\n\nWhat the settings do (one SAE per setting, first seed; k-means and random dictionaries in "
-            "brackets):\n\n"
+            f"\n\nWhat the SAE's settings do ({len(settings)} SAEs: k × raw or unit-normalised updates, each beside "
+            "k-means and random dictionaries): notebook 07's table; the Findings name the best setting."
         )
-        out += markdown_table(["testbed", "k", "updates", "NMI", "types matched", "held-out FVU"], settings)
     return out
 
 
