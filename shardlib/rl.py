@@ -39,7 +39,9 @@ from . import policy as pol
 from .common import make_accelerator, progress_bar, step_generator
 from .config import SEED_MAX, Params, param
 from .io import OPTIMIZER_FILE, CheckpointError, load_optimizer, read_checkpoint, write_checkpoint
+from .sae import SAEConfig
 from .tasks import TASKS, TEXT_TASKS, ContextualBandit, SyntheticTasks, TextTasks, check_task_names
+from .trainer import TrainConfig
 from .updates import MAX_STORE_STEP, RingBuffer, UpdateCollector, UpdateStore, select_params, selection_summary
 
 
@@ -129,11 +131,11 @@ class RLParams(Params):
     buffer_capacity: int = param(0, "ring buffer capacity in events for online SAE training (0 = no buffer)", ge=0)
     # online shards (issue 4)
     online_sae: bool = param(False, "train a shard SAE online from the ring buffer while RL runs")
-    online_n_latents: int = param(32, "online SAE: latents", ge=1)
-    online_k: int = param(4, "online SAE: active latents per event", ge=1)
-    online_rank: int = param(1, "online SAE: rank per weight matrix (0 = dense)", ge=0)
-    online_lr: float = param(0.03, "online SAE: Adam learning rate (relative, as the shard stage's lr)", gt=0)
-    online_batch_size: int = param(128, "online SAE: events per SAE step", ge=1)
+    online_n_latents: int = param(SAEConfig.n_latents, "online SAE: latents", ge=1)
+    online_k: int = param(SAEConfig.k, "online SAE: active latents per event", ge=1)
+    online_rank: int = param(SAEConfig.rank, "online SAE: rank per weight matrix (0 = dense)", ge=0)
+    online_lr: float = param(TrainConfig.lr, "online SAE: Adam learning rate (relative, as the shard stage's lr)", gt=0)
+    online_batch_size: int = param(TrainConfig.batch_size, "online SAE: events per SAE step", ge=1)
     online_steps_per_rl_step: int = param(4, "online SAE: SAE steps after each RL step", ge=1)
     online_warmup: int = param(256, "online SAE: events in the buffer before training starts", ge=1)
 
@@ -166,6 +168,11 @@ class RLParams(Params):
             raise ValueError(
                 f"parameter 'grad_accum': {self.grad_accum} must divide prompts_per_step={self.prompts_per_step}"
             )
+
+    def online_train_config(self) -> TrainConfig:
+        """The online SAE's config: the ``online_*`` parameters and ``seed``; the shard stage's defaults otherwise."""
+        arch = SAEConfig(n_latents=self.online_n_latents, k=self.online_k, rank=self.online_rank)
+        return TrainConfig(arch, batch_size=self.online_batch_size, lr=self.online_lr, seed=self.seed)
 
 
 def make_testbed(p: RLParams):
