@@ -24,7 +24,6 @@ per event of every update store on disk against its dense fp32 size; the SAE ste
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -228,29 +227,19 @@ def sae_step_timing(
 ) -> dict:
     """Seconds per SAE training step (median after one warm-up step) on each device, ``no_dead`` and
     ``all_dead`` (see the module docstring), on ``batch`` events of ``store``."""
+    from dataclasses import replace
+
     import torch
 
     from shardlib.common import deterministic
-    from shardlib.shards import (
-        ShardParams,
-        Trainer,
-        init_from_data,
-        make_sae,
-        resolve_b_pre_rank,
-        shapes_of,
-        total_variance,
-    )
+    from shardlib.sae import SAEConfig
+    from shardlib.trainer import TrainConfig, build_trainer
     from shardlib.updates import Factored
 
     data = first_events(store, batch)
-    p = ShardParams.from_dict(
-        {"store_path": str(store), "n_latents": n_latents, "k": k, "rank": rank, "batch_size": batch}
-    )
-    base = make_sae(p, shapes_of(data), resolve_b_pre_rank(p, data))
-    init_from_data(base, data)
-    variance = total_variance(data, float(base.scale))
+    cfg = TrainConfig(SAEConfig(n_latents=n_latents, k=k, rank=rank), batch_size=batch)  # the shard stage's defaults
     devices = devices or (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
-    aux_k = p.aux_k or max(1, n_latents // 2)
+    aux_k = cfg.aux_k or max(1, n_latents // 2)
     out = {
         "store": str(store),
         "events_per_step": batch,
@@ -260,7 +249,7 @@ def sae_step_timing(
         "aux_k": aux_k,
         "tensors": len(data),
         "factored_tensors": sum(isinstance(v, Factored) for v in data.values()),
-        "sae_parameters": base.n_parameters(),
+        "sae_parameters": build_trainer(cfg, data).sae.n_parameters(),
         "devices": {},
     }
 
@@ -273,18 +262,7 @@ def sae_step_timing(
         batch_d = {name: v.to(dev) for name, v in data.items()}
         row = {"timed_steps": n}
         for setting, window in (("no_dead", 10**15), ("all_dead", 1)):
-            sae = copy.deepcopy(base).to(dev)
-            tr = Trainer(
-                sae,
-                p.lr,
-                p.aux_k,
-                p.aux_coef,
-                window,
-                variance,
-                resample=p.resample_dead,
-                fire_frac=p.fire_frac,
-                lr_relative=p.lr_relative,
-            )
+            tr = build_trainer(replace(cfg, dead_window=window), data, device=dev)
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             times = []
@@ -297,7 +275,7 @@ def sae_step_timing(
                     times.append(time.perf_counter() - t0)
             row[f"{setting}_s_per_step"] = statistics.median(times[1:])
             row[f"{setting}_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
-            del sae, tr
+            del tr
         out["devices"][dev] = row
     if "cuda" in out["devices"] and "cpu" in out["devices"]:
         g, c = out["devices"]["cuda"], out["devices"]["cpu"]
