@@ -239,17 +239,17 @@ def sae_step_timing(
     data = first_events(store, batch)
     cfg = TrainConfig(SAEConfig(n_latents=n_latents, k=k, rank=rank), batch_size=batch)  # the shard stage's defaults
     devices = devices or (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
-    aux_k = cfg.aux_k or max(1, n_latents // 2)
+    base = build_trainer(cfg, data)  # for the SAE's sizes
     out = {
         "store": str(store),
         "events_per_step": batch,
         "n_latents": n_latents,
         "k": k,
         "rank": rank,
-        "aux_k": aux_k,
+        "aux_k": base.aux_k,
         "tensors": len(data),
         "factored_tensors": sum(isinstance(v, Factored) for v in data.values()),
-        "sae_parameters": build_trainer(cfg, data).sae.n_parameters(),
+        "sae_parameters": base.sae.n_parameters(),
         "devices": {},
     }
 
