@@ -93,8 +93,8 @@ def sae_step(d: int, mode: str, latents: int, batch: int, tokens: int, steps: in
     so that ``ru_maxrss`` is this measurement's peak)."""
     import statistics
 
-    from shardlib.sae import ShardSAE
-    from shardlib.shards import Trainer, init_from_data, total_variance
+    from shardlib.sae import SAEConfig
+    from shardlib.trainer import TrainConfig, build_trainer
 
     torch.manual_seed(0)
     shapes = mlp_shapes(d)
@@ -105,9 +105,8 @@ def sae_step(d: int, mode: str, latents: int, batch: int, tokens: int, steps: in
     }
     if mode == "dense":
         x = {n: f.dense() for n, f in x.items()}
-    sae = ShardSAE(shapes, latents, 4, rank=1, signed=True, seed=0, b_pre_rank=1)
-    moments = init_from_data(sae, x)
-    tr = Trainer(sae, 0.03, 0, 1 / 32, 10**12, total_variance(x, float(sae.scale), moments))
+    arch = SAEConfig(n_latents=latents, k=4, rank=1, signed=True, b_pre_rank=1)
+    tr = build_trainer(TrainConfig(arch, dead_window=10**12, resample_dead=False, fire_frac=0.0), x)
     times = []
     for _ in range(steps + 1):
         tr.last_fired[: latents // 10] = -(10**13)  # a tenth of the latents dead: AuxK runs on every step

@@ -90,14 +90,13 @@ def step_flops(config: str) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from shardlib.planted import planted_store
-    from shardlib.sae import ShardSAE
-    from shardlib.shards import Trainer, init_from_data, total_variance
+    from shardlib.sae import SAEConfig
+    from shardlib.trainer import TrainConfig, build_trainer
 
     p = planted_params(config, 1, "/tmp/unused")
-    shapes, (data, *_) = planted_store(p)
-    sae = ShardSAE(shapes, p.n_latents, p.k, 1, signed=p.signed)
-    init_from_data(sae, data)
-    tr = Trainer(sae, p.lr, 0, 1 / 32, 10**9, total_variance(data, float(sae.scale)))
+    _, (data, *_) = planted_store(p)
+    arch = SAEConfig(n_latents=p.n_latents, k=p.k, rank=1, signed=p.signed, b_pre_rank=0)
+    tr = build_trainer(TrainConfig(arch, lr=p.lr, dead_window=10**9, resample_dead=False, fire_frac=0.0), data)
     batch = {k: v[: p.batch_size] for k, v in data.items()}
     tr.samples = 10**9 + 10  # make every latent count as dead once, so AuxK runs as in the worst case
     tr.last_fired[: p.n_latents // 2] = tr.samples

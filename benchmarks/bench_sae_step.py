@@ -14,7 +14,6 @@ after one warm-up step; peak GPU memory (``torch.cuda.max_memory_allocated``) of
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -39,10 +38,12 @@ def first_events(store: Path, n: int) -> dict:
     return {name: take(v, idx) for name, v in data.items()}
 
 
-def _time_steps(base, p, variance: float, data: dict, dev: str, n: int) -> dict:
+def _time_steps(cfg, data: dict, dev: str, n: int) -> dict:
     """Seconds per step (median after one warm-up step) and peak GPU memory, ``no_dead`` and ``all_dead``."""
+    from dataclasses import replace
+
     from shardlib.common import deterministic
-    from shardlib.shards import Trainer
+    from shardlib.trainer import build_trainer
 
     def sync():
         if dev == "cuda":
@@ -51,18 +52,7 @@ def _time_steps(base, p, variance: float, data: dict, dev: str, n: int) -> dict:
     batch = {name: v.to(dev) for name, v in data.items()}
     row = {"timed_steps": n}
     for setting, window in (("no_dead", 10**15), ("all_dead", 1)):
-        sae = copy.deepcopy(base).to(dev)
-        tr = Trainer(
-            sae,
-            p.lr,
-            p.aux_k,
-            p.aux_coef,
-            window,
-            variance,
-            resample=p.resample_dead,
-            fire_frac=p.fire_frac,
-            lr_relative=p.lr_relative,
-        )
+        tr = build_trainer(replace(cfg, dead_window=window), data, device=dev)
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = []
@@ -75,7 +65,7 @@ def _time_steps(base, p, variance: float, data: dict, dev: str, n: int) -> dict:
                 times.append(time.perf_counter() - t0)
         row[f"{setting}_s_per_step"] = statistics.median(times[1:])
         row[f"{setting}_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
-        del sae, tr
+        del tr
     return row
 
 
@@ -85,15 +75,12 @@ def sae_step_timing(
     """Seconds per SAE training step on each device, ``no_dead`` and ``all_dead`` (see the module docstring), on
     ``batch`` events of ``store``."""
     from shardlib.factored import Factored
-    from shardlib.shards import ShardParams, init_from_data, make_sae, resolve_b_pre_rank, shapes_of, total_variance
+    from shardlib.sae import SAEConfig
+    from shardlib.trainer import TrainConfig, build_trainer
 
     data = first_events(store, batch)
-    p = ShardParams.from_dict(
-        {"store_path": str(store), "n_latents": n_latents, "k": k, "rank": rank, "batch_size": batch}
-    )
-    base = make_sae(p, shapes_of(data), resolve_b_pre_rank(p, data))
-    init_from_data(base, data)
-    variance = total_variance(data, float(base.scale))
+    cfg = TrainConfig(SAEConfig(n_latents=n_latents, k=k, rank=rank), batch_size=batch)  # the shard stage's defaults
+    base = build_trainer(cfg, data)  # for the SAE's sizes
     devices = devices or (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
     out = {
         "store": str(store),
@@ -101,13 +88,11 @@ def sae_step_timing(
         "n_latents": n_latents,
         "k": k,
         "rank": rank,
-        "aux_k": p.aux_k or max(1, n_latents // 2),
+        "aux_k": base.aux_k,
         "tensors": len(data),
         "factored_tensors": sum(isinstance(v, Factored) for v in data.values()),
-        "sae_parameters": base.n_parameters(),
-        "devices": {
-            dev: _time_steps(base, p, variance, data, dev, steps if dev != "cpu" else cpu_steps) for dev in devices
-        },
+        "sae_parameters": base.sae.n_parameters(),
+        "devices": {dev: _time_steps(cfg, data, dev, steps if dev != "cpu" else cpu_steps) for dev in devices},
     }
     if "cuda" in out["devices"] and "cpu" in out["devices"]:
         g, c = out["devices"]["cuda"], out["devices"]["cpu"]

@@ -201,7 +201,8 @@ def run(p: CompositionalParams, progress: bool = False) -> xr.Dataset:
     from .analysis import random_dictionary
     from .common import flatten
     from .factored import take
-    from .shards import ShardParams, encode_all, evaluate, load_updates, shapes_of, train
+    from .sae import shapes_of
+    from .shards import ShardParams, encode_all, evaluate, load_updates, train
 
     out = Path(p.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -182,9 +182,9 @@ def factored_cosines(truth: dict, sae) -> np.ndarray:
     """|cos| between planted factored shards and a low-rank SAE's decoder directions [n_shards, n_latents],
     from factor Gram matrices (<A B^T, U V^T> = sum (A^T U) * (B^T V)): no matrix is formed."""
     inner = 0.0
-    for j, n in enumerate(sae.names):
+    for n, part in zip(sae.names, sae.dec.values()):
         A, B = truth[n].left, truth[n].right  # [S, r, d]
-        U, V = sae.dec[f"{j}_U"].detach(), sae.dec[f"{j}_V"].detach()  # [F, d, r']
+        U, V = part.U.detach(), part.V.detach()  # [F, d, r']
         inner = inner + (torch.einsum("sao,fob->sfab", A, U) * torch.einsum("sai,fib->sfab", B, V)).sum((2, 3))
     t_norm = sum(f.sq_norms() for f in truth.values()).sqrt()
     return (inner.abs() / (t_norm[:, None] * sae.decoder_norms().detach()[None])).numpy()

@@ -644,7 +644,8 @@ def _text_rl(runs: dict[str, xr.Dataset]) -> str:
 
 def store_cost(store_dir: Path) -> dict:
     """Events, bytes on disk per event, dense fp32 bytes per event, and the kept energy of a factored store."""
-    from .updates import factor_pairs, open_store
+    from .factored import factor_pairs
+    from .store import open_store
 
     ds = open_store(store_dir, verify=False)
     n = ds.sizes["event"]

@@ -32,13 +32,20 @@ two Gram matrices of the residual's factors: the event's own Gram terms, the cro
 active latents' factors and the latent-latent terms, (m + r + k r)^2 (d_out + d_in) in all. A dense
 (``rank=0``) SAE makes factored inputs dense, batch by batch.
 
-Saved as ``sae.safetensors`` + ``cfg.json`` (sparsify style).
+Each tensor's decoder and encoder rows and its ``b_pre`` are small modules of :mod:`shardlib.sae_parts`
+(low-rank or dense), so each of the above is written once per kind. The architecture is a
+:class:`SAEConfig`. Saved as ``sae.safetensors`` (keys ``dec.<j>.U``, ``b_pre.<j>.b``, ...: ``j`` the
+tensor's position) + ``cfg.json`` (sparsify style); folders saved with the earlier keys (``dec.<j>_U``,
+``b_pre.<j>``) load too.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import re
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,10 +53,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .factored import Factored, best_rank
+from .factored import Factored
+from .sae_parts import Dense, DenseBias, LowRank, LowRankBias
 
 Tensors = dict[str, "torch.Tensor | Factored"]
 """One batch of updates per tensor: dense [N, *shape], or :class:`~shardlib.factored.Factored` for matrices."""
+
+
+def shapes_of(data: Tensors) -> dict[str, tuple]:
+    """The shape of one event per tensor."""
+    return {k: tuple(v.shape) if isinstance(v, Factored) else tuple(v.shape[1:]) for k, v in data.items()}
 
 
 def dense(v) -> torch.Tensor:
@@ -109,7 +122,62 @@ class LossOutput(NamedTuple):
     """The forward pass the losses were computed from."""
 
 
+@dataclass(frozen=True)
+class SAEConfig:
+    """A :class:`ShardSAE`'s architecture: what ``cfg.json`` holds beside the tensor shapes (sparsify's
+    ``SparseCoderConfig``). :class:`~shardlib.trainer.TrainConfig` nests one."""
+
+    n_latents: int = 32
+    """Latents (shards)."""
+    k: int = 4
+    """Active latents per event (TopK), or their mean per event (BatchTopK)."""
+    rank: int = 1
+    """Rank of each latent's factors per weight matrix (0 = dense directions: the dense baseline)."""
+    activation: str = "topk"
+    """``topk`` (per event) or ``batchtopk`` (over the batch; a learned threshold at inference)."""
+    signed: bool = False
+    """TopK on |a| keeping the sign (L3D) instead of ReLU-TopK."""
+    encoder_bias: bool = False
+    """Learn an encoder bias ``b_enc`` (fixed at 0 otherwise)."""
+    b_pre_rank: int = -1
+    """Rank of each weight matrix's ``b_pre`` (0 = dense); -1 = :meth:`resolved` against the data."""
+
+    def __post_init__(self):
+        if self.b_pre_rank < -1:
+            raise ValueError(f"b_pre_rank must be >= 0 (0 = dense) or -1 (from the data), got {self.b_pre_rank}")
+        if self.activation not in ("topk", "batchtopk"):
+            raise ValueError(f"activation must be 'topk' or 'batchtopk', got {self.activation!r}")
+        if not 1 <= self.k <= self.n_latents:
+            raise ValueError(f"k={self.k} must be between 1 and n_latents={self.n_latents}")
+
+    def resolved(self, data: Tensors) -> SAEConfig:
+        """``b_pre_rank`` -1 resolved: the SAE's rank when a low-rank matrix comes factored in ``data`` (a dense
+        ``b_pre`` would densify every event), else 0 (dense)."""
+        if self.b_pre_rank >= 0:
+            return self
+        factored = self.rank > 0 and any(isinstance(v, Factored) for v in data.values())
+        return replace(self, b_pre_rank=self.rank if factored else 0)
+
+
+_V1_KEY = re.compile(r"(dec|enc|b_pre)\.(\d+)(?:_([UVW]))?")
+
+
+def _upgrade_keys(state: dict) -> dict:
+    """A state dict saved before the per-tensor modules (``dec.0_U``, ``b_pre.0``) in today's keys (``dec.0.U``,
+    ``b_pre.0.b``); today's keys pass unchanged."""
+    out = {}
+    for key, v in state.items():
+        m = _V1_KEY.fullmatch(key)
+        out[f"{m[1]}.{m[2]}.{m[3] or 'b'}" if m else key] = v
+    return out
+
+
 class ShardSAE(nn.Module):
+    """The SAE over the tensors of ``shapes``: per tensor a decoder part ``dec[j]`` and an encoder part ``enc[j]``
+    (:class:`~shardlib.sae_parts.LowRank` for a weight matrix of a ``rank > 0`` SAE, else
+    :class:`~shardlib.sae_parts.Dense`) and a ``b_pre[j]`` (:class:`~shardlib.sae_parts.LowRankBias` with
+    ``b_pre_rank > 0``, else :class:`~shardlib.sae_parts.DenseBias`), ``j`` the tensor's position."""
+
     def __init__(
         self,
         shapes: dict[str, tuple],
@@ -125,141 +193,77 @@ class ShardSAE(nn.Module):
         super().__init__()
         if b_pre_rank < 0:
             raise ValueError(f"b_pre_rank must be >= 0 (0 = dense), got {b_pre_rank}")
-        if activation not in ("topk", "batchtopk"):
-            raise ValueError(f"activation must be 'topk' or 'batchtopk', got {activation!r}")
-        if not 1 <= k <= n_latents:
-            raise ValueError(f"k={k} must be between 1 and n_latents={n_latents}")
+        SAEConfig(n_latents, k, rank, activation, signed, encoder_bias, b_pre_rank)  # checks the rest
         self.names = list(shapes)
         self.shapes = {n: tuple(int(s) for s in shapes[n]) for n in self.names}
         self.n_latents, self.k, self.rank, self.activation, self.signed = n_latents, k, rank, activation, signed
         self.encoder_bias, self.b_pre_rank = encoder_bias, b_pre_rank
         g = torch.Generator().manual_seed(seed)
-        F = n_latents
-        self.dec = nn.ParameterDict()
-        self.enc = nn.ParameterDict()
-        self.b_pre = nn.ParameterDict()
+        self.dec, self.enc, self.b_pre = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         for j, n in enumerate(self.names):
-            shape = self.shapes[n]
-            if self.lowrank(n):
-                d_out, d_in = shape
-                self.dec[f"{j}_U"] = nn.Parameter(torch.randn(F, d_out, rank, generator=g) / math.sqrt(d_out))
-                self.dec[f"{j}_V"] = nn.Parameter(torch.randn(F, d_in, rank, generator=g) / math.sqrt(d_in))
-            else:
-                D = math.prod(shape)
-                self.dec[f"{j}_W"] = nn.Parameter(torch.randn(F, D, generator=g) / math.sqrt(D))
-            if self.lowrank_bias(n):  # P Q^T: P starts at 0, so that Q gets a gradient (init_from_data sets both)
-                self.b_pre[f"{j}_U"] = nn.Parameter(torch.zeros(shape[0], b_pre_rank))
-                self.b_pre[f"{j}_V"] = nn.Parameter(
-                    torch.randn(shape[1], b_pre_rank, generator=g) / math.sqrt(shape[1])
-                )
-            else:
-                self.b_pre[str(j)] = nn.Parameter(torch.zeros(shape))
+            shape, matrix = self.shapes[n], len(self.shapes[n]) == 2
+            self.dec[str(j)] = LowRank(n_latents, shape, rank, g) if rank > 0 and matrix else Dense(n_latents, shape, g)
+            self.b_pre[str(j)] = LowRankBias(shape, b_pre_rank, g) if b_pre_rank > 0 and matrix else DenseBias(shape)
         if encoder_bias:
-            self.b_enc = nn.Parameter(torch.zeros(F))
+            self.b_enc = nn.Parameter(torch.zeros(n_latents))
         else:  # fixed at zero (a buffer, so that saved SAEs keep one layout)
-            self.register_buffer("b_enc", torch.zeros(F))
+            self.register_buffer("b_enc", torch.zeros(n_latents))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("threshold", torch.tensor(0.0))  # BatchTopK inference threshold
         self.normalize_decoder_()
-        for key, p in self.dec.items():
-            self.enc[key] = nn.Parameter(p.detach().clone())
+        for key, part in self.dec.items():  # the encoder starts at the (unit) decoder
+            self.enc[key] = copy.deepcopy(part)
+
+    @classmethod
+    def build(cls, shapes: dict[str, tuple], cfg: SAEConfig, seed: int = 0) -> ShardSAE:
+        """The SAE ``cfg`` describes (``b_pre_rank`` resolved: :meth:`SAEConfig.resolved`) over ``shapes``."""
+        return cls(shapes, seed=seed, **asdict(cfg))
 
     # -- structure ---------------------------------------------------------
     def lowrank(self, name: str) -> bool:
         return self.rank > 0 and len(self.shapes[name]) == 2
 
-    def lowrank_bias(self, name: str) -> bool:
-        return self.b_pre_rank > 0 and len(self.shapes[name]) == 2
-
-    def bias(self, j: int) -> torch.Tensor:
-        """The dense ``b_pre`` of tensor ``j`` (``P Q^T`` for a low-rank one)."""
-        if self.lowrank_bias(self.names[j]):
-            return self.b_pre[f"{j}_U"] @ self.b_pre[f"{j}_V"].T
-        return self.b_pre[str(j)]
-
-    def bias_factored(self, j: int, n: int) -> Factored:
-        """The low-rank ``b_pre`` of matrix ``j`` as ``n`` identical factored events."""
-        P, Q = self.b_pre[f"{j}_U"], self.b_pre[f"{j}_V"]
-        return Factored(P.T.expand(n, *P.T.shape), Q.T.expand(n, *Q.T.shape))
-
     def config(self) -> dict:
-        return {
-            "shapes": {n: list(s) for n, s in self.shapes.items()},
-            "n_latents": self.n_latents,
-            "k": self.k,
-            "rank": self.rank,
-            "activation": self.activation,
-            "signed": self.signed,
-            "encoder_bias": self.encoder_bias,
-            "b_pre_rank": self.b_pre_rank,
-        }
+        cfg = SAEConfig(
+            self.n_latents, self.k, self.rank, self.activation, self.signed, self.encoder_bias, self.b_pre_rank
+        )
+        return {"shapes": {n: list(s) for n, s in self.shapes.items()}, **asdict(cfg)}
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def latent_parameters(self) -> list[nn.Parameter]:
+        """The per-latent factors (decoder and encoder; row i = latent i), not ``b_pre`` or ``b_enc``."""
+        return [*self.dec.parameters(), *self.enc.parameters()]
+
     def param_groups(self, lr: float, relative: bool = True) -> list[dict]:
         """Adam parameter groups. With ``relative``, each tensor's learning rate is ``lr`` divided by
         the square root of the length of the vectors it holds (a decoder factor of a d x d' matrix:
-        d; a dense direction: its size; b_pre: its tensor's size), so that one Adam step moves every
-        factor by about the same fraction ``lr`` of its norm whatever the widths. A single absolute
-        rate moves a 24,704-dim dense direction by half its norm per step and a 128-dim factor by 3%."""
+        d; a dense direction: its size; b_pre: its tensor's size, a low-rank one's factor its width;
+        ``b_enc``: 1), so that one Adam step moves every factor by about the same fraction ``lr`` of its
+        norm whatever the widths. A single absolute rate moves a 24,704-dim dense direction by half its
+        norm per step and a 128-dim factor by 3%."""
+        parts = [*self.dec.values(), *self.enc.values(), *self.b_pre.values()]
+        width = {id(p): d for part in parts for p, d in part.widths()}
         groups = {}
-        for key, prm in self.named_parameters():
-            if not relative or key == "b_enc":  # a score: one number per latent
-                d = 1
-            elif key.startswith("b_pre."):  # a dense bias: its size; a low-rank one's factor: its width
-                d = prm.shape[0] if key.endswith(("_U", "_V")) else prm.numel()
-            else:
-                d = prm.shape[1]
-            groups.setdefault(d, []).append(prm)
+        for prm in self.parameters():
+            groups.setdefault(width.get(id(prm), 1) if relative else 1, []).append(prm)
         return [{"params": ps, "lr": lr / math.sqrt(d)} for d, ps in sorted(groups.items())]
 
-    # -- inner products with a set of factors ------------------------------
-    def _inner(self, y: Tensors, factors: nn.ParameterDict) -> torch.Tensor:
-        """<y_n, F_i> summed over tensors, for every sample n and latent i: [N, F]."""
-        out = 0.0
-        F = self.n_latents
-        for j, n in enumerate(self.names):
-            x = y[n]
-            N = x.n_events if isinstance(x, Factored) else x.shape[0]
-            if self.lowrank(n) and isinstance(x, Factored):  # sum_f sum_r (a_r . L_f)(b_r . R_f)
-                A, B = factors[f"{j}_U"], factors[f"{j}_V"]
-                r = A.shape[-1]
-                N = x.n_events
-                LA = x.left @ A.permute(1, 0, 2).reshape(A.shape[1], F * r)  # [N, m, F r]
-                RB = x.right @ B.permute(1, 0, 2).reshape(B.shape[1], F * r)
-                out = out + (LA * RB).sum(1).view(N, F, r).sum(-1)
-            elif self.lowrank(n):
-                A, B = factors[f"{j}_U"], factors[f"{j}_V"]
-                r = A.shape[-1]
-                xB = x @ B.permute(1, 0, 2).reshape(B.shape[1], F * r)  # [N, d_out, F r]
-                s = (xB * A.permute(1, 0, 2).reshape(A.shape[1], F * r)).sum(1)
-                out = out + s.view(N, F, r).sum(-1)
-            else:
-                out = out + x.reshape(N, -1) @ factors[f"{j}_W"].T
-        return out
-
+    # -- directions ----------------------------------------------------------
     def decoder_norms(self) -> torch.Tensor:
-        """||D_i|| over all tensors together, from r x r Gram matrices: [F]."""
+        """||D_i|| over all tensors together: [F]."""
         sq = 0.0
-        for j, n in enumerate(self.names):
-            if self.lowrank(n):
-                U, V = self.dec[f"{j}_U"], self.dec[f"{j}_V"]
-                sq = sq + ((U.transpose(1, 2) @ U) * (V.transpose(1, 2) @ V)).sum((1, 2))
-            else:
-                sq = sq + (self.dec[f"{j}_W"] ** 2).sum(1)
+        for part in self.dec.values():
+            sq = sq + part.sq_norms()
         return sq.clamp(min=1e-30).sqrt()
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        """Rescale decoder factors so every direction has unit norm (U, V each by norm^-1/2)."""
+        """Rescale the decoder so that every direction has unit norm."""
         norms = self.decoder_norms()
-        for j, n in enumerate(self.names):
-            if self.lowrank(n):
-                self.dec[f"{j}_U"].div_(norms.sqrt()[:, None, None])
-                self.dec[f"{j}_V"].div_(norms.sqrt()[:, None, None])
-            else:
-                self.dec[f"{j}_W"].div_(norms[:, None])
+        for part in self.dec.values():
+            part.divide_(norms)
 
     @torch.no_grad()
     def set_directions_(self, directions: Tensors, latents=None) -> None:
@@ -271,75 +275,61 @@ class ShardSAE(nn.Module):
         start an SAE at known ground truth, and to restart dead latents.
         """
         idx = torch.arange(self.n_latents) if latents is None else torch.as_tensor(latents).cpu()
-        norms = None
-        for j, n in enumerate(self.names):
-            d = directions[n]
-            ref = self.dec[f"{j}_U" if self.lowrank(n) else f"{j}_W"]
-            if isinstance(d, Factored) and self.lowrank(n):  # best rank-r part without forming the matrix
-                if (d.n_events, *d.shape) != (len(idx), *self.shapes[n]):
-                    raise ValueError(
-                        f"directions[{n!r}] holds {d.n_events} factored {d.shape} matrices; expected "
-                        f"{(len(idx), *self.shapes[n])}"
-                    )
-                f, _ = best_rank(d.to(ref), self.rank)
-                self.dec[f"{j}_U"][idx.to(ref.device)] = f.left.transpose(1, 2)
-                self.dec[f"{j}_V"][idx.to(ref.device)] = f.right.transpose(1, 2)
-                continue
-            d = dense(d).to(ref)
-            if tuple(d.shape) != (len(idx), *self.shapes[n]):
-                raise ValueError(
-                    f"directions[{n!r}] has shape {tuple(d.shape)}; expected {(len(idx), *self.shapes[n])}"
-                )
-            if self.lowrank(n):
-                U, S, Vh = torch.linalg.svd(d, full_matrices=False)
-                r = self.rank
-                s = S[:, :r].sqrt()
-                U_r, V_r = U[:, :, :r] * s[:, None, :], Vh[:, :r, :].transpose(1, 2) * s[:, None, :]
-                pad = r - U_r.shape[-1]  # rank above min(shape): the extra factors are zero
-                self.dec[f"{j}_U"][idx.to(d.device)] = torch.nn.functional.pad(U_r, (0, pad))
-                self.dec[f"{j}_V"][idx.to(d.device)] = torch.nn.functional.pad(V_r, (0, pad))
-            else:
-                self.dec[f"{j}_W"][idx.to(d.device)] = d.reshape(len(idx), -1)
+        idx = idx.to(self.scale.device)
+        for n, part in zip(self.names, self.dec.values()):
+            d, want = directions[n], (len(idx), *self.shapes[n])
+            if isinstance(d, Factored) and (d.n_events, *d.shape) != want:
+                raise ValueError(f"directions[{n!r}] holds {d.n_events} factored {d.shape} matrices; expected {want}")
+            if not isinstance(d, Factored) and tuple(d.shape) != want:
+                raise ValueError(f"directions[{n!r}] has shape {tuple(d.shape)}; expected {want}")
+            part.assign_(idx, d if isinstance(part, LowRank) else dense(d))
         norms = self.decoder_norms()
-        for key, p in self.dec.items():
-            dev = p.device
-            sub = p[idx.to(dev)]
-            if key.endswith("_U") or key.endswith("_V"):
-                sub = sub / norms[idx.to(dev)].sqrt()[:, None, None]
-            else:
-                sub = sub / norms[idx.to(dev)][:, None]
-            p[idx.to(dev)] = sub
-            self.enc[key][idx.to(dev)] = sub
+        for dec, enc in zip(self.dec.values(), self.enc.values()):
+            dec.divide_(norms, idx, mirror=enc)
+
+    @torch.no_grad()
+    def directions(self, names=None) -> dict[str, torch.Tensor]:
+        """Each latent's dense unit-norm decoder direction per tensor: {name: [F, *shape]} (output only), for
+        the tensors ``names`` (default: all)."""
+        norms = self.decoder_norms()
+        out = {}
+        for n, part in zip(self.names, self.dec.values()):
+            if names is None or n in names:
+                d = part.dense()
+                out[n] = d / norms.view(-1, *([1] * (d.ndim - 1)))
+        return out
 
     # -- forward -----------------------------------------------------------
     def scaled_input(self, x: Tensors) -> Tensors:
         """The input divided by ``scale``: Factored where the tensor is a low-rank matrix given factored
         (a dense SAE or a vector takes it dense)."""
         out = {}
-        for n in self.names:
+        for n, part in zip(self.names, self.dec.values()):
             v = x[n]
-            if isinstance(v, Factored) and self.lowrank(n):
-                out[n] = v.scaled(1 / self.scale)
-            else:
-                out[n] = dense(v) / self.scale
+            out[n] = (
+                v.scaled(1 / self.scale)
+                if isinstance(v, Factored) and isinstance(part, LowRank)
+                else dense(v) / self.scale
+            )
         return out
 
     def center(self, x: Tensors) -> Tensors:
         out = {}
-        for j, (n, v) in enumerate(self.scaled_input(x).items()):
-            if isinstance(v, Factored):
-                if not self.lowrank_bias(n):
-                    raise ValueError(
-                        f"tensor {n!r} comes factored, but this SAE's b_pre is dense (b_pre_rank=0): subtracting a "
-                        "dense b_pre would form the matrix of every event. Build the SAE with b_pre_rank > 0"
-                    )
-                out[n] = v.minus(self.bias_factored(j, v.n_events))
-            else:
-                out[n] = v - self.bias(j)
+        for (n, v), bias in zip(self.scaled_input(x).items(), self.b_pre.values()):
+            if isinstance(v, Factored) and not isinstance(bias, LowRankBias):
+                raise ValueError(
+                    f"tensor {n!r} comes factored, but this SAE's b_pre is dense (b_pre_rank=0): subtracting a "
+                    "dense b_pre would form the matrix of every event. Build the SAE with b_pre_rank > 0"
+                )
+            out[n] = bias.subtract_from(v)
         return out
 
     def pre_acts(self, y: Tensors) -> torch.Tensor:
-        return self._inner(y, self.enc) + self.b_enc
+        """Encoder scores <y, E_i> + b_enc [N, F], summed over tensors."""
+        out = 0.0
+        for n, part in zip(self.names, self.enc.values()):
+            out = out + part.inner(y[n])
+        return out + self.b_enc
 
     def activate(self, a: torch.Tensor) -> torch.Tensor:
         """Sparse codes z [N, F] (zeros off the active set)."""
@@ -365,31 +355,13 @@ class ShardSAE(nn.Module):
     def decode_active(self, z: torch.Tensor, with_bias: bool = True, like: Tensors | None = None) -> Tensors:
         """Reconstruction from the nonzero entries of z, per sample, using only active factors; factored
         (the active latents' factors, scaled by their codes) for the tensors where ``like`` is Factored."""
-        N = z.shape[0]
         kk = max(1, int((z != 0).sum(1).max()))
         vals, idx = z.abs().topk(kk, dim=1)
         vals = z.gather(1, idx) / self.decoder_norms()[idx]  # unit-norm directions
         out = {}
-        for j, n in enumerate(self.names):
-            if self.lowrank(n) and like is not None and isinstance(like[n], Factored):
-                U, V = self.dec[f"{j}_U"][idx], self.dec[f"{j}_V"][idx]  # [N, kk, d, r]
-                r = U.shape[-1]
-                left = (U * vals[..., None, None]).transpose(2, 3).reshape(N, kk * r, U.shape[2])
-                xh = Factored(left, V.transpose(2, 3).reshape(N, kk * r, V.shape[2]))
-                if with_bias:
-                    b = self.bias_factored(j, N)
-                    xh = Factored(torch.cat([b.left, xh.left], 1), torch.cat([b.right, xh.right], 1))
-                out[n] = xh
-                continue
-            if self.lowrank(n):
-                U, V = self.dec[f"{j}_U"][idx], self.dec[f"{j}_V"][idx]  # [N, kk, d, r]
-                r = U.shape[-1]
-                Uz = (U * vals[..., None, None]).permute(0, 2, 1, 3).reshape(N, U.shape[2], kk * r)
-                Vr = V.permute(0, 1, 3, 2).reshape(N, kk * r, V.shape[2])
-                xh = Uz @ Vr
-            else:
-                xh = (vals[..., None] * self.dec[f"{j}_W"][idx]).sum(1).view(N, *self.shapes[n])
-            out[n] = xh + self.bias(j) if with_bias else xh
+        for n, part, bias in zip(self.names, self.dec.values(), self.b_pre.values()):
+            xh = part.decode(idx, vals, factored=like is not None and isinstance(like[n], Factored))
+            out[n] = bias.add_to(xh) if with_bias else xh
         return out
 
     def forward(self, x: Tensors) -> ForwardOutput:
@@ -402,23 +374,6 @@ class ShardSAE(nn.Module):
         """``x / scale - xhat`` per tensor (Factored where both are): what the SAE leaves unexplained."""
         xs = self.scaled_input(x)
         return {n: difference(xs[n], xhat[n]) for n in self.names}
-
-    def reconstruct(self, x: Tensors) -> dict[str, torch.Tensor]:
-        """Reconstruction in the input's units (dense)."""
-        return {n: dense(v) * self.scale for n, v in self.forward(x).xhat.items()}
-
-    @torch.no_grad()
-    def directions(self) -> Tensors:
-        """Each latent's dense unit-norm decoder direction per tensor: {name: [F, *shape]} (output only)."""
-        norms = self.decoder_norms()
-        out = {}
-        for j, n in enumerate(self.names):
-            if self.lowrank(n):
-                d = torch.einsum("for,fir->foi", self.dec[f"{j}_U"], self.dec[f"{j}_V"])
-            else:
-                d = self.dec[f"{j}_W"].view(self.n_latents, *self.shapes[n])
-            out[n] = d / norms.view(-1, *([1] * (d.ndim - 1)))
-        return out
 
     # -- io ----------------------------------------------------------------
     def save(self, path) -> None:
@@ -434,7 +389,7 @@ class ShardSAE(nn.Module):
         path = Path(path)
         cfg = json.loads((path / "cfg.json").read_text())
         sae = cls(**cfg)
-        sae.load_state_dict(load_file(str(path / "sae.safetensors")))
+        sae.load_state_dict(_upgrade_keys(load_file(str(path / "sae.safetensors"))))
         return sae
 
 

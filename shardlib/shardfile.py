@@ -20,7 +20,6 @@ import math
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-import torch
 import xarray as xr
 
 from .sae import ShardSAE
@@ -38,19 +37,11 @@ def shards_dataset(
     ``dense_max_bytes``)."""
     lowrank = [n for n in sae.names if sae.lowrank(n)]
     factors_only = 4 * sae.n_latents * sum(math.prod(sae.shapes[n]) for n in lowrank) > dense_max_bytes
-    if factors_only:  # the dense directions of the other tensors only (as ShardSAE.directions forms them)
-        with torch.no_grad():
-            norms = sae.decoder_norms()
-            dirs = {
-                n: sae.dec[f"{j}_W"].view(sae.n_latents, *sae.shapes[n]) / norms.view(-1, *([1] * len(sae.shapes[n])))
-                for j, n in enumerate(sae.names)
-                if not sae.lowrank(n)
-            }
-    else:
-        dirs = sae.directions()
+    # factors only: dense directions of the other tensors alone
+    dirs = sae.directions([n for n in sae.names if n not in lowrank] if factors_only else None)
     vars_ = {}
     nrm = sae.decoder_norms().detach().sqrt()[:, None, None]
-    for j, n in enumerate(sae.names):
+    for n, part in zip(sae.names, sae.dec.values()):
         vn = var_name(n)
         dims = ("shard",) + tuple(f"{vn}_dim{i}" for i in range(len(sae.shapes[n])))
         if n in dirs:
@@ -58,10 +49,10 @@ def shards_dataset(
         if sae.lowrank(n):
             tag = (lambda f, n=n: {"param": n, "factor": f}) if factors_only else (lambda f: {})
             vars_[f"{vn}__U"] = xr.Variable(
-                ("shard", dims[1], "rank"), (sae.dec[f"{j}_U"].detach() / nrm).cpu().numpy(), attrs=tag("U")
+                ("shard", dims[1], "rank"), (part.U.detach() / nrm).cpu().numpy(), attrs=tag("U")
             )
             vars_[f"{vn}__V"] = xr.Variable(
-                ("shard", dims[2], "rank"), (sae.dec[f"{j}_V"].detach() / nrm).cpu().numpy(), attrs=tag("V")
+                ("shard", dims[2], "rank"), (part.V.detach() / nrm).cpu().numpy(), attrs=tag("V")
             )
     if frequency is not None:
         vars_["frequency"] = xr.Variable("shard", np.asarray(frequency))

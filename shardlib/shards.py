@@ -17,7 +17,7 @@ import fnmatch
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +29,10 @@ from .config import Params, param
 from .factored import Factored, factor_pairs, n_events, take
 from .io import OPTIMIZER_FILE, load_optimizer, load_results, read_checkpoint, save_results, write_checkpoint
 from .metrics import ReconStats
-from .sae import ShardSAE, sae_loss, sq_norms
+from .sae import SAEConfig, ShardSAE, sq_norms
 from .shardfile import activations_dataset, shards_dataset
 from .store import open_store, update_vars
+from .trainer import TrainConfig, Trainer, build_trainer
 
 
 @dataclass(frozen=True)
@@ -40,32 +41,45 @@ class ShardParams(Params):
 
     store_path: str = param("", "update store (folder or .nc file) to train on")
     params: list[str] = param([], "glob patterns over the store's parameter names to use ([] = all)")
-    n_latents: int = param(32, "number of latents (shards)", ge=1)
-    k: int = param(4, "active latents per event (TopK), or mean per event (BatchTopK)", ge=1)
-    rank: int = param(1, "rank of each latent's factor per weight matrix (0 = dense baseline)", ge=0)
-    activation: str = param("topk", "TopK per event, or BatchTopK over the batch", choices=("topk", "batchtopk"))
-    signed: bool = param(False, "TopK on |a| keeping the sign (L3D) instead of ReLU-TopK")
+    n_latents: int = param(SAEConfig.n_latents, "number of latents (shards)", ge=1)
+    k: int = param(SAEConfig.k, "active latents per event (TopK), or mean per event (BatchTopK)", ge=1)
+    rank: int = param(SAEConfig.rank, "rank of each latent's factor per weight matrix (0 = dense baseline)", ge=0)
+    activation: str = param(
+        SAEConfig.activation, "TopK per event, or BatchTopK over the batch", choices=("topk", "batchtopk")
+    )
+    signed: bool = param(SAEConfig.signed, "TopK on |a| keeping the sign (L3D) instead of ReLU-TopK")
     epochs: int = param(30, "passes over the training events", ge=1)
-    batch_size: int = param(128, "events per SAE step", ge=1)
+    batch_size: int = param(TrainConfig.batch_size, "events per SAE step", ge=1)
     lr: float = param(
-        0.03, "Adam learning rate, relative: each factor moves by about this fraction of its norm per step", gt=0
+        TrainConfig.lr,
+        "Adam learning rate, relative: each factor moves by about this fraction of its norm per step",
+        gt=0,
     )
-    lr_relative: bool = param(True, "lr relative to each factor's width (False: one absolute Adam rate)")
-    lr_decay: float = param(0.2, "fraction of the last steps over which the learning rate falls to 0", ge=0, le=1)
-    resample_dead: bool = param(True, "restart dead latents at the residuals of badly reconstructed events")
+    lr_relative: bool = param(
+        TrainConfig.lr_relative, "lr relative to each factor's width (False: one absolute Adam rate)"
+    )
+    lr_decay: float = param(
+        TrainConfig.lr_decay, "fraction of the last steps over which the learning rate falls to 0", ge=0, le=1
+    )
+    resample_dead: bool = param(
+        TrainConfig.resample_dead, "restart dead latents at the residuals of badly reconstructed events"
+    )
     fire_frac: float = param(
-        0.1, "a latent fires on an event when its |code| is at least this fraction of the event's largest", ge=0, le=1
+        TrainConfig.fire_frac,
+        "a latent fires on an event when its |code| is at least this fraction of the event's largest",
+        ge=0,
+        le=1,
     )
-    encoder_bias: bool = param(False, "learn an encoder bias b_enc (fixed at 0 otherwise)")
+    encoder_bias: bool = param(SAEConfig.encoder_bias, "learn an encoder bias b_enc (fixed at 0 otherwise)")
     b_pre_rank: int = param(
-        -1,
+        SAEConfig.b_pre_rank,
         "rank of each weight matrix's pre-encoder bias b_pre: 0 = dense, r > 0 = rank r; -1 = the SAE's rank when "
         "the store holds factored matrices (a dense b_pre would densify every event), else dense",
         ge=-1,
     )
-    aux_k: int = param(0, "latents in the AuxK reconstruction (0 = n_latents // 2)", ge=0)
-    aux_coef: float = param(1 / 32, "weight of the AuxK loss", ge=0)
-    dead_window: int = param(5000, "a latent not fired within this many samples is dead", ge=1)
+    aux_k: int = param(TrainConfig.aux_k, "latents in the AuxK reconstruction (0 = n_latents // 2)", ge=0)
+    aux_coef: float = param(TrainConfig.aux_coef, "weight of the AuxK loss", ge=0)
+    dead_window: int = param(TrainConfig.dead_window, "a latent not fired within this many samples is dead", ge=1)
     skip_zero_updates: bool = param(
         True, "leave out events whose update is exactly zero (zero advantage: nothing reinforced)"
     )
@@ -86,6 +100,11 @@ class ShardParams(Params):
             )
         if self.k > self.n_latents:
             raise ValueError(f"parameter 'k': {self.k} exceeds n_latents={self.n_latents}")
+
+    def sae_train_config(self) -> TrainConfig:
+        """The SAE's architecture and training settings among these parameters (same names)."""
+        arch = SAEConfig(**{f.name: getattr(self, f.name) for f in fields(SAEConfig)})
+        return TrainConfig(arch, **{f.name: getattr(self, f.name) for f in fields(TrainConfig) if f.name != "sae"})
 
 
 def load_updates(store_path, patterns=(), skip_zero: bool = False, normalize: bool = False) -> tuple[dict, xr.Dataset]:
@@ -135,214 +154,10 @@ def load_updates(store_path, patterns=(), skip_zero: bool = False, normalize: bo
     return data, ds
 
 
-def shapes_of(data: dict) -> dict[str, tuple]:
-    return {k: tuple(v.shape) if isinstance(v, Factored) else tuple(v.shape[1:]) for k, v in data.items()}
-
-
-def resolve_b_pre_rank(p: ShardParams, data: dict) -> int:
-    """``p.b_pre_rank``, with -1 resolved: the SAE's rank when a low-rank tensor comes factored, else 0 (dense)."""
-    if p.b_pre_rank >= 0:
-        return p.b_pre_rank
-    return p.rank if p.rank > 0 and any(isinstance(v, Factored) for v in data.values()) else 0
-
-
 def split_events(n: int, holdout_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     n_hold = int(round(n * holdout_frac))
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
-
-
-def data_moments(data: dict, chunk: int = 1024) -> tuple[dict[str, torch.Tensor], float]:
-    """(mean update per tensor, dense float64; mean squared norm of an update over all tensors), in chunks
-    of events. A Factored tensor's mean is one dense matrix for the whole data (``Factored.event_sum``),
-    its squared norms come from Gram matrices."""
-    n = n_events(data)
-    sums, sq = {}, 0.0
-    for s in range(0, n, chunk):
-        for k, v in data.items():
-            b = take(v, slice(s, s + chunk))
-            part = b.event_sum().double() if isinstance(b, Factored) else b.double().sum(0)
-            sums[k] = sums[k] + part if k in sums else part
-            sq += float(sq_norms(b if isinstance(b, Factored) else b.double()).double().sum())
-    return {k: v / n for k, v in sums.items()}, sq / n
-
-
-def init_from_data(sae: ShardSAE, data: dict) -> tuple[dict[str, torch.Tensor], float]:
-    """Input scale (mean squared norm 1) and b_pre = data mean (its best rank-r approximation where
-    ``b_pre`` is low-rank), both saved with the model. Returns the :func:`data_moments` it used (pass
-    them to :func:`total_variance`, so that the data's mean is not computed again)."""
-    mean, sq = data_moments(data)
-    with torch.no_grad():
-        sae.scale.fill_(float(math.sqrt(max(sq, 1e-60))))
-        for j, n in enumerate(sae.names):
-            m = mean[n] / float(sae.scale)
-            if sae.lowrank_bias(n):
-                U, S, Vh = torch.linalg.svd(m, full_matrices=False)
-                r = min(sae.b_pre_rank, len(S))
-                s = S[:r].sqrt()
-                sae.b_pre[f"{j}_U"].zero_()[:, :r] = (U[:, :r] * s).float()
-                if s.sum() > 0:
-                    sae.b_pre[f"{j}_V"].zero_()[:, :r] = (Vh[:r].T * s).float()
-            else:
-                sae.b_pre[str(j)].copy_(m.float())
-    return mean, sq
-
-
-def total_variance(data: dict, scale: float, moments=None) -> float:
-    """sum over tensors of E||x / scale - mean||^2 (float64; Gram-based for Factored tensors, from
-    ``moments`` = :func:`data_moments` of ``data`` when given)."""
-    if not any(isinstance(v, Factored) for v in data.values()):
-        return float(
-            sum(((v.double() / scale - v.double().mean(0) / scale) ** 2).sum() for v in data.values()) / n_events(data)
-        )
-    mean, sq = moments if moments is not None else data_moments(data)
-    return float((sq - sum(float((m**2).sum()) for m in mean.values())) / scale**2)
-
-
-def make_sae(p: ShardParams, shapes: dict[str, tuple], b_pre_rank: int) -> ShardSAE:
-    """The ShardSAE ``p`` describes over tensors of ``shapes``."""
-    return ShardSAE(
-        shapes,
-        p.n_latents,
-        p.k,
-        p.rank,
-        p.activation,
-        p.signed,
-        seed=p.seed,
-        encoder_bias=p.encoder_bias,
-        b_pre_rank=b_pre_rank,
-    )
-
-
-class Trainer:
-    """One SAE and its optimizer; ``step(batch)`` is one training step (shared offline and online).
-
-    ``total_steps`` (offline, where the run's length is known) lets the learning rate fall linearly
-    to zero over the last ``decay_frac`` of the steps; ``resample`` restarts each dead latent at the
-    residual of the batch's worst-reconstructed event (its best rank-``rank`` approximation per
-    matrix), with fresh optimizer moments and a new ``dead_window`` to fire in. A latent counts as
-    fired on an event only when its |code| is at least ``fire_frac`` of the event's largest: a latent
-    that TopK keeps only as a near-zero filler is dead (with exactly as many latents as shards, two
-    such fillers left two shards unfound: MMCS 0.92 on a planted store; 1.00 with fire_frac 0.1).
-    """
-
-    def __init__(
-        self,
-        sae: ShardSAE,
-        lr: float,
-        aux_k: int,
-        aux_coef: float,
-        dead_window: int,
-        variance: float,
-        accelerator=None,
-        total_steps: int | None = None,
-        decay_frac: float = 0.2,
-        resample: bool = False,
-        fire_frac: float = 0.0,
-        lr_relative: bool = True,
-    ):
-        self.sae, self.aux_coef, self.dead_window = sae, aux_coef, dead_window
-        # several processes: each takes a slice of every batch; gradients are averaged and
-        # firing records combined across processes, so every process keeps the same SAE
-        self.acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
-        self.aux_k = aux_k or max(1, sae.n_latents // 2)
-        self.opt = torch.optim.Adam(sae.param_groups(lr, lr_relative))
-        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
-        self.total_steps, self.decay_frac, self.resample, self.fire_frac = total_steps, decay_frac, resample, fire_frac
-        self.variance = max(variance, 1e-30)
-        self.samples = 0
-        self.steps = 0
-        self.n_resampled = 0
-        self.last_fired = torch.zeros(sae.n_latents, dtype=torch.long)
-
-    def dead(self) -> torch.Tensor:
-        return (self.samples - self.last_fired) > self.dead_window
-
-    def lr_factor(self) -> float:
-        if not self.total_steps:
-            return 1.0
-        start = (1 - self.decay_frac) * self.total_steps
-        return min(1.0, max(0.0, (self.total_steps - self.steps) / max(self.total_steps - start, 1)))
-
-    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        sae = self.sae
-        sae.train()
-        dead = self.dead()
-        loss, rec, aux, out = sae_loss(sae, batch, self.variance, dead, self.aux_k, self.aux_coef)
-        z = out.codes
-        N = z.shape[0]
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.acc is not None:
-            for prm in sae.parameters():
-                if prm.grad is None:
-                    prm.grad = torch.zeros_like(prm)
-                prm.grad = self.acc.reduce(prm.grad, "mean")
-            N = int(self.acc.reduce(torch.tensor(N, device=z.device), "sum"))
-        factor = self.lr_factor()
-        for g, base in zip(self.opt.param_groups, self.base_lrs):
-            g["lr"] = base * factor
-        self.opt.step()
-        sae.normalize_decoder_()
-        self.samples += N
-        self.steps += 1
-        za = z.detach().abs()  # fired: at least fire_frac of the event's largest code (fillers do not count)
-        fired = ((za > 0) & (za >= self.fire_frac * za.max(1, keepdim=True).values)).any(0)
-        if self.acc is not None:
-            fired = self.acc.reduce(fired.float(), "sum") > 0
-        fired = fired.cpu()
-        self.last_fired[fired] = self.samples
-        n_res = self.resample_dead_(batch, out) if self.resample and factor > 0 else 0
-        return {
-            "loss": float(loss.detach()),
-            "rec": float(rec.detach()),
-            "aux": float(aux.detach()),
-            "l0": float((z != 0).sum(1).float().mean()),
-            "dead": float(dead.float().mean()),
-            "resampled": float(n_res),
-        }
-
-    @torch.no_grad()
-    def resample_dead_(self, batch: dict, out) -> int:
-        """Restart the latents dead now at the residuals of the worst-reconstructed events of the batch
-        (factored residuals stay factored: their best rank-r part comes from the factors)."""
-        sae = self.sae
-        dead = torch.nonzero(self.dead()).flatten()
-        if len(dead) == 0:
-            return 0
-        resid = {n: v.detach() for n, v in sae.residual(batch, out.xhat).items()}
-        if self.acc is not None:  # every process picks from the whole batch
-            if any(isinstance(v, Factored) for v in resid.values()):
-                raise NotImplementedError("restarting dead latents from factored events of several processes")
-            resid = {n: self.acc.gather(v.contiguous()) for n, v in resid.items()}
-        err = sum(sq_norms(v).double() for v in resid.values())
-        m = min(len(dead), int((err > 0).sum()))
-        if m == 0:
-            return 0
-        dead, worst = dead[:m].to(err.device), err.topk(m).indices
-        sae.set_directions_({n: take(resid[n], worst) for n in sae.names}, latents=dead)
-        for prm in [*sae.dec.values(), *sae.enc.values()]:  # per-latent factors only (not b_pre)
-            st = self.opt.state.get(prm)
-            if st:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    st[key][dead] = 0
-        self.last_fired[dead.cpu()] = self.samples
-        self.n_resampled += m
-        return m
-
-    def state(self) -> dict:
-        return {
-            "samples": self.samples,
-            "steps": self.steps,
-            "n_resampled": self.n_resampled,
-            "last_fired": self.last_fired.tolist(),
-        }
-
-    def load_state(self, st: dict) -> None:
-        self.samples = st["samples"]
-        self.steps = st.get("steps", 0)
-        self.n_resampled = st.get("n_resampled", 0)
-        self.last_fired = torch.tensor(st["last_fired"], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -449,36 +264,26 @@ def _train(p: ShardParams, progress: bool, stop_after: int | None, data, init_di
         raise ValueError(f"store {p.store_path} holds {n} event(s); an SAE needs at least 2")
     train_idx, held_idx = split_events(n, p.holdout_frac, p.seed)
     train_data = {k: take(v, train_idx) for k, v in data.items()}
-    sae = make_sae(p, shapes_of(data), resolve_b_pre_rank(p, data))
-    moments = init_from_data(sae, train_data)
-    if init_directions is not None:
-        sae.set_directions_(init_directions)
-    sae.to(acc.device)
-    variance = total_variance(train_data, float(sae.scale), moments)
+    cfg = p.sae_train_config()
     steps_per_epoch = math.ceil(len(train_idx) / p.batch_size)
-    trainer = Trainer(
-        sae,
-        p.lr,
-        p.aux_k,
-        p.aux_coef,
-        p.dead_window,
-        variance,
+    trainer = build_trainer(
+        cfg,
+        train_data,
+        device=acc.device,
         accelerator=acc,
         total_steps=p.epochs * steps_per_epoch,
-        decay_frac=p.lr_decay,
-        resample=p.resample_dead,
-        fire_frac=p.fire_frac,
-        lr_relative=p.lr_relative,
+        init_directions=init_directions,
     )
     ckpt = out / "checkpoint"
     start, history = 0, []
     st = read_checkpoint(ckpt, p.fingerprint(), "epoch", p.epochs, ["sae", OPTIMIZER_FILE])
     if st is not None:
-        trainer.sae = sae = ShardSAE.load(ckpt / "sae").to(acc.device)
-        trainer.opt = torch.optim.Adam(sae.param_groups(p.lr, p.lr_relative))
+        sae = ShardSAE.load(ckpt / "sae").to(acc.device)
+        trainer = Trainer(sae, cfg, trainer.variance, acc, trainer.total_steps)
         load_optimizer(trainer.opt, ckpt)
         trainer.load_state(st)
         start, history = st["epoch"], st["history"]
+    sae = trainer.sae
     t0 = time.perf_counter()
     bar = progress_bar(
         total=p.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="shards", disable=not progress
@@ -571,73 +376,46 @@ class OnlineTrainer:
     """Trains a ShardSAE from the RL loop's ring buffer while RL runs.
 
     Pass it as ``rl.train(..., on_step=trainer)``: after every RL step, once the buffer holds
-    ``warmup`` events, it takes ``steps_per_rl_step`` SAE steps on batches sampled from the
-    buffer. The SAE is built at warm-up from the buffer's tensor shapes; the input scale and
-    ``b_pre`` come from the buffer's contents then. Memory: the buffer's capacity, never the run;
-    a buffer of factored events (``collect_factored``) is trained on factored, never made dense.
-    The SAE trains on :attr:`device` (the GPU when ``p.device`` allows one and one is visible); the
-    buffer stays in host memory and each sampled batch is moved there.
+    ``warmup`` events, it takes ``steps_per_rl_step`` SAE steps on batches of ``cfg.batch_size`` events
+    sampled from the buffer. The SAE is built at warm-up (:func:`~shardlib.trainer.build_trainer`) from
+    the buffer's contents then. Memory: the buffer's capacity, never the run; a buffer of factored events
+    (``collect_factored``) is trained on factored, never made dense. The SAE trains on :attr:`device` (the
+    GPU when ``device`` allows one and one is visible); the buffer stays in host memory and each sampled
+    batch is moved there.
     """
 
-    def __init__(self, p: ShardParams, warmup: int = 256, steps_per_rl_step: int = 1):
-        self.p, self.warmup, self.k_steps = p, warmup, steps_per_rl_step
-        self.sae: ShardSAE | None = None
+    def __init__(self, cfg: TrainConfig, warmup: int = 256, steps_per_rl_step: int = 1, device: str = "auto"):
+        self.cfg, self.warmup, self.k_steps, self.device_setting = cfg, warmup, steps_per_rl_step, device
         self.trainer: Trainer | None = None
-        self.gen = torch.Generator().manual_seed(p.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
         self.history: list[dict] = []
 
     @property
+    def sae(self) -> ShardSAE | None:
+        """The online SAE (None before warm-up)."""
+        return None if self.trainer is None else self.trainer.sae
+
+    @property
     def device(self) -> torch.device:
-        """Where the SAE trains: ``cuda`` when ``p.device`` is not ``cpu`` and a GPU is visible, else ``cpu``."""
-        return torch.device("cuda" if self.p.device != "cpu" and torch.cuda.is_available() else "cpu")
+        """Where the SAE trains: ``cuda`` when ``device`` is not ``cpu`` and a GPU is visible, else ``cpu``."""
+        return torch.device("cuda" if self.device_setting != "cpu" and torch.cuda.is_available() else "cpu")
 
     @classmethod
     def from_rl(cls, rp) -> OnlineTrainer:
         """The online trainer an RL stage's ``online_*`` parameters describe."""
-        p = ShardParams.from_dict(
-            {
-                "out_dir": rp.out_dir,
-                "seed": rp.seed,
-                "store_path": "ring buffer",
-                "n_latents": rp.online_n_latents,
-                "k": rp.online_k,
-                "rank": rp.online_rank,
-                "lr": rp.online_lr,
-                "batch_size": rp.online_batch_size,
-                "device": rp.device,
-            }
-        )
-        return cls(p, warmup=rp.online_warmup, steps_per_rl_step=rp.online_steps_per_rl_step)
+        return cls(rp.online_train_config(), rp.online_warmup, rp.online_steps_per_rl_step, rp.device)
 
     def __call__(self, step: int, buffer) -> None:
         if buffer is None or buffer.size < self.warmup:
             return
         if self.trainer is None:
-            snapshot = buffer.contents()
-            self.sae = make_sae(self.p, buffer.shapes, resolve_b_pre_rank(self.p, snapshot))
-            moments = init_from_data(self.sae, snapshot)
-            self.sae.to(self.device)
-            self.trainer = self._trainer(total_variance(snapshot, float(self.sae.scale), moments))
+            self.trainer = build_trainer(self.cfg, buffer.contents(), device=self.device)
         with deterministic():  # as offline training: else the gather backward adds in thread order
             for _ in range(self.k_steps):
-                batch = {n: v.to(self.device) for n, v in buffer.sample(self.p.batch_size, self.gen).items()}
+                batch = {n: v.to(self.device) for n, v in buffer.sample(self.cfg.batch_size, self.gen).items()}
                 m = self.trainer.step(batch)
                 m["rl_step"] = step
                 self.history.append(m)
-
-    def _trainer(self, variance: float) -> Trainer:
-        p = self.p
-        return Trainer(
-            self.sae,
-            p.lr,
-            p.aux_k,
-            p.aux_coef,
-            p.dead_window,
-            variance,
-            resample=p.resample_dead,
-            fire_frac=p.fire_frac,
-            lr_relative=p.lr_relative,
-        )
 
     def save(self, path) -> None:
         """SAE, optimizer, sampling generator and history into folder ``path`` (saved with each RL checkpoint)."""
@@ -658,7 +436,7 @@ class OnlineTrainer:
         self.gen.set_state(torch.load(path / "generator.pt", weights_only=True))
         self.history = state["history"]
         if state["trainer"] is not None:
-            self.sae = ShardSAE.load(path / "sae").to(self.device)
-            self.trainer = self._trainer(state["trainer"]["variance"])
+            sae = ShardSAE.load(path / "sae").to(self.device)
+            self.trainer = Trainer(sae, self.cfg, state["trainer"]["variance"])
             load_optimizer(self.trainer.opt, path)
             self.trainer.load_state(state["trainer"])

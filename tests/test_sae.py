@@ -4,20 +4,25 @@ import pytest
 import torch
 
 from shardlib.sae import ShardSAE, aux_loss
+from shardlib.trainer import TrainConfig, Trainer, init_from_data
 
 SHAPES = {"w": (6, 5), "u": (4, 6), "b": (6,)}
 
 
 def dense_dirs(sae, which="dec"):
     """Dense [F, D] directions from the factors (reference; materializes what the SAE never does)."""
-    fac = getattr(sae, which)
     parts = []
-    for j, n in enumerate(sae.names):
+    for n, part in zip(sae.names, getattr(sae, which).values()):
         if sae.lowrank(n):
-            parts.append(torch.einsum("for,fir->foi", fac[f"{j}_U"], fac[f"{j}_V"]).reshape(sae.n_latents, -1))
+            parts.append(torch.einsum("for,fir->foi", part.U, part.V).reshape(sae.n_latents, -1))
         else:
-            parts.append(fac[f"{j}_W"].reshape(sae.n_latents, -1))
+            parts.append(part.W.reshape(sae.n_latents, -1))
     return torch.cat(parts, 1)
+
+
+def trainer(sae, variance=1.0, total_steps=None, **kw):
+    """A Trainer without restarts or a firing threshold unless asked for."""
+    return Trainer(sae, TrainConfig(**{"resample_dead": False, "fire_frac": 0.0, **kw}), variance, None, total_steps)
 
 
 def flat(x):
@@ -33,7 +38,7 @@ def batch(n=5, seed=0):
 def test_lowrank_encoder_scores_equal_dense_inner_products(rank):
     sae = ShardSAE(SHAPES, 7, 3, rank=rank, seed=0)
     with torch.no_grad():
-        for p in sae.enc.values():
+        for p in sae.enc.parameters():
             p.add_(0.1 * torch.randn_like(p))
         sae.b_enc.normal_()
     x = batch()
@@ -47,13 +52,13 @@ def test_lowrank_encoder_scores_equal_dense_inner_products(rank):
 def test_reconstruction_equals_dense_decoder(rank, signed):
     sae = ShardSAE(SHAPES, 7, 3, rank=rank, signed=signed, seed=1)
     with torch.no_grad():
-        for p in sae.dec.values():
+        for p in sae.dec.parameters():
             p.mul_(1.7)  # unnormalized factors: the forward pass must divide the norm out
     x = batch()
     xhat, z, a, y = sae(x)
     D = dense_dirs(sae, "dec")
     D = D / D.norm(dim=1, keepdim=True)
-    bias = torch.cat([sae.b_pre[str(j)].reshape(-1) for j in range(len(SHAPES))])
+    bias = torch.cat([b.value().reshape(-1) for b in sae.b_pre.values()])
     assert torch.allclose(flat(xhat), z @ D + bias, atol=1e-5)
     assert ((z != 0).sum(1) <= 3).all()
     if signed:
@@ -82,10 +87,8 @@ def test_batchtopk_keeps_k_times_batch_and_learns_a_threshold():
 
 @pytest.mark.parametrize("rank", [1, 2, 0])
 def test_decoder_directions_stay_unit_norm_after_training_steps(rank):
-    from shardlib.shards import Trainer
-
     sae = ShardSAE(SHAPES, 6, 2, rank=rank)
-    tr = Trainer(sae, lr=0.05, aux_k=3, aux_coef=1 / 32, dead_window=10, variance=1.0)
+    tr = trainer(sae, lr=0.05, aux_k=3, dead_window=10)
     for s in range(5):
         tr.step(batch(8, s))
     assert torch.allclose(sae.decoder_norms(), torch.ones(6), atol=1e-4)
@@ -100,12 +103,12 @@ def test_auxk_trains_a_forced_dead_latent_and_only_it():
     xhat, z, a, y = sae(x)
     dead = torch.zeros(6, dtype=torch.bool)
     dead[3] = True
-    yc = {n: xhat[n] - sae.b_pre[str(j)] for j, n in enumerate(sae.names)}
+    yc = {n: xhat[n] - b.value() for n, b in zip(sae.names, sae.b_pre.values())}
     sae.signed = True  # so the dead latent's coefficient is used whatever its sign
     loss = aux_loss(sae, a, y, yc, dead, k_aux=4)
     assert loss > 0
     loss.backward()
-    g = sae.dec["0_U"].grad
+    g = sae.dec["0"].U.grad
     assert g[3].abs().sum() > 0
     assert torch.all(g[torch.arange(6) != 3] == 0)
     assert aux_loss(sae, a, y, yc, torch.zeros(6, dtype=torch.bool), 4).item() == 0.0
@@ -113,18 +116,16 @@ def test_auxk_trains_a_forced_dead_latent_and_only_it():
 
 @pytest.mark.parametrize("aux_coef", [0.0, 1 / 32])
 def test_auxk_trains_the_encoder_of_dead_latents(aux_coef):
-    from shardlib.shards import Trainer, init_from_data
-
     sae = ShardSAE({"w": (8, 8)}, 16, 2, rank=1, signed=True, seed=0)
     data = {"w": torch.randn(256, 8, 8, generator=torch.Generator().manual_seed(0))}
     init_from_data(sae, data)
     with torch.no_grad():
-        sae.enc["0_U"][5:] = 0  # latents 5.. score 0 on every input: they never win TopK
-    tr = Trainer(sae, lr=0.01, aux_k=8, aux_coef=aux_coef, dead_window=64, variance=1.0)
+        sae.enc["0"].U[5:] = 0  # latents 5.. score 0 on every input: they never win TopK
+    tr = trainer(sae, lr=0.01, aux_k=8, aux_coef=aux_coef, dead_window=64)
     for s in range(0, 256, 32):
         tr.step({"w": data["w"][s : s + 32]})
     assert tr.dead()[5:].all() or aux_coef > 0
-    moved = sae.enc["0_U"][5:].abs().sum().item()
+    moved = sae.enc["0"].U[5:].abs().sum().item()
     assert (moved > 0) == (aux_coef > 0)  # only AuxK gives dead latents a gradient
 
 
@@ -135,8 +136,8 @@ def test_save_load_roundtrip(tmp_path):
     assert (tmp_path / "s" / "cfg.json").exists() and (tmp_path / "s" / "sae.safetensors").exists()
     back = ShardSAE.load(tmp_path / "s")
     x = batch()
-    for k, v in sae.reconstruct(x).items():
-        assert torch.equal(v, back.reconstruct(x)[k])
+    for k, v in sae(x).xhat.items():
+        assert torch.equal(v, back(x).xhat[k])
 
 
 def test_lowrank_has_far_fewer_parameters_than_dense():
@@ -157,8 +158,6 @@ def test_bad_configuration_is_rejected():
 
 def test_signed_coefficients_recover_a_signed_direction():
     """One planted direction used with both signs: a signed SAE needs one latent for it."""
-    from shardlib.shards import Trainer, init_from_data
-
     g = torch.Generator().manual_seed(0)
     d = torch.outer(torch.randn(6, generator=g), torch.randn(5, generator=g))  # a rank-1 direction
     d /= d.norm()
@@ -166,14 +165,7 @@ def test_signed_coefficients_recover_a_signed_direction():
     data = {"w": c[:, None, None] * d + 0.01 * torch.randn(512, 6, 5, generator=g)}
     sae = ShardSAE({"w": (6, 5)}, 2, 1, rank=1, signed=True, seed=0)
     init_from_data(sae, data)
-    tr = Trainer(
-        sae,
-        lr=0.01,
-        aux_k=1,
-        aux_coef=1 / 32,
-        dead_window=10_000,
-        variance=float((data["w"] / sae.scale).pow(2).sum() / 512),
-    )
+    tr = trainer(sae, float((data["w"] / sae.scale).pow(2).sum() / 512), lr=0.01, aux_k=1, dead_window=10_000)
     for _epoch in range(30):
         for s in range(0, 512, 64):
             tr.step({"w": data["w"][s : s + 64]})
@@ -184,12 +176,16 @@ def test_signed_coefficients_recover_a_signed_direction():
 def test_relative_learning_rate_divides_by_the_width_of_each_factor():
     sae = ShardSAE({"w": (8, 32), "b": (5,)}, 4, 2, rank=2)
     lrs = {id(p): g["lr"] for g in sae.param_groups(0.03) for p in g["params"]}
-    assert lrs[id(sae.dec["0_U"])] == pytest.approx(0.03 / 8**0.5)
-    assert lrs[id(sae.dec["0_V"])] == pytest.approx(0.03 / 32**0.5)
-    assert lrs[id(sae.dec["1_W"])] == pytest.approx(0.03 / 5**0.5)
-    assert lrs[id(sae.b_pre["0"])] == pytest.approx(0.03 / 256**0.5)
+    assert lrs[id(sae.dec["0"].U)] == pytest.approx(0.03 / 8**0.5)
+    assert lrs[id(sae.dec["0"].V)] == pytest.approx(0.03 / 32**0.5)
+    assert lrs[id(sae.dec["1"].W)] == pytest.approx(0.03 / 5**0.5)
+    assert lrs[id(sae.b_pre["0"].b)] == pytest.approx(0.03 / 256**0.5)
+    low = ShardSAE({"w": (8, 32)}, 4, 2, rank=2, b_pre_rank=1)  # a low-rank b_pre: each factor by its width
+    lrs = {id(p): g["lr"] for g in low.param_groups(0.03) for p in g["params"]}
+    assert lrs[id(low.b_pre["0"].U)] == pytest.approx(0.03 / 8**0.5)
+    assert lrs[id(low.b_pre["0"].V)] == pytest.approx(0.03 / 32**0.5)
     assert "b_enc" not in dict(sae.named_parameters())  # fixed at zero unless encoder_bias
-    assert {id(p) for p in sae.param_groups(0.03, relative=False)[0]["params"]} == set(lrs)
+    assert {id(p) for p in low.param_groups(0.03, relative=False)[0]["params"]} == set(lrs)
     assert "b_enc" in dict(ShardSAE({"w": (8, 32)}, 4, 2, encoder_bias=True).named_parameters())
 
 
@@ -203,17 +199,15 @@ def test_set_directions_of_some_latents_leaves_the_others():
         keep = torch.arange(5) != 3
         assert torch.allclose(after[n][keep], before[n][keep])
     t = target["w"][0] / target["w"][0].norm()
-    assert torch.allclose(after["w"][3], t, atol=1e-5) and torch.allclose(sae.enc["0_U"][3], sae.dec["0_U"][3])
+    assert torch.allclose(after["w"][3], t, atol=1e-5) and torch.allclose(sae.enc["0"].U[3], sae.dec["0"].U[3])
 
 
 def test_dead_latents_are_restarted_at_the_worst_residual_and_fillers_count_as_dead():
-    from shardlib.shards import Trainer
-
     g = torch.Generator().manual_seed(0)
     sae = ShardSAE({"w": (8, 8)}, 4, 4, rank=1, signed=True, seed=0)
     with torch.no_grad():
-        sae.enc["0_U"][3] *= 1e-4  # latent 3 scores ~0: TopK (k = all) keeps it only as a near-zero filler
-    tr = Trainer(sae, lr=1e-9, aux_k=2, aux_coef=0, dead_window=16, variance=1.0, resample=True, fire_frac=0.1)
+        sae.enc["0"].U[3] *= 1e-4  # latent 3 scores ~0: TopK (k = all) keeps it only as a near-zero filler
+    tr = trainer(sae, lr=1e-9, aux_k=2, aux_coef=0, dead_window=16, resample_dead=True, fire_frac=0.1)
     x = {"w": torch.randn(8, 8, 8, generator=g)}
     x["w"][5] *= 10  # the worst-reconstructed event
     first = tr.step(x)
@@ -222,22 +216,22 @@ def test_dead_latents_are_restarted_at_the_worst_residual_and_fillers_count_as_d
     tr.step(x)
     assert tr.n_resampled >= 1
     d = sae.directions()["w"][3].flatten()
-    r = (x["w"][5] / sae.scale - sae.b_pre["0"]).detach().flatten()
+    r = (x["w"][5] / sae.scale - sae.b_pre["0"].b).detach().flatten()
     assert abs(float(d @ r / r.norm())) > 0.3  # rank 1 of the worst event's residual
     assert tr.last_fired[3] == tr.samples  # a new window to fire in
-    plain = Trainer(ShardSAE({"w": (8, 8)}, 4, 4, rank=1, signed=True, seed=0), 1e-9, 2, 0, 16, 1.0)
+    plain = trainer(
+        ShardSAE({"w": (8, 8)}, 4, 4, rank=1, signed=True, seed=0), lr=1e-9, aux_k=2, aux_coef=0, dead_window=16
+    )
     with torch.no_grad():
-        plain.sae.enc["0_U"][3] *= 1e-4
+        plain.sae.enc["0"].U[3] *= 1e-4
     for _ in range(3):
         plain.step(x)
     assert plain.n_resampled == 0 and not plain.dead()[3]  # fire_frac 0: a filler counts as firing
 
 
 def test_learning_rate_falls_to_zero_over_the_last_steps():
-    from shardlib.shards import Trainer
-
     sae = ShardSAE({"w": (4, 4)}, 3, 1, rank=1)
-    tr = Trainer(sae, lr=0.1, aux_k=1, aux_coef=0, dead_window=100, variance=1.0, total_steps=10, decay_frac=0.5)
+    tr = trainer(sae, total_steps=10, lr=0.1, aux_k=1, aux_coef=0, dead_window=100, lr_decay=0.5)
     factors = []
     for _ in range(10):
         factors.append(tr.lr_factor())
@@ -271,7 +265,7 @@ def perturbed_sae(rank, signed, seed=0, **kw):
     sae = ShardSAE(FSHAPES, 9, 3, rank=rank, signed=signed, seed=seed, b_pre_rank=2, **kw)
     with torch.no_grad():
         sae.scale.fill_(1.7)
-        for p in [*sae.enc.values(), *sae.dec.values(), *sae.b_pre.values()]:
+        for p in [*sae.enc.parameters(), *sae.dec.parameters(), *sae.b_pre.parameters()]:
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     return sae
 
@@ -345,5 +339,53 @@ def test_restarting_a_latent_at_a_factored_residual_gives_the_dense_truncated_sv
     b.set_directions_({n: v[[1]] for n, v in densified(x).items()}, latents=[2])
     for n in FSHAPES:
         assert torch.allclose(a.directions()[n], b.directions()[n], atol=1e-5)
-    U, V = a.dec["0_U"][2], a.dec["0_V"][2]  # each factor pair balanced: equal norms
+    U, V = a.dec["0"].U[2], a.dec["0"].V[2]  # each factor pair balanced: equal norms
     assert torch.allclose(U.norm(dim=0), V.norm(dim=0), atol=1e-5)
+
+
+def test_sae_folders_saved_before_the_per_tensor_modules_still_load():
+    """tests/data/sae_v1_*: saved by the ShardSAE of parameter dicts (keys ``dec.0_U``, ``b_pre.0``), with its
+    directions and outputs on fixed inputs; loaded today, the same numbers."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from shardlib.sae import dense
+    from shardlib.updates import Factored
+
+    data = Path(__file__).parent / "data"
+    want = load_file(str(data / "sae_v1_expected.safetensors"))
+    x = {"w": want["x.w"], "b": want["x.b"]}
+    xf = {"w": Factored(want["xf.left"], want["xf.right"]), "b": want["x.b"]}
+    for name, inp in (("sae_v1_lowrank", xf), ("sae_v1_dense", x)):
+        sae = ShardSAE.load(data / name).eval()
+        for n, d in sae.directions().items():
+            assert torch.equal(d, want[f"{name}.dir.{n}"]), (name, n)
+        with torch.no_grad():
+            out = sae(inp)
+        assert torch.equal(out.codes, want[f"{name}.codes"])
+        for n in ("w", "b"):
+            assert torch.allclose(dense(out.xhat[n]), want[f"{name}.xhat.{n}"], atol=1e-6), (name, n)
+    assert float(sae.threshold) == pytest.approx(0.05) and float(sae.scale) == 1.5
+
+
+def test_build_trainer_builds_the_configured_sae_from_the_data():
+    from shardlib.sae import SAEConfig
+    from shardlib.trainer import build_trainer, total_variance
+    from shardlib.updates import Factored
+
+    g = torch.Generator().manual_seed(0)
+    fact = {"w": Factored(torch.randn(32, 2, 6, generator=g), torch.randn(32, 2, 5, generator=g))}
+    cfg = TrainConfig(SAEConfig(n_latents=5, k=2, rank=2, signed=True), lr=0.01, seed=3)
+    tr = build_trainer(cfg, fact, total_steps=7)
+    assert tr.sae.config()["b_pre_rank"] == 2  # -1: the SAE's rank, as the matrix comes factored
+    assert tr.total_steps == 7 and tr.aux_k == 2 and tr.resample and tr.fire_frac == 0.1
+    ref = ShardSAE({"w": (6, 5)}, 5, 2, rank=2, signed=True, seed=3, b_pre_rank=2)
+    init_from_data(ref, fact)
+    for a, b in zip(tr.sae.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+    assert tr.variance == total_variance(fact, float(ref.scale))
+    dense_data = {"w": fact["w"].dense()}
+    assert build_trainer(cfg, dense_data).sae.config()["b_pre_rank"] == 0  # dense data: a dense b_pre
+    with pytest.raises(ValueError, match="k=6"):
+        SAEConfig(n_latents=5, k=6)

@@ -9,6 +9,8 @@ from shardlib import events, shardfile, shards
 from shardlib.common import flatten
 from shardlib.io import load_results
 from shardlib.planted import planted_updates
+from shardlib.sae import SAEConfig
+from shardlib.trainer import TrainConfig
 from shardlib.updates import StoreError, UpdateStore
 
 
@@ -106,16 +108,30 @@ def test_zero_updates_are_skipped_and_indexed(tmp_path):
     assert data["w"].shape[0] == 8 and ds["store_event"].values.tolist() == [0, 2, 3, 5, 6, 7, 8, 9]
 
 
+def test_stage_parameters_give_the_nested_training_config():
+    """The shard stage's flat parameters and the RL stage's ``online_*`` ones each build one TrainConfig; their
+    defaults are TrainConfig's."""
+    from shardlib.rl import RLParams
+
+    p = shards.ShardParams.from_dict({"store_path": "s", "n_latents": 8, "k": 2, "rank": 2, "lr": 0.01, "seed": 4})
+    cfg = p.sae_train_config()
+    assert cfg.sae == SAEConfig(n_latents=8, k=2, rank=2) and cfg.lr == 0.01 and cfg.seed == 4
+    assert shards.ShardParams.from_dict({"store_path": "s"}).sae_train_config() == TrainConfig()
+    rp = RLParams.from_dict(
+        {"online_n_latents": 8, "online_k": 2, "online_lr": 0.01, "online_batch_size": 16, "seed": 4}
+    )
+    assert rp.online_train_config() == TrainConfig(SAEConfig(n_latents=8, k=2), batch_size=16, lr=0.01, seed=4)
+    assert RLParams.from_dict({}).online_train_config() == TrainConfig()
+
+
 def test_online_trainer_learns_from_the_ring_buffer():
     from shardlib.updates import RingBuffer
 
     shapes = {"w": (6, 5)}
     data, truth, _, _ = planted_updates(shapes, n_shards=2, n_events=512, active_per_event=1.0, seed=1, noise=0.0)
     buf = RingBuffer(shapes, capacity=128)
-    p = shards.ShardParams.from_dict(
-        {"store_path": "buffer", "n_latents": 4, "k": 1, "signed": True, "batch_size": 32, "lr": 0.01}
-    )
-    online = shards.OnlineTrainer(p, warmup=64, steps_per_rl_step=4)
+    cfg = TrainConfig(SAEConfig(n_latents=4, k=1, signed=True), batch_size=32, lr=0.01)
+    online = shards.OnlineTrainer(cfg, warmup=64, steps_per_rl_step=4)
     for step in range(0, 512, 16):
         buf.add({"w": data["w"][step : step + 16]}, {})
         online(step // 16, buf)
@@ -231,8 +247,8 @@ def test_online_trainer_learns_from_a_factored_ring_buffer():
     shapes = {"w": (8, 6)}
     data, truth, _ = planted_factored(shapes, n_shards=2, n_events=512, active=1, seed=1, noise=0.0)
     buf = RingBuffer(shapes, capacity=128, factored=["w"])
-    p = shards.ShardParams.from_dict({"store_path": "buffer", "n_latents": 4, "k": 1, "signed": True, "batch_size": 32})
-    online = shards.OnlineTrainer(p, warmup=64, steps_per_rl_step=4)
+    cfg = TrainConfig(SAEConfig(n_latents=4, k=1, signed=True), batch_size=32)
+    online = shards.OnlineTrainer(cfg, warmup=64, steps_per_rl_step=4)
     for step in range(0, 512, 16):
         buf.add({"w": data["w"].take(slice(step, step + 16))}, {})
         online(step // 16, buf)

@@ -154,6 +154,6 @@ def test_gradient_ml2r_is_one_for_an_sae_at_the_truth_and_halves_with_half_codes
     data = {"W": 2 * unit, "b": torch.zeros(5, 5)}  # gradient c = twice circuit c: code 2, norm 2
     assert toy.gradient_ml2r(sae, data, np.arange(5), np.arange(5)) == pytest.approx(1.0, abs=1e-5)
     with torch.no_grad():
-        for key in sae.enc:
-            sae.enc[key].mul_(0.5**0.5)  # encoder at half length (U and V each by 1/sqrt 2): codes halve
+        for p in sae.enc.parameters():
+            p.mul_(0.5**0.5)  # encoder at half length (U and V each by 1/sqrt 2): codes halve
     assert toy.gradient_ml2r(sae, data, np.arange(5), np.arange(5)) == pytest.approx(0.5, abs=1e-5)
