@@ -63,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 from shardlib import metrics  # noqa: E402
 from shardlib.common import flatten  # noqa: E402
 from shardlib.planted import FAMILY, fit_planted, model_shapes, planted_updates  # noqa: E402
+from shardlib.sae import dense  # noqa: E402
 from shardlib.shards import ShardParams, split_events  # noqa: E402
 
 BATCH, HOLDOUT = 128, 0.1
@@ -122,7 +123,7 @@ def shardlib_fit(store, seed, epochs, lr, n_latents, k, rank, tmp, ablate=False)
     steps = epochs * math.ceil(len(res.train_idx) / BATCH)
     with torch.no_grad():
         held = {n: v[res.heldout_idx] for n, v in data.items()}
-        xhat = res.sae.reconstruct(held)
+        xhat = {n: dense(v) * res.sae.scale for n, v in res.sae(held).xhat.items()}  # in the input's units
         fvu = heldout_fvu(_cat(held, names), _cat(xhat, names))
     return {
         **{k_: float(row[k_]) for k_ in ("mmcs_g2d", "r@0.9", "hungarian_mcc")},
