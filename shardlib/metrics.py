@@ -253,20 +253,26 @@ def types_matched(type_means: np.ndarray, directions: np.ndarray, t: float = 0.9
     return int((abs_cos(type_means, directions).max(1) > t).sum())
 
 
-def coherence(updates: np.ndarray, types: np.ndarray) -> dict[str, float]:
-    """Per event type: the norm of the mean of its unit-normalised updates (1 = all parallel, one computation).
-    For n unrelated directions it is about 1/sqrt(n), so small types read high: NaN below 2 events,
-    and read it beside the type's count. Zero updates are left out."""
+def _per_type_of_unit_updates(updates: np.ndarray, types: np.ndarray, score) -> dict[str, float]:
+    """``score(unit updates of one type)`` per event type, zero updates left out, NaN below 2 events."""
     X = np.asarray(updates, dtype=np.float64).reshape(len(updates), -1)
     n = np.linalg.norm(X, axis=1)
     keep = n > 0
     U = X[keep] / n[keep, None]
     types = np.asarray(types)[keep]
-    out = {}
-    for t in np.unique(types):
-        sel = U[types == t]
-        out[str(t)] = float(np.linalg.norm(sel.mean(0))) if len(sel) >= 2 else float("nan")
-    return out
+    return {str(t): float(score(U[types == t])) if (types == t).sum() >= 2 else float("nan") for t in np.unique(types)}
+
+
+def coherence(updates: np.ndarray, types: np.ndarray) -> dict[str, float]:
+    """Per event type: the norm of the mean of its unit-normalised updates (1 = all parallel, one computation).
+    For n unrelated directions it is about 1/sqrt(n), so small types read high: NaN below 2 events,
+    and read it beside the type's count. Zero updates are left out."""
+    return _per_type_of_unit_updates(updates, types, lambda u: np.linalg.norm(u.mean(0)))
+
+
+def _top_singular_share(u: np.ndarray) -> float:
+    s = np.linalg.svd(u @ u.T, compute_uv=False, hermitian=True)  # eigenvalues of the Gram = s^2
+    return s[0] / s.sum()
 
 
 def coherence_rank1(updates: np.ndarray, types: np.ndarray) -> dict[str, float]:
@@ -274,20 +280,7 @@ def coherence_rank1(updates: np.ndarray, types: np.ndarray) -> dict[str, float]:
     singular direction (1 = every event on one axis, whatever its sign; a type whose events are + and - of
     one computation reads 1 here and near 0 in :func:`coherence`). For n unrelated directions in many
     dimensions it is about 1/n. NaN below 2 events; zero updates are left out."""
-    X = np.asarray(updates, dtype=np.float64).reshape(len(updates), -1)
-    n = np.linalg.norm(X, axis=1)
-    keep = n > 0
-    U = X[keep] / n[keep, None]
-    types = np.asarray(types)[keep]
-    out = {}
-    for t in np.unique(types):
-        sel = U[types == t]
-        if len(sel) < 2:
-            out[str(t)] = float("nan")
-            continue
-        s = np.linalg.svd(sel @ sel.T, compute_uv=False, hermitian=True)  # eigenvalues of the Gram = s^2
-        out[str(t)] = float(s[0] / s.sum())
-    return out
+    return _per_type_of_unit_updates(updates, types, _top_singular_share)
 
 
 def unit_rows(D: np.ndarray) -> np.ndarray:
