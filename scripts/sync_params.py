@@ -2,9 +2,13 @@
 
     python scripts/sync_params.py [--check]
 
-Every field of the class gets a line ``# <doc>`` and ``name = <literal>``, in field order; a
-value already in the cell is kept (a notebook may show another example store), a new field gets
-its default. ``--check`` exits 1 when a cell differs from what would be written.
+The cell shows ``out_dir``, ``seed`` and the stage's defining parameters (``shown`` in
+``shardlib/stages.py``; every field where it names none), each as a line ``# <doc>`` and
+``name = <literal>``, in field order, then one line naming the class whose ``describe()`` lists
+the rest: the notebook takes every field all the same (``Params.from_namespace`` reads the names
+papermill injects). A value already in the cell is kept (a notebook may show another example
+store), a new field gets its default. ``--check`` exits 1 when a cell differs from what would be
+written.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shardlib.runner import params_class  # noqa: E402
+from shardlib.stages import by_notebook  # noqa: E402
 
 
 def literal(v) -> str:
@@ -32,11 +37,22 @@ def literal(v) -> str:
     return repr(v)
 
 
-def cell_source(cls, old: dict) -> str:
+def cell_source(cls, old: dict, shown: tuple[str, ...] = ()) -> str:
+    fields = dataclasses.fields(cls)
+    unknown = set(shown) - {f.name for f in fields}
+    if unknown:
+        raise SystemExit(f"stages.py shows {sorted(unknown)}, which {cls.__name__} has no field for")
     lines = []
-    for f in dataclasses.fields(cls):
+    for f in fields:
+        if shown and f.name not in ("out_dir", "seed", *shown):
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines += [f"# {f.metadata.get('doc', f.name)}", f"{f.name} = {literal(old.get(f.name, default))}"]
+    if shown:
+        lines += [
+            f"# every other parameter of {cls.__name__} ({cls.__module__}) keeps its default unless set here, by a",
+            f"# config or by papermill -p; {cls.__name__}.describe() lists them, the next cell shows the values in force",
+        ]
     return "\n".join(lines)
 
 
@@ -56,7 +72,8 @@ def main(argv=None) -> int:
         old = {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(src).body}
         for name in args.reset:
             old.pop(name, None)
-        new = cell_source(cls, old)
+        kind = by_notebook(nb_path.name)
+        new = cell_source(cls, old, kind.shown if kind else ())
         if new != src:
             changed.append(nb_path.name)
             if not args.check:

@@ -93,14 +93,27 @@ def peak_rss_bytes() -> int:
 @contextlib.contextmanager
 def hf_quiet():
     """transformers' own progress bars (loading, writing, converting weights) off inside the block: in an executed
-    notebook they are left as stale 0% bars."""
+    notebook they are left as stale 0% bars. The GGUF loader calls ``tqdm`` directly, past transformers' switch,
+    so its module's ``tqdm`` is a disabled one inside the block."""
+    import functools
+    import importlib
+
     from transformers.utils import logging as hf_logging
 
+    try:
+        gguf = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:  # the gguf package missing: nothing to silence
+        gguf = None
+    bar = getattr(gguf, "tqdm", None)
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    if bar is not None:
+        gguf.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
+        if bar is not None:
+            gguf.tqdm = bar
         if was:
             hf_logging.enable_progress_bar()
 

@@ -39,18 +39,19 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import dataclasses
 import errno
 import hashlib
 import itertools
 import json
 import keyword
+import logging
 import os
 import re
 import shutil
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -306,7 +307,7 @@ def load_config(path, sets: list[str] = (), _seen: tuple = ()) -> dict:
     return cfg
 
 
-@dataclass
+@dataclasses.dataclass
 class Stage:
     name: str
     notebook: Path
@@ -344,7 +345,8 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def notebook_parameters(nb: Path) -> set[str]:
-    """Names the notebook's ``parameters`` cell assigns: the only names a config may set."""
+    """Names the notebook's ``parameters`` cell assigns. A config may set these and every field of the notebook's
+    ``Params`` class (:func:`settable`): a cell shows a stage's defining parameters only."""
     for c in json.loads(nb.read_text())["cells"]:
         if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", []):
             names = set()
@@ -389,6 +391,32 @@ def params_class(nb: Path):
 
     found = params_class_name(nb)
     return None if found is None else getattr(importlib.import_module(found[0]), found[1])
+
+
+def settable(nb: Path) -> set[str]:
+    """The parameters a config may give a notebook's stage: its ``parameters`` cell's names and, where the notebook
+    validates them with a ``Params`` class, every field of that class (``Params.from_namespace`` reads the names
+    papermill injects, shown in the cell or not)."""
+    cls = params_class(nb)
+    return notebook_parameters(nb) | ({f.name for f in dataclasses.fields(cls)} if cls is not None else set())
+
+
+class _KnownParameters(logging.Filter):
+    """Drops papermill's "Passed unknown parameter" warning: :func:`plan` has checked every name against
+    :func:`settable`, so a name the short parameters cell does not show is one its Params class takes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passed unknown parameter")
+
+
+@contextlib.contextmanager
+def _quiet_known_parameters():
+    logger, drop = logging.getLogger("papermill"), _KnownParameters()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def validate(stages: list[Stage]) -> None:
@@ -473,7 +501,7 @@ def plan(cfg: dict, runs_dir=None, notebook_dirs=()) -> list[Stage]:
         if unknown:
             raise PipelineError(f"stage {name!r}: unknown key(s) {sorted(unknown)}; accepted: notebook, params, sweep")
         nb = _notebook(name, spec, notebook_dirs)
-        known = notebook_parameters(nb)
+        known = settable(nb)
         params, deps = {}, []
         stage_params = spec.get("params") or {}
         sweep = spec.get("sweep") or {}
@@ -924,7 +952,7 @@ def run(
     run_dir = runs_folder(runs_dir, cfg) / cfg["run"]
     check_no_links(run_dir, stages)
     records = {}
-    with run_lock(run_dir), kernel_threads(threads):
+    with run_lock(run_dir), kernel_threads(threads), _quiet_known_parameters():
         write_sweep_manifests(stages)
         todo = _to_execute(stages, selected, force, threads, records, log)
         _execute_all(todo, len(stages), {**cfg, "jobs": jobs, "threads": threads}, force, records, log, log_output)

@@ -28,22 +28,67 @@ class Kind:
     params: str  # the Params class
     notebook: str  # its notebook in notebooks/
     progress: bool = False  # run() takes progress= (launch turns the progress bars off)
+    # what the notebook's parameters cell shows after out_dir and seed (() = every parameter): the stage's defining
+    # parameters. The notebook takes every parameter of its Params class all the same (Params.from_namespace reads
+    # the names papermill injects); the validation cell below shows the values in force.
+    shown: tuple[str, ...] = ()
 
 
 # in the order a report lists them
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
-        Kind("model", "instruct", "InstructParams", "00_model.ipynb"),
-        Kind("pretrain", "pretrain", "PretrainParams", "01_pretrain.ipynb", progress=True),
-        Kind("rl", "rl", "RLParams", "02_rl.ipynb", progress=True),
-        Kind("shards", "shards", "ShardParams", "03_shards.ipynb", progress=True),
+        Kind("model", "instruct", "InstructParams", "00_model.ipynb", shown=("model", "tasks", "eval_prompts")),
+        Kind(
+            "pretrain",
+            "pretrain",
+            "PretrainParams",
+            "01_pretrain.ipynb",
+            progress=True,
+            shown=("tasks", "d_model", "n_layers", "steps"),
+        ),
+        Kind(
+            "rl",
+            "rl",
+            "RLParams",
+            "02_rl.ipynb",
+            progress=True,
+            shown=("testbed", "algorithm", "init_path", "steps", "collect_params", "online_sae"),
+        ),
+        Kind(
+            "shards",
+            "shards",
+            "ShardParams",
+            "03_shards.ipynb",
+            progress=True,
+            shown=("store_path", "n_latents", "k", "rank"),
+        ),
         Kind("frontier", "frontier", "FrontierParams", "06_frontier.ipynb"),
-        Kind("planted", "planted", "PlantedParams", "04_planted.ipynb", progress=True),
+        Kind(
+            "planted",
+            "planted",
+            "PlantedParams",
+            "04_planted.ipynb",
+            progress=True,
+            shown=("n_shards", "n_events", "n_latents", "k", "ranks"),
+        ),
         Kind("sparsity", "sparsity", "SparsityParams", "05_sparsity.ipynb"),
-        Kind("analysis", "analysis", "AnalysisParams", "07_shard_analysis.ipynb", progress=True),
-        Kind("compositional", "compositional", "CompositionalParams", "10_compositional.ipynb"),
-        Kind("toy", "toy", "ToyParams", "08_toy_models.ipynb", progress=True),
+        Kind(
+            "analysis",
+            "analysis",
+            "AnalysisParams",
+            "07_shard_analysis.ipynb",
+            progress=True,
+            shown=("shards_dir", "rl_dir", "event_type_label"),
+        ),
+        Kind(
+            "compositional",
+            "compositional",
+            "CompositionalParams",
+            "10_compositional.ipynb",
+            shown=("store_path", "sae_seeds", "n_latents", "k", "rank"),
+        ),
+        Kind("toy", "toy", "ToyParams", "08_toy_models.ipynb", progress=True, shown=("cases", "seeds", "k")),
         Kind("figures", "figures", "FiguresParams", "09_figures.ipynb"),
     )
 }
@@ -60,6 +105,11 @@ def module(kind: str):
     import importlib
 
     return importlib.import_module(f"shardlib.{KINDS[kind].module}")
+
+
+def by_notebook(name: str) -> Kind | None:
+    """The kind whose notebook is ``name`` (a file name in notebooks/), or None."""
+    return next((k for k in KINDS.values() if k.notebook == name), None)
 
 
 def params_class(kind: str):

@@ -1,4 +1,7 @@
+import sys
+
 import numpy as np
+import pytest
 import torch
 
 from shardlib.common import deterministic, flatten, step_generator
@@ -56,3 +59,16 @@ def test_an_accelerator_state_left_by_other_code_gives_a_clear_error():
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     assert make_accelerator("cpu").mixed_precision == "no"
+
+
+def test_hf_quiet_silences_the_gguf_loaders_own_progress_bar(capsys):
+    gguf = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from shardlib.common import hf_quiet
+
+    bar = gguf.tqdm
+    with hf_quiet():
+        assert list(gguf.tqdm(range(3), desc="Converting")) == [0, 1, 2]
+    assert gguf.tqdm is bar  # restored after the block
+    assert "Converting" not in capsys.readouterr().err
+    list(gguf.tqdm(range(3), desc="Converting", file=sys.stderr))
+    assert "Converting" in capsys.readouterr().err  # the check above can fail

@@ -54,11 +54,14 @@ def test_config_overrides_and_references():
         load_config(TINY, ["steps"])
 
 
-def test_a_failing_stage_names_its_cell_and_keeps_the_notebook(tmp_path):
+def test_a_failing_stage_names_its_cell_and_keeps_the_notebook(tmp_path, caplog):
     cfg = load_config(TINY, [f"rl_lm.init_path={tmp_path / 'no_policy'}"])  # valid parameters, fails when it runs
     cfg["stages"] = {"rl_lm": cfg["stages"]["rl_lm"]}
+    hidden = set(cfg["stages"]["rl_lm"]["params"]) - runner.notebook_parameters(ROOT / "notebooks" / "02_rl.ipynb")
+    assert hidden  # the config sets parameters the short cell does not show: RLParams takes them
     with pytest.raises(PipelineError, match=r"stage 'rl_lm' failed in cell \d+ \(\w+: .*no_policy") as e:
         runner.run(cfg, runs_dir=tmp_path)
+    assert "Passed unknown parameter" not in caplog.text  # checked by plan(), so not papermill's warning
     assert (tmp_path / "tiny" / "rl_lm" / "notebook.ipynb").exists()
     assert json.loads((tmp_path / "tiny" / "rl_lm" / ".stage.json").read_text())["status"] == "failed"
     assert "notebook.ipynb" in str(e.value)
@@ -78,6 +81,9 @@ def test_plain_papermill_cli_runs_a_notebook_alone_and_validates(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (tmp_path / "o" / "results.nc").exists() and (tmp_path / "o" / "policy").is_dir()
+    # the parameters cell does not show d_ff; papermill warns, and the notebook takes it all the same
+    assert "Passed unknown parameter: d_ff" in ok.stderr
+    assert json.loads((tmp_path / "o" / "policy" / "config.json").read_text())["intermediate_size"] == 32
     bad = subprocess.run(
         [sys.executable, "-m", "papermill", nb, str(tmp_path / "bad.ipynb"), "-p", "out_dir", str(tmp_path / "b")]
         + ["-p", "steps", "-2", "-k", "python3"],
