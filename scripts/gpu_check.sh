@@ -48,7 +48,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "${GPU_CHECK_RUN:-}" ]; then
   RUN=$GPU_CHECK_RUN
 else
-  RUN=$("$PY" -c "import sys; from shardlib.runner import load_config; print(load_config(sys.argv[1], sys.argv[2:])['run'])" \
+  RUN=$("$PY" -c "import sys; from shardlib.runconfig import load_config; print(load_config(sys.argv[1], sys.argv[2:])['run'])" \
     "$CONFIG" ${SETS[@]+"${SETS[@]}"})
 fi
 

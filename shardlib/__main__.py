@@ -7,7 +7,9 @@ import logging
 import sys
 import time
 
-from .runner import ROOT, PipelineError, check_name, default_jobs, load_config, run, runs_folder
+from .runconfig import ROOT, PipelineError, check_name, load_config
+from .runfolder import runs_folder
+from .runner import default_jobs, run
 
 
 def _os_error(e: OSError) -> str:

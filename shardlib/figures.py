@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib
 
 from .config import Params, param
-from .runner import ROOT
+from .runconfig import ROOT
 
 FIG_DIR = ROOT / "figures"
 

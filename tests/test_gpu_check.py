@@ -14,6 +14,7 @@ import torch
 import xarray as xr
 
 from shardlib import runner
+from shardlib.runconfig import load_config
 from shardlib.shardfile import shard_directions, shards_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +23,7 @@ GPU, GPU_TINY = ROOT / "configs" / "gpu.yaml", ROOT / "configs" / "gpu_tiny.yaml
 
 @pytest.mark.parametrize("config", [GPU, GPU_TINY])
 def test_gpu_configs_validate(config, tmp_path):
-    stages = runner.plan(runner.load_config(config), tmp_path)
+    stages = runner.plan(load_config(config), tmp_path)
     runner.validate(stages)  # every stage's parameters accepted by its Params class
     names = {s.name for s in stages}
     assert {"pretrain", "rl_lm", "shards_lm", "analysis_lm", "figures"} <= names
@@ -34,7 +35,7 @@ def test_gpu_study_is_the_described_scale_up(tmp_path):
     from shardlib import policy as pol
     from shardlib.tasks import SyntheticTasks
 
-    st = {s.name: s.params for s in runner.plan(runner.load_config(GPU), tmp_path)}
+    st = {s.name: s.params for s in runner.plan(load_config(GPU), tmp_path)}
     pre, rl = st["pretrain"], st["rl_lm"]
     t = SyntheticTasks()
     with torch.device("meta"):
@@ -49,7 +50,7 @@ def test_gpu_study_is_the_described_scale_up(tmp_path):
         (one,) = st[stage]["params"]
         assert one in names and names[one].ndim == 2
     assert st["sparsity"]["max_updates"] == 1
-    default = {s.name: s.params for s in runner.plan(runner.load_config(ROOT / "configs" / "default.yaml"), tmp_path)}
+    default = {s.name: s.params for s in runner.plan(load_config(ROOT / "configs" / "default.yaml"), tmp_path)}
     for stage in ("pretrain", "rl_lm", "sft_lm", "shards_lm", "planted"):  # GPU stages: device auto, as the default
         assert st[stage].get("device", "auto") == default[stage].get("device", "auto") == "auto"
 

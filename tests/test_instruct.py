@@ -191,8 +191,9 @@ def test_the_real_model_configs_plan_and_validate(name, tmp_path):
     from pathlib import Path
 
     from shardlib import runner
+    from shardlib.runconfig import load_config
 
-    cfg = runner.load_config(Path(__file__).resolve().parent.parent / "configs" / name)
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / name)
     stages = runner.plan(cfg, tmp_path)
     runner.validate(stages)  # every stage's parameters against its notebook's Params class
     rl = next(s for s in stages if s.name == "rl_text")

@@ -10,7 +10,8 @@ import pytest
 from shardlib import runner
 from shardlib.io import load_results
 from shardlib.report import BEGIN, END, report_html, results_markdown, update_readme
-from shardlib.runner import load_config, plan
+from shardlib.runconfig import load_config
+from shardlib.runner import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
