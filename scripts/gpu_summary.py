@@ -11,7 +11,7 @@ completion tokens/s and steps/s (medians over steps of ``tokens_per_s`` / ``step
 ``results.nc``: rollout, update and update collection; the online SAE's steps are outside them); bytes
 per event of every update store on disk against its dense fp32 size; the SAE step timing
 (``benchmarks/bench_sae_step.py``) and the rows of ``benchmarks/bench_factored.py`` when they ran. Its tables
-are :func:`shardlib.report.markdown_table`'s, its sizes :func:`shardlib.common.fmt_bytes`'s.
+are :func:`shardlib.report_default.markdown_table`'s, its sizes :func:`shardlib.common.fmt_bytes`'s.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shardlib.common import fmt_bytes  # noqa: E402
-from shardlib.report import markdown_table, run_stages  # noqa: E402
+from shardlib.report_default import markdown_table  # noqa: E402
+from shardlib.runs import run_stages  # noqa: E402
 
 TARGET_SECONDS = 480
 CHECK_DIR = "gpu_check"

@@ -1,44 +1,11 @@
-"""Toy models with published decompositions (L3D, APD, SPD), decomposed by shardlib's SAE.
+"""The toy-model stage (``notebooks/08_toy_models.ipynb``): toy models with published decompositions (L3D, APD,
+SPD), decomposed by shardlib's SAE.
 
-Cases (``CASES``):
-- TMS 5->2 and 40->10 (Elhage et al. 2022; as in APD/SPD/L3D): ``xhat = ReLU(W^T W x + b)``,
-  ``W`` is ``m x n`` (hidden x features), features ``x_c ~ U[0, 1]`` active with probability p.
-  Ground-truth mechanisms: the rank-1 feature circuits ``W[:, c] e_c^T`` (zero bias part).
-- TMCS, L3D's circuit superposition: ``y = ReLU(x W_in W_out + b)`` (10 inputs, 5 hidden,
-  10 outputs) trained to compute ``x A`` with ``A ~ U[0, 3)`` (L3D's script: max coefficient 3).
-  Ground truth for input i: the divergence gradient of the input ``e_i`` (feature i alone),
-  computed by autograd; the coefficients a shard recovers are its bias part (for an input
-  with only feature i, the bias gradient is the output ``f(x) ~ x_i A[i, :]``).
-
-Data points (L3D: Chrisman et al. 2025, arXiv 2504.00194, code briannachrisman/eigenestimation): per-sample gradients at the trained weights, via
-``torch.func.vmap(grad)``, of ``1/2 ||f(x_i) - stopgrad f(x_r)||^2`` where the reference
-``x_r`` is another sample of the batch (TMS) or the output is compared with zero (TMCS, as
-L3D's circuit-superposition script does with its ``ZeroOutput`` reference). Samples with no
-active feature are dropped (L3D's data generator drops them), and so are gradients that are
-exactly zero (every output dead on both samples: nothing to decompose).
-
-Metrics:
-- MMCS per feature (the papers' column-wise one on TMS): for each feature c, the max over
-  shards of |cos| between the shard's slice for c and the circuit's, averaged over c. The
-  slice is W's column c on TMS (APD/SPD's definition) and W_in's row i on TMCS;
-- whole-direction MMCS (shardlib's): |cos| between the flattened shard (every tensor) and the
-  flattened ground-truth circuit, max over shards, averaged over features;
-- ML2R share: ``||D_k[slice c]|| / ||D_k||`` at the best match (the share of the unit-norm
-  shard's norm on its feature's slice; 1 = entirely on it). The papers' ML2R compares weight
-  norms, which a unit-norm shard does not have, so the two numbers are not the same quantity;
-- MMCS after a truth start: the same per-feature MMCS for an SAE whose decoder starts at the
-  ground-truth circuits. If training moves it to where a random start ends, the objective's
-  optimum is not the circuits (a property of the data), and more training cannot close the gap;
-- single-feature control: the same per-feature MMCS for an SAE trained on gradients of samples
-  with exactly one active feature (each feature equally often). A sample with several active
-  features a, b has cross terms such as ``W[:, a] e_b^T`` in its gradient, which no single
-  feature circuit holds; the control says how much of a shortfall they cause;
-- coefficient correlation (TMCS): Pearson r between the matched shard's bias part (sign
-  fixed so it sums positive: a signed direction has no preferred sign) and ``A[i, :]``, mean
-  over inputs i; ``coef_r_model`` is the same for the trained model's own outputs ``f(e_i)``,
-  the most a shard of this model can recover. L3D's exact computation of its r = 0.92 is not
-  published with the paper; this is our reading of it;
-- reconstruction error: batch-pooled ``sum ||g - ghat||^2 / sum ||g||^2`` as L3D computes it.
+For each case (:data:`shardlib.toy_models.CASES`) and seed, :func:`make_case` trains the toy model and builds its
+per-sample gradients and ground-truth circuits (:mod:`shardlib.toy_models`); :func:`fit_sae` trains the SAE on
+them and scores it against the ground truth (every metric is defined in :mod:`shardlib.toy_metrics`), beside two
+controls of the signed SAE (started at the truth; trained on gradients of single-feature samples); :func:`results`
+sets the scores next to the published numbers (``PUBLISHED``).
 """
 
 from __future__ import annotations
@@ -50,10 +17,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import xarray as xr
-from torch.func import functional_call, grad, vmap
 
 from .common import progress_bar
 from .config import SEED_MAX, Params, param
+from .toy_metrics import METRICS, coefficient_r, column_cos, columnwise, gradient_ml2r, own_output_share
+from .toy_models import (
+    CASES,
+    INTERVENTION_DELTAS,
+    TMCS_OUTPUTS,
+    TMS,
+    circuits,
+    divergence_gradients,
+    intervention_curve,
+    sample_features,
+    tmcs_circuits,
+    train_tmcs,
+    train_tms,
+)
 
 PUBLISHED = {
     # case: {metric: (value, source)}
@@ -69,185 +49,6 @@ PUBLISHED = {
         "coef_r_l3d": (0.92, "L3D, Chrisman et al. 2025"),
     },
 }
-
-# model, (features, hidden), default k: about the number of feature circuits one gradient
-# holds (active features per non-empty sample: 1.1 on TMS 5->2, 1.25 on TMCS, 2.4 on
-# TMS 40->10, where the reference sample adds its own)
-CASES = {
-    "tms_5_2": {"model": "tms", "shape": (5, 2), "k": 1},
-    "tms_40_10": {"model": "tms", "shape": (40, 10), "k": 3},
-    "tmcs": {"model": "tmcs", "shape": (10, 5), "k": 1},
-}
-TMCS_OUTPUTS, TMCS_MAX_COEF = 10, 3.0
-
-
-class TMS(torch.nn.Module):
-    def __init__(self, n_features: int, n_hidden: int, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.W = torch.nn.Parameter(
-            torch.randn(n_hidden, n_features, generator=g) * (2 / (n_hidden + n_features)) ** 0.5
-        )
-        self.b = torch.nn.Parameter(torch.zeros(n_features))
-
-    def forward(self, x):
-        return torch.relu(x @ self.W.T @ self.W + self.b)
-
-
-class TMCS(torch.nn.Module):
-    """L3D's circuit superposition: ``ReLU(x W_in W_out + b)``, W_in [inputs, hidden], W_out [hidden, outputs]."""
-
-    def __init__(self, n_inputs: int, n_hidden: int, n_outputs: int, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.W_in = torch.nn.Parameter(
-            torch.randn(n_inputs, n_hidden, generator=g) * (2 / (n_inputs + n_hidden)) ** 0.5
-        )
-        self.W_out = torch.nn.Parameter(
-            torch.randn(n_hidden, n_outputs, generator=g) * (2 / (n_hidden + n_outputs)) ** 0.5
-        )
-        self.b = torch.nn.Parameter(torch.zeros(n_outputs))
-
-    def forward(self, x):
-        return torch.relu(x @ self.W_in @ self.W_out + self.b)
-
-
-def sample_features(n: int, n_features: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    active = torch.rand(n, n_features, generator=generator) < p
-    return active * torch.rand(n, n_features, generator=generator)
-
-
-def _fit(model, target, n_features: int, p: float, steps: int, batch: int, lr: float, g: torch.Generator):
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        x = sample_features(batch, n_features, p, g)
-        loss = ((model(x) - target(x)) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
-
-
-def train_tms(
-    n_features: int,
-    n_hidden: int,
-    p: float = 0.05,
-    steps: int = 4000,
-    batch: int = 1024,
-    lr: float = 3e-3,
-    seed: int = 0,
-) -> TMS:
-    g = torch.Generator().manual_seed(seed + 1)
-    return _fit(TMS(n_features, n_hidden, seed), lambda x: x, n_features, p, steps, batch, lr, g)
-
-
-def train_tmcs(
-    n_inputs: int = 10,
-    n_hidden: int = 5,
-    n_outputs: int = TMCS_OUTPUTS,
-    p: float = 0.05,
-    steps: int = 4000,
-    batch: int = 1024,
-    lr: float = 3e-3,
-    seed: int = 0,
-) -> tuple[TMCS, torch.Tensor]:
-    """A TMCS trained to compute ``x A``; returns (model, A [inputs, outputs])."""
-    g = torch.Generator().manual_seed(seed + 1)
-    A = torch.rand(n_inputs, n_outputs, generator=g) * TMCS_MAX_COEF
-    return _fit(TMCS(n_inputs, n_hidden, n_outputs, seed), lambda x: x @ A, n_inputs, p, steps, batch, lr, g), A
-
-
-def divergence_gradients(
-    model: torch.nn.Module, x: torch.Tensor, generator: torch.Generator | None = None, reference: str = "sample"
-) -> dict[str, torch.Tensor]:
-    """Per-sample gradients of 1/2 ||f(x_i) - stopgrad ref_i||^2 with respect to every parameter.
-
-    ``reference="sample"``: ref_i = f(x_r), x_r another sample of the batch (a permutation drawn
-    from ``generator``); ``reference="zero"``: ref_i = 0.
-    """
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    with torch.no_grad():
-        if reference == "sample":
-            f_ref = model(x[torch.randperm(len(x), generator=generator)])
-        elif reference == "zero":
-            f_ref = torch.zeros_like(model(x[:1])).expand(len(x), -1)
-        else:
-            raise ValueError(f"reference must be 'sample' or 'zero', got {reference!r}")
-
-    def loss(pr, xi, fr):
-        return 0.5 * ((functional_call(model, pr, (xi[None],))[0] - fr) ** 2).sum()
-
-    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, f_ref)
-
-
-def circuits(model: TMS) -> dict[str, torch.Tensor]:
-    """Ground-truth rank-1 circuits W[:, c] e_c^T (bias part zero): {W: [n, m, n], b: [n, n]}."""
-    W = model.W.detach()
-    n = W.shape[1]
-    G = torch.zeros(n, *W.shape)
-    for c in range(n):
-        G[c, :, c] = W[:, c]
-    return {"W": G, "b": torch.zeros(n, n)}
-
-
-def tmcs_circuits(model: TMCS) -> dict[str, torch.Tensor]:
-    """Ground truth for each input i: the (zero-reference) divergence gradient of ``e_i``."""
-    return divergence_gradients(model, torch.eye(model.W_in.shape[0]), reference="zero")
-
-
-def column_cos(dW: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """|cos| between every shard's column c and ``W[:, c]``: [F, n]."""
-    cos = np.zeros((dW.shape[0], W.shape[1]))
-    for c in range(W.shape[1]):
-        col = dW[:, :, c]
-        cos[:, c] = np.abs(col @ W[:, c]) / np.clip(np.linalg.norm(col, axis=1) * np.linalg.norm(W[:, c]), 1e-30, None)
-    return cos
-
-
-def own_output_share(curves: np.ndarray, best: np.ndarray) -> float:
-    """Share of a shard's output change on its own feature's output, mean over features.
-
-    ``curves`` [F, deltas, outputs] from ``intervention_curve``; ``best[c]`` the shard matched to feature c.
-    """
-    return float(np.mean([curves[b][:, c].sum() / max(curves[b].sum(), 1e-30) for c, b in enumerate(best)]))
-
-
-def columnwise(dW: np.ndarray, W: np.ndarray) -> tuple[float, float]:
-    """(MMCS, ML2R share) per feature column; dW: shard parts [F, m, n], W: ground-truth columns [m, n].
-
-    Column c of ``W`` is feature c's circuit slice (TMS: ``W[:, c]``; TMCS: W_in's row i, passed transposed).
-    """
-    n = W.shape[1]
-    cos = column_cos(dW, W)
-    best = cos.argmax(0)
-    share = [np.linalg.norm(dW[best[c], :, c]) / np.linalg.norm(dW[best[c]]) for c in range(n)]
-    return float(cos.max(0).mean()), float(np.mean(share))
-
-
-@torch.no_grad()
-def gradient_ml2r(sae, data: dict[str, torch.Tensor], feature: np.ndarray, best: np.ndarray) -> float:
-    """ML2R's analogue for gradient shards: how much of a one-feature gradient its matched shard carries.
-
-    For the gradients whose sample has only feature c active: mean ``|z[:, best[c]]|`` (the
-    shard's contribution has that norm: directions are unit norm) over mean ``||y||`` (the
-    gradient as the SAE sees it, scaled and centred by ``b_pre``); averaged over features. 1 = the
-    shard reproduces the feature's gradient at full size, < 1 shrunk (or not firing), > 1 inflated.
-    """
-    sae.eval()
-    _, z, _, y = sae(data)
-    norm = torch.stack([v.reshape(len(z), -1).pow(2).sum(1) for v in y.values()]).sum(0).sqrt()
-    ratios = []
-    for c, b in enumerate(best):
-        rows = torch.from_numpy(feature == c)
-        if rows.any():
-            ratios.append(float(z[rows, b].abs().mean() / norm[rows].mean().clamp(min=1e-30)))
-    return float(np.mean(ratios)) if ratios else float("nan")
-
-
-def coefficient_r(recovered: np.ndarray, A: np.ndarray) -> float:
-    """Mean over rows i of Pearson r(recovered[i] * sign(sum recovered[i]), A[i])."""
-    rs = [np.corrcoef(r * (1.0 if r.sum() >= 0 else -1.0), a)[0, 1] for r, a in zip(recovered, A)]
-    return float(np.mean(rs))
 
 
 @dataclass(frozen=True)
@@ -391,26 +192,15 @@ class SAEFit:
     """TMS, only for the table's SAE: intervention curves [shard, delta, output]."""
 
 
-def fit_sae(
-    made: ToyCase, case: str, seed: int, activation: str, p: ToyParams, *, init_directions=None, single_feature=False
-) -> SAEFit:
-    """Train the SAE on a case's gradients (or, with ``single_feature``, on the single-feature
-    control's), started at ``init_directions`` when given (the truth-start control).
-
-    Only the table's SAE (neither control) also gets the gradient ML2R and, on TMS, the
-    intervention curves. Checkpoints go to ``out_dir/sae/<fingerprint of p>/``: a rerun with the
-    same parameters resumes, and one with other toy-model parameters never picks up an SAE of other data.
-    """
-    from .common import flatten
-    from .metrics import abs_cos
-    from .shards import ShardParams, train
+def sae_params(case: str, seed: int, activation: str, p: ToyParams, n_datapoints: int, tag: str = ""):
+    """The :class:`~shardlib.shards.ShardParams` of one toy SAE on ``n_datapoints`` gradients (``tag``: a
+    control's, in its folder name). Checkpoints go to ``out_dir/sae/<fingerprint of p>/``: a rerun with the
+    same parameters resumes, and one with other toy-model parameters never picks up an SAE of other data."""
+    from .shards import ShardParams
 
     n = CASES[case]["shape"][0]
-    data = made.data_single if single_feature else made.data
-    N = len(next(iter(data.values())))
-    epochs = max(1, math.ceil(p.sae_steps / math.ceil(N / p.batch_size)))
-    tag = ("truthinit_" if init_directions is not None else "") + ("data_single_" if single_feature else "")
-    sp = ShardParams.from_dict(
+    epochs = max(1, math.ceil(p.sae_steps / math.ceil(n_datapoints / p.batch_size)))
+    return ShardParams.from_dict(
         {
             "store_path": "toy",
             "out_dir": f"{p.out_dir}/sae/{p.fingerprint()[:12]}/{case}_{activation}_{tag}seed{seed}",
@@ -437,6 +227,25 @@ def fit_sae(
             "encoder_bias": True,
         }
     )
+
+
+def fit_sae(
+    made: ToyCase, case: str, seed: int, activation: str, p: ToyParams, *, init_directions=None, single_feature=False
+) -> SAEFit:
+    """Train the SAE on a case's gradients (or, with ``single_feature``, on the single-feature
+    control's), started at ``init_directions`` when given (the truth-start control).
+
+    Only the table's SAE (neither control) also gets the gradient ML2R and, on TMS, the
+    intervention curves. Checkpoints go where :func:`sae_params` puts them.
+    """
+    from .common import flatten
+    from .metrics import abs_cos
+    from .shards import train
+
+    data = made.data_single if single_feature else made.data
+    N = len(next(iter(data.values())))
+    tag = ("truthinit_" if init_directions is not None else "") + ("data_single_" if single_feature else "")
+    sp = sae_params(case, seed, activation, p, N, tag)
     sae = train(sp, progress=False, data=data, init_directions=init_directions).sae.cpu()
     dirs = sae.directions()
     slices = made.slices(dirs)
@@ -514,25 +323,6 @@ def model_metrics(made: ToyCase) -> dict:
         )
         out["own_output_share_truth"] = own_output_share(curves, np.arange(len(curves)))
     return out
-
-
-METRICS = {
-    "mmcs_columnwise": "MMCS per feature slice (TMS: W column c, the papers' column-wise; TMCS: W_in row i)",
-    "mmcs_whole": "MMCS of whole directions (every tensor) to the ground-truth circuits",
-    "ml2r_share": "share of the matched shard's norm on its feature's slice (not the papers' ML2R)",
-    "ml2r_gradient": "norm ratio at best match in gradient space: on gradients with only feature c active, mean |code| of c's matched shard over mean ||gradient|| (centred and scaled as the SAE sees it), mean over features",
-    "mmcs_truth_init": "per-feature MMCS of an SAE started at the ground-truth circuits",
-    "mmcs_single_feature": "per-feature MMCS of the signed SAE trained on gradients of samples with exactly one active feature",
-    "recon_error_single_feature": "reconstruction error of that SAE on those gradients",
-    "own_output_share": "TMS: share of the output change under W0 + delta * shard (delta in [-3, 3]) on the matched feature's own output",
-    "own_output_share_truth": "TMS: the same share for the ground-truth circuits W[:, c] e_c^T (unit norm)",
-    "recon_error": "batch-pooled reconstruction error sum||g - ghat||^2 / sum||g||^2 (as L3D)",
-    "l0": "active latents per gradient",
-    "dead_fraction": "fraction of latents that never fire",
-    "coef_r": "TMCS: Pearson r between matched shards' bias parts and A's rows (mean over inputs)",
-    "coef_r_model": "TMCS: the same r for the trained model's own outputs f(e_i) (the most a shard can recover)",
-    "n_datapoints": "gradients in the data (samples with an active feature)",
-}
 
 
 @contextlib.contextmanager
@@ -615,26 +405,6 @@ def results(p: ToyParams, progress: bool = True) -> xr.Dataset:
         for metric, (v, src) in PUBLISHED.get(case, {}).items():
             ds.attrs[f"published_{case}_{metric}"] = f"{v} ({src})"
     return ds
-
-
-INTERVENTION_DELTAS = np.linspace(-3, 3, 13)
-
-
-def intervention_curve(
-    model: TMS, direction: dict[str, torch.Tensor], deltas=INTERVENTION_DELTAS, n: int = 2048, seed: int = 0
-) -> np.ndarray:
-    """Mean |output change| per output feature under W0 + delta * shard: [len(deltas), n_features]."""
-    g = torch.Generator().manual_seed(seed)
-    x = sample_features(n, model.W.shape[1], 0.05, g)
-    base = model(x).detach()
-    out = []
-    for d in deltas:
-        m = TMS(model.W.shape[1], model.W.shape[0])
-        with torch.no_grad():
-            m.W.copy_(model.W + d * direction["W"] * model.W.norm())
-            m.b.copy_(model.b + d * direction["b"] * model.W.norm())
-            out.append((m(x) - base).abs().mean(0).numpy())
-    return np.array(out)
 
 
 def comparison_table(ds: xr.Dataset):

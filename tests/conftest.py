@@ -56,3 +56,20 @@ def tiny_instruct_dir(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("instruct")
     return str(convert_gguf(tiny_gguf_path(tmp), tmp / "policy"))
+
+
+@pytest.fixture
+def stage_folder():
+    """Makes a stage folder as the runner leaves it: its executed notebook (naming its Params class) and
+    results: ``stage_folder(folder, module, params, results=None)``."""
+    import json
+
+    def make(folder, module, params, results=None):
+        folder.mkdir(parents=True)
+        code = f"from {module} import {params}\np = {params}.from_namespace(globals())\n"
+        nb = {"cells": [{"cell_type": "code", "source": [code], "metadata": {}}]}
+        (folder / "notebook.ipynb").write_text(json.dumps(nb))
+        if results is not None:
+            (folder / "results.nc").write_bytes(results)
+
+    return make

@@ -1,6 +1,8 @@
 import pytest
 
-from shardlib.report import ReportError, results_markdown, stale_reading_numbers, update_readme
+from shardlib.report import stale_reading_numbers, update_readme
+from shardlib.report_default import results_markdown
+from shardlib.runs import ReportError
 
 
 def test_report_names_what_is_missing(tmp_path):
@@ -18,7 +20,9 @@ def test_wall_clock_numbers_are_left_out_of_the_check():
     import numpy as np
     import xarray as xr
 
-    from shardlib.report import WALL, _planted, _strip_wall
+    from shardlib.report import _strip_wall
+    from shardlib.report_default import _planted
+    from shardlib.runs import WALL
 
     def planted(seconds):
         one = ("rank", "seed")
@@ -40,26 +44,10 @@ def test_wall_clock_numbers_are_left_out_of_the_check():
     assert _strip_wall(a) == _strip_wall(b) and "attn_heavy" in _strip_wall(a)
 
 
-def test_collection_overhead_compares_collecting_steps_with_the_others():
-    import json
-
-    import numpy as np
-    import xarray as xr
-
-    from shardlib.report import collection_overhead
-
-    sec = np.array([9.0, 1.0, 1.0, 3.0, 1.0, 1.0, 3.0])  # every third step collects; step 0 is the warm-up
-    ds = xr.Dataset({"steps_per_s": ("step", 1 / sec)}, coords={"step": np.arange(7)})
-    ds.attrs["config"] = json.dumps({"collect_every": 3})
-    assert collection_overhead(ds) == 3.0
-    ds.attrs["config"] = json.dumps({"collect_every": 1})
-    assert np.isnan(collection_overhead(ds))
-
-
-def test_a_smollm_run_fills_its_own_readme_block(tmp_path, monkeypatch):
+def test_a_smollm_run_fills_its_own_readme_block(tmp_path, monkeypatch, stage_folder):
     from shardlib import report
 
-    _stage(tmp_path / "run" / "model", "shardlib.instruct", "InstructParams", b"")
+    stage_folder(tmp_path / "run" / "model", "shardlib.instruct", "InstructParams", b"")
     readme = tmp_path / "README.md"
     readme.write_text(
         f"a\n{report.BEGIN}\nold default\n{report.END}\n{report.SMOLLM_BEGIN}\nold\n{report.SMOLLM_END}\n"
@@ -68,42 +56,6 @@ def test_a_smollm_run_fills_its_own_readme_block(tmp_path, monkeypatch):
     assert not report.update_readme(tmp_path / "run", readme)
     text = readme.read_text()
     assert "old default" in text and "new smollm" in text and "\nold\n" not in text
-
-
-def _stage(folder, module, params, results=None):
-    """A stage folder as the runner leaves it: its executed notebook (naming its Params class) and results."""
-    import json
-
-    folder.mkdir(parents=True)
-    code = f"from {module} import {params}\np = {params}.from_namespace(globals())\n"
-    nb = {"cells": [{"cell_type": "code", "source": [code], "metadata": {}}]}
-    (folder / "notebook.ipynb").write_text(json.dumps(nb))
-    if results is not None:
-        (folder / "results.nc").write_bytes(results)
-
-
-def test_stages_are_found_by_kind_whatever_their_folder_names(tmp_path):
-    """A stage's kind comes from its notebook's Params class, or else from the parameters its results record."""
-    import xarray as xr
-
-    from shardlib.io import save_results
-    from shardlib.report import is_smollm_run, run_stages
-
-    _stage(tmp_path / "my_grpo", "shardlib.rl", "RLParams", b"")
-    _stage(tmp_path / "zz_model", "shardlib.instruct", "InstructParams", b"")
-    _stage(tmp_path / "no_results", "shardlib.rl", "RLParams")  # not run yet: not a stage with results
-    (tmp_path / "launched").mkdir()  # run by shardlib.launch: results only
-    save_results(xr.Dataset(), tmp_path / "launched" / "results.nc", {"sweep_dirs": ["x"], "sweep_names": ["a"]})
-    (tmp_path / "other").mkdir()  # parameters no Params class holds
-    save_results(xr.Dataset(), tmp_path / "other" / "results.nc", {"nothing_like_it": 1})
-    assert run_stages(tmp_path) == {"zz_model": "model", "my_grpo": "rl", "launched": "frontier"}
-    assert is_smollm_run(tmp_path) and not is_smollm_run(tmp_path / "my_grpo")
-
-
-def test_markdown_table():
-    from shardlib.report import markdown_table
-
-    assert markdown_table(["a", "b"], [["1", 2]]) == "| a | b |\n| --- | --- |\n| 1 | 2 |"
 
 
 def test_check_fails_on_a_number_the_results_do_not_print():

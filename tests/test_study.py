@@ -9,7 +9,8 @@ import pytest
 
 from shardlib import runner
 from shardlib.io import load_results
-from shardlib.report import BEGIN, END, report_html, results_markdown, update_readme
+from shardlib.report import BEGIN, END, report_html, update_readme
+from shardlib.report_default import results_markdown
 from shardlib.runconfig import load_config
 from shardlib.runner import plan
 

@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+import torch
+
+from shardlib import alignment
+
+
+def test_alignment_separates_structure_from_baselines():
+    rng = np.random.default_rng(1)
+    T, D = 3, 40
+    means = rng.normal(size=(T, D))
+    types = rng.integers(0, T, 900)
+    updates = means[types] + 0.05 * rng.normal(size=(900, D))
+    codes = np.eye(T)[types] * 2.0
+    dirs = means / np.linalg.norm(means, axis=1, keepdims=True)
+    rand = [rng.normal(size=(T, D)) for _ in range(5)]
+    a = alignment.alignment(codes, types, updates, dirs, rand, k=1)
+    assert (
+        a["purity"] == 1.0 and a["auroc"] == 1.0 and a["nmi"] == pytest.approx(1.0) and a["ari"] == pytest.approx(1.0)
+    )
+    assert a["type_match"] > 0.99 and a["types_matched"] == a["n_types"] == 3
+    assert a["auroc_shuffled"] < 0.6 and abs(a["ari_shuffled"]) < 0.02 and a["nmi_shuffled"] < 0.02
+    assert a["type_match_random"] < 0.6 and a["types_matched_random"] == 0 and a["purity_shuffled"] < 0.5
+    assert a["ari_random"] < a["ari"]  # random projections find some of the clusters the data has, not all
+    assert a["ari_random_std"] > 0  # five random dictionaries: a spread, not one draw
+    # well-separated clusters, one computation per event: the fitted baselines find them as well as the SAE
+    assert a["types_matched_oracle"] == 3 and a["type_match_oracle"] == pytest.approx(1.0)
+    assert a["nmi_kmeans"] > 0.95 and a["types_matched_kmeans"] == 3
+    assert a["types_matched_events"] <= 3 and 0 <= a["nmi_pca"] <= 1
+
+
+def test_random_dictionary_has_the_sae_structure():
+    d = alignment.random_dictionary({"w": (6, 5), "b": (6,)}, 4, rank=1)
+    norm = torch.sqrt((d["w"] ** 2).sum((1, 2)) + (d["b"] ** 2).sum(1))
+    assert torch.allclose(norm, torch.ones(4))
+    assert all(torch.linalg.matrix_rank(d["w"][i]) == 1 for i in range(4))
