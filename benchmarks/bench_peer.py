@@ -251,6 +251,7 @@ def sparsify_fit(store, seed, epochs, lr, n_latents, k, extras=False, threshold=
 
 
 DEFAULT_LR = {"shardlib": lambda F: SHARDLIB_LR, "sparsify": sparsify_default_lr}
+LIBS = ("shardlib", "sparsify")
 
 
 def fit(lib, store, seed, epochs, lr, F, k, rank, tmp, ablate=False):
@@ -289,6 +290,54 @@ GIVEN = {
 
 
 def main(argv=None):
+    args = parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
+    torch.set_num_threads(args.threads)
+    if args.timing_only:
+        add_timing(args)
+        return
+    ablation_budgets = args.budgets[:1] if args.ablation_budgets is None else args.ablation_budgets
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    result = settings(args, ablation_budgets)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(result, out, t_start, cpu_start, tmp)
+        # 1. pilot: where each library's rate lies, by held-out FVU, on a data seed of its own
+        center = pilot(bench, args)
+        result["pilot_choice"] = center
+        # 2. the grid, every point at the selection seeds and every budget
+        bench.stores = {seed: make_store(args.member, args.d_model, args.events, seed) for seed in args.seeds}
+        select, rest = args.seeds[: args.select_seeds], args.seeds[args.select_seeds :]
+        for seed in select:
+            for epochs in args.budgets:
+                for lib in LIBS:
+                    for g in args.grid:
+                        bench.fit_row("own", seed, epochs, lib, center[lib] * g)
+        # 3. the rate of lowest mean held-out FVU over the selection seeds, per library and budget
+        chosen = choose_rates(result["rows"], args.budgets)
+        result["chosen_mult"] = chosen
+        #    and the other seeds at the chosen rate
+        for seed in rest:
+            for epochs in args.budgets:
+                for lib in LIBS:
+                    bench.fit_row("own", seed, epochs, lib, chosen[f"{lib} | {epochs}"])
+        # 4. the recipe ablation at the chosen rate
+        for seed in args.seeds:
+            for epochs in ablation_budgets:
+                for lib in LIBS:
+                    bench.fit_row("ablation", seed, epochs, lib, chosen[f"{lib} | {epochs}"])
+        # 5. time per step, the four recipes interleaved
+        measure_timing(result, bench.stores[args.seeds[0]], args.seeds[0], args.timing_rounds, tmp)
+    result["summary"] = summary(result)
+    bench.save()
+    print(markdown(result))
+    print(f"wall time {result['wall_seconds']:.0f} s, CPU time {result['cpu_seconds']:.0f} s")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--member", default="attn_heavy", choices=list(FAMILY))
     ap.add_argument("--d-model", type=int, default=16, help="width of the tiny Llama the shards live in (family: 64)")
@@ -305,29 +354,28 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_peer.json"))
     ap.add_argument("--table", action="store_true", help="print the markdown tables of --out's results; no training")
-    args = ap.parse_args(argv)
-    if args.table:
-        print(markdown(json.loads(Path(args.out).read_text())))
-        return
-    torch.set_num_threads(args.threads)
-    if args.timing_only:  # add the interleaved time per step to an existing results file
-        result = json.loads(Path(args.out).read_text())
-        seed = result["seeds"][0]
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            store = make_store(result["member"], result["d_model"], result["events"], seed)
-            measure_timing(result, store, seed, args.timing_rounds, tmp)
-        result["timing_wall_seconds"] = time.perf_counter() - t0
-        result["timing_load_average_end"] = os.getloadavg()
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        print(markdown(result))
-        return
-    ablation_budgets = args.budgets[:1] if args.ablation_budgets is None else args.ablation_budgets
+    return ap.parse_args(argv)
+
+
+def add_timing(args) -> None:
+    """``--timing-only``: add the interleaved time per step to an existing results file."""
+    result = json.loads(Path(args.out).read_text())
+    seed = result["seeds"][0]
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = make_store(result["member"], result["d_model"], result["events"], seed)
+        measure_timing(result, store, seed, args.timing_rounds, tmp)
+    result["timing_wall_seconds"] = time.perf_counter() - t0
+    result["timing_load_average_end"] = os.getloadavg()
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+
+
+def settings(args, ablation_budgets: list[int]) -> dict:
+    """The results file's start: the machine, the versions and what the run was given; no fits yet."""
     m = FAMILY[args.member]
-    F, k, rank = 2 * m["n_shards"], m["active"], m["rank"]
-    libs = ["shardlib", "sparsify"]
-    t_start, cpu_start = time.perf_counter(), time.process_time()
-    result = {
+    F = 2 * m["n_shards"]
+    return {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)",
         "torch": torch.__version__,
         "load_average_start": os.getloadavg(),
@@ -338,8 +386,8 @@ def main(argv=None):
         "holdout_frac": HOLDOUT,
         "batch_size": BATCH,
         "n_latents": F,
-        "k": k,
-        "shardlib_rank": rank,
+        "k": m["active"],
+        "shardlib_rank": m["rank"],
         "budgets_epochs": args.budgets,
         "ablation_budgets_epochs": ablation_budgets,
         "seeds": args.seeds,
@@ -347,89 +395,73 @@ def main(argv=None):
         "pilot_seed": args.pilot_seed,
         "pilot_mult": args.pilot_mult,
         "grid_mult": args.grid,
-        "default_lr": {lib: DEFAULT_LR[lib](F) for lib in libs},
+        "default_lr": {lib: DEFAULT_LR[lib](F) for lib in LIBS},
         "given": GIVEN,
         "pilot": [],
         "rows": [],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save():
-        result["wall_seconds"] = time.perf_counter() - t_start
-        result["cpu_seconds"] = time.process_time() - cpu_start
-        result["load_average_end"] = os.getloadavg()  # the machine is shared: ms / step depends on it
-        out.write_text(json.dumps(result, indent=1))
 
-    def log(row):
+class Bench:
+    """One run: the fits' shared settings and data stores, and the results file, written after every fit."""
+
+    def __init__(self, result: dict, out: Path, t_start: float, cpu_start: float, tmp: str):
+        self.result, self.out, self.t_start, self.cpu_start, self.tmp = result, out, t_start, cpu_start, tmp
+        self.F, self.k, self.rank = result["n_latents"], result["k"], result["shardlib_rank"]
+        self.stores: dict[int, tuple] = {}
+
+    def save(self) -> None:
+        self.result["wall_seconds"] = time.perf_counter() - self.t_start
+        self.result["cpu_seconds"] = time.process_time() - self.cpu_start
+        self.result["load_average_end"] = os.getloadavg()  # the machine is shared: ms / step depends on it
+        self.out.write_text(json.dumps(self.result, indent=1))
+
+    def add(self, key: str, row: dict) -> None:
+        """Keep a finished fit's ``row`` under ``result[key]``, print it and save."""
+        self.result[key].append(row)
         shown = {k_: round(v, 4) if isinstance(v, float) else v for k_, v in row.items()}
         print(json.dumps(shown), flush=True)
+        self.save()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        # 1. pilot: where each library's rate lies, by held-out FVU, on a data seed of its own
-        store = make_store(args.member, args.d_model, args.events, args.pilot_seed)
-        for lib in libs:
-            for mult in args.pilot_mult:
-                lr = mult * DEFAULT_LR[lib](F)
-                row = {"lib": lib, "mult": mult, "lr": lr, "epochs": args.budgets[0]}
-                row.update(fit(lib, store, args.pilot_seed, args.budgets[0], lr, F, k, rank, tmp))
-                result["pilot"].append(row)
-                log(row)
-                save()
-        center = {}
-        for lib in libs:
-            pil = [r for r in result["pilot"] if r["lib"] == lib]
-            center[lib] = min(pil, key=lambda r: r["fvu"])["mult"]
-        result["pilot_choice"] = center
-        # 2. the grid, every point at the selection seeds and every budget
-        stores = {seed: make_store(args.member, args.d_model, args.events, seed) for seed in args.seeds}
-        select, rest = args.seeds[: args.select_seeds], args.seeds[args.select_seeds :]
+    def fit(self, lib, store, seed, epochs, lr, ablate=False) -> dict:
+        return fit(lib, store, seed, epochs, lr, self.F, self.k, self.rank, self.tmp, ablate)
 
-        def own(seed, epochs, lib, mult):
-            lr = mult * DEFAULT_LR[lib](F)
-            row = {"lib": lib, "recipe": "own", "epochs": epochs, "seed": seed, "mult": mult, "lr": lr}
-            row.update(fit(lib, stores[seed], seed, epochs, lr, F, k, rank, tmp))
-            result["rows"].append(row)
-            log(row)
-            save()
+    def fit_row(self, recipe: str, seed: int, epochs: int, lib: str, mult: float) -> None:
+        """Fit ``lib``'s ``recipe`` ("own" or "ablation") at ``mult`` times its default rate on seed ``seed``."""
+        lr = mult * DEFAULT_LR[lib](self.F)
+        row = {"lib": lib, "recipe": recipe, "epochs": epochs, "seed": seed, "mult": mult, "lr": lr}
+        row.update(self.fit(lib, self.stores[seed], seed, epochs, lr, ablate=recipe == "ablation"))
+        self.add("rows", row)
 
-        for seed in select:
-            for epochs in args.budgets:
-                for lib in libs:
-                    for g in args.grid:
-                        own(seed, epochs, lib, center[lib] * g)
-        # 3. the rate of lowest mean held-out FVU over the selection seeds, per library and budget
-        chosen = {}
-        for lib in libs:
-            for epochs in args.budgets:
-                by = {}
-                for r in result["rows"]:
-                    if r["lib"] == lib and r["epochs"] == epochs:
-                        by.setdefault(r["mult"], []).append(r["fvu"])
-                chosen[f"{lib} | {epochs}"] = min(by, key=lambda mu: np.mean(by[mu]))
-        result["chosen_mult"] = chosen
-        #    and the other seeds at the chosen rate
-        for seed in rest:
-            for epochs in args.budgets:
-                for lib in libs:
-                    own(seed, epochs, lib, chosen[f"{lib} | {epochs}"])
-        # 4. the recipe ablation at the chosen rate
-        for seed in args.seeds:
-            for epochs in ablation_budgets:
-                for lib in libs:
-                    mult = chosen[f"{lib} | {epochs}"]
-                    lr = mult * DEFAULT_LR[lib](F)
-                    row = {"lib": lib, "recipe": "ablation", "epochs": epochs, "seed": seed, "mult": mult, "lr": lr}
-                    row.update(fit(lib, stores[seed], seed, epochs, lr, F, k, rank, tmp, ablate=True))
-                    result["rows"].append(row)
-                    log(row)
-                    save()
-        # 5. time per step, the four recipes interleaved
-        measure_timing(result, stores[args.seeds[0]], args.seeds[0], args.timing_rounds, tmp)
-    result["summary"] = summary(result)
-    save()
-    print(markdown(result))
-    print(f"wall time {result['wall_seconds']:.0f} s, CPU time {result['cpu_seconds']:.0f} s")
+
+def pilot(bench: Bench, args) -> dict[str, float]:
+    """Each library at every ``--pilot-mult`` times its default rate on the pilot seed, at the first budget; the
+    multiplier of lowest held-out FVU per library."""
+    store = make_store(args.member, args.d_model, args.events, args.pilot_seed)
+    for lib in LIBS:
+        for mult in args.pilot_mult:
+            lr = mult * DEFAULT_LR[lib](bench.F)
+            row = {"lib": lib, "mult": mult, "lr": lr, "epochs": args.budgets[0]}
+            row.update(bench.fit(lib, store, args.pilot_seed, args.budgets[0], lr))
+            bench.add("pilot", row)
+    center = {}
+    for lib in LIBS:
+        pil = [r for r in bench.result["pilot"] if r["lib"] == lib]
+        center[lib] = min(pil, key=lambda r: r["fvu"])["mult"]
+    return center
+
+
+def choose_rates(rows: list[dict], budgets: list[int]) -> dict[str, float]:
+    """Per ``"<library> | <budget>"``: the multiplier of lowest mean held-out FVU among ``rows``."""
+    chosen = {}
+    for lib in LIBS:
+        for epochs in budgets:
+            by = {}
+            for r in rows:
+                if r["lib"] == lib and r["epochs"] == epochs:
+                    by.setdefault(r["mult"], []).append(r["fvu"])
+            chosen[f"{lib} | {epochs}"] = min(by, key=lambda mu: np.mean(by[mu]))
+    return chosen
 
 
 def measure_timing(result: dict, store, seed: int, rounds: int, tmp: str) -> None:

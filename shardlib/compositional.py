@@ -195,17 +195,54 @@ def store_truth(store: xr.Dataset) -> tuple[np.ndarray, list[str]]:
 def run(p: CompositionalParams, progress: bool = False) -> xr.Dataset:
     """The stage: for every SAE seed, train the SAE and fit every baseline on that seed's training events, score
     them on its held-out events; write ``results.nc``."""
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
-
-    from .analysis import random_dictionary
-    from .common import flatten
-    from .factored import take
-    from .sae import shapes_of
-    from .shards import ShardParams, encode_all, evaluate, load_updates, train
-
     out = Path(p.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ev = load_events(p)
+    k = p.k or ev.n_heads
+    means = computation_means(ev.X, ev.truth, ev.sign)  # the reference for type-mean matches (all events)
+    rows, rand_rows = [], []
+    tmp = tempfile.mkdtemp(prefix="sae_", dir=out)  # the SAEs' checkpoints: removed at the end, never resumed
+    for s in p.sae_seeds:
+        shutil.rmtree(tmp)
+        row, rand = score_seed(p, ev, s, k, means, tmp, progress)
+        rows.append(row)
+        rand_rows.append(rand)
+    shutil.rmtree(tmp)
+    ds = results_dataset(p, ev, k, means, rows, rand_rows)
+    save_results(ds, out / "results.nc", p.to_dict(), p.seed)
+    return ds
+
+
+@dataclass
+class Events:
+    """The stage's events (the nonzero ones, or ``max_events`` of them): what :func:`load_events` returns."""
+
+    data: dict
+    """The updates, ``{param: [event, *shape]}``, as the SAE trains on them."""
+    store: xr.Dataset
+    """The store's labels for the same events."""
+    X: np.ndarray
+    """The updates flattened, float64 [N, D]: every baseline's input."""
+    truth: np.ndarray
+    """True sets of computations [N, C] (:func:`store_truth`)."""
+    computations: list[str]
+    """The computations' names (``"h0 c2 arm1"``), one per column of ``truth``."""
+    sign: np.ndarray
+    """The advantage's sign [N]."""
+    n_heads: int
+    """Computations per event (the bandit's heads)."""
+    n_nonzero: int
+    """Nonzero events in the store (before ``max_events``)."""
+    n_zero: int
+    """Events left out: their update is exactly zero."""
+
+
+def load_events(p: CompositionalParams) -> Events:
+    """The store's nonzero events (unit-normalised with ``normalize``), ``max_events`` of them drawn at random."""
+    from .common import flatten
+    from .factored import take
+    from .shards import load_updates
+
     data, store = load_updates(p.store_path, skip_zero=True, normalize=p.normalize)
     n_zero = int(store.attrs.get("n_zero_skipped", 0))
     truth, comp_names = store_truth(store)
@@ -215,99 +252,120 @@ def run(p: CompositionalParams, progress: bool = False) -> xr.Dataset:
         keep = np.sort(np.random.default_rng(p.seed).choice(store.sizes["event"], p.max_events, replace=False))
         data = {k: take(v, keep) for k, v in data.items()}
         store, truth = store.isel(event=keep), truth[keep]
-    names = list(data)
-    X = flatten(data, names).astype(np.float64)
+    X = flatten(data, list(data)).astype(np.float64)
     sign = np.sign(store["advantage"].values)
-    k = p.k or n_heads
-    means = computation_means(X, truth, sign)  # the reference for type-mean matches (all events)
-    present = np.linalg.norm(means, axis=1) > 0
-    rows, rand_rows = [], []
-    tmp = tempfile.mkdtemp(prefix="sae_", dir=out)  # the SAEs' checkpoints: removed at the end, never resumed
-    for s in p.sae_seeds:
-        shutil.rmtree(tmp)
-        sp = ShardParams.from_dict(
-            dict(
-                out_dir=tmp,
-                store_path=p.store_path,
-                seed=s,
-                n_latents=p.n_latents,
-                k=k,
-                rank=p.rank,
-                signed=p.signed,
-                epochs=p.epochs,
-                batch_size=p.batch_size,
-                normalize=p.normalize,
-                holdout_frac=p.holdout_frac,
-                device=p.device,
-            )
+    return Events(data, store, X, truth, comp_names, sign, n_heads, n_nonzero, n_zero)
+
+
+def score_seed(p: CompositionalParams, ev: Events, seed: int, k: int, means: np.ndarray, tmp: str, progress=False):
+    """One SAE seed: the SAE, k-means, PCA and the oracle fitted on the seed's training events, every method's
+    scores on its held-out events, keyed ``(method, score)`` (``random``: the mean over ``n_random``
+    dictionaries), and ``fvu``; beside the row, each random dictionary's F1."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    tr, ho, z, fvu, sae_dirs = train_sae(p, ev, seed, k, tmp, progress)
+    X, truth, F = ev.X, ev.truth, p.n_latents
+    Xc = X - X[tr].mean(0)
+    km = KMeans(n_clusters=min(F, len(tr)), n_init=3, random_state=seed).fit(Xc[tr])
+    one_hot = np.eye(km.n_clusters, dtype=bool)[km.predict(Xc)]
+    pca = PCA(n_components=min(F, len(tr), X.shape[1]), random_state=seed).fit(X[tr]).components_
+    oracle = computation_means(X[tr], truth[tr], ev.sign[tr])
+    oracle = oracle[np.linalg.norm(oracle, axis=1) > 0]
+    dicts = {"kmeans_dict": km.cluster_centers_, "pca": pca, "oracle": oracle}
+    units = {
+        "sae": code_units(z, p.signed),
+        "kmeans": one_hot,
+        **{m: topk_units(Xc, D, k, p.signed) for m, D in dicts.items()},
+    }
+    directions = {"sae": sae_dirs, "kmeans": km.cluster_centers_, **dicts}
+    row = {}
+    for m, U in units.items():
+        row.update({(m, key): v for key, v in method_scores(p, U, directions[m], truth, tr, ho, means).items()})
+    rand = random_scores(p, ev, Xc, seed, k, tr, ho, means)
+    for key in rand[0]:
+        row[("random", key)] = float(np.mean([r[key] for r in rand]))
+    row["fvu"] = float(fvu)
+    return row, [r["f1"] for r in rand]
+
+
+def train_sae(p: CompositionalParams, ev: Events, seed: int, k: int, tmp: str, progress: bool = False):
+    """The shard SAE of one seed on its training events (checkpoints in ``tmp``): (training indices, held-out
+    indices, codes of every event [N, F], held-out FVU, the latents' directions flattened [F, D])."""
+    from .common import flatten
+    from .shards import ShardParams, encode_all, evaluate, train
+
+    sp = ShardParams.from_dict(
+        dict(
+            out_dir=tmp,
+            store_path=p.store_path,
+            seed=seed,
+            n_latents=p.n_latents,
+            k=k,
+            rank=p.rank,
+            signed=p.signed,
+            epochs=p.epochs,
+            batch_size=p.batch_size,
+            normalize=p.normalize,
+            holdout_frac=p.holdout_frac,
+            device=p.device,
         )
-        res = train(sp, progress=progress, data=data)
-        tr, ho = res.train_idx, res.heldout_idx
-        z = encode_all(res.sae, data, device=res.accelerator.device)[2].cpu().numpy()
-        fvu = evaluate(res.sae, data, ho, device=res.accelerator.device).get("fvu", float("nan"))
-        sae_dirs = flatten({n: v.detach().cpu() for n, v in res.sae.directions().items()}, names)
+    )
+    res = train(sp, progress=progress, data=ev.data)
+    z = encode_all(res.sae, ev.data, device=res.accelerator.device)[2].cpu().numpy()
+    fvu = evaluate(res.sae, ev.data, res.heldout_idx, device=res.accelerator.device).get("fvu", float("nan"))
+    directions = flatten({n: v.detach().cpu() for n, v in res.sae.directions().items()}, list(ev.data))
+    return res.train_idx, res.heldout_idx, z, fvu, directions
 
-        mu = X[tr].mean(0)
-        Xc = X - mu
-        F = p.n_latents
-        km = KMeans(n_clusters=min(F, len(tr)), n_init=3, random_state=s).fit(Xc[tr])
-        one_hot = np.eye(km.n_clusters, dtype=bool)[km.predict(Xc)]
-        pca = PCA(n_components=min(F, len(tr), X.shape[1]), random_state=s).fit(X[tr]).components_
-        oracle = computation_means(X[tr], truth[tr], sign[tr])
-        oracle = oracle[np.linalg.norm(oracle, axis=1) > 0]
-        dicts = {"kmeans_dict": km.cluster_centers_, "pca": pca, "oracle": oracle}
-        units = {
-            "sae": code_units(z, p.signed),
-            "kmeans": one_hot,
-            **{m: topk_units(Xc, D, k, p.signed) for m, D in dicts.items()},
-        }
-        directions = {"sae": sae_dirs, "kmeans": km.cluster_centers_, **dicts}
-        row = {}
-        for m, U in units.items():
-            sc = score_units(U, truth, tr, ho, p.label_threshold)
-            row.update({(m, key): v for key, v in sc.items()})
-            row[(m, "types_matched")] = types_matched(means, directions[m], p.match_threshold)
-            row[(m, "l0")] = float(U[ho].sum(1).mean())
-        shapes = shapes_of(data)
-        rand = []
-        for j in range(p.n_random):
-            R = flatten(random_dictionary(shapes, F, p.rank, 1000 * s + 7 + j), names)
-            U = topk_units(Xc, R, k, p.signed)
-            sc = score_units(U, truth, tr, ho, p.label_threshold)
-            sc["types_matched"] = types_matched(means, R, p.match_threshold)
-            sc["l0"] = float(U[ho].sum(1).mean())
-            rand.append(sc)
-        for key in rand[0]:
-            row[("random", key)] = float(np.mean([r[key] for r in rand]))
-        rand_rows.append([r["f1"] for r in rand])
-        row["fvu"] = float(fvu)
-        rows.append(row)
-    shutil.rmtree(tmp)
 
+def method_scores(p: CompositionalParams, units, directions, truth, tr, ho, means) -> dict[str, float]:
+    """A method's scores: held-out multi-label F1, precision and recall of its ``units``, the computation means
+    its ``directions`` match, its mean number of active units on held-out events."""
+    sc = score_units(units, truth, tr, ho, p.label_threshold)
+    sc["types_matched"] = types_matched(means, directions, p.match_threshold)
+    sc["l0"] = float(units[ho].sum(1).mean())
+    return sc
+
+
+def random_scores(p: CompositionalParams, ev: Events, Xc, seed: int, k: int, tr, ho, means) -> list[dict]:
+    """:func:`method_scores` of ``n_random`` random dictionaries with the SAE's structure (chance)."""
+    from .analysis import random_dictionary
+    from .common import flatten
+    from .sae import shapes_of
+
+    names, shapes = list(ev.data), shapes_of(ev.data)
+    rand = []
+    for j in range(p.n_random):
+        R = flatten(random_dictionary(shapes, p.n_latents, p.rank, 1000 * seed + 7 + j), names)
+        rand.append(method_scores(p, topk_units(Xc, R, k, p.signed), R, ev.truth, tr, ho, means))
+    return rand
+
+
+def results_dataset(p: CompositionalParams, ev: Events, k: int, means, rows: list[dict], rand_rows) -> xr.Dataset:
+    """``results.nc``: every score per SAE seed and method, the random dictionaries' F1, the counts."""
     scores = ("f1", "precision", "recall", "types_matched", "l0")
     ds = xr.Dataset(
         {
             **{key: (("sae_seed", "approach"), [[r[(m, key)] for m in METHODS] for r in rows]) for key in scores},
             "f1_random": (("sae_seed", "random_seed"), rand_rows),
             "sae_heldout_fvu": ("sae_seed", [r["fvu"] for r in rows]),
-            "n_events": store.sizes["event"],
-            "n_nonzero_events": n_nonzero,
-            "n_zero_events": n_zero,
-            "n_heads": n_heads,
+            "n_events": ev.store.sizes["event"],
+            "n_nonzero_events": ev.n_nonzero,
+            "n_zero_events": ev.n_zero,
+            "n_heads": ev.n_heads,
             "k": k,
-            "n_computations": int(present.sum()),
-            "computation_events": ("computation", truth.sum(0)),
+            "n_computations": int((np.linalg.norm(means, axis=1) > 0).sum()),
+            "computation_events": ("computation", ev.truth.sum(0)),
         },
         coords={
             "sae_seed": list(p.sae_seeds),
             "approach": list(METHODS),
             "random_seed": np.arange(p.n_random),
-            "computation": comp_names,
+            "computation": ev.computations,
         },
     )
     ds["f1"].attrs["long_name"] = "held-out per-event multi-label micro-F1 (predicted vs true sets of computations)"
     ds["types_matched"].attrs["long_name"] = f"computation means with a direction at |cos| > {p.match_threshold}"
     ds["n_zero_events"].attrs["long_name"] = "events left out: their update is exactly zero (zero advantage)"
     ds["n_events"].attrs["long_name"] = "events scored: the nonzero events, or max_events of them drawn at random"
-    save_results(ds, out / "results.nc", p.to_dict(), p.seed)
     return ds

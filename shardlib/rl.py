@@ -41,7 +41,7 @@ from .common import make_accelerator, progress_bar, step_generator
 from .io import OPTIMIZER_FILE, CheckpointError, load_optimizer, read_checkpoint, write_checkpoint
 from .ring import RingBuffer
 from .rl_params import RLParams
-from .store import UpdateStore
+from .store import open_update_stores
 from .tasks import ContextualBandit, SyntheticTasks, TextTasks
 
 
@@ -320,26 +320,20 @@ def make_collector(p: RLParams, acc, base, optimizer, testbed, start: int, ckpt:
     if acc.is_main_process:
         log("collecting updates of:\n" + selection_summary(sel))
     attrs = {"task_names": json.dumps(list(testbed.task_names)), "testbed": p.testbed, "algorithm": p.algorithm}
-
-    def store(kind: str) -> UpdateStore | None:
-        wanted = p.collect_events if kind == "event" else p.collect_steps
-        if not (wanted and acc.is_main_process):
-            return None
-        convention = p.convention if kind == "event" else "step"
-        s = UpdateStore(
-            Path(p.out_dir) / "updates" / f"{kind}s",
-            kind,
-            convention,
-            p.fingerprint(),
-            p.store_dtype,
-            p.to_dict(),
-            p.seed,
-            attrs,
-        )
-        s.truncate_from(start * p.inner_epochs)
-        return s
-
-    estore, sstore = store("event"), store("step")
+    estore, sstore = open_update_stores(
+        Path(p.out_dir) / "updates",
+        events=p.collect_events and acc.is_main_process,
+        steps=p.collect_steps and acc.is_main_process,
+        convention=p.convention,
+        fingerprint=p.fingerprint(),
+        dtype=p.store_dtype,
+        config=p.to_dict(),
+        seed=p.seed,
+        attrs=attrs,
+    )
+    for s in (estore, sstore):
+        if s is not None:
+            s.truncate_from(start * p.inner_epochs)
     buffer = None
     if p.buffer_capacity:
         factored = [n for n, t in sel.items() if p.collect_factored and t.ndim == 2]

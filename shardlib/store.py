@@ -220,6 +220,30 @@ class UpdateStore:
         return sum(f.stat().st_size for f in self.chunks())
 
 
+def open_update_stores(
+    folder,
+    *,
+    events: bool,
+    steps: bool,
+    convention: str,
+    fingerprint: str,
+    dtype: str = "float32",
+    config=None,
+    seed=None,
+    attrs=None,
+) -> tuple[UpdateStore | None, UpdateStore | None]:
+    """A run's pair of update stores under ``folder``: (the event store ``events/`` in ``convention``, the step
+    store ``steps/``), each None when not wanted. Both carry the run's ``fingerprint``, ``config``, ``seed`` and
+    ``attrs``; an existing store of the same run is reopened as it is (truncate it to resume)."""
+    folder = Path(folder)
+    event_store = step_store = None
+    if events:
+        event_store = UpdateStore(folder / "events", "event", convention, fingerprint, dtype, config, seed, attrs)
+    if steps:
+        step_store = UpdateStore(folder / "steps", "step", "step", fingerprint, dtype, config, seed, attrs)
+    return event_store, step_store
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

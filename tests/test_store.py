@@ -9,7 +9,7 @@ import torch
 import xarray as xr
 
 from shardlib.factored import Factored, densify
-from shardlib.store import StoreError, UpdateStore, open_store, update_norms
+from shardlib.store import StoreError, UpdateStore, open_store, open_update_stores, update_norms
 
 
 def _write(ds, path):
@@ -115,6 +115,25 @@ def test_another_runs_store_is_never_overwritten(tmp_path):
     (tmp_path / "other" / "precious.txt").write_text("x")
     with pytest.raises(StoreError, match="not empty"):
         UpdateStore(tmp_path / "other", "event", "sgd", "run-a")
+
+
+def test_open_update_stores_makes_a_runs_event_and_step_stores(tmp_path):
+    pair = dict(convention="adam", fingerprint="run-a", config={"lr": 0.1}, seed=3, attrs={"testbed": "bandit"})
+    events, steps = open_update_stores(tmp_path / "updates", events=True, steps=True, **pair)
+    assert (events.path, events.kind, events.convention) == (tmp_path / "updates" / "events", "event", "adam")
+    assert (steps.path, steps.kind, steps.convention) == (tmp_path / "updates" / "steps", "step", "step")
+    events.append({"w": torch.ones(2, 3)}, {"step": np.array([0, 0])}, 0)
+    steps.append({"w": torch.ones(1, 3)}, {"step": np.array([0])}, 0)
+    events.flush(), steps.flush()
+    for kind, n in (("events", 2), ("steps", 1)):
+        ds = open_store(tmp_path / "updates" / kind)
+        assert ds.sizes["event"] == n and ds.attrs["fingerprint"] == "run-a" and ds.attrs["testbed"] == "bandit"
+        assert json.loads(ds.attrs["config"]) == {"lr": 0.1} and ds.attrs["seed"] == 3
+    assert open_update_stores(tmp_path / "updates", events=False, steps=False, **pair) == (None, None)
+    events, steps = open_update_stores(tmp_path / "only", events=False, steps=True, **pair)
+    assert events is None and steps.kind == "step" and not (tmp_path / "only" / "events").exists()
+    with pytest.raises(StoreError, match="another run"):  # reopened: the stores keep their run
+        open_update_stores(tmp_path / "updates", events=True, steps=True, **{**pair, "fingerprint": "run-b"})
 
 
 def three_chunk_store(path, fingerprint="run-a", scale=1.0):

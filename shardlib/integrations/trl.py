@@ -65,7 +65,7 @@ from ..collector import (
     param_owners,
     select_params,
 )
-from ..store import UpdateStore
+from ..store import open_update_stores
 
 SUPPORTED_TRL = ("1.16",)
 """trl release series whose GRPOTrainer internals this module was written and tested against."""
@@ -147,6 +147,68 @@ def _lm_head_params(model) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
+def _check_trainer(trainer, trl_version: str) -> None:
+    """``trainer`` is a GRPOTrainer not collected from yet, with every method :class:`TRLCollection` wraps."""
+    from trl import GRPOTrainer
+
+    if not isinstance(trainer, GRPOTrainer):
+        raise TypeError(f"collect_updates attaches to a trl.GRPOTrainer; got a {type(trainer).__name__}")
+    if getattr(trainer, "_shardlib_collection", None) is not None:
+        raise RuntimeError("collect_updates was already called on this trainer; call it once")
+    missing = [m for m in (*_WRAPPED, "_clip_grad_norm") if not callable(getattr(trainer, m, None))]
+    if missing:
+        raise RuntimeError(
+            f"this GRPOTrainer (trl {trl_version}) has no {missing}; shardlib.integrations.trl needs trl==1.16.0"
+        )
+
+
+def _warn_autocast(args) -> None:
+    """Warn (at the caller of :func:`collect_updates`) that bf16/fp16 autocast makes event updates approximate."""
+    if args.bf16 or args.fp16:
+        kind = "bf16" if args.bf16 else "fp16"
+        warnings.warn(
+            f"{kind}=True (TRL's default): the forward and backward run under {kind} autocast, so each layer's "
+            f"output gradient arrives in {kind} and the weight gradient is a {kind} matmul. Event updates are "
+            f"formed in float32 from those {kind} values: they are the per-completion gradients up to {kind} "
+            "rounding, and a step's events sum to the gradient the optimizer sees only to a few 1e-3 relative "
+            "(about 1e-7 in float32). Train with bf16=False (and fp16=False) for exact event updates",
+            stacklevel=4,
+        )
+
+
+def _callback(outer: TRLCollection):
+    """The ``TrainerCallback`` that drives ``outer``: the optimizer and learning rate, step boundaries, flushes
+    before each checkpoint and at the end, truncation when resuming."""
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            outer._begin(state, optimizer)
+
+        def on_step_begin(self, args, state, control, **kw):
+            outer._micro = 0
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            if outer.collector is not None and outer.collector.active(state.global_step):
+                outer.collector.before_step()
+
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            outer._after_step(state, optimizer)
+
+        def on_step_end(self, args, state, control, **kw):
+            if control.should_save:  # before the checkpoint is written: a resume from it loses no events
+                outer.flush()
+
+        def on_epoch_end(self, args, state, control, **kw):
+            if control.should_save:
+                outer.flush()
+
+        def on_train_end(self, args, state, control, **kw):
+            outer.flush()
+
+    return _Callback()
+
+
 class TRLCollection:
     """What :func:`collect_updates` attached: the collector, the stores' paths, the run's labels."""
 
@@ -167,20 +229,8 @@ class TRLCollection:
         columns=(),
         allow_untested_trl: bool = False,
     ):
-        from transformers import TrainerCallback
-        from trl import GRPOTrainer
-
         self.trl_version = check_trl_version(allow_untested_trl)
-        if not isinstance(trainer, GRPOTrainer):
-            raise TypeError(f"collect_updates attaches to a trl.GRPOTrainer; got a {type(trainer).__name__}")
-        if getattr(trainer, "_shardlib_collection", None) is not None:
-            raise RuntimeError("collect_updates was already called on this trainer; call it once")
-        missing = [m for m in (*_WRAPPED, "_clip_grad_norm") if not callable(getattr(trainer, m, None))]
-        if missing:
-            raise RuntimeError(
-                f"this GRPOTrainer (trl {self.trl_version}) has no {missing}; shardlib.integrations.trl needs "
-                "trl==1.16.0"
-            )
+        _check_trainer(trainer, self.trl_version)
         if not (events or steps):
             raise ValueError("nothing to collect: events=False and steps=False")
         check_convention(convention, factored)
@@ -188,20 +238,7 @@ class TRLCollection:
         self.model = self.acc.unwrap_model(trainer.model)
         check_gatherable(factored, self.acc.num_processes)
         self.params = select_params(self.model, params)
-        owners = param_owners(self.model)
-        head_params = _lm_head_params(self.model)
-        head_modules = {owners[n][0] for n in head_params}
-        bad = [n for n in self.params if not isinstance(owners[n][1], nn.Linear)]
-        if events and bad:
-            raise ValueError(non_linear_message(self.model, bad, owners, exclude=head_modules))
-        head = sorted(head_params & set(self.params)) if events else []
-        if head:
-            raise ValueError(
-                f"{head} belong to the LM head, which TRL's GRPOTrainer computes inside a fused log-prob kernel "
-                "(the layer is never called as a module), so its per-event updates cannot be captured. Collect "
-                "decoder layers instead (e.g. 'model.layers.*.mlp.down_proj.weight'), or the head's step updates "
-                "only (events=False)"
-            )
+        self._check_selection(events)
         # validates the selection now (non-Linear parameters are named); the collector itself is built when
         # training starts, once the optimizer (convention='adam') exists
         self._spec = dict(
@@ -214,54 +251,15 @@ class TRLCollection:
             scale=1.0 / self.acc.num_processes,
         )
         UpdateCollector(self.model, params, lr=self.args.learning_rate, events=events, factored=factored)
-        if self.args.bf16 or self.args.fp16:
-            kind = "bf16" if self.args.bf16 else "fp16"
-            warnings.warn(
-                f"{kind}=True (TRL's default): the forward and backward run under {kind} autocast, so each layer's "
-                f"output gradient arrives in {kind} and the weight gradient is a {kind} matmul. Event updates are "
-                f"formed in float32 from those {kind} values: they are the per-completion gradients up to {kind} "
-                "rounding, and a step's events sum to the gradient the optimizer sees only to a few 1e-3 relative "
-                "(about 1e-7 in float32). Train with bf16=False (and fp16=False) for exact event updates",
-                stacklevel=3,
-            )
+        _warn_autocast(self.args)
         self.convention, self.every = convention, every
         self.store_dir = Path(store_dir)
         self.event_store_path = self.store_dir / "events" if events else None
         self.step_store_path = self.store_dir / "steps" if steps else None
         self.fingerprint = fingerprint or self._fingerprint(params, convention, factored, max_rank)
-        self.event_store = self.step_store = None
-        if self.acc.is_main_process:
-            config = {
-                "trl_version": self.trl_version,
-                "params": list(self.params),
-                "convention": convention,
-                "factored": factored,
-                "max_rank": max_rank,
-                **{k: getattr(self.args, k, None) for k in _FINGERPRINT_ARGS},
-                "max_grad_norm": self.args.max_grad_norm,
-                "bf16": bool(self.args.bf16),
-                "gradient_checkpointing": bool(self.args.gradient_checkpointing),
-            }
-            attrs = {
-                "source": "trl.GRPOTrainer",
-                "reward_funcs": json.dumps(list(trainer.reward_func_names)),
-                "loss_type": str(self.args.loss_type),
-            }
-            if events:
-                self.event_store = UpdateStore(
-                    self.event_store_path,
-                    "event",
-                    convention,
-                    self.fingerprint,
-                    store_dtype,
-                    config,
-                    self.args.seed,
-                    attrs,
-                )
-            if steps:
-                self.step_store = UpdateStore(
-                    self.step_store_path, "step", "step", self.fingerprint, store_dtype, config, self.args.seed, attrs
-                )
+        self.event_store, self.step_store = self._open_stores(
+            events, steps, convention, factored, max_rank, store_dtype
+        )
         self.collector: UpdateCollector | None = None
         self.reward_names = [str(n) for n in trainer.reward_func_names]
         self.columns = [columns] if isinstance(columns, str) else list(columns)
@@ -278,38 +276,60 @@ class TRLCollection:
         self._rewards = None
         self._grad_norm = float("nan")
         self._wrap()
-        outer = self
-
-        class _Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, optimizer=None, **kw):
-                outer._begin(state, optimizer)
-
-            def on_step_begin(self, args, state, control, **kw):
-                outer._micro = 0
-
-            def on_pre_optimizer_step(self, args, state, control, **kw):
-                if outer.collector is not None and outer.collector.active(state.global_step):
-                    outer.collector.before_step()
-
-            def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
-                outer._after_step(state, optimizer)
-
-            def on_step_end(self, args, state, control, **kw):
-                if control.should_save:  # before the checkpoint is written: a resume from it loses no events
-                    outer.flush()
-
-            def on_epoch_end(self, args, state, control, **kw):
-                if control.should_save:
-                    outer.flush()
-
-            def on_train_end(self, args, state, control, **kw):
-                outer.flush()
-
-        self.callback = _Callback()
+        self.callback = _callback(self)
         trainer.add_callback(self.callback)
         trainer._shardlib_collection = self
 
     # -- attaching -------------------------------------------------------------------------------
+
+    def _check_selection(self, events: bool) -> None:
+        """Per-event updates need ``nn.Linear`` parameters outside the LM head (TRL never calls the head)."""
+        owners = param_owners(self.model)
+        head_params = _lm_head_params(self.model)
+        head_modules = {owners[n][0] for n in head_params}
+        bad = [n for n in self.params if not isinstance(owners[n][1], nn.Linear)]
+        if events and bad:
+            raise ValueError(non_linear_message(self.model, bad, owners, exclude=head_modules))
+        head = sorted(head_params & set(self.params)) if events else []
+        if head:
+            raise ValueError(
+                f"{head} belong to the LM head, which TRL's GRPOTrainer computes inside a fused log-prob kernel "
+                "(the layer is never called as a module), so its per-event updates cannot be captured. Collect "
+                "decoder layers instead (e.g. 'model.layers.*.mlp.down_proj.weight'), or the head's step updates "
+                "only (events=False)"
+            )
+
+    def _open_stores(self, events, steps, convention, factored, max_rank, store_dtype):
+        """(event store, step store) on the main process, each None when not collected; (None, None) elsewhere."""
+        if not self.acc.is_main_process:
+            return None, None
+        config = {
+            "trl_version": self.trl_version,
+            "params": list(self.params),
+            "convention": convention,
+            "factored": factored,
+            "max_rank": max_rank,
+            **{k: getattr(self.args, k, None) for k in _FINGERPRINT_ARGS},
+            "max_grad_norm": self.args.max_grad_norm,
+            "bf16": bool(self.args.bf16),
+            "gradient_checkpointing": bool(self.args.gradient_checkpointing),
+        }
+        attrs = {
+            "source": "trl.GRPOTrainer",
+            "reward_funcs": json.dumps(list(self.trainer.reward_func_names)),
+            "loss_type": str(self.args.loss_type),
+        }
+        return open_update_stores(
+            self.store_dir,
+            events=events,
+            steps=steps,
+            convention=convention,
+            fingerprint=self.fingerprint,
+            dtype=store_dtype,
+            config=config,
+            seed=self.args.seed,
+            attrs=attrs,
+        )
 
     def _fingerprint(self, params, convention, factored, max_rank) -> str:
         desc = {
