@@ -32,7 +32,8 @@ def _os_error(e: OSError) -> str:
     return f"error: {where}{what}; {hint}"
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line: run, figures, report, compare."""
     ap = argparse.ArgumentParser(prog="python -m shardlib", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute the stage notebooks in order with papermill")
@@ -94,7 +95,11 @@ def main(argv=None) -> int:
     )
     c.add_argument("run_a", help="a run folder, e.g. runs/default")
     c.add_argument("run_b", help="the run folder to compare it with")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
         return _main(args)
     except PipelineError as e:

@@ -18,7 +18,6 @@ import torch
 import xarray as xr
 
 from .alignment import alignment, random_dictionaries, type_means
-from .alignment import random_dictionary as random_dictionary
 from .config import SEED_MAX, Params, param
 from .events import event_type_labels, event_types
 from .interventions import intervention_results

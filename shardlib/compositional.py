@@ -329,7 +329,7 @@ def method_scores(p: CompositionalParams, units, directions, truth, tr, ho, mean
 
 def random_scores(p: CompositionalParams, ev: Events, Xc, seed: int, k: int, tr, ho, means) -> list[dict]:
     """:func:`method_scores` of ``n_random`` random dictionaries with the SAE's structure (chance)."""
-    from .analysis import random_dictionary
+    from .alignment import random_dictionary
     from .common import flatten
     from .sae import shapes_of
 

@@ -7,7 +7,7 @@ module whose ``run(params)`` its notebook and ``python -m shardlib.launch <kind>
 class that validates its parameters, its notebook in ``notebooks/``, and a Finding
 (``findings.<kind>``). A run folder's stages are told apart by their ``Params`` class (the executed
 ``notebook.ipynb`` a stage folder keeps, or the parameters its ``results.nc`` records), never by
-folder name: :func:`shardlib.report.run_stages`.
+folder name: :func:`shardlib.runs.run_stages`.
 
 ``run()`` returns the stage's results Dataset for most kinds; ``rl`` returns an ``RLResult``, ``shards`` a
 ``ShardRun`` and ``figures`` a ``FiguresRun`` (objects that also hold what a notebook goes on to plot: the
