@@ -16,6 +16,9 @@ from shardlib.runner import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
+# the first test sets up the whole tiny pipeline (18 stages, each a kernel that imports torch, xarray and
+# matplotlib): about 5 minutes on 2 cores shared with the other xdist worker, past the suite's 300 s default
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
