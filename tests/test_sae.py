@@ -363,7 +363,8 @@ def test_sae_folders_saved_before_the_per_tensor_modules_still_load():
             assert torch.equal(d, want[f"{name}.dir.{n}"]), (name, n)
         with torch.no_grad():
             out = sae(inp)
-        assert torch.equal(out.codes, want[f"{name}.codes"])
+        # the same codes up to float rounding (BLAS kernels differ between CPUs in the last bits)
+        torch.testing.assert_close(out.codes, want[f"{name}.codes"], rtol=1e-5, atol=1e-6)
         for n in ("w", "b"):
             assert torch.allclose(dense(out.xhat[n]), want[f"{name}.xhat.{n}"], atol=1e-6), (name, n)
     assert float(sae.threshold) == pytest.approx(0.05) and float(sae.scale) == 1.5

@@ -41,6 +41,7 @@ def main(out: Path) -> None:
     if acc.is_main_process:
         torch.save({"grads": grads, "lr": lrs, "num_processes": acc.num_processes}, out / "grads.pt")
     acc.wait_for_everyone()
+    acc.end_training()  # destroys the process group: a rank exiting with gloo's threads alive can abort
 
 
 if __name__ == "__main__":
