@@ -151,21 +151,21 @@ def sae_step_subprocess(d, mode, args) -> dict:
 def recovery(d: int, mode: str, events: int, epochs: int, seed: int = 0) -> dict:
     """MMCS(G->D) of a 16-latent signed rank-1 SAE on planted factored data, trained on the factors or on
     the dense twin (same data, seed, split and batches)."""
+    from shardlib.fit import FitParams, fit
     from shardlib.planted import factored_cosines, planted_factored
-    from shardlib.shards import ShardParams, train
 
     data, truth, _ = planted_factored(mlp_shapes(d), n_shards=16, n_events=events, active=2, seed=seed)
     if mode == "dense":
         data = {n: f.dense() for n, f in data.items()}
-    p = ShardParams.from_dict(
-        {"out_dir": "/tmp/bench_factored_recovery", "store_path": "planted", "n_latents": 16, "k": 2, "rank": 1}
+    p = FitParams.from_dict(
+        {"out_dir": "/tmp/bench_factored_recovery", "n_latents": 16, "k": 2, "rank": 1}
         | {"signed": True, "epochs": epochs, "batch_size": 64, "b_pre_rank": 1, "seed": seed, "device": "cpu"}
     )
     import shutil
 
     shutil.rmtree(p.out_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    res = train(p, progress=False, data=data)
+    res = fit(p, data, progress=False)
     seconds = time.perf_counter() - t0
     shutil.rmtree(p.out_dir, ignore_errors=True)
     return {"mmcs": float(factored_cosines(truth, res.sae).max(1).mean()), "train_s": seconds}

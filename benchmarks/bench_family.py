@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from shardlib import metrics  # noqa: E402
 from shardlib.common import flatten  # noqa: E402
+from shardlib.fit import split_events  # noqa: E402
 from shardlib.planted import FAMILY, family_store, fit_planted  # noqa: E402
-from shardlib.shards import split_events  # noqa: E402
 
 EPOCHS, BATCH, HOLDOUT = 30, 128, 0.1
 

@@ -62,16 +62,16 @@ sys.path.insert(0, str(ROOT))
 
 from shardlib import metrics  # noqa: E402
 from shardlib.common import flatten  # noqa: E402
+from shardlib.fit import FitParams, split_events  # noqa: E402
 from shardlib.planted import FAMILY, fit_planted, model_shapes, planted_updates  # noqa: E402
 from shardlib.sae import dense  # noqa: E402
-from shardlib.shards import ShardParams, split_events  # noqa: E402
 
 BATCH, HOLDOUT = 128, 0.1
-SHARDLIB_LR = ShardParams.__dataclass_fields__["lr"].default  # 0.03, relative
+SHARDLIB_LR = FitParams.__dataclass_fields__["lr"].default  # 0.03, relative
 SPARSIFY_THRESHOLD_FRAC = 10_000_000 / 10_000_000_000  # dead_feature_threshold / its default dataset's tokens
-SHARDLIB_DEAD_WINDOW = ShardParams.__dataclass_fields__["dead_window"].default
-SHARDLIB_FIRE_FRAC = ShardParams.__dataclass_fields__["fire_frac"].default
-SHARDLIB_AUX = ShardParams.__dataclass_fields__["aux_coef"].default
+SHARDLIB_DEAD_WINDOW = FitParams.__dataclass_fields__["dead_window"].default
+SHARDLIB_FIRE_FRAC = FitParams.__dataclass_fields__["fire_frac"].default
+SHARDLIB_AUX = FitParams.__dataclass_fields__["aux_coef"].default
 GAO_AUXK_ALPHA = 1 / 32
 TIMING_EPOCHS = 5
 KEYS = ("mmcs_g2d", "r@0.9", "hungarian_mcc", "fvu", "seconds", "ms_per_step")

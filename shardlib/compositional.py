@@ -9,7 +9,7 @@ reward clause per head, so every event reinforces ``n_heads`` computations at on
 
 For every SAE seed, on that seed's train/held-out split of the events:
 
-- the shard SAE (:func:`shardlib.shards.train`, signed latents, ``k`` = the number of heads by default);
+- the shard SAE (:func:`shardlib.fit.fit`, signed latents, ``k`` = the number of heads by default);
 - k-means with K = the SAE's latents on the SAE's input (unit-normalised when the SAE normalises), one
   cluster per event (``kmeans``), and its centroids as a dictionary with the SAE's top-k signed encoding
   (``kmeans_dict``: each event takes its k most similar centroids);
@@ -293,12 +293,11 @@ def train_sae(p: CompositionalParams, ev: Events, seed: int, k: int, tmp: str, p
     """The shard SAE of one seed on its training events (checkpoints in ``tmp``): (training indices, held-out
     indices, codes of every event [N, F], held-out FVU, the latents' directions flattened [F, D])."""
     from .common import flatten
-    from .shards import ShardParams, encode_all, evaluate, train
+    from .fit import FitParams, encode_all, evaluate, fit
 
-    sp = ShardParams.from_dict(
+    sp = FitParams.from_dict(
         dict(
             out_dir=tmp,
-            store_path=p.store_path,
             seed=seed,
             n_latents=p.n_latents,
             k=k,
@@ -306,12 +305,11 @@ def train_sae(p: CompositionalParams, ev: Events, seed: int, k: int, tmp: str, p
             signed=p.signed,
             epochs=p.epochs,
             batch_size=p.batch_size,
-            normalize=p.normalize,
             holdout_frac=p.holdout_frac,
             device=p.device,
         )
     )
-    res = train(sp, progress=progress, data=ev.data)
+    res = fit(sp, ev.data, progress=progress)
     z = encode_all(res.sae, ev.data, device=res.accelerator.device)[2].cpu().numpy()
     fvu = evaluate(res.sae, ev.data, res.heldout_idx, device=res.accelerator.device).get("fvu", float("nan"))
     directions = flatten({n: v.detach().cpu() for n, v in res.sae.directions().items()}, list(ev.data))

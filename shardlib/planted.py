@@ -428,14 +428,14 @@ def fit_one(p: PlantedParams, rank: int, seed: int, data, G: np.ndarray, names: 
 def fit_planted(settings: dict, data, G: np.ndarray, names: list[str]):
     """Train one shard SAE (the shard stage's parameters ``settings``, on the planted ``data`` itself) and
     score it: recovery of the planted directions ``G`` (rows in ``names`` order), held-out metrics, wall
-    time ``seconds`` and ``n_parameters``. Returns (row, :class:`~shardlib.shards.ShardTraining` with the
+    time ``seconds`` and ``n_parameters``. Returns (row, :class:`~shardlib.fit.ShardTraining` with the
     SAE on the CPU)."""
     from . import metrics
-    from .shards import ShardParams, evaluate, train
+    from .fit import FitParams, evaluate, fit
 
-    sp = ShardParams.from_dict({"store_path": "planted", "skip_zero_updates": False, **settings})
+    sp = FitParams.from_dict(settings)
     t0 = time.perf_counter()
-    res = train(sp, progress=False, data=data)
+    res = fit(sp, data, progress=False)
     dt = time.perf_counter() - t0
     res.sae = res.sae.cpu()
     row = metrics.recovery(G, flatten(res.sae.directions(), names))

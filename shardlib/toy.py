@@ -193,16 +193,15 @@ class SAEFit:
 
 
 def sae_params(case: str, seed: int, activation: str, p: ToyParams, n_datapoints: int, tag: str = ""):
-    """The :class:`~shardlib.shards.ShardParams` of one toy SAE on ``n_datapoints`` gradients (``tag``: a
+    """The :class:`~shardlib.fit.FitParams` of one toy SAE on ``n_datapoints`` gradients (``tag``: a
     control's, in its folder name). Checkpoints go to ``out_dir/sae/<fingerprint of p>/``: a rerun with the
     same parameters resumes, and one with other toy-model parameters never picks up an SAE of other data."""
-    from .shards import ShardParams
+    from .fit import FitParams
 
     n = CASES[case]["shape"][0]
     epochs = max(1, math.ceil(p.sae_steps / math.ceil(n_datapoints / p.batch_size)))
-    return ShardParams.from_dict(
+    return FitParams.from_dict(
         {
-            "store_path": "toy",
             "out_dir": f"{p.out_dir}/sae/{p.fingerprint()[:12]}/{case}_{activation}_{tag}seed{seed}",
             "seed": seed,
             "n_latents": n * p.latents_per_feature,
@@ -239,14 +238,14 @@ def fit_sae(
     intervention curves. Checkpoints go where :func:`sae_params` puts them.
     """
     from .common import flatten
+    from .fit import fit
     from .metrics import abs_cos
-    from .shards import train
 
     data = made.data_single if single_feature else made.data
     N = len(next(iter(data.values())))
     tag = ("truthinit_" if init_directions is not None else "") + ("data_single_" if single_feature else "")
     sp = sae_params(case, seed, activation, p, N, tag)
-    sae = train(sp, progress=False, data=data, init_directions=init_directions).sae.cpu()
+    sae = fit(sp, data, progress=False, init_directions=init_directions).sae.cpu()
     dirs = sae.directions()
     slices = made.slices(dirs)
     col_mmcs, share = columnwise(slices, made.truth_slices)

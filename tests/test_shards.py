@@ -5,7 +5,7 @@ import pytest
 import torch
 import xarray as xr
 
-from shardlib import events, shardfile, shards
+from shardlib import events, fit, shardfile, shards
 from shardlib.common import flatten
 from shardlib.io import load_results
 from shardlib.planted import planted_updates
@@ -225,9 +225,9 @@ def test_a_factored_store_and_its_densified_twin_give_the_same_sae(tmp_path):
     assert isinstance(a.data["l.w"], Factored) and a.sae.b_pre_rank == 1 and b.sae.b_pre_rank == 1
     for n, d in b.sae.directions().items():
         assert torch.allclose(a.sae.directions()[n], d, atol=1e-4)
-    za, zb = shards.encode_all(a.sae, a.data)[2], shards.encode_all(b.sae, b.data)[2]
+    za, zb = fit.encode_all(a.sae, a.data)[2], fit.encode_all(b.sae, b.data)[2]
     assert torch.allclose(za, zb, atol=1e-4)
-    ea, eb = shards.evaluate(a.sae, a.data, a.heldout_idx), shards.evaluate(b.sae, b.data, b.heldout_idx)
+    ea, eb = fit.evaluate(a.sae, a.data, a.heldout_idx), fit.evaluate(b.sae, b.data, b.heldout_idx)
     assert ea["fvu"] == pytest.approx(eb["fvu"], rel=1e-4) and ea["l0"] == eb["l0"]
 
 
