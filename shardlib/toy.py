@@ -213,7 +213,6 @@ def sae_params(case: str, seed: int, activation: str, p: ToyParams, n_datapoints
             "lr": p.lr,
             "batch_size": p.batch_size,
             "holdout_frac": 0.0,
-            "skip_zero_updates": False,
             "checkpoint_every": epochs,
             "device": p.device,
             # the toy reproductions keep the settings they were tuned and measured with (L3D-like: one
