@@ -20,6 +20,7 @@ import xarray as xr
 from .alignment import alignment, random_dictionaries, type_means
 from .config import SEED_MAX, Params, param
 from .events import event_type_labels, event_types
+from .factored import n_events
 from .interventions import intervention_results
 from .io import save_results
 from .metrics import abs_cos, hungarian_mcc, seed_stability, unit_rows
@@ -168,7 +169,7 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
 def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -> xr.Dataset:
     """:func:`alignment` of this SAE and of one more SAE per ``extra_seeds`` (same data), and their
     seed-to-seed stability (mean Hungarian |cos| over pairs)."""
-    from . import shards as sh_mod
+    from . import fit, shards
     from .common import flatten
 
     sp, names, F = inp.sae_params, inp.names, inp.n_shards
@@ -183,8 +184,8 @@ def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -
     seed_dirs = {sp.seed: D}
     for s in p.extra_seeds:
         q = sp.replace(seed=s, out_dir=str(Path(p.out_dir) / f"sae_seed{s}"), online_shards_path="")
-        r = sh_mod.train(q, progress=False, data=inp.data)
-        _, _, z = sh_mod.encode_all(r.sae.cpu(), inp.data)
+        r = shards.train(q, progress=False, data=inp.data)
+        _, _, z = fit.encode_all(r.sae.cpu(), inp.data)
         Ds = flatten(r.sae.directions(), names)
         rows[s] = alignment(
             z.numpy(), types, X, Ds, random_dictionaries(shapes, names, F, sp.rank, s), sp.k, s, sp.signed
@@ -200,7 +201,7 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
     """What the SAE's settings do: one SAE per (k, raw or unit-normalised updates), the shard stage's other
     parameters and seed, each scored with :func:`alignment` (on the updates it was trained on) and its
     held-out FVU (the reconstruction cost). Zero updates are left out, as in the shard stage."""
-    from . import shards as sh_mod
+    from . import fit, shards
     from .common import flatten
 
     if not p.settings_k or not p.settings_normalize:
@@ -223,11 +224,11 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
             if same:  # the shard stage's own SAE: read it, do not train it again
                 sae = ShardSAE.load(Path(p.shards_dir) / "sae")
                 data, store = inp.data, inp.store
-                heldout = sh_mod.split_events(sh_mod.n_events(data), sp.holdout_frac, sp.seed)[1]
+                heldout = fit.split_events(n_events(data), sp.holdout_frac, sp.seed)[1]
             else:
-                r = sh_mod.train(q, progress=False)
+                r = shards.train(q, progress=False)
                 sae, data, store, heldout = r.sae.cpu(), r.data, r.store, r.heldout_idx
-            _, _, z = sh_mod.encode_all(sae, data)
+            _, _, z = fit.encode_all(sae, data)
             X = flatten({n: data[n] for n in names}, names)
             row = alignment(
                 z.numpy(),
@@ -239,7 +240,7 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
                 sp.seed,
                 q.signed,
             )
-            row["heldout_fvu"] = sh_mod.evaluate(sae, data, heldout).get("fvu", np.nan)
+            row["heldout_fvu"] = fit.evaluate(sae, data, heldout).get("fvu", np.nan)
             rows[(k, norm)] = row
     keys = list(next(iter(rows.values())))
     return xr.Dataset(
