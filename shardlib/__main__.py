@@ -134,6 +134,11 @@ def _main(args) -> int:
         if args.check:
             verdict = "matches" if current else "DIFFERS from"
             print(f"README results {verdict} {run_dir} (wall-clock times aside)")
+            if not current:  # the usual cause on a fresh clone: another CPU (docs/running.md, "Across machines")
+                print(
+                    "  a run repeats its numbers exactly on the machine that made them, not on another CPU; "
+                    f"`python -m shardlib report --run {run_dir.name}` writes this run's numbers into {readme}"
+                )
             return 0 if current else 1
         print(f"README results {'unchanged' if current else 'written'} from {run_dir}; report: {report_html(run_dir)}")
         return 0

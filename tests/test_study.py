@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from shardlib import runner
+from shardlib.__main__ import main as shardlib_main
 from shardlib.io import load_results
 from shardlib.report import BEGIN, END, report_html, update_readme
 from shardlib.report_default import results_markdown
@@ -28,7 +29,7 @@ def tiny_run(tmp_path_factory):
     return runs / "tiny", runner.run(load_config(TINY), runs_dir=runs, jobs=2)
 
 
-def test_readme_results_are_generated_from_the_run_and_checked(tiny_run, tmp_path):
+def test_readme_results_are_generated_from_the_run_and_checked(tiny_run, tmp_path, capsys):
     run_dir, _ = tiny_run
     md = results_markdown(run_dir)
     for heading in ("### RL on both testbeds", "### What shards mean", "### Toy models"):
@@ -43,6 +44,10 @@ def test_readme_results_are_generated_from_the_run_and_checked(tiny_run, tmp_pat
     assert text.startswith("# x\n\n") and text.endswith(f"{END}\n\nafter\n") and md in text
     readme.write_text(text.replace(md.split("| rl_bandit (GRPO) | ")[1][:10], "9.99 / 9.9"))  # a number typed by hand
     assert update_readme(run_dir, readme, check=True) is False
+    argv = ["report", "--check", "--run", run_dir.name, "--runs-dir", str(run_dir.parent), "--readme", str(readme)]
+    assert shardlib_main(argv) == 1  # the command line says why a fresh clone's check can fail, and the fix
+    out = capsys.readouterr().out
+    assert "DIFFERS" in out and "not on another CPU" in out and f"report --run {run_dir.name}" in out
     html = report_html(run_dir).read_text()
     assert "Finding: " in html and "data:image/png;base64," in html and "git_commit" in html
 
