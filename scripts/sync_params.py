@@ -43,9 +43,10 @@ def cell_source(cls, old: dict, shown: tuple[str, ...] = ()) -> str:
     if unknown:
         raise SystemExit(f"stages.py shows {sorted(unknown)}, which {cls.__name__} has no field for")
     lines = []
+    if shown:  # out_dir and seed, then the shown fields in the order stages.py lists them
+        by_name = {f.name: f for f in fields}
+        fields = [by_name[name] for name in dict.fromkeys(("out_dir", "seed", *shown))]
     for f in fields:
-        if shown and f.name not in ("out_dir", "seed", *shown):
-            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines += [f"# {f.metadata.get('doc', f.name)}", f"{f.name} = {literal(old.get(f.name, default))}"]
     if shown:
