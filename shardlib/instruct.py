@@ -108,6 +108,8 @@ def run(p: InstructParams) -> xr.Dataset:
             "band_high": p.band[1],
         },
     )
-    ds["accuracy"].attrs["long_name"] = "share of held-out prompts answered correctly (last integer of the answer)"
+    ds["accuracy"].attrs["long_name"] = (
+        "share of held-out prompts answered correctly (read by the task's rule: shardlib.tasks.parse_answer)"
+    )
     save_results(ds, out / "results.nc", p.to_dict(), p.seed)
     return ds

@@ -292,22 +292,29 @@ def _sub(g):
     return f"What is {a} - {b}? Answer with the number only.", a - b
 
 
-# name: (what it asks, a function of a torch.Generator -> (question, integer answer))
+# name: (what it asks, a function of a torch.Generator -> (question, integer answer), how the answer is read:
+# "last" = the completion's last integer, "only" = the one integer it names, see parse_answer)
 TEXT_TASKS = {
-    "add1": ("one-digit addition", _add1),
-    "add2": ("two-digit addition", _add2),
-    "sub": ("subtraction, 5-20 minus 0-5", _sub),
-    "larger": ("the larger of two 2-digit numbers", _larger),
-    "max4": ("the largest of four 2-digit numbers", _max4),
+    "add1": ("one-digit addition", _add1, "last"),
+    "add2": ("two-digit addition", _add2, "last"),
+    "sub": ("subtraction, 5-20 minus 0-5", _sub, "last"),
+    "larger": ("the larger of two 2-digit numbers", _larger, "only"),
+    "max4": ("the largest of four 2-digit numbers", _max4, "only"),
 }
 _NUMBER = re.compile(r"-?\d+")
 _BARE = re.compile(r"^\s*-?\d+\s*\.?\s*$")
 
 
-def parse_answer(text: str) -> int | None:
-    """The last integer in a completion's text ("7 + 5 = 12." -> 12), or None."""
-    found = _NUMBER.findall(text)
-    return int(found[-1]) if found else None
+def parse_answer(text: str, rule: str = "last") -> int | None:
+    """The answer a completion gives, or None. ``last``: its last integer ("7 + 5 = 12." -> 12), for arithmetic,
+    where the working names the operands first. ``only``: the one distinct integer it names ("The larger number
+    is 95." -> 95), for choosing among the question's numbers: a completion that names several candidates
+    ("89 is larger than 95.") gives none, or restating the question would score (the last integer of "89 is
+    larger than 95." is the right answer to the wrong claim)."""
+    found = [int(x) for x in _NUMBER.findall(text)]
+    if rule == "only":
+        return found[0] if found and len(set(found)) == 1 else None
+    return found[-1] if found else None
 
 
 class TextTasks:
@@ -315,7 +322,8 @@ class TextTasks:
 
     A prompt is the chat template's rendering of one user question (the template's default system
     prompt included), tokenized and left-padded to the batch's longest prompt, with ``prompt_mask``
-    marking real tokens. The answer is the last integer of the decoded completion. Clauses:
+    marking real tokens. The answer is read from the decoded completion by the task's rule (:func:`parse_answer`:
+    the last integer for arithmetic, the only integer named for choosing a number). Clauses:
     ``correct_<task>`` (1 when that integer is the answer, on that task's prompts only) and ``format``
     (``format_bonus`` when the completion is the bare number: the easy first signal for GRPO).
     Each event's prompt and completion text are kept as labels (:meth:`event_texts`).
@@ -375,7 +383,7 @@ class TextTasks:
         out = {c: torch.zeros(n) for c in self.clause_names}
         for i, text in enumerate(self.texts(completion, mask)):
             task = self.task_names[int(batch["task"][i])]
-            if parse_answer(text) == int(batch["answer"][i]):
+            if parse_answer(text, TEXT_TASKS[task][2]) == int(batch["answer"][i]):
                 out[f"correct_{task}"][i] = 1.0
             if _BARE.match(text):
                 out["format"][i] = self.format_bonus

@@ -17,6 +17,10 @@ def test_parse_answer():
     assert parse_answer("To add 7 and 5: 7 + 5 = 12.") == 12
     assert parse_answer("The answer is -3") == -3
     assert parse_answer("no number here") is None
+    # choosing among the question's numbers: only a completion naming one number answers
+    assert parse_answer("The larger number is 95.", "only") == parse_answer("95", "only") == 95
+    assert parse_answer("89 is larger than 95.", "only") is None  # its last integer would have scored
+    assert parse_answer("95, since 95 > 89", "only") is None and parse_answer("no number", "only") is None
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +56,16 @@ def _completion(testbed, texts):
     return comp, (torch.cumsum((comp == testbed.eos_id).int(), 1) - (comp == testbed.eos_id).int()) == 0
 
 
-def test_rewards_parse_the_last_number_and_the_bare_format(testbed):
-    batch = {"task": torch.tensor([0, 0, 1, 2]), "answer": torch.tensor([12, 12, 4, 71])}
-    comp, mask = _completion(testbed, ["12", "The answer is 12.", "5", "71 is larger than 20"])
+def test_rewards_parse_each_tasks_answer_and_the_bare_format(testbed):
+    batch = {"task": torch.tensor([0, 0, 1, 2, 2, 2]), "answer": torch.tensor([12, 12, 4, 71, 71, 71])}
+    texts = ["12", "The answer is 12.", "5", "71 is larger than 20", "20 is larger than 71.", "The larger is 71."]
+    comp, mask = _completion(testbed, texts)
     r = testbed.rewards(batch, comp, mask)
-    assert r["correct_add1"].tolist() == [1, 1, 0, 0]
-    assert r["correct_sub"].tolist() == [0, 0, 0, 0]  # a wrong answer on sub's prompt
-    assert r["correct_larger"].tolist() == [0, 0, 0, 0]  # the last number is 20
-    assert r["format"].tolist() == pytest.approx([0.2, 0, 0.2, 0])
+    assert r["correct_add1"].tolist() == [1, 1, 0, 0, 0, 0]
+    assert r["correct_sub"].tolist() == [0] * 6  # a wrong answer on sub's prompt
+    # larger: only a completion that names the one right number scores; naming both never does, whatever order
+    assert r["correct_larger"].tolist() == [0, 0, 0, 0, 0, 1]
+    assert r["format"].tolist() == pytest.approx([0.2, 0, 0.2, 0, 0, 0])
 
 
 def test_sft_targets_are_the_bare_answers(testbed):
