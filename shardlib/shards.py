@@ -151,7 +151,9 @@ def write_outputs(p: ShardParams, res: ShardTraining) -> dict[str, Path]:
     out = Path(p.out_dir)
     sae, data = res.sae.cpu(), res.data
     sae.save(out / "sae")
-    idx, val, z, (held, train_m) = encode_all(sae, data, splits=(res.heldout_idx, res.train_idx))
+    idx, val, z, (held, train_m) = encode_all(
+        sae, data, batch_size=p.eval_batch_size, splits=(res.heldout_idx, res.train_idx)
+    )
     freq = (z != 0).float().mean(0).numpy()
     mean_act = (z.abs().sum(0) / (z != 0).sum(0).clamp(min=1)).numpy()
     shards = shards_dataset(sae, freq, mean_act)
