@@ -135,9 +135,12 @@ def _main(args) -> int:
             verdict = "matches" if current else "DIFFERS from"
             print(f"README results {verdict} {run_dir} (wall-clock times aside)")
             if not current:  # the usual cause on a fresh clone: another CPU (docs/running.md, "Across machines")
+                where = "".join(
+                    f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("runs_dir", "readme") and v
+                )
                 print(
                     "  a run repeats its numbers exactly on the machine that made them, not on another CPU; "
-                    f"`python -m shardlib report --run {run_dir.name}` writes this run's numbers into {readme}"
+                    f"`python -m shardlib report --run {run_dir.name}{where}` writes this run's numbers into {readme}"
                 )
             return 0 if current else 1
         print(f"README results {'unchanged' if current else 'written'} from {run_dir}; report: {report_html(run_dir)}")

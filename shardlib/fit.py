@@ -66,7 +66,7 @@ class FitParams(Params):
     b_pre_rank: int = param(
         SAEConfig.b_pre_rank,
         "rank of each weight matrix's pre-encoder bias b_pre: 0 = dense, r > 0 = rank r; -1 = the SAE's rank when "
-        "the store holds factored matrices (a dense b_pre would densify every event), else dense",
+        "the events hold factored matrices (a dense b_pre would densify every event), else dense",
         ge=-1,
     )
     aux_k: int = param(TrainConfig.aux_k, "latents in the AuxK reconstruction (0 = n_latents // 2)", ge=0)

@@ -426,7 +426,7 @@ def fit_one(p: PlantedParams, rank: int, seed: int, data, G: np.ndarray, names: 
 
 
 def fit_planted(settings: dict, data, G: np.ndarray, names: list[str]):
-    """Train one shard SAE (the shard stage's parameters ``settings``, on the planted ``data`` itself) and
+    """Train one shard SAE (:class:`~shardlib.fit.FitParams` fields ``settings``, on the planted ``data`` itself) and
     score it: recovery of the planted directions ``G`` (rows in ``names`` order), held-out metrics, wall
     time ``seconds`` and ``n_parameters``. Returns (row, :class:`~shardlib.fit.ShardTraining` with the
     SAE on the CPU)."""

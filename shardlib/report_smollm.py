@@ -24,14 +24,20 @@ def is_smollm_run(run_dir) -> bool:
 
 
 def _text_rl(runs: dict[str, xr.Dataset]) -> str:
-    """Per-family held-out reward before and after, GRPO (the first of ``runs``) and the SFT control (the second)."""
-    rows, rises = [], {}
+    """Per-family held-out reward before and after, GRPO (the first of ``runs``) and the SFT control (the second),
+    with its two parts: the share of correct answers and the share of bare-number answers (the format clause)."""
+    rows, rises, right = [], {}, {}
     grpo, sft = runs
+    bonus = recorded_config(runs[grpo]).get("format_bonus") or 1.0
     for stage, ds in runs.items():
         d = ds.eval_reward_final - ds.eval_reward_init
         rises[stage] = int((d >= 0.05).sum())
+        right[stage] = 0
         for t in ds.task.values:
             r = ds.sel(task=t)
+            correct = [float(r[f"eval_clause_{w}"].sel(clause=f"correct_{t}")) for w in ("init", "final")]
+            bare = [float(r[f"eval_clause_{w}"].sel(clause="format")) / bonus for w in ("init", "final")]
+            right[stage] += correct[1] - correct[0] >= 0.05
             rows.append(
                 [
                     stage,
@@ -39,17 +45,22 @@ def _text_rl(runs: dict[str, xr.Dataset]) -> str:
                     f"{float(r.eval_reward_init):.2f}",
                     f"{float(r.eval_reward_final):.2f}",
                     f"{float(r.eval_reward_final - r.eval_reward_init):+.2f}",
+                    f"{correct[0]:.2f} → {correct[1]:.2f}",
+                    f"{bare[0]:.2f} → {bare[1]:.2f}",
                     str(int(r.eval_n)),
                 ]
             )
-    table = markdown_table(["stage", "family", "before", "after", "change", "held-out prompts"], rows)
+    head = ["stage", "family", "before", "after", "change", "correct", "bare number", "held-out prompts"]
+    table = markdown_table(head, rows)
     cfg = recorded_config(runs[grpo])
     verdict = "met" if rises[grpo] >= 3 else "NOT met"
     return (
         table + f"\n\nHeld-out reward rose by ≥ 0.05 on {rises[grpo]} of {runs[grpo].sizes['task']} families "
-        f"under GRPO (target ≥ 3: {verdict}) and on {rises[sft]} under the SFT control. Rewards are correct "
+        f"under GRPO (target ≥ 3: {verdict}) and on {rises[sft]} under the SFT control; the share of correct "
+        f"answers rose by ≥ 0.05 on {right[grpo]} under GRPO and {right[sft]} under SFT. Rewards are correct "
         f"(1) plus the bare-number format clause ({cfg.get('format_bonus')}), one sampled completion per prompt at "
-        f"temperature {cfg.get('temperature')}."
+        f"temperature {cfg.get('temperature')}; `correct` and `bare number` are the shares of held-out answers "
+        "earning each clause, before → after."
     )
 
 

@@ -310,7 +310,9 @@ def parse_answer(text: str, rule: str = "last") -> int | None:
     where the working names the operands first. ``only``: the one distinct integer it names ("The larger number
     is 95." -> 95), for choosing among the question's numbers: a completion that names several candidates
     ("89 is larger than 95.") gives none, or restating the question would score (the last integer of "89 is
-    larger than 95." is the right answer to the wrong claim)."""
+    larger than 95." is the right answer to the wrong claim). Integers only: "95.0" names 95 and 0."""
+    if rule not in ("last", "only"):
+        raise ValueError(f"answer rule {rule!r}: use 'last' or 'only'")
     found = [int(x) for x in _NUMBER.findall(text)]
     if rule == "only":
         return found[0] if found and len(set(found)) == 1 else None

@@ -21,6 +21,8 @@ def test_parse_answer():
     assert parse_answer("The larger number is 95.", "only") == parse_answer("95", "only") == 95
     assert parse_answer("89 is larger than 95.", "only") is None  # its last integer would have scored
     assert parse_answer("95, since 95 > 89", "only") is None and parse_answer("no number", "only") is None
+    with pytest.raises(ValueError, match="'first'"):
+        parse_answer("12", "first")
 
 
 @pytest.fixture(scope="module")

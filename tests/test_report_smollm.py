@@ -12,3 +12,31 @@ def test_collection_overhead_compares_collecting_steps_with_the_others():
     assert collection_overhead(ds) == 3.0
     ds.attrs["config"] = json.dumps({"collect_every": 1})
     assert np.isnan(collection_overhead(ds))
+
+
+def test_the_rl_table_splits_reward_into_correct_and_bare_number_answers():
+    """A run that learns the format clause and loses correct answers: its reward rises, its correct share does not."""
+    import json
+
+    import xarray as xr
+
+    from shardlib.report_smollm import _text_rl
+
+    def run(correct, bare, n=(40, 30)):
+        clauses = ["correct_add1", "correct_sub", "format"]
+        ds = xr.Dataset(coords={"task": ["add1", "sub"], "clause": clauses})
+        for w, i in (("init", 0), ("final", 1)):
+            c = [[correct[0][i], 0.0], [0.0, correct[1][i]], [0.2 * bare[0][i], 0.2 * bare[1][i]]]
+            ds[f"eval_clause_{w}"] = (("clause", "task"), c)
+            ds[f"eval_reward_{w}"] = ("task", [correct[t][i] + 0.2 * bare[t][i] for t in range(2)])
+        ds["eval_n"] = ("task", list(n))
+        ds.attrs["config"] = json.dumps({"format_bonus": 0.2, "temperature": 0.7})
+        return ds
+
+    grpo = run(correct=[(0.3, 0.1), (0.2, 0.1)], bare=[(0.0, 1.0), (0.0, 1.0)])  # reward +0.0 / +0.1
+    sft = run(correct=[(0.3, 0.6), (0.2, 0.4)], bare=[(0.0, 1.0), (0.0, 1.0)])
+    md = _text_rl({"rl_text": grpo, "sft_text": sft})
+    assert "| rl_text | add1 | 0.30 | 0.30 | +0.00 | 0.30 → 0.10 | 0.00 → 1.00 | 40 |" in md
+    assert "| sft_text | sub | 0.20 | 0.60 | +0.40 | 0.20 → 0.40 | 0.00 → 1.00 | 30 |" in md
+    assert "rose by ≥ 0.05 on 1 of 2 families under GRPO (target ≥ 3: NOT met) and on 2 under" in md
+    assert "correct answers rose by ≥ 0.05 on 0 under GRPO and 2 under SFT" in md

@@ -47,7 +47,8 @@ def test_readme_results_are_generated_from_the_run_and_checked(tiny_run, tmp_pat
     argv = ["report", "--check", "--run", run_dir.name, "--runs-dir", str(run_dir.parent), "--readme", str(readme)]
     assert shardlib_main(argv) == 1  # the command line says why a fresh clone's check can fail, and the fix
     out = capsys.readouterr().out
-    assert "DIFFERS" in out and "not on another CPU" in out and f"report --run {run_dir.name}" in out
+    assert "DIFFERS" in out and "not on another CPU" in out
+    assert f"report --run {run_dir.name} --runs-dir {run_dir.parent} --readme {readme}`" in out
     html = report_html(run_dir).read_text()
     assert "Finding: " in html and "data:image/png;base64," in html and "git_commit" in html
 
