@@ -177,7 +177,7 @@ def intervention_results(
     and against as many random directions from the updates' span at the same sizes, scored against the
     evaluation's noise floor (the largest change of the unchanged policy across sampling seeds, per task):
     which directions move reward above it, the specificity of what does, and whether a shard's largest
-    effect falls on its own task (where it fires most), with that hit rate's shuffled-task null."""
+    effect falls on its own task (the task over whose events its mean |activation| is highest), with that hit rate's shuffled-task null."""
     raw = X * inp.store["update_norm"].values[:, None] if "update_norm" in inp.store.coords else X
     order = np.argsort(-inp.shards["frequency"].values)
     ids = order[: p.n_shards]
