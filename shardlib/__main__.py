@@ -120,31 +120,36 @@ def main(argv=None) -> int:
         return 130
 
 
+def _report(args) -> int:
+    """``report``: write (or ``--check``) a run's Results block and its report.html."""
+    from .report import ReportError, is_smollm_run, report_html, update_readme
+
+    run_dir = runs_folder(args.runs_dir) / check_name("run", args.run)
+    readme = args.readme or str(ROOT / ("docs/smollm.md" if is_smollm_run(run_dir) else "README.md"))
+    try:
+        current = update_readme(run_dir, readme, check=args.check)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.check:
+        verdict = "matches" if current else "DIFFERS from"
+        print(f"README results {verdict} {run_dir} (wall-clock times aside)")
+        if not current:  # the usual cause on a fresh clone: another CPU (docs/running.md, "Across machines")
+            where = "".join(
+                f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("runs_dir", "readme") and v
+            )
+            print(
+                "  a run repeats its numbers exactly on the machine that made them, not on another CPU; "
+                f"`python -m shardlib report --run {run_dir.name}{where}` writes this run's numbers into {readme}"
+            )
+        return 0 if current else 1
+    print(f"README results {'unchanged' if current else 'written'} from {run_dir}; report: {report_html(run_dir)}")
+    return 0
+
+
 def _main(args) -> int:
     if args.cmd == "report":
-        from .report import ReportError, is_smollm_run, report_html, update_readme
-
-        run_dir = runs_folder(args.runs_dir) / check_name("run", args.run)
-        readme = args.readme or str(ROOT / ("docs/smollm.md" if is_smollm_run(run_dir) else "README.md"))
-        try:
-            current = update_readme(run_dir, readme, check=args.check)
-        except ReportError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        if args.check:
-            verdict = "matches" if current else "DIFFERS from"
-            print(f"README results {verdict} {run_dir} (wall-clock times aside)")
-            if not current:  # the usual cause on a fresh clone: another CPU (docs/running.md, "Across machines")
-                where = "".join(
-                    f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("runs_dir", "readme") and v
-                )
-                print(
-                    "  a run repeats its numbers exactly on the machine that made them, not on another CPU; "
-                    f"`python -m shardlib report --run {run_dir.name}{where}` writes this run's numbers into {readme}"
-                )
-            return 0 if current else 1
-        print(f"README results {'unchanged' if current else 'written'} from {run_dir}; report: {report_html(run_dir)}")
-        return 0
+        return _report(args)
     if args.cmd == "compare":
         from pathlib import Path
 
