@@ -47,6 +47,11 @@ def main(argv=None) -> int:
     acc = getattr(res, "accelerator", None)
     if acc is not None and acc.is_main_process:
         print(f"processes={acc.num_processes} distributed_type={acc.distributed_type}")
+    if acc is not None and acc.num_processes > 1:
+        # end the process group before exiting: a rank that exits with gloo's threads alive can abort
+        # ("terminate called without an active exception"), failing a run whose work is done
+        acc.wait_for_everyone()
+        acc.end_training()
     return 0
 
 
