@@ -135,8 +135,8 @@ def _report(args) -> int:
         verdict = "matches" if current else "DIFFERS from"
         print(f"README results {verdict} {run_dir} (wall-clock times aside)")
         if not current:  # the usual cause on a fresh clone: another CPU (docs/running.md, "Across machines")
-            where = "".join(
-                f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("runs_dir", "readme") and v
+            where = (f" --runs-dir {args.runs_dir}" if args.runs_dir else "") + (
+                f" --readme {args.readme}" if args.readme else ""
             )
             print(
                 "  a run repeats its numbers exactly on the machine that made them, not on another CPU; "

@@ -185,7 +185,7 @@ def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -
     for s in p.extra_seeds:
         q = sp.replace(seed=s, out_dir=str(Path(p.out_dir) / f"sae_seed{s}"), online_shards_path="")
         r = shards.train(q, progress=False, data=inp.data)
-        _, _, z = fit.encode_all(r.sae.cpu(), inp.data)
+        _, _, z = fit.encode_all(r.sae.cpu(), inp.data, batch_size=sp.eval_batch_size)
         Ds = flatten(r.sae.directions(), names)
         rows[s] = alignment(
             z.numpy(), types, X, Ds, random_dictionaries(shapes, names, F, sp.rank, s), sp.k, s, sp.signed
@@ -228,7 +228,7 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
             else:
                 r = shards.train(q, progress=False)
                 sae, data, store, heldout = r.sae.cpu(), r.data, r.store, r.heldout_idx
-            _, _, z = fit.encode_all(sae, data)
+            _, _, z = fit.encode_all(sae, data, batch_size=sp.eval_batch_size)
             X = flatten({n: data[n] for n in names}, names)
             row = alignment(
                 z.numpy(),
@@ -240,7 +240,7 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
                 sp.seed,
                 q.signed,
             )
-            row["heldout_fvu"] = fit.evaluate(sae, data, heldout).get("fvu", np.nan)
+            row["heldout_fvu"] = fit.evaluate(sae, data, heldout, batch_size=sp.eval_batch_size).get("fvu", np.nan)
             rows[(k, norm)] = row
     keys = list(next(iter(rows.values())))
     return xr.Dataset(

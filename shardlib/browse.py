@@ -232,7 +232,7 @@ class Browser:
         return (
             "<h4>What it does (Δ reward per task; bold: above the noise floor)</h4>"
             + _table(["intervention"] + [str(t) for t in ds.task.values], rows)
-            + f"<p>Own task (highest mean |activation| over its events): {_esc(ds.task.values[int(s.own_task)])}.{size}</p>"
+            + f"<p>Own task (the task whose events give it the highest mean |activation|): {_esc(ds.task.values[int(s.own_task)])}.{size}</p>"
         )
 
     def gram(self) -> np.ndarray:

@@ -73,12 +73,6 @@ class FitParams(Params):
     aux_coef: float = param(TrainConfig.aux_coef, "weight of the AuxK loss", ge=0)
     dead_window: int = param(TrainConfig.dead_window, "a latent not fired within this many samples is dead", ge=1)
     holdout_frac: float = param(0.1, "fraction of events held out for evaluation", ge=0, lt=1)
-    eval_batch_size: int = param(
-        512,
-        "events per forward pass when every event is encoded and scored after training (memory grows with it "
-        "and with k on factored events)",
-        ge=1,
-    )
     checkpoint_every: int = param(10, "epochs between checkpoints", ge=1)
     device: str = param("auto", "'cpu', 'cuda' or 'auto'", choices=("auto", "cpu", "cuda"))
 

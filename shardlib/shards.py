@@ -49,6 +49,12 @@ class ShardParams(FitParams):
     online_shards_path: str = param(
         "", "shards.nc of an online SAE trained during the same RL run, to compare ('' = none)"
     )
+    eval_batch_size: int = param(
+        512,
+        "events per forward pass when every event is encoded and scored after training (memory grows with it "
+        "and with k on factored events)",
+        ge=1,
+    )
 
     def check(self):
         if not self.store_path:
@@ -114,8 +120,9 @@ def train(
     store = None
     if data is None:
         data, store = load_updates(p.store_path, p.params, p.skip_zero_updates, p.normalize)
-        if n_events(data) < 2:
-            raise ValueError(f"store {p.store_path} holds {n_events(data)} event(s); an SAE needs at least 2")
+        n = n_events(data)
+        if n < 2:
+            raise ValueError(f"store {p.store_path} holds {n} event(s); an SAE needs at least 2")
     res = fit(p, data, progress, stop_after, init_directions)
     res.store = store if res.stopped_at is None else None
     return res

@@ -51,7 +51,8 @@ def test_the_split_depends_only_on_the_seed():
 def test_fit_parameters_are_the_shard_stages_without_the_store(tmp_path):
     fit_names = {f.name for f in dataclasses.fields(FitParams)}
     shard_names = {f.name for f in dataclasses.fields(ShardParams)}
-    assert shard_names - fit_names == {"store_path", "params", "skip_zero_updates", "normalize", "online_shards_path"}
+    stage_only = {"store_path", "params", "skip_zero_updates", "normalize", "online_shards_path", "eval_batch_size"}
+    assert shard_names - fit_names == stage_only  # where the events come from, and how the stage encodes them
     assert issubclass(ShardParams, FitParams)
     with pytest.raises(ConfigError, match="store_path"):  # no placeholder store for events in memory
         FitParams.from_dict({"store_path": "planted"})
