@@ -92,7 +92,7 @@ def run(p: InstructParams) -> xr.Dataset:
         {
             "accuracy": ("task", acc),
             "reward": ("task", ev["reward"]),
-            "format_rate": ("task", np.array(ev["clauses"]["format"]) / max(p.format_bonus, 1e-12)),
+            "format_rate": ("task", np.array(ev["bare"])),
             "n": ("task", ev["n"]),
             "in_band": ("task", ((acc >= p.band[0]) & (acc <= p.band[1])).astype(np.int8)),
             "sample_task": ("sample", np.array(s["task"], dtype=object)),

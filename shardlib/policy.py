@@ -271,8 +271,9 @@ def sample_batch(model, testbed, batch: dict, generator, temperature: float = 1.
 def evaluate(
     model, testbed, n_prompts: int, seed: int, temperature: float = 1.0, device="cpu", sample_seed: int | None = None
 ) -> dict:
-    """Mean reward and per-clause reward by task family on a fixed held-out prompt set (fixed by ``seed``);
-    ``sample_seed`` draws the completions with another seed on the same prompts (the evaluation's noise)."""
+    """Mean reward and per-clause reward by task family on a fixed held-out prompt set (fixed by ``seed``), and
+    for text tasks the share of bare-number answers (``bare``); ``sample_seed`` draws the completions with another
+    seed on the same prompts (the evaluation's noise)."""
     gen = torch.Generator().manual_seed(10_000_019 + seed)
     batch = testbed.sample(n_prompts, gen)
     if sample_seed is not None:
@@ -292,4 +293,10 @@ def evaluate(
         ]
         for c, v in clauses.items()
     }
+    if hasattr(testbed, "bare_answers"):  # text tasks: the share of bare-number answers, whatever the reward pays
+        bare = testbed.bare_answers(comp, mask)
+        out["bare"] = [
+            float(bare[batch["task"] == k].mean()) if (batch["task"] == k).any() else float("nan")
+            for k in range(len(testbed.task_names))
+        ]
     return out

@@ -25,10 +25,10 @@ def is_smollm_run(run_dir) -> bool:
 
 def _text_rl(runs: dict[str, xr.Dataset]) -> str:
     """Per-family held-out reward before and after, GRPO (the first of ``runs``) and the SFT control (the second),
-    with its two parts: the share of correct answers and the share of bare-number answers (the format clause)."""
+    with the share of correct answers and the share of bare-number answers (what the format clause, if any, pays
+    for)."""
     rows, rises, right = [], {}, {}
     grpo, sft = runs
-    bonus = recorded_config(runs[grpo]).get("format_bonus") or 1.0
     for stage, ds in runs.items():
         d = ds.eval_reward_final - ds.eval_reward_init
         rises[stage] = int((d >= 0.05).sum())
@@ -36,7 +36,7 @@ def _text_rl(runs: dict[str, xr.Dataset]) -> str:
         for t in ds.task.values:
             r = ds.sel(task=t)
             correct = [float(r[f"eval_clause_{w}"].sel(clause=f"correct_{t}")) for w in ("init", "final")]
-            bare = [float(r[f"eval_clause_{w}"].sel(clause="format")) / bonus for w in ("init", "final")]
+            bare = [float(r[f"eval_bare_{w}"]) for w in ("init", "final")]
             right[stage] += correct[1] - correct[0] >= 0.05
             rows.append(
                 [
@@ -54,13 +54,16 @@ def _text_rl(runs: dict[str, xr.Dataset]) -> str:
     table = markdown_table(head, rows)
     cfg = recorded_config(runs[grpo])
     verdict = "met" if rises[grpo] >= 3 else "NOT met"
+    bonus = cfg.get("format_bonus")
+    reward = (
+        f"correct (1) plus the bare-number format clause ({bonus})" if bonus else "correct (1) only (no format clause)"
+    )
     return (
         table + f"\n\nHeld-out reward rose by ≥ 0.05 on {rises[grpo]} of {runs[grpo].sizes['task']} families "
         f"under GRPO (target ≥ 3: {verdict}) and on {rises[sft]} under the SFT control; the share of correct "
-        f"answers rose by ≥ 0.05 on {right[grpo]} under GRPO and {right[sft]} under SFT. Rewards are correct "
-        f"(1) plus the bare-number format clause ({cfg.get('format_bonus')}), one sampled completion per prompt at "
-        f"temperature {cfg.get('temperature')}; `correct` and `bare number` are the shares of held-out answers "
-        "earning each clause, before → after."
+        f"answers rose by ≥ 0.05 on {right[grpo]} under GRPO and {right[sft]} under SFT. Rewards are {reward}, "
+        f"one sampled completion per prompt at temperature {cfg.get('temperature')}; `correct` and `bare number` "
+        'are the shares of held-out answers that are right and that are a bare number ("12"), before → after.'
     )
 
 
@@ -198,7 +201,7 @@ def smollm_markdown(run_dir) -> str:
             f"(`{sparsity}/results.nc`).\n\n" + _text_sparsity(ds[sparsity]),
             bullets([sparsity], find),
             f"#### What shards mean and do\n\nOne matrix's shards (`{one}`: layer 15's down_proj, 64 latents; "
-            "the analysis makes events and shards dense), against event types (task × correct × format, "
+            "the analysis makes events and shards dense), against event types (task × correct, and format where it varies; "
             f"`shardlib/events.py`) and as interventions on the fine-tuned policy (`{analysis}/results.nc`).",
             bullets([analysis], find),
         ]

@@ -510,6 +510,13 @@ def history_dataset(history: list[dict], testbed, init_eval: dict, final_eval: d
         },
         coords={"step": steps, "task": list(testbed.task_names), "clause": clauses},
     )
+    if "bare" in init_eval:  # text tasks: the answer's form, whatever the format clause pays
+        for when, ev in (("init", init_eval), ("final", final_eval)):
+            ds[f"eval_bare_{when}"] = (
+                "task",
+                ev["bare"],
+                {"description": "share of held-out answers that are a bare number"},
+            )
     if init_eval.get("samples") and final_eval.get("samples"):  # text tasks: what the policy says, before and after
         a, b = init_eval["samples"], final_eval["samples"]
         ds["sample_task"] = ("sample", np.array(a["task"], dtype=object))

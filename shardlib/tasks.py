@@ -293,7 +293,8 @@ def _sub(g):
 
 
 # name: (what it asks, a function of a torch.Generator -> (question, integer answer), how the answer is read:
-# "last" = the completion's last integer, "only" = the one integer it names, see parse_answer)
+# "last" = the completion's last integer outside a restated operation, "only" = the one integer it names; see
+# parse_answer)
 TEXT_TASKS = {
     "add1": ("one-digit addition", _add1, "last"),
     "add2": ("two-digit addition", _add2, "last"),
@@ -302,17 +303,22 @@ TEXT_TASKS = {
     "max4": ("the largest of four 2-digit numbers", _max4, "only"),
 }
 _NUMBER = re.compile(r"-?\d+")
+_OPERATION = re.compile(r"\d+\s*[-+]\s*\d+")  # "7 + 5", "10-5": a restated operation, not an answer
 _BARE = re.compile(r"^\s*-?\d+\s*\.?\s*$")
 
 
 def parse_answer(text: str, rule: str = "last") -> int | None:
-    """The answer a completion gives, or None. ``last``: its last integer ("7 + 5 = 12." -> 12), for arithmetic,
-    where the working names the operands first. ``only``: the one distinct integer it names ("The larger number
-    is 95." -> 95), for choosing among the question's numbers: a completion that names several candidates
-    ("89 is larger than 95.") gives none, or restating the question would score (the last integer of "89 is
-    larger than 95." is the right answer to the wrong claim). Integers only: "95.0" names 95 and 0."""
+    """The answer a completion gives, or None. ``last``: its last integer outside any restated operation
+    ("7 + 5 = 12." -> 12), for arithmetic, where the working names the operands first; an echo of the question
+    names no answer ("To add 0 + 6, we need" -> None, where the last integer would have scored). ``only``: the
+    one distinct integer it names ("The larger number is 95." -> 95), for choosing among the question's numbers:
+    a completion that names several candidates ("89 is larger than 95.") gives none, or restating the question
+    would score (the last integer of "89 is larger than 95." is the right answer to the wrong claim). Integers
+    only: "95.0" names 95 and 0."""
     if rule not in ("last", "only"):
         raise ValueError(f"answer rule {rule!r}: use 'last' or 'only'")
+    if rule == "last":
+        text = _OPERATION.sub(" ", text)
     found = [int(x) for x in _NUMBER.findall(text)]
     if rule == "only":
         return found[0] if found and len(set(found)) == 1 else None
@@ -387,9 +393,13 @@ class TextTasks:
             task = self.task_names[int(batch["task"][i])]
             if parse_answer(text, TEXT_TASKS[task][2]) == int(batch["answer"][i]):
                 out[f"correct_{task}"][i] = 1.0
-            if _BARE.match(text):
-                out["format"][i] = self.format_bonus
+        out["format"] = self.bare_answers(completion, mask) * self.format_bonus
         return out
+
+    def bare_answers(self, completion: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """1 where a completion is a bare number ("12", "12."), 0 elsewhere, whatever the format clause pays
+        (nothing when ``format_bonus`` is 0): the evaluation reports this share beside the reward."""
+        return torch.tensor([float(bool(_BARE.match(t))) for t in self.texts(completion, mask)])
 
     def sft_targets(self, batch: dict):
         """The bare answer followed by the end-of-sequence token."""

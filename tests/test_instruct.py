@@ -17,6 +17,9 @@ def test_parse_answer():
     assert parse_answer("To add 7 and 5: 7 + 5 = 12.") == 12
     assert parse_answer("The answer is -3") == -3
     assert parse_answer("no number here") is None
+    assert parse_answer("To add 0 + 6, we need to consider") is None  # the echo's 6 is not an answer
+    assert parse_answer("10 - 5 = 5") == parse_answer("10-5=5") == 5 and parse_answer("5 - 10 = -5") == -5
+    assert parse_answer("4 + 3 is 7") == 7
     # choosing among the question's numbers: only a completion naming one number answers
     assert parse_answer("The larger number is 95.", "only") == parse_answer("95", "only") == 95
     assert parse_answer("89 is larger than 95.", "only") is None  # its last integer would have scored
@@ -68,6 +71,10 @@ def test_rewards_parse_each_tasks_answer_and_the_bare_format(testbed):
     # larger: only a completion that names the one right number scores; naming both never does, whatever order
     assert r["correct_larger"].tolist() == [0, 0, 0, 0, 0, 1]
     assert r["format"].tolist() == pytest.approx([0.2, 0, 0.2, 0, 0, 0])
+    # the answer's form is measured whatever the clause pays: with no format bonus, the reward is the correct share
+    assert testbed.bare_answers(comp, mask).tolist() == [1, 0, 1, 0, 0, 0]
+    plain = TextTasks(testbed.tokenizer, testbed.task_names, format_bonus=0.0)
+    assert plain.rewards(batch, comp, mask)["format"].tolist() == [0] * 6
 
 
 def test_sft_targets_are_the_bare_answers(testbed):
@@ -158,6 +165,9 @@ def test_grpo_step_on_text_collects_factored_events_with_text(tmp_path, tiny_ins
     ds = res.results  # the same held-out questions, answered before and after
     assert ds.sizes["sample"] == 8 and all(isinstance(t, str) for t in ds.sample_completion_final.values)
     assert set(ds.sample_task.values) <= {"add1", "sub"}
+    for when in ("init", "final"):  # the share of bare-number answers among a family's held-out prompts
+        bare, asked = ds[f"eval_bare_{when}"].values, ds.eval_n.values > 0
+        assert (np.isnan(bare) == ~asked).all() and ((bare[asked] >= 0) & (bare[asked] <= 1)).all()
     assert (tmp_path / "rl" / "policy" / "tokenizer.json").exists()  # the policy keeps its tokenizer
     steps = np.unique(ev.step.values)
     assert steps.tolist() == [0, 1]

@@ -22,15 +22,16 @@ def test_the_rl_table_splits_reward_into_correct_and_bare_number_answers():
 
     from shardlib.report_smollm import _text_rl
 
-    def run(correct, bare, n=(40, 30)):
+    def run(correct, bare, n=(40, 30), bonus=0.2):
         clauses = ["correct_add1", "correct_sub", "format"]
         ds = xr.Dataset(coords={"task": ["add1", "sub"], "clause": clauses})
         for w, i in (("init", 0), ("final", 1)):
-            c = [[correct[0][i], 0.0], [0.0, correct[1][i]], [0.2 * bare[0][i], 0.2 * bare[1][i]]]
+            c = [[correct[0][i], 0.0], [0.0, correct[1][i]], [bonus * bare[0][i], bonus * bare[1][i]]]
             ds[f"eval_clause_{w}"] = (("clause", "task"), c)
-            ds[f"eval_reward_{w}"] = ("task", [correct[t][i] + 0.2 * bare[t][i] for t in range(2)])
+            ds[f"eval_reward_{w}"] = ("task", [correct[t][i] + bonus * bare[t][i] for t in range(2)])
+            ds[f"eval_bare_{w}"] = ("task", [bare[t][i] for t in range(2)])
         ds["eval_n"] = ("task", list(n))
-        ds.attrs["config"] = json.dumps({"format_bonus": 0.2, "temperature": 0.7})
+        ds.attrs["config"] = json.dumps({"format_bonus": bonus, "temperature": 0.7})
         return ds
 
     grpo = run(correct=[(0.3, 0.1), (0.2, 0.1)], bare=[(0.0, 1.0), (0.0, 1.0)])  # reward +0.0 / +0.1
@@ -40,3 +41,9 @@ def test_the_rl_table_splits_reward_into_correct_and_bare_number_answers():
     assert "| sft_text | sub | 0.20 | 0.60 | +0.40 | 0.20 → 0.40 | 0.00 → 1.00 | 30 |" in md
     assert "rose by ≥ 0.05 on 1 of 2 families under GRPO (target ≥ 3: NOT met) and on 2 under" in md
     assert "correct answers rose by ≥ 0.05 on 0 under GRPO and 2 under SFT" in md
+    assert "plus the bare-number format clause (0.2)" in md
+    # no format clause: the reward is the correct share, and the bare-number share is still the answers' form
+    grpo = run(correct=[(0.3, 0.9), (0.2, 0.5)], bare=[(0.0, 0.25), (0.0, 0.0)], bonus=0.0)
+    md = _text_rl({"rl_text": grpo, "sft_text": sft})
+    assert "| rl_text | add1 | 0.30 | 0.90 | +0.60 | 0.30 → 0.90 | 0.00 → 0.25 | 40 |" in md
+    assert "Rewards are correct (1) only (no format clause)" in md
