@@ -268,6 +268,14 @@ def sample_batch(model, testbed, batch: dict, generator, temperature: float = 1.
 
 
 @torch.no_grad()
+def held_out_sample(testbed, n: int, generator: torch.Generator) -> dict:
+    """``n`` evaluation prompts: the testbed's held-out questions where it keeps them apart from training's (text
+    tasks), otherwise prompts drawn as training draws them (from spaces far larger than the prompts drawn)."""
+    if "held_out" in inspect.signature(testbed.sample).parameters:
+        return testbed.sample(n, generator, held_out=True)
+    return testbed.sample(n, generator)
+
+
 def evaluate(
     model, testbed, n_prompts: int, seed: int, temperature: float = 1.0, device="cpu", sample_seed: int | None = None
 ) -> dict:
@@ -275,7 +283,7 @@ def evaluate(
     for text tasks the share of bare-number answers (``bare``); ``sample_seed`` draws the completions with another
     seed on the same prompts (the evaluation's noise)."""
     gen = torch.Generator().manual_seed(10_000_019 + seed)
-    batch = testbed.sample(n_prompts, gen)
+    batch = held_out_sample(testbed, n_prompts, gen)
     if sample_seed is not None:
         gen = torch.Generator().manual_seed(20_000_003 + sample_seed)
     comp, mask = sample_batch(model, testbed, batch, gen, temperature, device)

@@ -3,7 +3,8 @@
 Both testbeds expose the same interface to the RL loop (``shardlib.rl``):
 
 - ``sample(n, generator) -> dict`` with ``prompt`` (what the policy conditions on)
-  and ``task`` (the event type's family: a task id, or a bandit context cluster);
+  and ``task`` (the event type's family: a task id, or a bandit context cluster); text tasks take
+  ``held_out=True`` for the evaluation's questions, disjoint from training's;
 - ``rewards(batch, completion, mask) -> dict[clause, Tensor[n]]``: the reward is a
   sum of named clauses, each recorded separately;
 - ``sft_targets(batch) -> (completion, mask)``: the correct answer (SFT control);
@@ -17,6 +18,7 @@ own algorithm (add, reverse, sort, parity, max).
 from __future__ import annotations
 
 import re
+import zlib
 
 import numpy as np
 import torch
@@ -307,6 +309,12 @@ _OPERATION = re.compile(r"\d+\s*[-+]\s*\d+")  # "7 + 5", "10-5": a restated oper
 _BARE = re.compile(r"^\s*-?\d+\s*\.?\s*$")
 
 
+def is_held_out(question: str) -> bool:
+    """Whether a question belongs to the held-out fifth of its family's questions (a fixed hash of its text):
+    the text testbed trains on the other four fifths and evaluates on this one."""
+    return zlib.crc32(question.encode()) % 5 == 0
+
+
 def parse_answer(text: str, rule: str = "last") -> int | None:
     """The answer a completion gives, or None. ``last``: its last integer outside any restated operation
     ("7 + 5 = 12." -> 12), for arithmetic, where the working names the operands first; an echo of the question
@@ -371,9 +379,19 @@ class TextTasks:
         )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def sample(self, n: int, generator: torch.Generator) -> dict:
-        task = torch.randint(len(self.task_names), (n,), generator=generator)
-        qa = [TEXT_TASKS[self.task_names[t]][1](generator) for t in task.tolist()]
+    def sample(self, n: int, generator: torch.Generator, held_out: bool = False) -> dict:
+        """``n`` questions, each of a family drawn uniformly. Training questions (``held_out=False``) and held-out
+        ones (``held_out=True``: the evaluation's) are disjoint sets (:func:`is_held_out`): one-digit addition has
+        only 100 questions, so questions drawn independently for training and evaluation would overlap, and a
+        held-out rise could be the training answers remembered."""
+        task, qa = [], []
+        while len(qa) < n:
+            t = int(torch.randint(len(self.task_names), (1,), generator=generator))
+            q, a = TEXT_TASKS[self.task_names[t]][1](generator)
+            if is_held_out(q) == held_out:
+                task.append(t)
+                qa.append((q, a))
+        task = torch.tensor(task, dtype=torch.long)
         ids = [self.render(q) for q, _ in qa]
         width = max(len(x) for x in ids)
         prompt = torch.full((n, width), self.pad_id)

@@ -61,6 +61,23 @@ def _completion(testbed, texts):
     return comp, (torch.cumsum((comp == testbed.eos_id).int(), 1) - (comp == testbed.eos_id).int()) == 0
 
 
+def test_held_out_questions_are_never_trained_on(testbed):
+    """Evaluation asks a fixed fifth of each family's questions and training the rest: one-digit addition has only
+    100 questions, which independent draws for training and evaluation would share."""
+    from shardlib.policy import held_out_sample
+    from shardlib.tasks import is_held_out
+
+    def questions(batch):
+        return {question(testbed.decode(p[m].tolist())) for p, m in zip(batch["prompt"], batch["prompt_mask"])}
+
+    train = questions(testbed.sample(300, torch.Generator().manual_seed(0)))
+    held = questions(held_out_sample(testbed, 300, torch.Generator().manual_seed(0)))
+    assert train and held and not train & held
+    assert all(is_held_out(q) for q in held) and not any(is_held_out(q) for q in train)
+    every_add1 = {f"What is {a} + {b}? Answer with the number only." for a in range(10) for b in range(10)}
+    assert 10 <= sum(map(is_held_out, every_add1)) <= 30  # about a fifth of the 100
+
+
 def test_rewards_parse_each_tasks_answer_and_the_bare_format(testbed):
     batch = {"task": torch.tensor([0, 0, 1, 2, 2, 2]), "answer": torch.tensor([12, 12, 4, 71, 71, 71])}
     texts = ["12", "The answer is 12.", "5", "71 is larger than 20", "20 is larger than 71.", "The larger is 71."]
