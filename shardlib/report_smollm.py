@@ -25,19 +25,21 @@ def is_smollm_run(run_dir) -> bool:
 
 def _text_rl(runs: dict[str, xr.Dataset]) -> str:
     """Per-family held-out reward before and after, GRPO (the first of ``runs``) and the SFT control (the second),
-    with the share of correct answers and the share of bare-number answers (what the format clause, if any, pays
-    for)."""
-    rows, rises, right = [], {}, {}
+    with the share of correct answers (± the standard error of its change, two independent binomial shares of
+    ``eval_n`` prompts) and the share of bare-number answers (what the format clause, if any, pays for)."""
+    rows, rises, right, clear = [], {}, {}, {}
     grpo, sft = runs
     for stage, ds in runs.items():
         d = ds.eval_reward_final - ds.eval_reward_init
         rises[stage] = int((d >= 0.05).sum())
-        right[stage] = 0
+        right[stage] = clear[stage] = 0
         for t in ds.task.values:
             r = ds.sel(task=t)
             correct = [float(r[f"eval_clause_{w}"].sel(clause=f"correct_{t}")) for w in ("init", "final")]
             bare = [float(r[f"eval_bare_{w}"]) for w in ("init", "final")]
+            se = float(np.sqrt(sum(c * (1 - c) for c in correct) / max(int(r.eval_n), 1)))
             right[stage] += correct[1] - correct[0] >= 0.05
+            clear[stage] += correct[1] - correct[0] > 2 * se
             rows.append(
                 [
                     stage,
@@ -45,7 +47,7 @@ def _text_rl(runs: dict[str, xr.Dataset]) -> str:
                     f"{float(r.eval_reward_init):.2f}",
                     f"{float(r.eval_reward_final):.2f}",
                     f"{float(r.eval_reward_final - r.eval_reward_init):+.2f}",
-                    f"{correct[0]:.2f} → {correct[1]:.2f}",
+                    f"{correct[0]:.2f} → {correct[1]:.2f} (± {se:.2f})",
                     f"{bare[0]:.2f} → {bare[1]:.2f}",
                     str(int(r.eval_n)),
                 ]
@@ -61,7 +63,8 @@ def _text_rl(runs: dict[str, xr.Dataset]) -> str:
     return (
         table + f"\n\nHeld-out reward rose by ≥ 0.05 on {rises[grpo]} of {runs[grpo].sizes['task']} families "
         f"under GRPO (target ≥ 3: {verdict}) and on {rises[sft]} under the SFT control; the share of correct "
-        f"answers rose by ≥ 0.05 on {right[grpo]} under GRPO and {right[sft]} under SFT. Rewards are {reward}, "
+        f"answers rose by ≥ 0.05 on {right[grpo]} under GRPO and {right[sft]} under SFT, and by more than twice its "
+        f"standard error (±, in the table) on {clear[grpo]} under GRPO and {clear[sft]} under SFT. Rewards are {reward}, "
         f"one sampled completion per prompt at temperature {cfg.get('temperature')}; `correct` and `bare number` "
         'are the shares of held-out answers that are right and that are a bare number ("12"), before → after.'
     )

@@ -37,13 +37,15 @@ def test_the_rl_table_splits_reward_into_correct_and_bare_number_answers():
     grpo = run(correct=[(0.3, 0.1), (0.2, 0.1)], bare=[(0.0, 1.0), (0.0, 1.0)])  # reward +0.0 / +0.1
     sft = run(correct=[(0.3, 0.6), (0.2, 0.4)], bare=[(0.0, 1.0), (0.0, 1.0)])
     md = _text_rl({"rl_text": grpo, "sft_text": sft})
-    assert "| rl_text | add1 | 0.30 | 0.30 | +0.00 | 0.30 → 0.10 | 0.00 → 1.00 | 40 |" in md
-    assert "| sft_text | sub | 0.20 | 0.60 | +0.40 | 0.20 → 0.40 | 0.00 → 1.00 | 30 |" in md
+    assert "| rl_text | add1 | 0.30 | 0.30 | +0.00 | 0.30 → 0.10 (± 0.09) | 0.00 → 1.00 | 40 |" in md
+    assert "| sft_text | sub | 0.20 | 0.60 | +0.40 | 0.20 → 0.40 (± 0.12) | 0.00 → 1.00 | 30 |" in md
     assert "rose by ≥ 0.05 on 1 of 2 families under GRPO (target ≥ 3: NOT met) and on 2 under" in md
     assert "correct answers rose by ≥ 0.05 on 0 under GRPO and 2 under SFT" in md
+    # sub's 0.2 -> 0.4 on 30 prompts is 1.7 standard errors (sqrt((0.16 + 0.24) / 30) = 0.115): not counted as clear
+    assert "more than twice its standard error (±, in the table) on 0 under GRPO and 1 under SFT" in md
     assert "plus the bare-number format clause (0.2)" in md
     # no format clause: the reward is the correct share, and the bare-number share is still the answers' form
     grpo = run(correct=[(0.3, 0.9), (0.2, 0.5)], bare=[(0.0, 0.25), (0.0, 0.0)], bonus=0.0)
     md = _text_rl({"rl_text": grpo, "sft_text": sft})
-    assert "| rl_text | add1 | 0.30 | 0.90 | +0.60 | 0.30 → 0.90 | 0.00 → 0.25 | 40 |" in md
+    assert "| rl_text | add1 | 0.30 | 0.90 | +0.60 | 0.30 → 0.90 (± 0.09) | 0.00 → 0.25 | 40 |" in md
     assert "Rewards are correct (1) only (no format clause)" in md
