@@ -57,7 +57,7 @@ def accuracy(ev: dict, tasks: list[str]) -> list[float]:
 def samples(model, testbed: TextTasks, n: int, seed: int, temperature: float, device=None) -> dict[str, list]:
     """``n`` held-out questions with one sampled completion each, and their reward."""
     gen = torch.Generator().manual_seed(20_000_003 + seed)
-    batch = testbed.sample(n, gen, held_out=True)
+    batch = pol.held_out_sample(testbed, n, gen)
     comp, mask = pol.sample_batch(model, testbed, batch, gen, temperature, device)
     texts = testbed.event_texts(batch, comp, mask)
     total = sum(testbed.rewards(batch, comp, mask).values())

@@ -76,6 +76,18 @@ def test_held_out_questions_are_never_trained_on(testbed):
     assert all(is_held_out(q) for q in held) and not any(is_held_out(q) for q in train)
     every_add1 = {f"What is {a} + {b}? Answer with the number only." for a in range(10) for b in range(10)}
     assert 10 <= sum(map(is_held_out, every_add1)) <= 30  # about a fifth of the 100
+    # testbeds without a held-out split (synthetic tokens, the bandit) draw evaluation prompts as training does
+    from shardlib.instruct import samples
+    from shardlib.tasks import SyntheticTasks
+
+    synthetic = SyntheticTasks()
+    a, b = (
+        held_out_sample(synthetic, 4, torch.Generator().manual_seed(1)),
+        synthetic.sample(4, torch.Generator().manual_seed(1)),
+    )
+    assert torch.equal(a["prompt"], b["prompt"])
+    model = pol.tiny_lm(synthetic.vocab_size, 16, 1, 2, 32, max_len=32)
+    assert len(samples(model, synthetic, 3, seed=0, temperature=1.0)["completion"]) == 3
 
 
 def test_rewards_parse_each_tasks_answer_and_the_bare_format(testbed):
