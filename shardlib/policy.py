@@ -267,15 +267,16 @@ def sample_batch(model, testbed, batch: dict, generator, temperature: float = 1.
     return comp.cpu(), mask.cpu()
 
 
-@torch.no_grad()
 def held_out_sample(testbed, n: int, generator: torch.Generator) -> dict:
     """``n`` evaluation prompts: the testbed's held-out questions where it keeps them apart from training's (text
-    tasks), otherwise prompts drawn as training draws them (from spaces far larger than the prompts drawn)."""
+    tasks), otherwise prompts drawn as training draws them (the bandit's contexts, the synthetic tasks' digit
+    strings: an evaluation prompt may be one that pretraining or RL also drew)."""
     if "held_out" in inspect.signature(testbed.sample).parameters:
         return testbed.sample(n, generator, held_out=True)
     return testbed.sample(n, generator)
 
 
+@torch.no_grad()
 def evaluate(
     model, testbed, n_prompts: int, seed: int, temperature: float = 1.0, device="cpu", sample_seed: int | None = None
 ) -> dict:

@@ -36,7 +36,7 @@ def _text_rl(runs: dict[str, xr.Dataset]) -> str:
         for t in ds.task.values:
             r = ds.sel(task=t)
             correct = [float(r[f"eval_clause_{w}"].sel(clause=f"correct_{t}")) for w in ("init", "final")]
-            bare = [float(r[f"eval_bare_{w}"]) for w in ("init", "final")]
+            bare = [float(r[f"eval_bare_{w}"]) if f"eval_bare_{w}" in r else float("nan") for w in ("init", "final")]
             se = float(np.sqrt(sum(c * (1 - c) for c in correct) / max(int(r.eval_n), 1)))
             right[stage] += correct[1] - correct[0] >= 0.05
             clear[stage] += correct[1] - correct[0] > 2 * se
@@ -48,7 +48,7 @@ def _text_rl(runs: dict[str, xr.Dataset]) -> str:
                     f"{float(r.eval_reward_final):.2f}",
                     f"{float(r.eval_reward_final - r.eval_reward_init):+.2f}",
                     f"{correct[0]:.2f} → {correct[1]:.2f} (± {se:.2f})",
-                    f"{bare[0]:.2f} → {bare[1]:.2f}",
+                    f"{bare[0]:.2f} → {bare[1]:.2f}" if np.isfinite(bare).all() else "–",  # results before eval_bare
                     str(int(r.eval_n)),
                 ]
             )

@@ -265,7 +265,7 @@ def check_signal(p: RLParams, testbed, ev: dict, min_prompts: int = 16) -> None:
         raise ValueError(
             f"parameter 'tasks': the starting policy earns no reward on {', '.join(dead)} held-out prompts, so GRPO "
             "has nothing to reinforce there; drop those families (the model stage measures each one), raise "
-            "max_new_tokens or format_bonus, or set require_signal: false"
+            "max_new_tokens, or set require_signal: false"
         )
 
 

@@ -317,8 +317,9 @@ def is_held_out(question: str) -> bool:
 
 def parse_answer(text: str, rule: str = "last") -> int | None:
     """The answer a completion gives, or None. ``last``: its last integer outside any restated operation
-    ("7 + 5 = 12." -> 12), for arithmetic, where the working names the operands first; an echo of the question
-    names no answer ("To add 0 + 6, we need" -> None, where the last integer would have scored). ``only``: the
+    ("7 + 5 = 12." -> 12), for arithmetic, where the working names the operands first; an echo of the operation
+    names no answer ("To add 0 + 6, we need" -> None, where the last integer would have scored). Only symbolic
+    operations are skipped: "To add 0 and 6" still gives 6. ``only``: the
     one distinct integer it names ("The larger number is 95." -> 95), for choosing among the question's numbers:
     a completion that names several candidates ("89 is larger than 95.") gives none, or restating the question
     would score (the last integer of "89 is larger than 95." is the right answer to the wrong claim). Integers
@@ -339,9 +340,10 @@ class TextTasks:
     A prompt is the chat template's rendering of one user question (the template's default system
     prompt included), tokenized and left-padded to the batch's longest prompt, with ``prompt_mask``
     marking real tokens. The answer is read from the decoded completion by the task's rule (:func:`parse_answer`:
-    the last integer for arithmetic, the only integer named for choosing a number). Clauses:
-    ``correct_<task>`` (1 when that integer is the answer, on that task's prompts only) and ``format``
-    (``format_bonus`` when the completion is the bare number: the easy first signal for GRPO).
+    for arithmetic the last integer outside a restated operation, the only integer named for choosing a number).
+    Clauses: ``correct_<task>`` (1 when that integer is the answer, on that task's prompts only) and ``format``
+    (``format_bonus`` when the completion is the bare number; on SmolLM2 GRPO learnt this clause instead of the
+    tasks, and configs/smollm.yaml pays none).
     Each event's prompt and completion text are kept as labels (:meth:`event_texts`).
     """
 
@@ -385,12 +387,19 @@ class TextTasks:
         only 100 questions, so questions drawn independently for training and evaluation would overlap, and a
         held-out rise could be the training answers remembered."""
         task, qa = [], []
-        while len(qa) < n:
+        for _ in range(1000 * n):  # a fifth of the questions are held out: about 5 n draws for n
+            if len(qa) == n:
+                break
             t = int(torch.randint(len(self.task_names), (1,), generator=generator))
             q, a = TEXT_TASKS[self.task_names[t]][1](generator)
             if is_held_out(q) == held_out:
                 task.append(t)
                 qa.append((q, a))
+        if len(qa) < n:
+            raise ValueError(
+                f"text tasks {self.task_names}: {len(qa)} of {n} {'held-out' if held_out else 'training'} questions "
+                "found in 1000 draws each; a family's questions must fall on both sides of the split (is_held_out)"
+            )
         task = torch.tensor(task, dtype=torch.long)
         ids = [self.render(q) for q, _ in qa]
         width = max(len(x) for x in ids)

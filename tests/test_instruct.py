@@ -90,6 +90,15 @@ def test_held_out_questions_are_never_trained_on(testbed):
     assert len(samples(model, synthetic, 3, seed=0, temperature=1.0)["completion"]) == 3
 
 
+def test_a_family_on_one_side_of_the_split_is_an_error_not_a_hang(testbed, monkeypatch):
+    import shardlib.tasks as tasks
+
+    monkeypatch.setattr(tasks, "is_held_out", lambda question: False)  # no held-out question anywhere
+    testbed.sample(3, torch.Generator().manual_seed(0))  # training questions: found
+    with pytest.raises(ValueError, match="0 of 3 held-out questions found in 1000 draws each"):
+        testbed.sample(3, torch.Generator().manual_seed(0), held_out=True)
+
+
 def test_rewards_parse_each_tasks_answer_and_the_bare_format(testbed):
     batch = {"task": torch.tensor([0, 0, 1, 2, 2, 2]), "answer": torch.tensor([12, 12, 4, 71, 71, 71])}
     texts = ["12", "The answer is 12.", "5", "71 is larger than 20", "20 is larger than 71.", "The larger is 71."]

@@ -49,3 +49,6 @@ def test_the_rl_table_splits_reward_into_correct_and_bare_number_answers():
     md = _text_rl({"rl_text": grpo, "sft_text": sft})
     assert "| rl_text | add1 | 0.30 | 0.90 | +0.60 | 0.30 → 0.90 (± 0.09) | 0.00 → 0.25 | 40 |" in md
     assert "Rewards are correct (1) only (no format clause)" in md
+    # results written before the bare-number share was recorded: the column says so instead of failing
+    md = _text_rl({"rl_text": grpo.drop_vars(["eval_bare_init", "eval_bare_final"]), "sft_text": sft})
+    assert "| rl_text | add1 | 0.30 | 0.90 | +0.60 | 0.30 → 0.90 (± 0.09) | – | 40 |" in md
