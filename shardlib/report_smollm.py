@@ -13,7 +13,7 @@ import xarray as xr
 from . import findings
 from .io import load_results
 from .report_default import bullets, frontier_table, markdown_table
-from .runs import ReportError, by_kind, recorded_config, run_stages, wall_times
+from .runs import WALL, ReportError, by_kind, recorded_config, run_stages, wall_times
 
 SMOLLM_KINDS = ("model", "rl", "shards", "frontier", "sparsity", "analysis")
 
@@ -116,8 +116,8 @@ def _text_storage(run_dir: Path, stage: str, rl: xr.Dataset) -> str:
         f"{fmt_bytes(c['disk_per_event'])} per event on disk (labels, text and netCDF overhead included) against "
         f"{fmt_bytes(c['dense_per_event'])} dense fp32: {ratio:.0f}× smaller (target ≥ 30×: "
         f"{'met' if ratio >= 30 else 'NOT met'}); the compression kept {c['kept_mean']:.3f} of each event's squared "
-        f"norm on average (lowest {c['kept_min']:.3f}). A step that collected took {over:.2f}× as long as one that "
-        f"did not (median; target ≤ 1.5×: {'met' if over <= 1.5 else 'NOT met'})."
+        f"norm on average (lowest {c['kept_min']:.3f}).\n\nA step that collected took {over:.2f}× as long as one that "
+        f"did not (median; target ≤ 1.5×: {'met' if over <= 1.5 else 'NOT met'}). {WALL}"  # timed: not checked
     )
 
 
@@ -162,8 +162,8 @@ def _text_sae_cost(stage: str, shards: xr.Dataset, frontier: xr.Dataset) -> str:
     return (
         f"The shard SAE (`{stage}`: {cfg.get('n_latents')} latents, k = {cfg.get('k')}, rank {cfg.get('rank')}, "
         f"{int(shards['n_parameters']):,} parameters against {int(shards['dense_n_parameters']):,} for dense "
-        f"latents) trained on the factored store in {float(shards['train_seconds']):.0f} s, {mem}; the frontier "
-        f"reaches k = {kmax} (target k = 64: {'met' if kmax >= 64 else 'NOT met'})."
+        f"latents) trained on the factored store in {float(shards['train_seconds']):.0f} s, {mem}. {WALL}\n\n"
+        f"The frontier reaches k = {kmax} (target k = 64: {'met' if kmax >= 64 else 'NOT met'})."
     )
 
 
