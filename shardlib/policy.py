@@ -289,23 +289,13 @@ def evaluate(
         gen = torch.Generator().manual_seed(20_000_003 + sample_seed)
     comp, mask = sample_batch(model, testbed, batch, gen, temperature, device)
     clauses = testbed.rewards(batch, comp, mask)
-    total = sum(clauses.values())
-    out = {"reward": [], "n": []}
-    for k in range(len(testbed.task_names)):
-        sel = batch["task"] == k
-        out["reward"].append(float(total[sel].mean()) if sel.any() else float("nan"))
-        out["n"].append(int(sel.sum()))
-    out["clauses"] = {
-        c: [
-            float(v[batch["task"] == k].mean()) if (batch["task"] == k).any() else float("nan")
-            for k in range(len(testbed.task_names))
-        ]
-        for c, v in clauses.items()
-    }
+    sel = [batch["task"] == k for k in range(len(testbed.task_names))]
+
+    def by_task(v: torch.Tensor) -> list[float]:  # the mean over each family's prompts (NaN where it has none)
+        return [float(v[s].mean()) if s.any() else float("nan") for s in sel]
+
+    out = {"reward": by_task(sum(clauses.values())), "n": [int(s.sum()) for s in sel]}
+    out["clauses"] = {c: by_task(v) for c, v in clauses.items()}
     if hasattr(testbed, "bare_answers"):  # text tasks: the share of bare-number answers, whatever the reward pays
-        bare = testbed.bare_answers(comp, mask)
-        out["bare"] = [
-            float(bare[batch["task"] == k].mean()) if (batch["task"] == k).any() else float("nan")
-            for k in range(len(testbed.task_names))
-        ]
+        out["bare"] = by_task(testbed.bare_answers(comp, mask))
     return out

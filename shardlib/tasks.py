@@ -309,6 +309,11 @@ _OPERATION = re.compile(r"\d+\s*[-+]\s*\d+")  # "7 + 5", "10-5": a restated oper
 _BARE = re.compile(r"^\s*-?\d+\s*\.?\s*$")
 
 
+def _bare(texts: list[str]) -> torch.Tensor:
+    """1 where a decoded completion is a bare number, else 0."""
+    return torch.tensor([float(bool(_BARE.match(t))) for t in texts])
+
+
 def is_held_out(question: str) -> bool:
     """Whether a question belongs to the held-out fifth of its family's questions (a fixed hash of its text):
     the text testbed trains on the other four fifths and evaluates on this one."""
@@ -319,11 +324,10 @@ def parse_answer(text: str, rule: str = "last") -> int | None:
     """The answer a completion gives, or None. ``last``: its last integer outside any restated operation
     ("7 + 5 = 12." -> 12), for arithmetic, where the working names the operands first; an echo of the operation
     names no answer ("To add 0 + 6, we need" -> None, where the last integer would have scored). Only symbolic
-    operations are skipped: "To add 0 and 6" still gives 6. ``only``: the
-    one distinct integer it names ("The larger number is 95." -> 95), for choosing among the question's numbers:
-    a completion that names several candidates ("89 is larger than 95.") gives none, or restating the question
-    would score (the last integer of "89 is larger than 95." is the right answer to the wrong claim). Integers
-    only: "95.0" names 95 and 0."""
+    operations are skipped: "To add 0 and 6" still gives 6. ``only``: the one distinct integer it names ("The
+    larger number is 95." -> 95), for choosing among the question's numbers: a completion that names several
+    candidates ("89 is larger than 95.") gives none, or restating the question would score (the last integer of
+    "89 is larger than 95." is the right answer to the wrong claim). Integers only: "95.0" names 95 and 0."""
     if rule not in ("last", "only"):
         raise ValueError(f"answer rule {rule!r}: use 'last' or 'only'")
     if rule == "last":
@@ -416,17 +420,18 @@ class TextTasks:
     def rewards(self, batch: dict, completion: torch.Tensor, mask: torch.Tensor) -> dict:
         n = completion.shape[0]
         out = {c: torch.zeros(n) for c in self.clause_names}
-        for i, text in enumerate(self.texts(completion, mask)):
+        texts = self.texts(completion, mask)
+        for i, text in enumerate(texts):
             task = self.task_names[int(batch["task"][i])]
             if parse_answer(text, TEXT_TASKS[task][2]) == int(batch["answer"][i]):
                 out[f"correct_{task}"][i] = 1.0
-        out["format"] = self.bare_answers(completion, mask) * self.format_bonus
+        out["format"] = _bare(texts) * self.format_bonus
         return out
 
     def bare_answers(self, completion: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """1 where a completion is a bare number ("12", "12."), 0 elsewhere, whatever the format clause pays
         (nothing when ``format_bonus`` is 0): the evaluation reports this share beside the reward."""
-        return torch.tensor([float(bool(_BARE.match(t))) for t in self.texts(completion, mask)])
+        return _bare(self.texts(completion, mask))
 
     def sft_targets(self, batch: dict):
         """The bare answer followed by the end-of-sequence token."""
