@@ -233,8 +233,9 @@ def test_a_run_cannot_nest_inside_another_runs_folder(tmp_path):
 
 
 def _timing_notebook(folder: Path) -> Path:
-    """A stage notebook of seconds: waits ``wait`` s (or until the file ``until`` exists), writes its start and end
-    times, its ``OMP_NUM_THREADS`` and its working folder to ``times.json`` in its folder, raises when ``fail``."""
+    """A stage notebook of seconds: marks its start with the file ``started`` in its folder, waits until the file
+    ``until`` exists and holds ``until_text`` (two minutes at most), then ``wait`` s, writes its start and end times, its ``OMP_NUM_THREADS`` and its working folder to ``times.json`` in its
+    folder; raises at once when ``fail``."""
     import nbformat
 
     folder.mkdir(exist_ok=True)
@@ -243,15 +244,19 @@ def _timing_notebook(folder: Path) -> Path:
     )
     nb.cells = [
         nbformat.v4.new_code_cell(
-            'out_dir = ""\nseed = 0\nwait = 0.0\nuntil = ""\ninp = ""\nfail = False', metadata={"tags": ["parameters"]}
+            'out_dir = ""\nseed = 0\nwait = 0.0\nuntil = ""\nuntil_text = ""\ninp = ""\nfail = False',
+            metadata={"tags": ["parameters"]},
         ),
         nbformat.v4.new_code_cell(
             "import json, os, pathlib, time\n"
             "t0 = time.time()\n"
+            "pathlib.Path(out_dir, 'started').touch()\n"
             "assert not fail, 'asked to fail'\n"
-            "time.sleep(wait)\n"
-            "while until and not pathlib.Path(until).exists():\n"
+            "def arrived():\n"
+            "    return pathlib.Path(until).exists() and until_text in pathlib.Path(until).read_text()\n"
+            "while until and not arrived() and time.time() < t0 + 120:\n"
             "    time.sleep(0.05)\n"
+            "time.sleep(wait)\n"
             "threads = os.environ.get('OMP_NUM_THREADS')\n"
             "pathlib.Path(out_dir, 'times.json').write_text(json.dumps([t0, time.time(), threads, os.getcwd()]))"
         ),
@@ -305,8 +310,9 @@ def test_two_concurrent_cli_runs_on_one_run_name(tmp_path):
 def test_jobs_run_independent_stages_at_once_and_inputs_first(tmp_path):
     nbs = _timing_notebook(tmp_path / "nbs")
     stages = {
-        "a": {"notebook": "timing.ipynb", "params": {"wait": 1.0}},
-        "b": {"notebook": "timing.ipynb", "params": {"wait": 1.0}},
+        # each waits until the other has started: together they finish only if they run at the same time
+        "a": {"notebook": "timing.ipynb", "params": {"until": str(tmp_path / "runs" / "jobs" / "b" / "started")}},
+        "b": {"notebook": "timing.ipynb", "params": {"until": str(tmp_path / "runs" / "jobs" / "a" / "started")}},
         "c": {"notebook": "timing.ipynb", "params": {"inp": "@a"}},
     }
     cfg = {"run": "jobs", "seed": 0, "stages": stages}
@@ -331,9 +337,16 @@ def test_jobs_run_independent_stages_at_once_and_inputs_first(tmp_path):
 
 
 def test_after_a_failure_no_stage_starts_and_the_running_ones_finish(tmp_path):
+    """Stage "slow" finishes a second after "bad" has recorded its failure (not after a fixed time: under load, bad's
+    kernel can start later than slow's by more than any fixed wait), so the runner knows of the failure when slow's
+    dependant "later" would become ready."""
     nbs = _timing_notebook(tmp_path / "nbs")
+    bad_state = tmp_path / "runs" / "fails" / "bad" / ".stage.json"
     stages = {
-        "slow": {"notebook": "timing.ipynb", "params": {"wait": 1.5}},
+        "slow": {
+            "notebook": "timing.ipynb",
+            "params": {"until": str(bad_state), "until_text": '"failed"', "wait": 1.0},
+        },
         "bad": {"notebook": "timing.ipynb", "params": {"fail": True}},
         "later": {"notebook": "timing.ipynb", "params": {"inp": "@slow"}},
     }
@@ -425,7 +438,7 @@ def test_a_done_record_is_trusted_only_while_its_outputs_are_there(tmp_path):
     kw = dict(runs_dir=tmp_path / "runs", notebook_dirs=[nbs], log=logged.append)
     out = tmp_path / "runs" / "r" / "a"
     runner.run(cfg, **kw)
-    assert json.loads((out / STAGE_FILE).read_text())["outputs"] == ["notebook.ipynb", "times.json"]
+    assert json.loads((out / STAGE_FILE).read_text())["outputs"] == ["notebook.ipynb", "started", "times.json"]
     (out / "times.json").unlink()
     (out / "times.json").mkdir()  # the results file replaced by a folder
     assert [r["status"] for r in runner.run(cfg, **kw)] == ["done"]
