@@ -186,18 +186,61 @@ def logprobs(model, prompt, completion, vocab_size: int | None = None, temperatu
 
 
 @torch.no_grad()
+def _common_prefix(prompt: torch.Tensor, attn: torch.Tensor) -> int:
+    """Length of the token prefix every left-padded row starts with (a chat template's system turn), at most
+    each row's length less one: every row keeps a token of its own to predict from."""
+    lengths = attn.sum(1)
+    width, shortest = prompt.shape[1], int(lengths.min())
+    starts = width - lengths
+    cols = torch.arange(max(shortest - 1, 0))
+    if not len(cols):
+        return 0
+    aligned = prompt.gather(1, starts[:, None] + cols[None])  # each row's real tokens, from its first
+    same = (aligned == aligned[:1]).all(0)
+    return int(same.long().cumprod(0).sum())
+
+
+def _encode_prompts(model, prompt, attn, key: str):
+    """The prompts' forward pass with the key/value cache, computed once for what rows share: the common prefix
+    once (one row), each distinct row's remainder once (GRPO's groups repeat a prompt ``group_size`` times),
+    then the cache and last logits spread back to every row. The rows are laid out ``[prefix | padding |
+    remainder]`` with the attention mask saying so; positions count real tokens, as for left padding, so
+    every row sees what it would alone. Returns the last logits, the cache, the attention mask and the last
+    positions, one row per prompt row."""
+    n, width = prompt.shape
+    rows, inverse = torch.unique(torch.cat([prompt, attn], 1), dim=0, return_inverse=True)
+    prompt, attn = rows[:, :width], rows[:, width:]
+    P = _common_prefix(prompt, attn)
+    own = attn.sum(1) - P  # each row's tokens after the prefix
+    rest = int(own.max())
+    # the remainders are the last `rest` columns (rows are right-aligned), masked where a row's own part starts later
+    remainder = prompt[:, width - rest :]
+    mask = (torch.arange(rest, device=prompt.device)[None] >= (rest - own)[:, None]).long()
+    cache = {}
+    if P:
+        first = width - int(attn[0].sum())
+        pre = model(input_ids=prompt[:1, first : first + P], use_cache=True, logits_to_keep=1)
+        cache = {key: getattr(pre, key)}
+        cache[key].reorder_cache(torch.zeros(len(rows), dtype=torch.long, device=prompt.device))
+    full = torch.cat([torch.ones_like(attn[:, :P]), mask], 1)
+    pos = _positions(full)[:, P:]
+    out = model(input_ids=remainder, attention_mask=full, position_ids=pos, use_cache=True, logits_to_keep=1, **cache)
+    past = getattr(out, key)
+    past.reorder_cache(inverse.to(prompt.device))
+    return out.logits[inverse], past, full[inverse], pos[inverse][:, -1:]
+
+
 def _sample_cached(model, prompt, prompt_mask, max_new_tokens: int, generator, temperature: float, eos_id: int):
-    """Sampling with the key/value cache over left-padded prompts; rows that have ended keep emitting
-    ``eos_id`` (masked out of every loss by the completion mask)."""
-    attn = prompt_mask.long()
-    out = model(input_ids=prompt, attention_mask=attn, position_ids=_positions(attn), use_cache=True, logits_to_keep=1)
-    pos = _positions(attn)[:, -1:]
+    """Sampling with the key/value cache over left-padded prompts (their shared prefix and repeated rows
+    encoded once: :func:`_encode_prompts`); rows that have ended keep emitting ``eos_id`` (masked out of every
+    loss by the completion mask)."""
     # transformers 5.2x names the key/value cache `cache` (argument and output), earlier releases `past_key_values`
     key = "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+    logits, past, attn, pos = _encode_prompts(model, prompt, prompt_mask.long(), key)
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     tokens = []
     for t in range(max_new_tokens):
-        probs = F.softmax(out.logits[:, -1].float() / temperature, -1)
+        probs = F.softmax(logits[:, -1].float() / temperature, -1)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(prompt.device)
         nxt = torch.where(done[:, None], torch.full_like(nxt, eos_id), nxt)
         tokens.append(nxt)
@@ -206,7 +249,8 @@ def _sample_cached(model, prompt, prompt_mask, max_new_tokens: int, generator, t
             break
         attn = torch.cat([attn, torch.ones_like(nxt)], dim=1)
         pos = pos + 1
-        out = model(input_ids=nxt, attention_mask=attn, position_ids=pos, use_cache=True, **{key: getattr(out, key)})
+        out = model(input_ids=nxt, attention_mask=attn, position_ids=pos, use_cache=True, **{key: past})
+        logits, past = out.logits, getattr(out, key)
     completion = torch.cat(tokens, dim=1)
     pad = max_new_tokens - completion.shape[1]  # every row ended early: fill to the fixed width
     if pad:

@@ -194,7 +194,7 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     testbed = make_testbed(p)
     model = initial_policy(p, testbed)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if p.kl_beta > 0 else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr, fused=True)  # one pass a tensor
 
     ckpt = out / "checkpoint"
     start, history, model, optimizer = resume(p, ckpt, model, optimizer, log)
@@ -286,7 +286,7 @@ def resume(p: RLParams, ckpt: Path, model, optimizer, log=print):
     if state is None:
         return 0, [], model, optimizer
     model = pol.load_policy(ckpt / "policy")
-    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr, fused=True)  # one pass a tensor
     load_optimizer(optimizer, ckpt)
     log(f"resuming from checkpoint at step {state['step']}")
     return state["step"], state["history"], model, optimizer
@@ -390,14 +390,15 @@ def rollout(p: RLParams, testbed, base, step: int, acc) -> Rollout:
 def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, collector, testbed) -> dict[str, float]:
     """``inner_epochs`` optimizer steps on one rollout (``grad_accum`` micro-batches each), collecting
     event and step updates where ``collector`` is active; returns mean loss, KL and entropy."""
-    base = pol.unwrap(model)
     vs = getattr(testbed, "vocab_size", None)
     prompt_d, comp_d, mask_d, adv_d = (x.to(acc.device) for x in (ro.rep["prompt"], ro.comp, ro.mask, ro.adv))
     pmask_d = ro.rep["prompt_mask"].to(acc.device) if "prompt_mask" in ro.rep else None  # text: left padding
     temp = p.temperature if p.algorithm == "grpo" else 1.0  # SFT: the likelihood of the targets
     with torch.no_grad():
-        old_logp = pol.logprobs(base, prompt_d, comp_d, vs, temp, pmask_d)[0]
         ref_logp = pol.logprobs(ref, prompt_d, comp_d, vs, temp, pmask_d)[0] if ref is not None else None
+    # the sampling policy's log-probabilities: those of the first inner epoch's forward passes, detached (no optimizer
+    # step comes before that epoch's last micro-batch has gone forward), not a forward pass of their own
+    old_logp = torch.zeros(comp_d.shape, device=acc.device)
     rollout_tokens = mask_d.float().sum()
     if acc.num_processes > 1:
         rollout_tokens = acc.reduce(rollout_tokens, "sum") / acc.num_processes
@@ -415,6 +416,8 @@ def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, co
                 with collector.capture(collect) if collector is not None else nullcontext():
                     pmask = None if pmask_d is None else pmask_d[sl]
                     logp, ent = pol.logprobs(model, prompt_d[sl], comp_d[sl], vs, temp, pmask)
+                    if epoch == 0:
+                        old_logp[sl] = logp.detach()
                     msk = mask_d[sl].float()
                     ntok = msk.sum().clamp(min=1)
                     if p.algorithm == "grpo":

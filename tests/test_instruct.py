@@ -146,6 +146,37 @@ def test_padded_logprobs_equal_unpadded(testbed, tiny_instruct_dir):
     assert torch.equal(comp, again)  # seeded sampling is deterministic
 
 
+def test_prompts_share_their_prefix_and_repeats_once_with_unchanged_logits(testbed, tiny_instruct_dir):
+    """The sampler's prompt pass: the common prefix goes forward once (one row), each distinct prompt's remainder
+    once, and the logits and cache it spreads back to the repeated rows are those of the plain left-padded pass."""
+    import inspect
+
+    model = pol.load_policy(tiny_instruct_dir).eval()
+    batch = testbed.sample(3, torch.Generator().manual_seed(4))
+    prompt, attn = batch["prompt"].repeat_interleave(2, 0), batch["prompt_mask"].long().repeat_interleave(2, 0)
+    P = pol._common_prefix(prompt, attn)
+    first = prompt[0, -int(attn[0].sum()) :]
+    assert P > 0 and testbed.decode(first[:P].tolist()).startswith("<|im_start|>")  # the chat template's opening
+    shapes = []
+    model.model.embed_tokens.register_forward_pre_hook(lambda _, a: shapes.append(tuple(a[0].shape)))
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        logits, past, full, pos = pol._encode_prompts(model, prompt, attn, key)
+        assert shapes == [(1, P), (3, prompt.shape[1] - P)]  # the prefix once, each distinct remainder once
+        plain = model(input_ids=prompt, attention_mask=attn, position_ids=pol._positions(attn), logits_to_keep=1)
+        torch.testing.assert_close(logits, plain.logits, atol=1e-5, rtol=1e-5)
+        nxt = plain.logits[:, -1].argmax(-1, keepdim=True)  # one more token through the spread cache
+        step = model(
+            input_ids=nxt,
+            attention_mask=torch.cat([full, torch.ones_like(nxt)], 1),
+            position_ids=pos + 1,
+            **{key: past},
+        )
+        seq, mask = torch.cat([prompt, nxt], 1), torch.cat([attn, torch.ones_like(nxt)], 1)
+        whole = model(input_ids=seq, attention_mask=mask, position_ids=pol._positions(mask), logits_to_keep=1)
+        torch.testing.assert_close(step.logits[:, -1], whole.logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_model_stage_measures_every_family(tmp_path, tiny_instruct_dir):
     from tiny_gguf import tiny_gguf_path
 
