@@ -17,6 +17,10 @@ A papermill sweep is a stage with ``sweep: {param: [v1, v2, ...], ...}``: it exp
 one run of its notebook per combination, in ``runs/<run>/<stage>/<p1>=<v1>,<p2>=<v2>/``;
 ``@stage`` (the sweep's folder) makes every combination an input of a later stage.
 
+``memory_gb: 11`` (a stage's, or each of a sweep's combinations') is the peak memory it is known to need:
+with ``--jobs`` above 1, a stage does not start beside running ones when their declared memory and its own
+would pass the machine's; it waits for them (stages that declare nothing count as none).
+
 A stage whose notebook, parameters, inputs and library code (the shardlib modules its
 notebook imports, directly or through other modules: :mod:`shardlib.fingerprint`) are
 unchanged since it last finished is skipped; one that was interrupted re-runs in its folder (RL stages resume from their
@@ -79,6 +83,12 @@ class Stage:
     params: dict
     deps: list[str]
     out_dir: Path
+    memory_gb: float = 0.0
+
+
+def machine_memory_gb() -> float:
+    """The machine's physical memory in GiB (what declared ``memory_gb`` is weighed against)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def notebook_parameters(nb: Path) -> set[str]:
@@ -234,9 +244,16 @@ def plan(cfg: dict, runs_dir=None, notebook_dirs=()) -> list[Stage]:
         check_name("stage", name)
         if not isinstance(spec, dict):
             raise PipelineError(f"stage {name!r}: expected a mapping with notebook, params (and sweep)")
-        unknown = set(spec) - {"notebook", "params", "sweep"}
+        unknown = set(spec) - {"notebook", "params", "sweep", "memory_gb"}
         if unknown:
-            raise PipelineError(f"stage {name!r}: unknown key(s) {sorted(unknown)}; accepted: notebook, params, sweep")
+            raise PipelineError(
+                f"stage {name!r}: unknown key(s) {sorted(unknown)}; accepted: notebook, params, sweep, memory_gb"
+            )
+        memory = spec.get("memory_gb", 0)
+        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not 0 <= memory < 1e6:
+            raise PipelineError(
+                f"stage {name!r}: memory_gb must be a number of GiB (the stage's peak memory), got {memory!r}"
+            )
         nb = _notebook(name, spec, notebook_dirs)
         known = settable(nb)
         params, deps = {}, []
@@ -284,7 +301,7 @@ def plan(cfg: dict, runs_dir=None, notebook_dirs=()) -> list[Stage]:
             if not inside(out, run_dir) or out.resolve() == run_dir.resolve():  # belt and braces
                 raise PipelineError(f"stage {sname!r}: folder {out} is not inside the run folder {run_dir}")
             sp = {**params, **combo, "out_dir": str(out), "seed": seed}
-            stages.append(Stage(sname, nb, sp, sorted(set(deps)), out))
+            stages.append(Stage(sname, nb, sp, sorted(set(deps)), out, float(memory)))
             groups[name].append(sname)
         seen.add(name)
     return stages
@@ -487,9 +504,10 @@ def _execute_all(todo: list, n: int, cfg: dict, force: bool, records: dict, log,
     finish. Ctrl-C stops the running stages too, not waiting for them."""
     import concurrent.futures as cf
 
-    jobs = cfg["jobs"]
+    jobs, budget = cfg["jobs"], machine_memory_gb()
     waiting = {st.name for _, st, _, _ in todo}  # not finished yet: a later stage that reads one waits
     failure, idents = None, {}  # idents: the thread each running stage executes in (jobs > 1)
+    held_back = set()  # stages logged as waiting for memory
 
     def in_thread(st: Stage, record: dict) -> float:
         idents[st.name] = threading.get_ident()
@@ -513,8 +531,19 @@ def _execute_all(todo: list, n: int, cfg: dict, force: bool, records: dict, log,
         try:
             while todo or running:
                 ready = [t for t in todo if not (set(t[1].deps) & waiting)] if failure is None else []
-                for t in ready[: jobs - len(running)]:
+                for t in ready:
                     k, st, fp, state = t
+                    held = sum(s.memory_gb for _, s in running.values())
+                    if len(running) >= jobs:
+                        break
+                    if running and held + st.memory_gb > budget:  # waits for memory; a smaller stage may start
+                        if st.name not in held_back:
+                            held_back.add(st.name)
+                            log(
+                                f"[{k}/{n}] {st.name}: waits for memory ({st.memory_gb:g} GiB declared; running "
+                                f"stages hold {held:g} of the machine's {budget:.0f} GiB)"
+                            )
+                        continue
                     todo.remove(t)
                     fresh_stage_dir(st, state, fp, force)
                     record = {"fingerprint": fp, "run": cfg["run"], "stage": st.name, "params": st.params}

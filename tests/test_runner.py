@@ -336,6 +336,32 @@ def test_jobs_run_independent_stages_at_once_and_inputs_first(tmp_path):
         runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=0)
 
 
+def test_a_stage_waits_while_the_declared_memory_of_running_ones_and_its_own_would_pass_the_machines(
+    tmp_path, monkeypatch
+):
+    nbs = _timing_notebook(tmp_path / "nbs")
+    run = tmp_path / "runs" / "mem"
+    stages = {  # a machine of 10 GiB: a and b (6 GiB each) never side by side; c (declares none) beside a
+        "a": {"notebook": "timing.ipynb", "params": {"until": str(run / "c" / "started")}, "memory_gb": 6},
+        "b": {"notebook": "timing.ipynb", "params": {}, "memory_gb": 6},
+        "c": {"notebook": "timing.ipynb", "params": {"wait": 0.5}},
+    }
+    monkeypatch.setattr(runner, "machine_memory_gb", lambda: 10.0)
+    logged = []
+    cfg = {"run": "mem", "seed": 0, "stages": stages}
+    runner.run(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs], jobs=2, log=logged.append)
+    t = {s: json.loads((run / s / "times.json").read_text()) for s in stages}
+    assert t["b"][0] >= t["a"][1] and t["c"][0] < t["a"][1]  # b after a; c beside it
+    assert any(
+        "b: waits for memory (6 GiB declared; running stages hold 6 of the machine's 10 GiB)" in m for m in logged
+    )
+    assert json.loads((run / "a" / STAGE_FILE).read_text())["status"] == "done"
+    for bad in ("lots", -1, True):
+        cfg["stages"]["b"]["memory_gb"] = bad
+        with pytest.raises(PipelineError, match="memory_gb must be a number of GiB"):
+            runner.plan(cfg, runs_dir=tmp_path / "runs", notebook_dirs=[nbs])
+
+
 def test_after_a_failure_no_stage_starts_and_the_running_ones_finish(tmp_path):
     """Stage "slow" finishes a second after "bad" has recorded its failure (not after a fixed time: under load, bad's
     kernel can start later than slow's by more than any fixed wait), so the runner knows of the failure when slow's
