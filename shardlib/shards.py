@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,9 @@ def run(p: ShardParams, progress: bool = True) -> ShardRun:
     if acc.is_main_process:
         files = write_outputs(p, res)
         results = load_results(files["results"])
+        # the resume point is spent once the outputs are written (and is the SAE with Adam's moments: 5 GB for the
+        # dense reference on one SmolLM2 matrix); a rerun killed after this point trains again
+        shutil.rmtree(Path(p.out_dir) / "checkpoint", ignore_errors=True)
     acc.wait_for_everyone()
     return ShardRun(results, files, len(res.train_idx), len(res.heldout_idx), acc)
 

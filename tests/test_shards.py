@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +52,7 @@ def test_offline_training_writes_public_outputs(tmp_path):
     data, _ = make_store(tmp_path / "store")
     p = params(tmp_path)
     files = shards.run(p, progress=False).files
+    assert not (Path(p.out_dir) / "checkpoint").exists()  # the resume point is removed once the outputs are written
     sh = load_results(files["shards"])
     dirs = shardfile.shard_directions(sh)
     assert set(dirs) == {"layer.w", "layer.b"} and dirs["layer.w"].shape == (6, 6, 5)
