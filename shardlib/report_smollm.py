@@ -23,13 +23,15 @@ def is_smollm_run(run_dir) -> bool:
     return "model" in run_stages(run_dir).values()
 
 
-def _text_rl(runs: dict[str, xr.Dataset]) -> str:
+def _text_rl(runs: dict[str, xr.Dataset], replicas: dict[str, xr.Dataset] | None = None) -> str:
     """Per-family held-out reward before and after, GRPO (the first of ``runs``) and the SFT control (the second),
     with the share of correct answers (± the standard error of its change, two independent binomial shares of
-    ``eval_n`` prompts) and the share of bare-number answers (what the format clause, if any, pays for)."""
+    ``eval_n`` prompts) and the share of bare-number answers (what the format clause, if any, pays for);
+    ``replicas``: GRPO under other seeds (runs of their own), as rows and a sentence each."""
     rows, rises, right, clear = [], {}, {}, {}
+    replicas = replicas or {}
     grpo, sft = runs
-    for stage, ds in runs.items():
+    for stage, ds in {**runs, **replicas}.items():
         d = ds.eval_reward_final - ds.eval_reward_init
         rises[stage] = int((d >= 0.05).sum())
         right[stage] = clear[stage] = 0
@@ -64,7 +66,14 @@ def _text_rl(runs: dict[str, xr.Dataset]) -> str:
         table + f"\n\nHeld-out reward rose by ≥ 0.05 on {rises[grpo]} of {runs[grpo].sizes['task']} families "
         f"under GRPO (target ≥ 3: {verdict}) and on {rises[sft]} under the SFT control; the share of correct "
         f"answers rose by ≥ 0.05 on {right[grpo]} under GRPO and {right[sft]} under SFT, and by more than twice its "
-        f"standard error (±, in the table) on {clear[grpo]} under GRPO and {clear[sft]} under SFT. Rewards are {reward}, "
+        f"standard error (±, in the table) on {clear[grpo]} under GRPO and {clear[sft]} under SFT. "
+        + "".join(
+            f"Under another seed ({r}, the same configuration), held-out reward rose by ≥ 0.05 on {rises[r]} of "
+            f"{replicas[r].sizes['task']} families and the correct share by more than twice its standard error on "
+            f"{clear[r]}. "
+            for r in replicas
+        )
+        + f"Rewards are {reward}, "
         f"one sampled completion per prompt at temperature {cfg.get('temperature')}; `correct` and `bare number` "
         'are the shares of held-out answers that are right and that are a bare number ("12"), before → after.'
     )
@@ -167,6 +176,19 @@ def _text_sae_cost(stage: str, shards: xr.Dataset, frontier: xr.Dataset) -> str:
     )
 
 
+def grpo_replicas(run_dir: Path) -> dict[str, xr.Dataset]:
+    """GRPO under other seeds: the GRPO results of sibling runs named ``<run>_seed<N>`` (e.g. ``python -m shardlib
+    run --config configs/smollm.yaml --run smollm_seed1 --set seed=1 --only model rl_text``), labelled
+    ``runs/<run>_seed<N>/<stage>``."""
+    found = {}
+    for d in sorted(run_dir.parent.glob(f"{run_dir.name}_seed*")):
+        for stage, kind in run_stages(d).items():
+            ds = load_results(d / stage / "results.nc") if kind == "rl" else None
+            if ds is not None and recorded_config(ds).get("algorithm") != "sft" and "eval_n" in ds:
+                found[f"runs/{d.name}/{stage}"] = ds
+    return found
+
+
 def smollm_markdown(run_dir) -> str:
     """The README's SmolLM2 block for a run of configs/smollm.yaml, its stages found by kind (:func:`run_stages`):
     the GRPO and SFT runs (by ``algorithm``), the shard SAE over every collected matrix and the one over a few
@@ -182,6 +204,7 @@ def smollm_markdown(run_dir) -> str:
     )
     if grpo is None or sft is None:
         raise ReportError(f"{run_dir} lacks a GRPO run or its SFT control (stages of kind rl: {by['rl']})")
+    replicas = grpo_replicas(run_dir)
     shards = sorted(by["shards"], key=lambda s: bool(recorded_config(ds[s]).get("params")))  # every matrix first
     whole, one = shards[0], shards[-1]
     frontier, sparsity, analysis = by["frontier"][0], by["sparsity"][0], by["analysis"][0]
@@ -191,7 +214,7 @@ def smollm_markdown(run_dir) -> str:
             "the run's update store; every number below is read from those files.",
             wall_times(run_dir),
             bullets(by["model"], find),
-            "#### GRPO against the SFT control\n\n" + _text_rl({grpo: ds[grpo], sft: ds[sft]}),
+            "#### GRPO against the SFT control\n\n" + _text_rl({grpo: ds[grpo], sft: ds[sft]}, replicas),
             bullets([grpo, sft], find),
             "#### (1) What storing per-event updates costs\n\n" + _text_storage(run_dir, grpo, ds[grpo]),
             "#### (2, 3) Shards on the factored store; do updates reconstruct sparsely?\n\nHeld-out FVU of signed SAEs "

@@ -52,3 +52,14 @@ def test_the_rl_table_splits_reward_into_correct_and_bare_number_answers():
     # results written before the bare-number share was recorded: the column says so instead of failing
     md = _text_rl({"rl_text": grpo.drop_vars(["eval_bare_init", "eval_bare_final"]), "sft_text": sft})
     assert "| rl_text | add1 | 0.30 | 0.90 | +0.60 | 0.30 → 0.90 (± 0.09) | – | 40 |" in md
+    # GRPO under another seed: its rows, and a sentence of its own
+    md = _text_rl(
+        {"rl_text": grpo, "sft_text": sft},
+        {"runs/smollm_seed1/rl_text": run([(0.3, 0.4), (0.2, 0.2)], [(0, 0), (0, 0)])},
+    )
+    assert "| runs/smollm_seed1/rl_text | add1 | 0.30 | 0.40 | +0.10 | 0.30 → 0.40 (± 0.11) | 0.00 → 0.00 | 40 |" in md
+    assert (
+        "Under another seed (runs/smollm_seed1/rl_text, the same configuration), held-out reward rose by ≥ 0.05 on 1 of 2"
+        in md
+    )
+    assert "families and the correct share by more than twice its standard error on 0. " in md
