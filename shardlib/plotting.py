@@ -116,9 +116,12 @@ def heatmap(da, ax=None, xlabel: str = "", title: str = "", center: bool = False
 def frontier(ds, ax=None, title: str = ""):
     """Held-out FVU against L0 for each SAE rank (0 = dense), with FVU = 0.1 and 0.01 marked."""
     ax = ax or plt.gca()
-    for r in ds["rank"].values:
+    for i, r in enumerate(ds["rank"].values):
         sel = ds.sel(rank=r)
-        ax.plot(sel["l0"], sel["fvu"], marker="o", label="dense" if r == 0 else f"rank {r}")
+        if not np.isfinite(np.asarray(sel["fvu"].values, dtype=float)).any():
+            continue  # a rank this store was not fitted at (a combined sweep's NaN): no line, no legend entry
+        # a rank's colour is its place among the sweep's ranks, the same in every panel
+        ax.plot(sel["l0"], sel["fvu"], marker="o", color=f"C{i}", label="dense" if r == 0 else f"rank {r}")
     for t in (0.1, 0.01):
         ax.axhline(t, ls="--", c="grey", lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="L0 (active latents per update)", ylabel="held-out FVU", title=title)

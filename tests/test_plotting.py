@@ -23,3 +23,19 @@ def test_sparsity_lenses_draws_only_the_scopes_a_study_holds():
     )  # no step updates collected, no learning-rate sweep
     fig = plotting.sparsity_lenses(ds)
     assert [ax.get_title() for ax in fig.axes] == ["cumulative update", "event update"]
+
+
+def test_a_frontier_panel_names_only_the_ranks_it_draws():
+    import xarray as xr
+
+    from shardlib import plotting
+
+    fvu = np.array([[[0.5, 0.4], [np.nan, np.nan]], [[np.nan, np.nan], [0.9, 0.8]]])  # store x rank x k
+    ds = xr.Dataset(
+        {"fvu": (("store", "rank", "k"), fvu), "l0": (("store", "rank", "k"), np.where(np.isnan(fvu), np.nan, 4.0))},
+        coords={"store": ["events", "events_one_matrix"], "rank": [0, 1], "k": [4, 16]},
+    )
+    fig = plotting.frontier_panels(ds)
+    labels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+    assert labels == [["dense"], ["rank 1"]]
+    assert [ax.get_lines()[0].get_color() for ax in fig.axes] == ["C0", "C1"]  # each rank keeps its colour
