@@ -93,6 +93,15 @@ def wall_times(run_dir: Path) -> str:
     total = sum(st["seconds"] for _, _, st in records)
     text = f"Stage wall times of this run: {body}; they add up to {total / 60:.1f} min."
     if all("started" in st for _, _, st in records):
+        spans = sorted((st["started"], st["finished"]) for _, _, st in records)
+        end, gap = spans[0][1], 0.0
+        for a, b in spans[1:]:  # the longest time no stage ran: one invocation of the runner has none
+            gap, end = max(gap, a - end), max(end, b)
+        if gap > MAX_IDLE_S:
+            return (
+                f"{text} The stages did not all run in one invocation (for {gap / 60:.0f} min none ran), so no span "
+                f"from the first start to the last end is given. {WALL}"
+            )
         span = max(st["finished"] for _, _, st in records) - min(st["started"] for _, _, st in records)
         jobs = sorted({st.get("jobs", 1) for _, _, st in records})
         text += (
@@ -100,3 +109,8 @@ def wall_times(run_dir: Path) -> str:
             f"{' or '.join(map(str, jobs))} stage(s) at a time (`--jobs`)."
         )
     return f"{text} {WALL}"
+
+
+MAX_IDLE_S = 60.0
+"""Within one run of the runner a stage starts as soon as another ends; a longer time with none running means the
+stages' records come from several runs (a stage rerun alone later), whose span would mean nothing."""

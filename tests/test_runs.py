@@ -15,3 +15,23 @@ def test_stages_are_found_by_kind_whatever_their_folder_names(tmp_path, stage_fo
     save_results(xr.Dataset(), tmp_path / "other" / "results.nc", {"nothing_like_it": 1})
     assert run_stages(tmp_path) == {"zz_model": "model", "my_grpo": "rl", "launched": "frontier"}
     assert is_smollm_run(tmp_path) and not is_smollm_run(tmp_path / "my_grpo")
+
+
+def test_wall_times_give_a_span_only_for_stages_run_in_one_invocation(tmp_path):
+    import json
+
+    from shardlib.runs import wall_times
+
+    def record(stage, started, seconds):
+        (tmp_path / stage).mkdir(exist_ok=True)
+        st = {"stage": stage, "seconds": seconds, "started": started, "finished": started + seconds, "jobs": 2}
+        (tmp_path / stage / ".stage.json").write_text(json.dumps(st))
+
+    record("a", 1000.0, 120.0)
+    record("b", 1000.0, 60.0)
+    record("c", 1061.0, 90.0)  # started when b ended
+    text = wall_times(tmp_path)
+    assert "they add up to 4.5 min. From the first stage's start to the last one's end: 2.5 min, 2 stage(s)" in text
+    record("c", 1000.0 + 3600.0, 90.0)  # rerun alone an hour later
+    text = wall_times(tmp_path)
+    assert "did not all run in one invocation (for 58 min none ran)" in text and "From the first" not in text
