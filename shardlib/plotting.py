@@ -206,6 +206,27 @@ def frontier_panels(ds, store_label: str = "{store} updates"):
 MIN_TYPE_EVENTS = 20  # event types with fewer events are left out of the heatmap (their means are noise)
 
 
+def shards_by_type(codes, types, title: str = "mean |activation| by event type"):
+    """Mean |activation| of each shard (columns of ``codes``, a frame [event, shard]) per event type (``types``,
+    one per event): one row per type with at least ``MIN_TYPE_EVENTS`` events, labelled with its count, each
+    cell its own colour (no interpolation); the figure grows with the number of rows so that labels stay apart."""
+    import pandas as pd
+
+    types = pd.Series(np.asarray(types), index=codes.index)
+    counts = types.value_counts()
+    keep = sorted(t for t, n in counts.items() if n >= MIN_TYPE_EVENTS)
+    table = codes.groupby(types).mean().loc[keep]
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * len(table) + 1.2)))
+    im = ax.imshow(table.values, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(table)), [f"{t} ({counts[t]})" for t in table.index], fontsize=7)
+    ax.grid(False)
+    left_out = len(counts) - len(keep)
+    note = f"; {left_out} type(s) under {MIN_TYPE_EVENTS} events left out" if left_out else ""
+    ax.set(xlabel="shard", title=f"{title} (events per type in brackets{note})")
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
 def event_heatmap(ds, ax=None, title: str = ""):
     """Mean |activation| of each shard by event type, each row divided by its largest value (the pattern, not the
     scale of one type), rows labelled with their event counts, types under ``MIN_TYPE_EVENTS`` events left out,

@@ -39,3 +39,17 @@ def test_a_frontier_panel_names_only_the_ranks_it_draws():
     labels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
     assert labels == [["dense"], ["rank 1"]]
     assert [ax.get_lines()[0].get_color() for ax in fig.axes] == ["C0", "C1"]  # each rank keeps its colour
+
+
+def test_shards_by_type_draws_the_types_with_enough_events_labelled_with_their_counts():
+    import pandas as pd
+
+    from shardlib import plotting
+
+    types = ["a"] * 25 + ["b"] * 30 + ["c"] * 3
+    codes = pd.DataFrame(np.abs(np.random.default_rng(0).normal(size=(len(types), 4))))
+    fig = plotting.shards_by_type(codes, types)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a (25)", "b (30)"]
+    assert "1 type(s) under 20 events left out" in ax.get_title()
+    assert ax.get_images()[0].get_interpolation() == "nearest"
