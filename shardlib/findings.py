@@ -94,7 +94,9 @@ def shards(ds: xr.Dataset) -> str:
     out = (
         f"The SAE ({size}) reconstructs held-out updates with FVU {fvu:.3f} at L0 {l0:.1f}; {dead:.0%} of latents dead."
     )
-    if fvu > 0.5:
+    if fvu >= 1:
+        out += " Negative: it predicts held-out updates no better than their mean (FVU ≥ 1)."
+    elif fvu > 0.5:
         out += " Negative: it misses most of the held-out variance."
     return out
 

@@ -36,6 +36,17 @@ def test_frontier_finding_names_the_best_point_and_a_negative():
     )
 
 
+def test_shards_finding_says_how_far_the_reconstruction_falls_short():
+    def run(fvu):
+        ds = xr.Dataset({f"heldout_{k}": v for k, v in {"fvu": fvu, "l0": 8.0, "dead_fraction": 0.5}.items()})
+        ds.attrs["config"] = json.dumps({"n_latents": 256, "k": 8, "rank": 1})
+        return finding("shards", ds)
+
+    assert run(0.2).endswith("FVU 0.200 at L0 8.0; 50% of latents dead.")  # no negative
+    assert run(0.7).endswith("Negative: it misses most of the held-out variance.")
+    assert run(1.044).endswith("Negative: it predicts held-out updates no better than their mean (FVU ≥ 1).")
+
+
 def test_analysis_finding_compares_with_the_random_dictionary():
     seeds = [0, 1]
     ds = xr.Dataset(
