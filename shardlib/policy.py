@@ -185,7 +185,6 @@ def logprobs(model, prompt, completion, vocab_size: int | None = None, temperatu
     return logp, entropy
 
 
-@torch.no_grad()
 def _common_prefix(prompt: torch.Tensor, attn: torch.Tensor) -> int:
     """Length of the token prefix every left-padded row starts with (a chat template's system turn), at most
     each row's length less one: every row keeps a token of its own to predict from."""
@@ -230,6 +229,7 @@ def _encode_prompts(model, prompt, attn, key: str):
     return out.logits[inverse], past, full[inverse], pos[inverse][:, -1:]
 
 
+@torch.no_grad()
 def _sample_cached(model, prompt, prompt_mask, max_new_tokens: int, generator, temperature: float, eos_id: int):
     """Sampling with the key/value cache over left-padded prompts (their shared prefix and repeated rows
     encoded once: :func:`_encode_prompts`); rows that have ended keep emitting ``eos_id`` (masked out of every

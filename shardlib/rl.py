@@ -194,7 +194,7 @@ def train(p: RLParams, progress: bool = True, log=print, stop_after: int | None 
     testbed = make_testbed(p)
     model = initial_policy(p, testbed)
     ref = copy.deepcopy(model).eval().requires_grad_(False) if p.kl_beta > 0 else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr, fused=True)  # one pass a tensor
+    optimizer = _adam(model, p.lr)
 
     ckpt = out / "checkpoint"
     start, history, model, optimizer = resume(p, ckpt, model, optimizer, log)
@@ -278,6 +278,11 @@ def _samples(model, testbed, p: RLParams, device=None, n: int = 8) -> dict | Non
     return samples(model, testbed, n, p.seed, p.temperature, device)
 
 
+def _adam(model, lr: float) -> torch.optim.Adam:
+    """The policy's optimizer, fused: one pass over each tensor a step."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
 def resume(p: RLParams, ckpt: Path, model, optimizer, log=print):
     """(steps done, history, policy, optimizer): from the checkpoint when there is one (checked by
     :func:`~shardlib.io.read_checkpoint`), else (0, [], the given policy and optimizer)."""
@@ -286,7 +291,7 @@ def resume(p: RLParams, ckpt: Path, model, optimizer, log=print):
     if state is None:
         return 0, [], model, optimizer
     model = pol.load_policy(ckpt / "policy")
-    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr, fused=True)  # one pass a tensor
+    optimizer = _adam(model, p.lr)
     load_optimizer(optimizer, ckpt)
     log(f"resuming from checkpoint at step {state['step']}")
     return state["step"], state["history"], model, optimizer

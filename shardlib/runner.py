@@ -533,9 +533,9 @@ def _execute_all(todo: list, n: int, cfg: dict, force: bool, records: dict, log,
                 ready = [t for t in todo if not (set(t[1].deps) & waiting)] if failure is None else []
                 for t in ready:
                     k, st, fp, state = t
-                    held = sum(s.memory_gb for _, s in running.values())
                     if len(running) >= jobs:
                         break
+                    held = sum(s.memory_gb for _, s in running.values())
                     if running and held + st.memory_gb > budget:  # waits for memory; a smaller stage may start
                         if st.name not in held_back:
                             held_back.add(st.name)

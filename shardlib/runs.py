@@ -102,7 +102,7 @@ def wall_times(run_dir: Path) -> str:
                 f"{text} The stages did not all run in one invocation (for {gap / 60:.0f} min none ran), so no span "
                 f"from the first start to the last end is given. {WALL}"
             )
-        span = max(st["finished"] for _, _, st in records) - min(st["started"] for _, _, st in records)
+        span = end - spans[0][0]  # the last finish less the first start
         jobs = sorted({st.get("jobs", 1) for _, _, st in records})
         text += (
             f" From the first stage's start to the last one's end: {span / 60:.1f} min, "
