@@ -208,13 +208,14 @@ MIN_TYPE_EVENTS = 20  # event types with fewer events are left out of the heatma
 
 def shards_by_type(codes, types, title: str = "mean |activation| by event type"):
     """Mean |activation| of each shard (columns of ``codes``, a frame [event, shard]) per event type (``types``,
-    one per event): one row per type with at least ``MIN_TYPE_EVENTS`` events, labelled with its count, each
+    one per event): one row per type with at least ``MIN_TYPE_EVENTS`` events (every type when none has), labelled
+    with its count, each
     cell its own colour (no interpolation); the figure grows with the number of rows so that labels stay apart."""
     import pandas as pd
 
     types = pd.Series(np.asarray(types), index=codes.index)
     counts = types.value_counts()
-    keep = sorted(t for t, n in counts.items() if n >= MIN_TYPE_EVENTS)
+    keep = sorted(t for t, n in counts.items() if n >= MIN_TYPE_EVENTS) or sorted(counts.index)  # as event_heatmap
     table = codes.groupby(types).mean().loc[keep]
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * len(table) + 1.2)))
     im = ax.imshow(table.values, aspect="auto", cmap="viridis", interpolation="nearest")

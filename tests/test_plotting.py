@@ -53,3 +53,5 @@ def test_shards_by_type_draws_the_types_with_enough_events_labelled_with_their_c
     assert [t.get_text() for t in ax.get_yticklabels()] == ["a (25)", "b (30)"]
     assert "1 type(s) under 20 events left out" in ax.get_title()
     assert ax.get_images()[0].get_interpolation() == "nearest"
+    few = plotting.shards_by_type(codes.iloc[:6], ["a"] * 3 + ["b"] * 3).axes[0]  # no type has 20: all are drawn
+    assert [t.get_text() for t in few.get_yticklabels()] == ["a (3)", "b (3)"] and "left out" not in few.get_title()
