@@ -101,8 +101,8 @@ def evaluate(
     stats = ReconStats()
     for s in range(0, len(idx), batch_size):
         b = {n: take(v, idx[s : s + batch_size]).to(device) for n, v in data.items()}
-        out = sae(b)
-        stats.update(sae.scaled_input(b), out.xhat, out.codes)
+        z, terms = sae.recon_terms(b)
+        stats.update_terms(sae.scaled_input(b), terms, z)
     return stats.result() if stats.n else {}
 
 
@@ -119,16 +119,16 @@ def encode_all(sae: ShardSAE, data: dict[str, torch.Tensor], batch_size: int = 5
     stats = [ReconStats() for _ in member]
     for s in range(0, n, batch_size):
         b = {k: take(v, slice(s, s + batch_size)).to(device) for k, v in data.items()}
-        out = sae(b)
-        codes.append(out.codes.cpu())
+        z, terms = sae.recon_terms(b)
+        codes.append(z.cpu())
         xs = sae.scaled_input(b)
         for m, st in zip(member, stats):
-            sel = torch.from_numpy(np.flatnonzero(m[s : s + batch_size])).to(out.codes.device)
+            sel = torch.from_numpy(np.flatnonzero(m[s : s + batch_size])).to(z.device)
             if len(sel):
-                st.update(
+                st.update_terms(
                     {k: take(v, sel) for k, v in xs.items()},
-                    {k: take(v, sel) for k, v in out.xhat.items()},
-                    out.codes[sel],
+                    {k: tuple(t[sel] for t in ts) for k, ts in terms.items()},
+                    z[sel],
                 )
     z = torch.cat(codes)
     kk = max(1, int((z != 0).sum(1).max()))

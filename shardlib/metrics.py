@@ -39,22 +39,33 @@ class ReconStats:
         :class:`~shardlib.factored.Factored` (then every norm comes from Gram matrices of the factors, in
         float64, and the running sum for the mean is one dense matrix per tensor)."""
         n = z.shape[0]
-        xs = torch.zeros(n, dtype=torch.float64)
-        hs = torch.zeros(n, dtype=torch.float64)
+        terms = {}
         for k, v in x.items():
             h = xhat[k]
             if isinstance(v, Factored) != isinstance(h, Factored):
                 v, h = (t.dense() if isinstance(t, Factored) else t for t in (v, h))
             if isinstance(v, Factored):
                 v64, h64 = v.to(torch.float64), h.to(torch.float64)
-                self.sse += float(v64.minus(h64).sq_norms().sum())
-                x_sq, h_sq = v64.sq_norms().cpu(), h64.sq_norms().cpu()
-                self.sum_x[k] = self.sum_x.get(k, 0) + v64.event_sum().reshape(-1).cpu()
+                terms[k] = (v64.minus(h64).sq_norms(), v64.sq_norms(), h64.sq_norms())
             else:
                 v64, h64 = v.double().reshape(n, -1), h.double().reshape(n, -1)
-                self.sse += float(((v64 - h64) ** 2).sum())
-                x_sq, h_sq = (v64**2).sum(1).cpu(), (h64**2).sum(1).cpu()
-                self.sum_x[k] = self.sum_x.get(k, 0) + v64.sum(0).cpu()
+                terms[k] = (((v64 - h64) ** 2).sum(1), (v64**2).sum(1), (h64**2).sum(1))
+        self.update_terms(x, terms, z)
+
+    def update_terms(self, x: dict, terms: dict, z: torch.Tensor) -> None:
+        """Add a batch from its per-event terms: ``terms[name]`` = (squared error, ``||x||^2``, ``||xhat||^2``),
+        each [N] in float64 (:meth:`~shardlib.sae.ShardSAE.recon_terms`), and ``x`` for the running sum."""
+        n = z.shape[0]
+        xs = torch.zeros(n, dtype=torch.float64)
+        hs = torch.zeros(n, dtype=torch.float64)
+        for k, (sse, x_sq, h_sq) in terms.items():
+            v = x[k]
+            self.sse += float(sse.sum())
+            if isinstance(v, Factored):
+                self.sum_x[k] = self.sum_x.get(k, 0) + v.to(torch.float64).event_sum().reshape(-1).cpu()
+            else:
+                self.sum_x[k] = self.sum_x.get(k, 0) + v.double().reshape(n, -1).sum(0).cpu()
+            x_sq, h_sq = x_sq.cpu(), h_sq.cpu()
             self.sum_sq += float(x_sq.sum())
             xs += x_sq
             hs += h_sq

@@ -26,11 +26,14 @@ shapes (untied; initialized from the decoder).
 Factored inputs (:class:`~shardlib.factored.Factored`: ``U_e = sum_f L_f R_f^T``, m factors) of a
 low-rank tensor are never made dense: the centred input is the factored ``U_e / scale - P Q^T``
 (m + r factors), its scores are ``sum_f sum_r (a_r^T L_f)(b_r^T R_f)`` (cost m (d_out + d_in) per
-latent and rank instead of d_out d_in), and the reconstruction ``sum_i z_i U_i V_i^T`` is itself
-factored (k r factors), so the squared error of an event is the sum of the Hadamard product of the
-two Gram matrices of the residual's factors: the event's own Gram terms, the cross terms with the
-active latents' factors and the latent-latent terms, (m + r + k r)^2 (d_out + d_in) in all. A dense
-(``rank=0``) SAE makes factored inputs dense, batch by batch.
+latent and rank instead of d_out d_in), and the losses never form an event's reconstruction either:
+with ``w`` the codes over the decoder norms, ``||y_n - sum_i w_ni M_i||^2 = ||y_n||^2 - 2 sum_i w_ni
+<y_n, M_i> + sum_ij w_ni w_nj <M_i, M_j>``, the inner products from factors (``<M_i, M_j>`` once per
+batch over the latents active in it: (s r)^2 (d_out + d_in); :class:`_GramTerms`), and AuxK's
+residual the same way. (Decoding each event's k r active factors instead held N k r (d_out + d_in)
+numbers per matrix: 11 GB at rank 4 over SmolLM2's MLP matrices with AuxK's 128 latents.)
+:meth:`ShardSAE.forward` still returns the reconstruction, factored (k r factors), for readers of
+small batches. A dense (``rank=0``) SAE makes factored inputs dense, batch by batch.
 
 Each tensor's decoder and encoder rows and its ``b_pre`` are small modules of :mod:`shardlib.sae_parts`
 (low-rank or dense), so each of the above is written once per kind. The architecture is a
@@ -54,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .factored import Factored
-from .sae_parts import Dense, DenseBias, LowRank, LowRankBias
+from .sae_parts import Dense, DenseBias, LowRank, LowRankBias, factor_gram, factor_inner
 
 Tensors = dict[str, "torch.Tensor | Factored"]
 """One batch of updates per tensor: dense [N, *shape], or :class:`~shardlib.factored.Factored` for matrices."""
@@ -118,8 +121,11 @@ class LossOutput(NamedTuple):
     aux: torch.Tensor
     """AuxK loss of the dead latents (zero when none is dead or ``aux_coef`` is 0)."""
 
-    out: ForwardOutput
-    """The forward pass the losses were computed from."""
+    codes: torch.Tensor
+    """Sparse codes z [N, F] of the batch."""
+
+    sq_err: torch.Tensor
+    """Each event's squared reconstruction error [N] (normalized units, all tensors; detached)."""
 
 
 @dataclass(frozen=True)
@@ -352,17 +358,56 @@ class ShardSAE(nn.Module):
         z = torch.where(keep, a, torch.zeros_like(a))
         return z if self.signed else torch.relu(z)
 
-    def decode_active(self, z: torch.Tensor, with_bias: bool = True, like: Tensors | None = None) -> Tensors:
+    def decode_active(
+        self, z: torch.Tensor, with_bias: bool = True, like: Tensors | None = None, names=None
+    ) -> Tensors:
         """Reconstruction from the nonzero entries of z, per sample, using only active factors; factored
-        (the active latents' factors, scaled by their codes) for the tensors where ``like`` is Factored."""
+        (the active latents' factors, scaled by their codes) for the tensors where ``like`` is Factored; for
+        the tensors ``names`` (default: all)."""
         kk = max(1, int((z != 0).sum(1).max()))
         vals, idx = z.abs().topk(kk, dim=1)
         vals = z.gather(1, idx) / self.decoder_norms()[idx]  # unit-norm directions
         out = {}
         for n, part, bias in zip(self.names, self.dec.values(), self.b_pre.values()):
-            xh = part.decode(idx, vals, factored=like is not None and isinstance(like[n], Factored))
-            out[n] = bias.add_to(xh) if with_bias else xh
+            if names is None or n in names:
+                xh = part.decode(idx, vals, factored=like is not None and isinstance(like[n], Factored))
+                out[n] = bias.add_to(xh) if with_bias else xh
         return out
+
+    def by_gram(self, y: Tensors) -> list[str]:
+        """The tensors whose errors come from Gram matrices of factors (:class:`_GramTerms`): low-rank
+        matrices given factored. The others are decoded (:meth:`decode_active`)."""
+        return [n for n in self.names if self.lowrank(n) and isinstance(y[n], Factored)]
+
+    @torch.no_grad()
+    def recon_terms(self, x: Tensors) -> tuple[torch.Tensor, dict[str, tuple]]:
+        """The codes z [N, F] of ``x`` and, per tensor, each event's squared error ``||x/scale - xhat||^2``,
+        ``||x/scale||^2`` and ``||xhat||^2`` (float64, [N] each): what :class:`~shardlib.metrics.ReconStats`
+        needs. Factored low-rank tensors from Gram matrices of factors (no per-event reconstruction is
+        formed), the rest from :meth:`decode_active`."""
+        y = self.center(x)
+        z = self.activate(self.pre_acts(y))
+        xs = self.scaled_input(x)
+        gram = self.by_gram(y)
+        xhat = self.decode_active(z, like=y, names=[n for n in self.names if n not in gram])
+        terms, norms = {}, self.decoder_norms()
+        for n, part, bias in zip(self.names, self.dec.values(), self.b_pre.values()):
+            if n in gram:
+                t = _GramTerms.of(part, y[n].to(torch.float64), z, norms, dtype=torch.float64)
+                b = bias.factored(1).to(torch.float64)
+                bw = 2 * (t.w * factor_inner(b, t.U, t.V)).sum(1)
+                terms[n] = (t.sq_err(), xs[n].to(torch.float64).sq_norms(), b.sq_norms() + bw + t.xhat_sq())
+                continue
+            v, h = xs[n], xhat[n]
+            if isinstance(v, Factored) != isinstance(h, Factored):
+                v, h = dense(v), dense(h)
+            if isinstance(v, Factored):
+                v64, h64 = v.to(torch.float64), h.to(torch.float64)
+                terms[n] = (v64.minus(h64).sq_norms(), v64.sq_norms(), h64.sq_norms())
+            else:
+                v64, h64 = v.double().reshape(len(v), -1), h.double().reshape(len(v), -1)
+                terms[n] = (((v64 - h64) ** 2).sum(1), (v64**2).sum(1), (h64**2).sum(1))
+        return z, terms
 
     def forward(self, x: Tensors) -> ForwardOutput:
         y = self.center(x)
@@ -393,42 +438,125 @@ class ShardSAE(nn.Module):
         return sae
 
 
+class _GramTerms(NamedTuple):
+    """One factored low-rank tensor's reconstruction, held as inner products: the batch's active latents
+    ``S``, their codes over the decoder norms ``w`` [N, s] (so ``xhat_n = sum_i w_ni M_i`` with
+    ``M_i = U_i V_i^T``), ``Q`` [N, s] = ``<y_n, M_i>``, ``K`` [s, s] = ``<M_i, M_j>`` and ``y_sq`` [N] =
+    ``||y_n||^2``. Then ``||y_n - xhat_n||^2 = y_sq - 2 w Q + w K w``: cost N m s r (d_out + d_in) +
+    (s r)^2 (d_out + d_in) for the whole batch, where decoding every event's k r factors costs
+    N (m + k r)^2 (d_out + d_in) and holds N k r (d_out + d_in) numbers (11 GB at rank 4 over SmolLM2's 90
+    MLP matrices with AuxK's 128 latents per event)."""
+
+    S: torch.Tensor
+    U: torch.Tensor
+    V: torch.Tensor
+    w: torch.Tensor
+    Q: torch.Tensor
+    K: torch.Tensor
+    y_sq: torch.Tensor
+
+    @classmethod
+    def of(cls, part: LowRank, y: Factored, z: torch.Tensor, norms: torch.Tensor, dtype=None) -> _GramTerms:
+        S = torch.nonzero((z != 0).any(0)).flatten()
+        # every latent active (large k): the factors themselves, not a gathered copy of them (778 MB at rank 4
+        # over SmolLM2's 90 MLP matrices)
+        U, V = (part.U, part.V) if len(S) == len(z.T) else (part.U[S], part.V[S])
+        if dtype is not None:
+            U, V, z, norms = U.to(dtype), V.to(dtype), z.to(dtype), norms.to(dtype)
+        w = z[:, S] / norms[S]
+        return cls(S, U, V, w, factor_inner(y, U, V), factor_gram(U, V, U, V), y.sq_norms())
+
+    def xhat_sq(self) -> torch.Tensor:
+        return ((self.w @ self.K) * self.w).sum(1)
+
+    def sq_err(self) -> torch.Tensor:
+        return self.y_sq - 2 * (self.w * self.Q).sum(1) + self.xhat_sq()
+
+
 def sae_loss(sae: ShardSAE, x: Tensors, variance: float, dead: torch.Tensor, aux_k: int, aux_coef: float) -> LossOutput:
     """The whole training loss of one batch ``x`` (input units): ``L = L_rec + aux_coef * L_aux``.
 
     ``L_rec = sum_b ||x_b / scale - xhat_b||^2 / (N * variance)``, with ``variance`` the training
     data's total variance per event in normalized units (so ``L_rec`` estimates the FVU); ``L_aux``
-    is :func:`aux_loss` over the ``dead`` latents with ``aux_k`` of them. Factored inputs: every
-    squared norm from Gram matrices of factors (:func:`sq_norms`).
+    is :func:`aux_loss` over the ``dead`` latents with ``aux_k`` of them. Factored low-rank tensors:
+    every squared norm from inner products of factors (:class:`_GramTerms`), no event's
+    reconstruction is formed; the other tensors are decoded.
     """
-    out = sae(x)
-    n = out.codes.shape[0]
+    y = sae.center(x)
+    a = sae.pre_acts(y)
+    z = sae.activate(a)
+    n = z.shape[0]
+    gram = sae.by_gram(y)
     xs = sae.scaled_input(x)
-    rec = sum(sq_norms(difference(xs[name], out.xhat[name])).sum() for name in sae.names) / (n * variance)
+    xhat = sae.decode_active(z, like=y, names=[name for name in sae.names if name not in gram])
+    norms = sae.decoder_norms()
+    err, grams = {}, {}
+    for name, part in zip(sae.names, sae.dec.values()):
+        if name in gram:
+            grams[name] = _GramTerms.of(part, y[name], z, norms)
+            err[name] = grams[name].sq_err()
+        else:
+            err[name] = sq_norms(difference(xs[name], xhat[name]))
+    rec = sum(e.sum() for e in err.values()) / (n * variance)
     aux = rec.new_zeros(())
     if aux_coef > 0:
-        aux = aux_loss(sae, out.pre_acts, xs, out.xhat, dead.to(out.codes.device), aux_k)
-    return LossOutput(loss=rec + aux_coef * aux, rec=rec, aux=aux, out=out)
+        aux = aux_loss(sae, a, y, xs, xhat, dead.to(z.device), aux_k, grams, err)
+    sq_err = sum(e.detach().double() for e in err.values())
+    return LossOutput(loss=rec + aux_coef * aux, rec=rec, aux=aux, codes=z, sq_err=sq_err)
 
 
-def aux_loss(sae: ShardSAE, a: torch.Tensor, y: Tensors, xhat: Tensors, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
-    """AuxK (Gao et al. 2024): reconstruct the residual ``e = y - xhat`` with the top-k_aux dead latents, no
-    bias; ``||e - e_hat||^2 / sum_b ||e_b - mean(e)||^2``. (``y`` centred and ``xhat`` without ``b_pre``, or
-    ``y = x / scale`` and ``xhat`` with it: the same ``e``.)"""
+def aux_loss(
+    sae: ShardSAE,
+    a: torch.Tensor,
+    y: Tensors,
+    xs: Tensors,
+    xhat: Tensors,
+    dead: torch.Tensor,
+    k_aux: int,
+    grams: dict[str, _GramTerms] | None = None,
+    err: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): reconstruct the residual ``e = x/scale - xhat`` (detached) with the top-k_aux
+    dead latents, no bias; ``||e - e_hat||^2 / sum_b ||e_b - mean(e)||^2``.
+
+    ``y`` is the centred input, ``xs`` the scaled one, ``xhat`` the decoded tensors' reconstructions (b_pre
+    included), ``grams`` the factored low-rank ones' :class:`_GramTerms` (none: every tensor is decoded)
+    and ``err`` their squared errors per event. For a factored low-rank tensor, with ``u`` the dead latents' codes over their norms:
+    ``||e_n - e_hat_n||^2 = ||e_n||^2 - 2 sum_j u_nj <e_n, M_j> + u K u``, ``<e_n, M_j> = <y_n, M_j> -
+    sum_i w_ni <M_i, M_j>`` (y, w and M_i detached), and the batch's ``sum_{a,b} <e_a, e_b>`` from the
+    events' cross Gram matrix: nothing per event is decoded there either."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return a.new_zeros(())
-    e = {}
-    for n in sae.names:
-        d = difference(y[n], xhat[n])
-        e[n] = d.detach()
     mag = (a.abs() if sae.signed else a).masked_fill(~dead[None], -float("inf"))
     kk = min(k_aux, n_dead)
     idx = mag.topk(kk, dim=1).indices
     za = torch.zeros_like(a).scatter(1, idx, a.gather(1, idx))
     if not sae.signed:
         za = torch.relu(za)
-    eh = sae.decode_active(za, with_bias=False, like=e)
-    num = sum(sq_norms(difference(e[n], eh[n])).sum() for n in sae.names)
-    den = sum(centered_sq_sum(e[n]) for n in sae.names)
+    e = {n: difference(xs[n], xhat[n]).detach() for n in xhat}
+    eh = sae.decode_active(za, with_bias=False, like=e, names=list(e))
+    num = sum(sq_norms(difference(e[n], eh[n])).sum() for n in e)
+    den = sum(centered_sq_sum(e[n]) for n in e)
+    norms = sae.decoder_norms()
+    for name, t in (grams or {}).items():
+        part = sae.dec[str(sae.names.index(name))]
+        ta = _GramTerms.of(part, y[name].detach(), za, norms)  # the dead latents' Q' = <y, M_j>, K' among them
+        w = t.w.detach()
+        eM = ta.Q - w @ factor_gram(t.U.detach(), t.V.detach(), ta.U, ta.V)  # <e_n, M_j>
+        e_sq = err[name].detach()
+        num = num + (e_sq - 2 * (ta.w * eM).sum(1) + ta.xhat_sq()).sum()
+        with torch.no_grad():  # sum_{a,b} <e_a, e_b> = sum of (Y - P - P^T + W K W^T), P = <y_a, xhat_b>
+            Y = cross_gram(y[name].detach())
+            P = t.Q.detach() @ w.T
+            E = Y - P - P.T + w @ t.K.detach() @ w.T
+            den = den + e_sq.double().sum() - E.double().sum() / len(w)
     return num / den.clamp(min=1e-30).to(num.dtype)
+
+
+def cross_gram(y: Factored) -> torch.Tensor:
+    """``<y_a, y_b>`` [N, N] over a factored batch, from the Gram matrices of all its factors."""
+    N, m, _ = y.left.shape
+    gl = y.left.reshape(N * m, -1) @ y.left.reshape(N * m, -1).T
+    gr = y.right.reshape(N * m, -1) @ y.right.reshape(N * m, -1).T
+    return (gl * gr).view(N, m, N, m).sum((1, 3))

@@ -17,6 +17,27 @@ from torch import nn
 from .factored import Factored, best_rank
 
 
+def factor_inner(x: Factored, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``<x_n, U_i V_i^T>`` [N, F] for a factored batch ``x`` and factors U [F, d_out, r], V [F, d_in, r]:
+    ``sum_f sum_r (U_ir . L_nf)(V_ir . R_nf)``, cost N m F r (d_out + d_in); x is never formed."""
+    F, d_out, r = U.shape
+    A = U.permute(1, 0, 2).reshape(d_out, F * r)
+    B = V.permute(1, 0, 2).reshape(V.shape[1], F * r)
+    return ((x.left @ A) * (x.right @ B)).sum(1).view(x.n_events, F, r).sum(-1)
+
+
+def factor_gram(U1: torch.Tensor, V1: torch.Tensor, U2: torch.Tensor, V2: torch.Tensor) -> torch.Tensor:
+    """``<U1_i V1_i^T, U2_j V2_j^T>`` [F1, F2] = ``sum_{r,q} (U1_ir . U2_jq)(V1_ir . V2_jq)``: two matmuls of
+    the stacked factors, cost F1 r F2 r (d_out + d_in); no matrix is formed."""
+    (a, _, r), (b, _, q) = U1.shape, U2.shape
+
+    def stacked(M):
+        return M.transpose(1, 2).reshape(M.shape[0] * M.shape[2], M.shape[1])
+
+    g = (stacked(U1) @ stacked(U2).T) * (stacked(V1) @ stacked(V2).T)
+    return g.view(a, r, b, q).sum((1, 3))
+
+
 def _divide_rows(p: torch.Tensor, div: torch.Tensor, idx: torch.Tensor | None, mirror: torch.Tensor | None) -> None:
     """``p /= div`` in place; with ``idx``, only those rows, their new values copied into ``mirror`` too."""
     if idx is None:
@@ -44,11 +65,12 @@ class LowRank(nn.Module):
     def inner(self, x) -> torch.Tensor:
         """<x_n, U_i V_i^T> [N, F] for x dense [N, d_out, d_in] (one matmul ``x @ B`` for all matrices, then a
         batched dot with ``A``), or Factored (``sum_f sum_r (a_r . L_f)(b_r . R_f)``: x is never formed)."""
+        if isinstance(x, Factored):
+            return factor_inner(x, self.U, self.V)
         F, d_out, r = self.U.shape
         A = self.U.permute(1, 0, 2).reshape(d_out, F * r)
         B = self.V.permute(1, 0, 2).reshape(self.V.shape[1], F * r)
-        s = ((x.left @ A) * (x.right @ B)).sum(1) if isinstance(x, Factored) else ((x @ B) * A).sum(1)
-        return s.view(-1, F, r).sum(-1)
+        return ((x @ B) * A).sum(1).view(-1, F, r).sum(-1)
 
     def sq_norms(self) -> torch.Tensor:
         """||U_i V_i^T||^2 [F], from r x r Gram matrices."""

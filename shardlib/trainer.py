@@ -134,8 +134,7 @@ class Trainer:
         sae = self.sae
         sae.train()
         dead = self.dead()
-        loss, rec, aux, out = sae_loss(sae, batch, self.variance, dead, self.aux_k, self.aux_coef)
-        z = out.codes
+        loss, rec, aux, z, sq_err = sae_loss(sae, batch, self.variance, dead, self.aux_k, self.aux_coef)
         N = z.shape[0]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -158,7 +157,7 @@ class Trainer:
             fired = self.acc.reduce(fired.float(), "sum") > 0
         fired = fired.cpu()
         self.last_fired[fired] = self.samples
-        n_res = self.resample_dead_(batch, out) if self.resample and factor > 0 else 0
+        n_res = self.resample_dead_(batch, z.detach(), sq_err) if self.resample and factor > 0 else 0
         return {
             "loss": float(loss.detach()),
             "rec": float(rec.detach()),
@@ -169,24 +168,26 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def resample_dead_(self, batch: dict, out) -> int:
+    def resample_dead_(self, batch: dict, z: torch.Tensor, sq_err: torch.Tensor) -> int:
         """Restart the latents dead now at the residuals of the worst-reconstructed events of the batch
-        (factored residuals stay factored: their best rank-r part comes from the factors)."""
+        (``sq_err``: each event's squared error; factored residuals stay factored: their best rank-r part
+        comes from the factors; only the chosen events are decoded)."""
         sae = self.sae
         dead = torch.nonzero(self.dead()).flatten()
         if len(dead) == 0:
             return 0
-        resid = {n: v.detach() for n, v in sae.residual(batch, out.xhat).items()}
         if self.acc is not None:  # every process picks from the whole batch
-            if any(isinstance(v, Factored) for v in resid.values()):
+            if any(isinstance(v, Factored) for v in batch.values()):
                 raise NotImplementedError("restarting dead latents from factored events of several processes")
-            resid = {n: self.acc.gather(v.contiguous()) for n, v in resid.items()}
-        err = sum(sq_norms(v).double() for v in resid.values())
-        m = min(len(dead), int((err > 0).sum()))
+            batch = {n: self.acc.gather(v.contiguous()) for n, v in batch.items()}
+            z, sq_err = self.acc.gather(z.contiguous()), self.acc.gather(sq_err.contiguous())
+        m = min(len(dead), int((sq_err > 0).sum()))
         if m == 0:
             return 0
-        dead, worst = dead[:m].to(err.device), err.topk(m).indices
-        sae.set_directions_({n: take(resid[n], worst) for n in sae.names}, latents=dead)
+        dead, worst = dead[:m].to(sq_err.device), sq_err.topk(m).indices
+        sub = {n: take(v, worst) for n, v in batch.items()}
+        resid = sae.residual(sub, sae.decode_active(z[worst], like=sae.center(sub)))
+        sae.set_directions_(resid, latents=dead)
         for prm in sae.latent_parameters():  # per-latent factors only (not b_pre)
             st = self.opt.state.get(prm)
             if st:

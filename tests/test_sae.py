@@ -103,15 +103,15 @@ def test_auxk_trains_a_forced_dead_latent_and_only_it():
     xhat, z, a, y = sae(x)
     dead = torch.zeros(6, dtype=torch.bool)
     dead[3] = True
-    yc = {n: xhat[n] - b.value() for n, b in zip(sae.names, sae.b_pre.values())}
+    xs = sae.scaled_input(x)
     sae.signed = True  # so the dead latent's coefficient is used whatever its sign
-    loss = aux_loss(sae, a, y, yc, dead, k_aux=4)
+    loss = aux_loss(sae, a, y, xs, xhat, dead, k_aux=4)
     assert loss > 0
     loss.backward()
     g = sae.dec["0"].U.grad
     assert g[3].abs().sum() > 0
     assert torch.all(g[torch.arange(6) != 3] == 0)
-    assert aux_loss(sae, a, y, yc, torch.zeros(6, dtype=torch.bool), 4).item() == 0.0
+    assert aux_loss(sae, a, y, xs, xhat, torch.zeros(6, dtype=torch.bool), 4).item() == 0.0
 
 
 @pytest.mark.parametrize("aux_coef", [0.0, 1 / 32])
@@ -278,8 +278,9 @@ def rel_close(a, b, tol=1e-5):
 @pytest.mark.parametrize("rank", [1, 2])
 @pytest.mark.parametrize("signed", [False, True])
 def test_factored_scores_reconstruction_and_losses_equal_the_dense_computation(rank, signed):
-    """Scores, rec and AuxK losses, and every gradient, on factored events equal the same SAE on the dense
-    events (1e-5 relative); no tensor of the factored path has a d_out x d_in axis pair per event."""
+    """Scores, per-event errors, rec and AuxK losses, and every gradient, on factored events equal the same SAE
+    on the dense events (1e-5 relative): the factored path's Gram-matrix errors against the dense path's
+    decoded reconstructions."""
     from shardlib.sae import Factored, sae_loss
 
     x = factored_batch()
@@ -289,21 +290,46 @@ def test_factored_scores_reconstruction_and_losses_equal_the_dense_computation(r
     for inp in (x, densified(x)):
         torch.manual_seed(0)
         sae = perturbed_sae(rank, signed)
-        loss, rec, aux, out = sae_loss(sae, inp, variance=3.0, dead=dead, aux_k=2, aux_coef=0.5)
+        loss, rec, aux, codes, sq_err = sae_loss(sae, inp, variance=3.0, dead=dead, aux_k=2, aux_coef=0.5)
         loss.backward()
         grads = {k: p.grad.clone() for k, p in sae.named_parameters()}
-        results.append((out, rec, aux, loss, grads))
-    (fo, frec, faux, floss, fg), (do, drec, daux, dloss, dg) = results
+        results.append((sae(inp), codes, sq_err, rec, aux, loss, grads))
+    (fo, fz, ferr, frec, faux, floss, fg), (do, dz, derr, drec, daux, dloss, dg) = results
     assert isinstance(fo.xhat["w"], Factored) and isinstance(fo.centered["u"], Factored)
     assert not isinstance(do.xhat["w"], Factored)
-    assert rel_close(fo.pre_acts, do.pre_acts) and torch.equal(fo.codes != 0, do.codes != 0)
-    assert rel_close(fo.codes, do.codes)
+    assert rel_close(fo.pre_acts, do.pre_acts) and torch.equal(fz != 0, dz != 0)
+    assert rel_close(fz, dz) and rel_close(ferr, derr)
     for n in FSHAPES:
         assert rel_close(densified(fo.xhat)[n], do.xhat[n])
     assert aux > 0 and rel_close(frec, drec) and rel_close(faux, daux) and rel_close(floss, dloss)
     assert set(fg) == set(dg)
     for k in dg:
         assert rel_close(fg[k], dg[k]), k
+
+
+def test_the_factored_loss_never_holds_each_events_active_factors():
+    """The loss of a factored batch keeps for its backward no tensor with an axis of events times active
+    latents times a matrix width (what decoding every event's k r factors held: 11 GB at rank 4 on SmolLM2):
+    nothing it saves is larger than the batch's own factors (b_pre's included) or one factor parameter."""
+    from shardlib.sae import sae_loss
+    from shardlib.updates import Factored
+
+    n, m, width, rank = 16, 3, 400, 4
+    g = torch.Generator().manual_seed(0)
+    x = {"w": Factored(torch.randn(n, m, width, generator=g), torch.randn(n, m, width, generator=g))}
+    sae = ShardSAE({"w": (width, width)}, 8, 2, rank=rank, signed=True, seed=0, b_pre_rank=1)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = sae_loss(sae, x, 1.0, torch.ones(8, dtype=torch.bool), 6, 1.0)
+    out.loss.backward()
+    assert out.aux > 0 and int((out.codes != 0).sum(1).max()) == 2
+    assert max(sizes) <= max(n * (m + 1) * width, 8 * width * rank)
+    assert max(sizes) < n * 6 * rank * width / 4  # decoding AuxK's 6 latents per event held this many
 
 
 def test_a_factored_input_needs_a_low_rank_b_pre_and_a_dense_sae_densifies_it():
@@ -326,8 +352,13 @@ def test_factored_reconstruction_statistics_equal_dense_ones():
             out = sae(inp)
             st.update(sae.scaled_input(inp), out.xhat, out.codes)
         stats.append(st.result())
-    for key, v in stats[1].items():
-        assert stats[0][key] == pytest.approx(v, rel=1e-5), key
+        st = ReconStats()  # from the per-event terms (Gram matrices for the factored batch)
+        z, terms = sae.recon_terms(inp)
+        st.update_terms(sae.scaled_input(inp), terms, z)
+        stats.append(st.result())
+    for got in stats[:3]:
+        for key, v in stats[3].items():
+            assert got[key] == pytest.approx(v, rel=1e-5), key
 
 
 def test_restarting_a_latent_at_a_factored_residual_gives_the_dense_truncated_svd():
@@ -390,3 +421,16 @@ def test_build_trainer_builds_the_configured_sae_from_the_data():
     assert build_trainer(cfg, dense_data).sae.config()["b_pre_rank"] == 0  # dense data: a dense b_pre
     with pytest.raises(ValueError, match="k=6"):
         SAEConfig(n_latents=5, k=6)
+
+
+def test_a_factored_batch_on_which_no_latent_fires_has_its_whole_norm_as_error():
+    from shardlib.sae import sae_loss, sq_norms
+
+    x = factored_batch()
+    sae = perturbed_sae(2, signed=False, encoder_bias=True)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e6)  # every score negative: ReLU-TopK keeps nothing
+    out = sae_loss(sae, x, variance=1.0, dead=torch.zeros(9, dtype=torch.bool), aux_k=2, aux_coef=0.5)
+    assert not out.codes.any()
+    y = sae.center(x)
+    assert rel_close(out.sq_err, sum(sq_norms(v).double() for v in y.values()))
