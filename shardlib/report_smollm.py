@@ -27,7 +27,7 @@ def _text_rl(runs: dict[str, xr.Dataset], replicas: dict[str, xr.Dataset] | None
     """Per-family held-out reward before and after, GRPO (the first of ``runs``) and the SFT control (the second),
     with the share of correct answers (± the standard error of its change, two independent binomial shares of
     ``eval_n`` prompts) and the share of bare-number answers (what the format clause, if any, pays for);
-    ``replicas``: GRPO under other seeds (runs of their own), as rows and a sentence each."""
+    ``replicas``: GRPO or SFT under other seeds (runs of their own), as rows and a sentence each."""
     rows, rises, right, clear = [], {}, {}, {}
     replicas = replicas or {}
     grpo, sft = runs
@@ -68,9 +68,9 @@ def _text_rl(runs: dict[str, xr.Dataset], replicas: dict[str, xr.Dataset] | None
         f"answers rose by ≥ 0.05 on {right[grpo]} under GRPO and {right[sft]} under SFT, and by more than twice its "
         f"standard error (±, in the table) on {clear[grpo]} under GRPO and {clear[sft]} under SFT. "
         + "".join(
-            f"Under another seed ({r}, the same configuration), held-out reward rose by ≥ 0.05 on {rises[r]} of "
-            f"{replicas[r].sizes['task']} families and the correct share by more than twice its standard error on "
-            f"{clear[r]}. "
+            f"Under another seed ({r}, {_algorithm(replicas[r])}, the same configuration), held-out reward rose by "
+            f"≥ 0.05 on {rises[r]} of {replicas[r].sizes['task']} families and the correct share by more than twice "
+            f"its standard error on {clear[r]}. "
             for r in replicas
         )
         + f"Rewards are {reward}, "
@@ -176,17 +176,28 @@ def _text_sae_cost(stage: str, shards: xr.Dataset, frontier: xr.Dataset) -> str:
     )
 
 
-def grpo_replicas(run_dir: Path) -> dict[str, xr.Dataset]:
-    """GRPO under other seeds: the GRPO results of sibling runs named ``<run>_seed<N>`` (e.g. ``python -m shardlib
-    run --config configs/smollm.yaml --run smollm_seed1 --set seed=1 --only model rl_text``), labelled
-    ``runs/<run>_seed<N>/<stage>``."""
+def _event_ranks(frontier: xr.Dataset) -> str:
+    """The low ranks the frontier trained on the factored store ("rank-1 and rank-4")."""
+    fvu = frontier.fvu.sel(store="events")
+    ranks = [int(r) for r in frontier["rank"].values if r > 0 and not fvu.sel(rank=r).isnull().all()]
+    return " and ".join(f"rank-{r}" for r in ranks) or "no low-rank"
+
+
+def _algorithm(ds: xr.Dataset) -> str:
+    return "the SFT control" if recorded_config(ds).get("algorithm") == "sft" else "GRPO"
+
+
+def rl_replicas(run_dir: Path) -> dict[str, xr.Dataset]:
+    """GRPO and the SFT control under other seeds: the RL results of sibling runs named ``<run>_seed<N>`` (e.g.
+    ``python -m shardlib run --config configs/smollm.yaml --run smollm_seed1 --set seed=1 --only model rl_text
+    sft_text``), labelled ``runs/<run>_seed<N>/<stage>``, GRPO first."""
     found = {}
     for d in sorted(run_dir.parent.glob(f"{run_dir.name}_seed*")):
         for stage, kind in run_stages(d).items():
             ds = load_results(d / stage / "results.nc") if kind == "rl" else None
-            if ds is not None and recorded_config(ds).get("algorithm") != "sft" and "eval_n" in ds:
+            if ds is not None and "eval_n" in ds:
                 found[f"runs/{d.name}/{stage}"] = ds
-    return found
+    return dict(sorted(found.items(), key=lambda kv: _algorithm(kv[1]) != "GRPO"))
 
 
 def smollm_markdown(run_dir) -> str:
@@ -204,7 +215,7 @@ def smollm_markdown(run_dir) -> str:
     )
     if grpo is None or sft is None:
         raise ReportError(f"{run_dir} lacks a GRPO run or its SFT control (stages of kind rl: {by['rl']})")
-    replicas = grpo_replicas(run_dir)
+    replicas = rl_replicas(run_dir)
     shards = sorted(by["shards"], key=lambda s: bool(recorded_config(ds[s]).get("params")))  # every matrix first
     whole, one = shards[0], shards[-1]
     frontier, sparsity, analysis = by["frontier"][0], by["sparsity"][0], by["analysis"][0]
@@ -218,9 +229,9 @@ def smollm_markdown(run_dir) -> str:
             bullets([grpo, sft], find),
             "#### (1) What storing per-event updates costs\n\n" + _text_storage(run_dir, grpo, ds[grpo]),
             "#### (2, 3) Shards on the factored store; do updates reconstruct sparsely?\n\nHeld-out FVU of signed SAEs "
-            f"with 256 latents (`{frontier}/results.nc`): `events`, rank-1 latents over all 90 matrices, never "
-            "densified; `events_one_matrix`, the dense reference on one matrix (layer 15's down_proj), its events "
-            "made dense.\n\n" + frontier_table(ds[frontier]),
+            f"with 256 latents (`{frontier}/results.nc`): `events`, {_event_ranks(ds[frontier])} latents over all 90 "
+            "matrices, never densified; `events_one_matrix`, the dense reference on one matrix (layer 15's "
+            "down_proj), its events made dense.\n\n" + frontier_table(ds[frontier]),
             bullets([whole, frontier], find),
             _text_sae_cost(whole, ds[whole], ds[frontier]),
             "#### Are RL updates sparse on a real model?\n\nFraction of parameters unchanged "

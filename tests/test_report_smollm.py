@@ -52,14 +52,39 @@ def test_the_rl_table_splits_reward_into_correct_and_bare_number_answers():
     # results written before the bare-number share was recorded: the column says so instead of failing
     md = _text_rl({"rl_text": grpo.drop_vars(["eval_bare_init", "eval_bare_final"]), "sft_text": sft})
     assert "| rl_text | add1 | 0.30 | 0.90 | +0.60 | 0.30 → 0.90 (± 0.09) | – | 40 |" in md
-    # GRPO under another seed: its rows, and a sentence of its own
+    # GRPO and SFT under another seed: their rows, and a sentence each
+    sft1 = run([(0.3, 0.7), (0.2, 0.6)], [(0, 0), (0, 0)])
+    sft1.attrs["config"] = json.dumps({"algorithm": "sft", "format_bonus": 0.0})
     md = _text_rl(
         {"rl_text": grpo, "sft_text": sft},
-        {"runs/smollm_seed1/rl_text": run([(0.3, 0.4), (0.2, 0.2)], [(0, 0), (0, 0)])},
+        {
+            "runs/smollm_seed1/rl_text": run([(0.3, 0.4), (0.2, 0.2)], [(0, 0), (0, 0)]),
+            "runs/smollm_seed1/sft_text": sft1,
+        },
     )
     assert "| runs/smollm_seed1/rl_text | add1 | 0.30 | 0.40 | +0.10 | 0.30 → 0.40 (± 0.11) | 0.00 → 0.00 | 40 |" in md
     assert (
-        "Under another seed (runs/smollm_seed1/rl_text, the same configuration), held-out reward rose by ≥ 0.05 on 1 of 2"
-        in md
+        "Under another seed (runs/smollm_seed1/rl_text, GRPO, the same configuration), held-out reward rose by ≥ 0.05 "
+        "on 1 of 2 families and the correct share by more than twice its standard error on 0. " in md
     )
-    assert "families and the correct share by more than twice its standard error on 0. " in md
+    assert (
+        "Under another seed (runs/smollm_seed1/sft_text, the SFT control, the same configuration), held-out reward "
+        "rose by ≥ 0.05 on 2 of 2 families and the correct share by more than twice its standard error on 2. " in md
+    )
+
+
+def test_the_frontier_sentence_names_the_ranks_the_event_sweep_trained():
+    import numpy as np
+    import xarray as xr
+
+    from shardlib.report_smollm import _event_ranks
+
+    fvu = np.full((2, 3, 2), np.nan)  # store x rank (0, 1, 4) x k
+    fvu[0, 1] = fvu[0, 2] = [1.05, 1.04]  # events: ranks 1 and 4
+    fvu[1, 0] = [1.07, 1.06]  # the one-matrix reference: dense
+    ds = xr.Dataset(
+        {"fvu": (("store", "rank", "k"), fvu)},
+        coords={"store": ["events", "events_one_matrix"], "rank": [0, 1, 4], "k": [4, 64]},
+    )
+    assert _event_ranks(ds) == "rank-1 and rank-4"
+    assert _event_ranks(ds.where(ds["rank"] != 4)) == "rank-1"
