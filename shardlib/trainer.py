@@ -147,8 +147,6 @@ class Trainer:
         factor = self.lr_factor()
         for g, base in zip(self.opt.param_groups, self.base_lrs):
             g["lr"] = base * factor
-        self.opt.step()
-        sae.normalize_decoder_()
         self.samples += N
         self.steps += 1
         za = z.detach().abs()  # fired: at least fire_frac of the event's largest code (fillers do not count)
@@ -157,7 +155,12 @@ class Trainer:
             fired = self.acc.reduce(fired.float(), "sum") > 0
         fired = fired.cpu()
         self.last_fired[fired] = self.samples
-        n_res = self.resample_dead_(batch, z.detach(), sq_err) if self.resample and factor > 0 else 0
+        # the residuals dead latents restart at: of this batch's worst events, against the decoder that coded them
+        # (before the step), as ever; only those events are decoded
+        restart = self.restart_points(batch, z.detach(), sq_err) if self.resample and factor > 0 else None
+        self.opt.step()
+        sae.normalize_decoder_()
+        n_res = self.resample_dead_(*restart) if restart else 0
         return {
             "loss": float(loss.detach()),
             "rec": float(rec.detach()),
@@ -168,14 +171,14 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def resample_dead_(self, batch: dict, z: torch.Tensor, sq_err: torch.Tensor) -> int:
-        """Restart the latents dead now at the residuals of the worst-reconstructed events of the batch
-        (``sq_err``: each event's squared error; factored residuals stay factored: their best rank-r part
-        comes from the factors; only the chosen events are decoded)."""
+    def restart_points(self, batch: dict, z: torch.Tensor, sq_err: torch.Tensor):
+        """(the latents dead now, the residuals of as many of the batch's worst-reconstructed events) for
+        :meth:`resample_dead_`, or None when no latent is dead (``sq_err``: each event's squared error; factored
+        residuals stay factored; only the chosen events are decoded)."""
         sae = self.sae
         dead = torch.nonzero(self.dead()).flatten()
         if len(dead) == 0:
-            return 0
+            return None
         if self.acc is not None:  # every process picks from the whole batch
             if any(isinstance(v, Factored) for v in batch.values()):
                 raise NotImplementedError("restarting dead latents from factored events of several processes")
@@ -183,10 +186,18 @@ class Trainer:
             z, sq_err = self.acc.gather(z.contiguous()), self.acc.gather(sq_err.contiguous())
         m = min(len(dead), int((sq_err > 0).sum()))
         if m == 0:
-            return 0
-        dead, worst = dead[:m].to(sq_err.device), sq_err.topk(m).indices
+            return None
+        worst = sq_err.topk(m).indices
         sub = {n: take(v, worst) for n, v in batch.items()}
-        resid = sae.residual(sub, sae.decode_active(z[worst], like=sae.center(sub)))
+        return dead[:m], sae.residual(sub, sae.decode_active(z[worst], like=sae.center(sub)))
+
+    @torch.no_grad()
+    def resample_dead_(self, dead: torch.Tensor, resid: dict) -> int:
+        """Restart the latents ``dead`` at the residuals ``resid`` (one event each: :meth:`restart_points`), their
+        Adam moments zeroed."""
+        sae = self.sae
+        m = len(dead)
+        dead = dead.to(sae.scale.device)
         sae.set_directions_(resid, latents=dead)
         for prm in sae.latent_parameters():  # per-latent factors only (not b_pre)
             st = self.opt.state.get(prm)

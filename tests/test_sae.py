@@ -229,6 +229,31 @@ def test_dead_latents_are_restarted_at_the_worst_residual_and_fillers_count_as_d
     assert plain.n_resampled == 0 and not plain.dead()[3]  # fire_frac 0: a filler counts as firing
 
 
+def test_a_dead_latent_restarts_at_the_residual_against_the_decoder_before_the_step():
+    """The residual a restarted latent takes is the one of the batch's own forward pass (its codes and the decoder
+    that made them), not one against the decoder after the step, which a large rate moves far."""
+    import copy
+
+    g = torch.Generator().manual_seed(0)
+    sae = ShardSAE({"w": (4, 3)}, 8, 1, rank=0, signed=True, seed=0)
+    tr = trainer(sae, lr=0.5, aux_k=1, aux_coef=0, dead_window=0, resample_dead=True)
+    x = {"w": torch.randn(3, 4, 3, generator=g)}  # 3 events, 1 latent each: at least 5 of 8 latents die
+    before = copy.deepcopy(sae)
+    with torch.no_grad():
+        out = before(x)
+        resid = x["w"] / before.scale - out.xhat["w"]
+    dead = torch.nonzero(~(out.codes != 0).any(0)).flatten()[:3]  # as many as there are events
+    worst = (resid**2).sum((1, 2)).topk(3).indices
+    tr.step(x)
+    assert tr.n_resampled == 3
+    for latent, event in zip(dead, worst):
+        want = resid[event] / resid[event].norm()
+        assert torch.allclose(sae.directions()["w"][latent], want, atol=1e-6)
+        with torch.no_grad():  # the same codes against the decoder after the step: another residual
+            after = x["w"][event] / sae.scale - sae.decode_active(out.codes[event][None])["w"][0]
+        assert float((after / after.norm() - want).abs().max()) > 1e-2
+
+
 def test_learning_rate_falls_to_zero_over_the_last_steps():
     sae = ShardSAE({"w": (4, 4)}, 3, 1, rank=1)
     tr = trainer(sae, total_steps=10, lr=0.1, aux_k=1, aux_coef=0, dead_window=100, lr_decay=0.5)
