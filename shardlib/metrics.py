@@ -19,6 +19,19 @@ import torch
 from .factored import Factored
 
 
+def sq_terms(v, h) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(||v - h||^2, ||v||^2, ||h||^2)`` per event [N], float64, for one tensor's batch ``v`` and its
+    reconstruction ``h``: from Gram matrices of the factors when both are
+    :class:`~shardlib.factored.Factored` (one of them factored alone is made dense)."""
+    if isinstance(v, Factored) != isinstance(h, Factored):
+        v, h = (t.dense() if isinstance(t, Factored) else t for t in (v, h))
+    if isinstance(v, Factored):
+        v64, h64 = v.to(torch.float64), h.to(torch.float64)
+        return v64.minus(h64).sq_norms(), v64.sq_norms(), h64.sq_norms()
+    v64, h64 = v.double().reshape(len(v), -1), h.double().reshape(len(h), -1)
+    return ((v64 - h64) ** 2).sum(1), (v64**2).sum(1), (h64**2).sum(1)
+
+
 @dataclass
 class ReconStats:
     """Sufficient statistics for FVU, L0, dead/dense fractions and shrinkage (plain and norm-weighted)."""
@@ -38,19 +51,7 @@ class ReconStats:
         """Add a batch: ``x`` and ``xhat`` per tensor, dense [N, *shape] or both
         :class:`~shardlib.factored.Factored` (then every norm comes from Gram matrices of the factors, in
         float64, and the running sum for the mean is one dense matrix per tensor)."""
-        n = z.shape[0]
-        terms = {}
-        for k, v in x.items():
-            h = xhat[k]
-            if isinstance(v, Factored) != isinstance(h, Factored):
-                v, h = (t.dense() if isinstance(t, Factored) else t for t in (v, h))
-            if isinstance(v, Factored):
-                v64, h64 = v.to(torch.float64), h.to(torch.float64)
-                terms[k] = (v64.minus(h64).sq_norms(), v64.sq_norms(), h64.sq_norms())
-            else:
-                v64, h64 = v.double().reshape(n, -1), h.double().reshape(n, -1)
-                terms[k] = (((v64 - h64) ** 2).sum(1), (v64**2).sum(1), (h64**2).sum(1))
-        self.update_terms(x, terms, z)
+        self.update_terms(x, {k: sq_terms(v, xhat[k]) for k, v in x.items()}, z)
 
     def update_terms(self, x: dict, terms: dict, z: torch.Tensor) -> None:
         """Add a batch from its per-event terms: ``terms[name]`` = (squared error, ``||x||^2``, ``||xhat||^2``),

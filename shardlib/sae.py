@@ -57,6 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .factored import Factored
+from .metrics import sq_terms
 from .sae_parts import Dense, DenseBias, LowRank, LowRankBias, factor_gram, factor_inner
 
 Tensors = dict[str, "torch.Tensor | Factored"]
@@ -364,6 +365,8 @@ class ShardSAE(nn.Module):
         """Reconstruction from the nonzero entries of z, per sample, using only active factors; factored
         (the active latents' factors, scaled by their codes) for the tensors where ``like`` is Factored; for
         the tensors ``names`` (default: all)."""
+        if names is not None and not names:  # every tensor of the batch is reconstructed elsewhere (Gram terms)
+            return {}
         kk = max(1, int((z != 0).sum(1).max()))
         vals, idx = z.abs().topk(kk, dim=1)
         vals = z.gather(1, idx) / self.decoder_norms()[idx]  # unit-norm directions
@@ -397,16 +400,8 @@ class ShardSAE(nn.Module):
                 b = bias.factored(1).to(torch.float64)
                 bw = 2 * (t.w * factor_inner(b, t.U, t.V)).sum(1)
                 terms[n] = (t.sq_err(), xs[n].to(torch.float64).sq_norms(), b.sq_norms() + bw + t.xhat_sq())
-                continue
-            v, h = xs[n], xhat[n]
-            if isinstance(v, Factored) != isinstance(h, Factored):
-                v, h = dense(v), dense(h)
-            if isinstance(v, Factored):
-                v64, h64 = v.to(torch.float64), h.to(torch.float64)
-                terms[n] = (v64.minus(h64).sq_norms(), v64.sq_norms(), h64.sq_norms())
             else:
-                v64, h64 = v.double().reshape(len(v), -1), h.double().reshape(len(v), -1)
-                terms[n] = (((v64 - h64) ** 2).sum(1), (v64**2).sum(1), (h64**2).sum(1))
+                terms[n] = sq_terms(xs[n], xhat[n])
         return z, terms
 
     def forward(self, x: Tensors) -> ForwardOutput:
