@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .metrics import hungarian_mcc, unit_rows
+from .metrics import hungarian_mcc, row_norms, unit_rows
 
 
 def type_means(updates: np.ndarray, types: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -64,6 +64,23 @@ RANDOM_SEEDS = 5
 FITTED = ("kmeans", "pca", "events", "oracle")
 
 
+def span_coordinates(X: np.ndarray, n: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """(Q, X @ Q): an orthonormal basis Q [D, N] of the span of the rows of X [N, D] and each row's coordinates in
+    it, where that is cheaper for fitting ``n`` centroids or components; else (None, X). Every mean, centroid and
+    principal direction of the rows lies in their span and distances there are the rows' own, so k-means and
+    PCA fitted to the coordinates, mapped back by Q, are the fits to X (to rounding). The basis comes from the
+    Gram matrix X X^T = U L U^T (Q = X^T U L^-1/2, coordinates U L^1/2; directions of eigenvalue below 1e-12 of
+    the largest, rounding, are left out): two N^2 D products, which pay when the rows are few against their
+    dimension and the fits (one Lloyd pass is N D n): used for N <= 4 n and N < D (SmolLM2: 144 events of 885k
+    parameters, 64 latents; not the small LM's 3312 events)."""
+    if X.shape[0] >= X.shape[1] or X.shape[0] > 4 * n:
+        return None, X
+    lam, U = np.linalg.eigh(X @ X.T)
+    keep = lam > 1e-12 * max(lam[-1], 0.0)
+    lam, U = lam[keep][::-1], U[:, keep][:, ::-1]  # largest first
+    return (X.T @ U) / np.sqrt(lam), U * np.sqrt(lam)
+
+
 def fitted_dictionaries(
     X: np.ndarray, types: np.ndarray, n: int, seed: int
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -76,9 +93,13 @@ def fitted_dictionaries(
 
     X = np.asarray(X, dtype=np.float64)
     mu = X.mean(0)
-    km = KMeans(n_clusters=min(n, len(X)), n_init=3, random_state=seed).fit(X - mu).cluster_centers_ + mu
-    pca = PCA(n_components=min(n, *X.shape), random_state=seed).fit(X).components_
-    nonzero = np.flatnonzero(np.linalg.norm(X, axis=1) > 0)
+    Q, C = span_coordinates(X, n)  # k-means and PCA see only distances and variances inside the events' span
+    C_mu = C.mean(0)
+    km = KMeans(n_clusters=min(n, len(X)), n_init=3, random_state=seed).fit(C - C_mu).cluster_centers_
+    km = km @ Q.T + mu if Q is not None else km + mu
+    pca = PCA(n_components=min(n, *X.shape), random_state=seed).fit(C).components_
+    pca = pca @ Q.T if Q is not None else pca
+    nonzero = np.flatnonzero(row_norms(X) > 0)
     drawn = X[np.random.default_rng(seed).choice(nonzero, min(n, len(nonzero)), replace=False)]
     means = type_means(X, types)[0]
     return {

@@ -141,8 +141,9 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     X = flatten({n: inp.data[n] for n in names}, names)
     D = np.concatenate([inp.dirs[n].reshape(F, -1) for n in names], 1)
     means, type_names = type_means(X, types)
+    seeds = seed_alignment(p, inp, codes, types, X, D)
     parts = [
-        seed_alignment(p, inp, codes, types, X, D),
+        seeds,
         type_views(codes, types, X, p.seed),
         where_shards_live(inp.dirs),
         xr.Dataset(  # each shard against each type's mean update (the shard cards' nearest type)
@@ -152,7 +153,8 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     ]
     if p.rl_dir:  # what needs a shardlib RL run: its online shards, its policies and testbed
         parts.append(online_comparison(Path(p.rl_dir) / "online_shards.nc", names, X, types, D))
-    parts.append(settings_comparison(p, inp))
+    own = {m: float(seeds[m].sel(sae_seed=inp.sae_params.seed)) for m in seeds.data_vars if "sae_seed" in seeds[m].dims}
+    parts.append(settings_comparison(p, inp, own))
     if p.rl_dir:
         if task is None:
             task = inp.acts["task"].values
@@ -197,10 +199,11 @@ def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -
     return out
 
 
-def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
+def settings_comparison(p: AnalysisParams, inp: AnalysisInputs, own: dict | None = None) -> xr.Dataset:
     """What the SAE's settings do: one SAE per (k, raw or unit-normalised updates), the shard stage's other
     parameters and seed, each scored with :func:`alignment` (on the updates it was trained on) and its
-    held-out FVU (the reconstruction cost). Zero updates are left out, as in the shard stage."""
+    held-out FVU (the reconstruction cost). Zero updates are left out, as in the shard stage. ``own``: the
+    shard stage's SAE's :func:`alignment` row (:func:`seed_alignment`), reused for the setting that is that SAE."""
     from . import fit, shards
     from .common import flatten
 
@@ -228,18 +231,21 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs) -> xr.Dataset:
             else:
                 r = shards.train(q, progress=False)
                 sae, data, store, heldout = r.sae.cpu(), r.data, r.store, r.heldout_idx
-            _, _, z = fit.encode_all(sae, data, batch_size=sp.eval_batch_size)
-            X = flatten({n: data[n] for n in names}, names)
-            row = alignment(
-                z.numpy(),
-                stage_event_types(store, p.event_type_label),
-                X,
-                flatten(sae.directions(), names),
-                R,
-                q.k,
-                sp.seed,
-                q.signed,
-            )
+            if same and own is not None:  # scored already, on the same codes, events and random dictionaries
+                row = dict(own)
+            else:
+                _, _, z = fit.encode_all(sae, data, batch_size=sp.eval_batch_size)
+                X = flatten({n: data[n] for n in names}, names)
+                row = alignment(
+                    z.numpy(),
+                    stage_event_types(store, p.event_type_label),
+                    X,
+                    flatten(sae.directions(), names),
+                    R,
+                    q.k,
+                    sp.seed,
+                    q.signed,
+                )
             row["heldout_fvu"] = fit.evaluate(sae, data, heldout, batch_size=sp.eval_batch_size).get("fvu", np.nan)
             rows[(k, norm)] = row
     keys = list(next(iter(rows.values())))

@@ -106,9 +106,8 @@ def abs_cos(G: np.ndarray, D: np.ndarray) -> np.ndarray:
     """|cos| between rows of G [g, d] and rows of D [f, d]: matrix [g, f]."""
     G = np.asarray(G, np.float64).reshape(len(G), -1)
     D = np.asarray(D, np.float64).reshape(len(D), -1)
-    G = G / np.linalg.norm(G, axis=1, keepdims=True).clip(1e-30)
-    D = D / np.linalg.norm(D, axis=1, keepdims=True).clip(1e-30)
-    return np.abs(G @ D.T)
+    # the products first, then the norms (normalised copies of [64, 885k] rows cost more than the products)
+    return np.abs(G @ D.T) / np.outer(row_norms(G).clip(1e-30), row_norms(D).clip(1e-30))
 
 
 def mmcs(G, D) -> tuple[float, float]:
@@ -268,7 +267,7 @@ def types_matched(type_means: np.ndarray, directions: np.ndarray, t: float = 0.9
 def _per_type_of_unit_updates(updates: np.ndarray, types: np.ndarray, score) -> dict[str, float]:
     """``score(unit updates of one type)`` per event type, zero updates left out, NaN below 2 events."""
     X = np.asarray(updates, dtype=np.float64).reshape(len(updates), -1)
-    n = np.linalg.norm(X, axis=1)
+    n = row_norms(X)
     keep = n > 0
     U = X[keep] / n[keep, None]
     types = np.asarray(types)[keep]
@@ -298,8 +297,14 @@ def coherence_rank1(updates: np.ndarray, types: np.ndarray) -> dict[str, float]:
 def unit_rows(D: np.ndarray) -> np.ndarray:
     """Rows of ``D`` scaled to unit norm (zero rows stay zero)."""
     D = np.asarray(D, dtype=np.float64)
-    n = np.linalg.norm(D, axis=1, keepdims=True)
+    n = row_norms(D)[:, None]
     return D / np.where(n > 0, n, 1.0)
+
+
+def row_norms(X: np.ndarray) -> np.ndarray:
+    """Euclidean norm of each row of a 2-D array (one pass, no squared copy: np.linalg.norm(axis=1) took 1.2 s on a
+    [64, 885k] float64 array on one CPU thread, this 0.03 s)."""
+    return np.sqrt(np.einsum("ij,ij->i", X, X))
 
 
 def topk_codes(proj: np.ndarray, k: int, signed: bool = True) -> np.ndarray:

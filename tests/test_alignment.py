@@ -34,3 +34,26 @@ def test_random_dictionary_has_the_sae_structure():
     norm = torch.sqrt((d["w"] ** 2).sum((1, 2)) + (d["b"] ** 2).sum(1))
     assert torch.allclose(norm, torch.ones(4))
     assert all(torch.linalg.matrix_rank(d["w"][i]) == 1 for i in range(4))
+
+
+def test_fits_in_the_span_equal_the_fits_to_the_events():
+    # fewer events than dimensions: k-means and PCA run on span coordinates; they must be the fits to the events
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(3)
+    types = np.repeat(np.arange(4), 10)
+    X = 3 * rng.normal(size=(4, 500))[types] + rng.normal(size=(40, 500))
+    Q, C = alignment.span_coordinates(X, 10)
+    assert Q.shape == (500, 40) and np.allclose(C @ Q.T, X) and np.allclose(Q.T @ Q, np.eye(40))
+    got = alignment.fitted_dictionaries(X, types, 10, seed=0)
+    mu = X.mean(0)
+    km = KMeans(n_clusters=10, n_init=3, random_state=0).fit(X - mu).cluster_centers_ + mu
+    pca = PCA(n_components=10, svd_solver="full").fit(X).components_
+    for name, want in (("kmeans", km), ("pca", pca)):
+        D = got[name][1]
+        want = want / np.linalg.norm(want, axis=1, keepdims=True)
+        cos = np.abs(D @ want.T)
+        assert np.allclose(np.sort(cos.max(1)), 1, atol=1e-6), name  # the same directions, up to order and sign
+    assert alignment.span_coordinates(X[:, :30], 6)[0] is None  # more events than dimensions: fitted as they are
+    assert alignment.span_coordinates(X, 8)[0] is None  # many events per centroid: the basis costs more than it saves

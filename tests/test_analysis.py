@@ -56,6 +56,9 @@ def test_analysis_without_an_rl_run_on_a_store_labelled_by_its_writer(tmp_path):
     ds = load_results(tmp_path / "analysis" / "results.nc")
     for m in alignment.ALIGNMENT_METRICS:
         assert {m, f"setting_{m}", f"{m}_random_std"} | {f"{m}_{b}" for b in alignment.BASELINES} <= set(ds.data_vars)
+    for m in alignment.ALIGNMENT_METRICS:  # the setting that is the shard stage's own SAE: its row, reused
+        own = float(ds[f"setting_{m}"].sel(setting_k=1, setting_normalize=False))
+        assert own == pytest.approx(float(ds[m].sel(sae_seed=0)), nan_ok=True)
     assert int(ds.n_events) + int(ds.n_zero_events) == n
     assert ds.n_types.values.tolist() == [3] and sorted(ds.event_type.values) == ["0", "1", "2"]
     assert not {"add_effect", "ablate_effect", "specificity", "online_type_match"} & set(ds.data_vars)

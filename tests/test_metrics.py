@@ -122,3 +122,9 @@ def test_coherence_needs_two_events_and_random_codes_follow_the_sign_handling():
     assert np.isnan(M.coherence(np.array([[1.0, 0.0]]), np.array(["a"]))["a"])
     c = M.random_codes(np.array([[3.0, -5.0, 0.5]]), np.eye(3), k=2, signed=False)
     assert c.tolist() == [[3.0, 0.0, 0.5]]  # rectified, as a ReLU SAE's codes
+
+
+def test_row_norms_and_unit_rows():
+    X = np.array([[3.0, 4.0], [0.0, 0.0], [-1.0, 0.0]])
+    assert np.array_equal(metrics.row_norms(X), [5.0, 0.0, 1.0])
+    assert np.allclose(metrics.unit_rows(X), [[0.6, 0.8], [0.0, 0.0], [-1.0, 0.0]])  # a zero row stays zero
