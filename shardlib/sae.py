@@ -258,11 +258,13 @@ class ShardSAE(nn.Module):
         return [{"params": ps, "lr": lr / math.sqrt(d)} for d, ps in sorted(groups.items())]
 
     # -- directions ----------------------------------------------------------
-    def decoder_norms(self) -> torch.Tensor:
-        """||D_i|| over all tensors together: [F]."""
+    def decoder_norms(self, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """||D_i|| over all tensors together: [F], or [len(latents)] for ``latents`` only (a loss that uses a
+        few latents then differentiates through their rows only: through all 256 rows of the dense SmolLM2
+        reference, 226M numbers, the norms' backward took 2.4 s of a 6.8 s step)."""
         sq = 0.0
         for part in self.dec.values():
-            sq = sq + part.sq_norms()
+            sq = sq + part.sq_norms(latents)
         return sq.clamp(min=1e-30).sqrt()
 
     @torch.no_grad()
@@ -369,7 +371,8 @@ class ShardSAE(nn.Module):
             return {}
         kk = max(1, int((z != 0).sum(1).max()))
         vals, idx = z.abs().topk(kk, dim=1)
-        vals = z.gather(1, idx) / self.decoder_norms()[idx]  # unit-norm directions
+        used, where = torch.unique(idx, return_inverse=True)
+        vals = z.gather(1, idx) / self.decoder_norms(used)[where]  # unit-norm directions
         out = {}
         for n, part, bias in zip(self.names, self.dec.values(), self.b_pre.values()):
             if names is None or n in names:
@@ -484,7 +487,7 @@ def sae_loss(sae: ShardSAE, x: Tensors, variance: float, dead: torch.Tensor, aux
     gram = sae.by_gram(y)
     xs = sae.scaled_input(x)
     xhat = sae.decode_active(z, like=y, names=[name for name in sae.names if name not in gram])
-    norms = sae.decoder_norms()
+    norms = sae.decoder_norms() if gram else None
     err, grams = {}, {}
     for name, part in zip(sae.names, sae.dec.values()):
         if name in gram:
@@ -533,7 +536,7 @@ def aux_loss(
     eh = sae.decode_active(za, with_bias=False, like=e, names=list(e))
     num = sum(sq_norms(difference(e[n], eh[n])).sum() for n in e)
     den = sum(centered_sq_sum(e[n]) for n in e)
-    norms = sae.decoder_norms()
+    norms = sae.decoder_norms() if grams else None
     for name, t in (grams or {}).items():
         part = sae.dec[str(sae.names.index(name))]
         ta = _GramTerms.of(part, y[name].detach(), za, norms)  # the dead latents' Q' = <y, M_j>, K' among them

@@ -67,6 +67,27 @@ def test_reconstruction_equals_dense_decoder(rank, signed):
         assert (z >= 0).all()
 
 
+@pytest.mark.parametrize("rank", [2, 0])
+def test_decoding_differentiates_through_the_used_latents_norms_only_with_the_full_gradient(rank):
+    # decode_active divides by the norms of the latents it uses; the gradient must be the one through every norm
+    sae = ShardSAE(SHAPES, 7, 3, rank=rank, seed=2)
+    with torch.no_grad():
+        for p in sae.dec.parameters():
+            p.mul_(1.3)
+    used = torch.tensor([4, 1])
+    assert torch.equal(sae.decoder_norms(used), sae.decoder_norms()[used])
+    x = batch()
+    xhat, z, _, _ = sae(x)
+    flat(xhat).square().sum().backward()
+    got = [p.grad.clone() for p in sae.dec.parameters()]
+    sae.zero_grad()
+    D = dense_dirs(sae, "dec")
+    bias = torch.cat([b.value().reshape(-1) for b in sae.b_pre.values()])
+    (z.detach() @ (D / D.norm(dim=1, keepdim=True)) + bias).square().sum().backward()
+    for g, p in zip(got, sae.dec.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-5)
+
+
 def test_topk_picks_the_k_largest():
     sae = ShardSAE({"v": (3,)}, 5, 2, rank=0)
     a = torch.tensor([[0.1, 0.5, -2.0, 0.3, 0.2]])
