@@ -304,8 +304,8 @@ TEXT_TASKS = {
     "larger": ("the larger of two 2-digit numbers", _larger, "only"),
     "max4": ("the largest of four 2-digit numbers", _max4, "only"),
 }
-_NUMBER = re.compile(r"-?\d+")
-_OPERATION = re.compile(r"\d+\s*[-+]\s*\d+")  # "7 + 5", "10-5": a restated operation, not an answer
+_NUMBER = re.compile(r"[-\u2212]?\d+(?:\.\d+)?")  # "12", "-3", "\u22123" (Unicode minus), "12.0", "7.5"
+_OPERATION = re.compile(r"\d+\s*[-+\u2212]\s*\d+")  # "7 + 5", "10-5": a restated operation, not an answer
 _BARE = re.compile(r"^\s*-?\d+\s*\.?\s*$")
 
 
@@ -320,19 +320,25 @@ def is_held_out(question: str) -> bool:
     return zlib.crc32(question.encode()) % 5 == 0
 
 
-def parse_answer(text: str, rule: str = "last") -> int | None:
+def _number(s: str) -> int | float:
+    v = float(s.replace("\u2212", "-"))
+    return int(v) if v.is_integer() else v
+
+
+def parse_answer(text: str, rule: str = "last") -> int | float | None:
     """The answer a completion gives, or None. ``last``: its last integer outside any restated operation
     ("7 + 5 = 12." -> 12), for arithmetic, where the working names the operands first; an echo of the operation
     names no answer ("To add 0 + 6, we need" -> None, where the last integer would have scored). Only symbolic
     operations are skipped: "To add 0 and 6" still gives 6. ``only``: the one distinct integer it names ("The
     larger number is 95." -> 95), for choosing among the question's numbers: a completion that names several
     candidates ("89 is larger than 95.") gives none, or restating the question would score (the last integer of
-    "89 is larger than 95." is the right answer to the wrong claim). Integers only: "95.0" names 95 and 0."""
+    "89 is larger than 95." is the right answer to the wrong claim). A decimal names its value: "12.0" and "12"
+    are 12, "7.5" is 7.5 (never an integer answer); a Unicode minus is a minus."""
     if rule not in ("last", "only"):
         raise ValueError(f"answer rule {rule!r}: use 'last' or 'only'")
     if rule == "last":
         text = _OPERATION.sub(" ", text)
-    found = [int(x) for x in _NUMBER.findall(text)]
+    found = [_number(x) for x in _NUMBER.findall(text)]
     if rule == "only":
         return found[0] if found and len(set(found)) == 1 else None
     return found[-1] if found else None

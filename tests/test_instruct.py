@@ -20,6 +20,9 @@ def test_parse_answer():
     assert parse_answer("To add 0 + 6, we need to consider") is None  # the echo's 6 is not an answer
     assert parse_answer("10 - 5 = 5") == parse_answer("10-5=5") == 5 and parse_answer("5 - 10 = -5") == -5
     assert parse_answer("4 + 3 is 7") == 7
+    assert parse_answer("7 + 5 = 12.0") == parse_answer("The answer is 12.0.") == 12  # a decimal names its value
+    assert parse_answer("The answer is 7.5") == 7.5 and parse_answer("2 \u2212 5 = \u22123") == -3  # Unicode minus
+    assert parse_answer("The larger number is 95.0", "only") == 95 and parse_answer("95.5 or 95", "only") is None
     # choosing among the question's numbers: only a completion naming one number answers
     assert parse_answer("The larger number is 95.", "only") == parse_answer("95", "only") == 95
     assert parse_answer("89 is larger than 95.", "only") is None  # its last integer would have scored
