@@ -65,14 +65,14 @@ FITTED = ("kmeans", "pca", "events", "oracle")
 
 
 def span_coordinates(X: np.ndarray, n: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """(Q, X @ Q): an orthonormal basis Q [D, N] of the span of the rows of X [N, D] and each row's coordinates in
-    it, where that is cheaper for fitting ``n`` centroids or components; else (None, X). Every mean, centroid and
-    principal direction of the rows lies in their span and distances there are the rows' own, so k-means and
-    PCA fitted to the coordinates, mapped back by Q, are the fits to X (to rounding). The basis comes from the
-    Gram matrix X X^T = U L U^T (Q = X^T U L^-1/2, coordinates U L^1/2; directions of eigenvalue below 1e-12 of
-    the largest, rounding, are left out): two N^2 D products, which pay when the rows are few against their
-    dimension and the fits (one Lloyd pass is N D n): used for N <= 4 n and N < D (SmolLM2: 144 events of 885k
-    parameters, 64 latents; not the small LM's 3312 events)."""
+    """(Q, X @ Q): an orthonormal basis Q [D, r] of the span of the rows of X [N, D] (r <= N, their rank) and each
+    row's coordinates in it, where that is cheaper for fitting ``n`` centroids or components; else (None, X).
+    Every mean, centroid and principal direction of the rows lies in their span and distances there are the
+    rows' own, so k-means and PCA fitted to the coordinates, mapped back by Q, are the fits to X (to rounding).
+    The basis comes from the Gram matrix X X^T = U L U^T (Q = X^T U L^-1/2, coordinates U L^1/2; directions of
+    eigenvalue below 1e-12 of the largest, rounding or repeated rows, are left out): two N^2 D products, which
+    pay when the rows are few against their dimension and the fits (one Lloyd pass is N D n): used for
+    N <= 4 n and N < D (SmolLM2: 88 nonzero events of 885k parameters, 64 latents; not the small LM's 3312)."""
     if X.shape[0] >= X.shape[1] or X.shape[0] > 4 * n:
         return None, X
     lam, U = np.linalg.eigh(X @ X.T)
@@ -97,8 +97,11 @@ def fitted_dictionaries(
     C_mu = C.mean(0)
     km = KMeans(n_clusters=min(n, len(X)), n_init=3, random_state=seed).fit(C - C_mu).cluster_centers_
     km = km @ Q.T + mu if Q is not None else km + mu
-    pca = PCA(n_components=min(n, *X.shape), random_state=seed).fit(C).components_
-    pca = pca @ Q.T if Q is not None else pca
+    n_pca = min(n, *X.shape)
+    if Q is not None and C.shape[1] >= n_pca:
+        pca = PCA(n_components=n_pca, random_state=seed).fit(C).components_ @ Q.T
+    else:  # no basis, or one narrower than the components asked (events that repeat: their span has fewer dimensions)
+        pca = PCA(n_components=n_pca, random_state=seed).fit(X).components_
     nonzero = np.flatnonzero(row_norms(X) > 0)
     drawn = X[np.random.default_rng(seed).choice(nonzero, min(n, len(nonzero)), replace=False)]
     means = type_means(X, types)[0]

@@ -57,3 +57,16 @@ def test_fits_in_the_span_equal_the_fits_to_the_events():
         assert np.allclose(np.sort(cos.max(1)), 1, atol=1e-6), name  # the same directions, up to order and sign
     assert alignment.span_coordinates(X[:, :30], 6)[0] is None  # more events than dimensions: fitted as they are
     assert alignment.span_coordinates(X, 8)[0] is None  # many events per centroid: the basis costs more than it saves
+
+
+def test_repeated_events_narrow_the_span_and_pca_still_gives_as_many_components_as_asked():
+    # GRPO's identical completions give identical events: the span has fewer dimensions than events, and PCA,
+    # asked for as many components as events, is fitted to the events themselves (as without the span)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 300))
+    X[10:] = X[:10]
+    Q, C = alignment.span_coordinates(X, 20)
+    assert Q.shape == (300, 10) and np.allclose(C @ Q.T, X)
+    with pytest.warns(Warning, match="distinct clusters"):  # k-means on 10 distinct points, 20 clusters asked
+        got = alignment.fitted_dictionaries(X, np.arange(20) % 4, 20, seed=0)
+    assert got["pca"][1].shape == (20, 300) and got["kmeans"][1].shape == (20, 300)
