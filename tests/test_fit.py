@@ -42,6 +42,25 @@ def test_fit_trains_on_events_in_memory_and_resumes_exactly(tmp_path):
     assert z.shape == (64, 6) and idx.shape == val.shape and (np.abs(val) > 0).sum(1).max() <= 2
 
 
+def test_the_final_resume_point_holds_no_optimizer_and_a_fit_killed_after_it_trains_no_further(tmp_path):
+    from shardlib.io import OPTIMIZER_FILE, CheckpointError
+
+    x, _ = data()
+    p = params(tmp_path)
+    full = fit(p, x, progress=False)
+    ckpt = tmp_path / "out" / "checkpoint"
+    assert (ckpt / "sae").is_dir() and not (ckpt / OPTIMIZER_FILE).exists()  # Adam's moments: no step reads them
+    again = fit(p, x, progress=False)  # (killed while writing the outputs) resumes at the end: no step is taken
+    assert again.history == full.history
+    for k, v in full.sae.state_dict().items():
+        assert torch.equal(v, again.sae.state_dict()[k]), k
+    killed = params(tmp_path, out_dir=str(tmp_path / "killed"))
+    fit(killed, x, progress=False, stop_after=2)
+    (tmp_path / "killed" / "checkpoint" / OPTIMIZER_FILE).unlink()  # a mid-training point must hold Adam's state
+    with pytest.raises(CheckpointError, match="lacks optimizer.pt .training stopped at epoch 2 of 4.; delete"):
+        fit(killed, x, progress=False)
+
+
 def test_the_split_depends_only_on_the_seed():
     a, b = split_events(50, 0.2, seed=3), split_events(50, 0.2, seed=3)
     assert all(np.array_equal(u, v) for u, v in zip(a, b)) and len(a[1]) == 10
