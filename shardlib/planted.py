@@ -184,8 +184,8 @@ def factored_cosines(truth: dict, sae) -> np.ndarray:
     inner = 0.0
     for n, part in zip(sae.names, sae.dec.values()):
         A, B = truth[n].left, truth[n].right  # [S, r, d]
-        U, V = part.U.detach(), part.V.detach()  # [F, d, r']
-        inner = inner + (torch.einsum("sao,fob->sfab", A, U) * torch.einsum("sai,fib->sfab", B, V)).sum((2, 3))
+        U, V = part.U.detach(), part.V.detach()  # [F, r', d]
+        inner = inner + (torch.einsum("sao,fbo->sfab", A, U) * torch.einsum("sai,fbi->sfab", B, V)).sum((2, 3))
     t_norm = sum(f.sq_norms() for f in truth.values()).sqrt()
     return (inner.abs() / (t_norm[:, None] * sae.decoder_norms().detach()[None])).numpy()
 

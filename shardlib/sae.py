@@ -38,8 +38,9 @@ small batches. A dense (``rank=0``) SAE makes factored inputs dense, batch by ba
 Each tensor's decoder and encoder rows and its ``b_pre`` are small modules of :mod:`shardlib.sae_parts`
 (low-rank or dense), so each of the above is written once per kind. The architecture is a
 :class:`SAEConfig`. Saved as ``sae.safetensors`` (keys ``dec.<j>.U``, ``b_pre.<j>.b``, ...: ``j`` the
-tensor's position) + ``cfg.json`` (sparsify style); folders saved with the earlier keys (``dec.<j>_U``,
-``b_pre.<j>``) load too.
+tensor's position) + ``cfg.json`` (sparsify style); a low-rank part's factors are saved as they are held,
+[F, r, d] (the file's metadata says ``factor_layout: rank_first``). Folders saved with the earlier keys
+(``dec.<j>_U``, ``b_pre.<j>``) or the earlier factor layout ([F, d, r]) load too.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -169,13 +171,20 @@ class SAEConfig:
 _V1_KEY = re.compile(r"(dec|enc|b_pre)\.(\d+)(?:_([UVW]))?")
 
 
-def _upgrade_keys(state: dict) -> dict:
+_FACTOR_KEY = re.compile(r"(dec|enc)\.\d+\.[UV]")
+FACTOR_LAYOUT = {"factor_layout": "rank_first"}
+"""The metadata of a saved SAE whose low-rank factors are [F, r, d] (before it, they were [F, d, r])."""
+
+
+def _upgrade_keys(state: dict, rank_first: bool = True) -> dict:
     """A state dict saved before the per-tensor modules (``dec.0_U``, ``b_pre.0``) in today's keys (``dec.0.U``,
-    ``b_pre.0.b``); today's keys pass unchanged."""
+    ``b_pre.0.b``), and low-rank factors saved as [F, d, r] (not ``rank_first``) as today's [F, r, d]; today's
+    pass unchanged."""
     out = {}
     for key, v in state.items():
         m = _V1_KEY.fullmatch(key)
-        out[f"{m[1]}.{m[2]}.{m[3] or 'b'}" if m else key] = v
+        key = f"{m[1]}.{m[2]}.{m[3] or 'b'}" if m else key
+        out[key] = v if rank_first or not _FACTOR_KEY.fullmatch(key) else v.transpose(1, 2).contiguous()
     return out
 
 
@@ -423,7 +432,9 @@ class ShardSAE(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / "sae.safetensors")
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+            str(path / "sae.safetensors"),
+            metadata=FACTOR_LAYOUT,
         )
         (path / "cfg.json").write_text(json.dumps(self.config(), indent=1))
 
@@ -432,7 +443,9 @@ class ShardSAE(nn.Module):
         path = Path(path)
         cfg = json.loads((path / "cfg.json").read_text())
         sae = cls(**cfg)
-        sae.load_state_dict(_upgrade_keys(load_file(str(path / "sae.safetensors"))))
+        with safe_open(str(path / "sae.safetensors"), "pt") as f:
+            rank_first = (f.metadata() or {}).get("factor_layout") == FACTOR_LAYOUT["factor_layout"]
+        sae.load_state_dict(_upgrade_keys(load_file(str(path / "sae.safetensors")), rank_first))
         return sae
 
 

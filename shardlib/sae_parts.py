@@ -18,24 +18,64 @@ from .factored import Factored, best_rank
 
 
 def factor_inner(x: Factored, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """``<x_n, U_i V_i^T>`` [N, F] for a factored batch ``x`` and factors U [F, d_out, r], V [F, d_in, r]:
-    ``sum_f sum_r (U_ir . L_nf)(V_ir . R_nf)``, cost N m F r (d_out + d_in); x is never formed."""
-    F, d_out, r = U.shape
-    A = U.permute(1, 0, 2).reshape(d_out, F * r)
-    B = V.permute(1, 0, 2).reshape(V.shape[1], F * r)
-    return ((x.left @ A) * (x.right @ B)).sum(1).view(x.n_events, F, r).sum(-1)
+    """``<x_n, U_i V_i^T>`` [N, F] for a factored batch ``x`` and factors U [F, r, d_out], V [F, r, d_in]:
+    ``sum_f sum_r (U_ir . L_nf)(V_ir . R_nf)``, cost N m F r (d_out + d_in); x is never formed. The factors'
+    rows stack as [F r, d] without a copy (the layout [F, d, r] copied all of them twice a call: 19 s of a
+    rank-4 fit over SmolLM2's 90 MLP matrices)."""
+    F, r, d_out = U.shape
+    A, B = U.reshape(F * r, d_out), V.reshape(F * r, V.shape[2])
+    return ((x.left @ A.T) * (x.right @ B.T)).sum(1).view(x.n_events, F, r).sum(-1)
 
 
 def factor_gram(U1: torch.Tensor, V1: torch.Tensor, U2: torch.Tensor, V2: torch.Tensor) -> torch.Tensor:
-    """``<U1_i V1_i^T, U2_j V2_j^T>`` [F1, F2] = ``sum_{r,q} (U1_ir . U2_jq)(V1_ir . V2_jq)``: two matmuls of
-    the stacked factors, cost F1 r F2 r (d_out + d_in); no matrix is formed."""
-    (a, _, r), (b, _, q) = U1.shape, U2.shape
+    """``<U1_i V1_i^T, U2_j V2_j^T>`` [F1, F2] = ``sum_{r,q} (U1_ir . U2_jq)(V1_ir . V2_jq)`` (factors [F, r, d]):
+    two matmuls of the stacked factors, cost F1 r F2 r (d_out + d_in); no matrix is formed."""
+    (a, r, _), (b, q, _) = U1.shape, U2.shape
 
     def stacked(M):
-        return M.transpose(1, 2).reshape(M.shape[0] * M.shape[2], M.shape[1])
+        return M.reshape(M.shape[0] * M.shape[1], M.shape[2])
 
-    g = (stacked(U1) @ stacked(U2).T) * (stacked(V1) @ stacked(V2).T)
+    if U1 is U2 and V1 is V2:  # the Gram matrix of one set: its backward in one matmul per side, not two
+        g = _SelfGram.apply(stacked(U1)) * _SelfGram.apply(stacked(V1))
+    else:
+        g = (stacked(U1) @ stacked(U2).T) * (stacked(V1) @ stacked(V2).T)
     return g.view(a, r, b, q).sum((1, 3))
+
+
+class _SelfGram(torch.autograd.Function):
+    """``S S^T`` whose backward is ``(G + G^T) S``: one matmul, where autograd's ``S @ S.T`` takes two (one per
+    operand), the most expensive of a rank-4 step over SmolLM2's MLP matrices (all 1024 stacked factors of a
+    matrix against each other)."""
+
+    @staticmethod
+    def forward(ctx, S):
+        ctx.save_for_backward(S)
+        return S @ S.T
+
+    @staticmethod
+    def backward(ctx, G):
+        (S,) = ctx.saved_tensors
+        return (G + G.T) @ S
+
+
+def top_svd(m: torch.Tensor, r: int, oversample: int = 10, power_iters: int = 4):
+    """The leading ``r`` singular triplets (U [d_out, r], S [r], Vh [r, d_in]) of the matrix ``m`` by a randomized
+    SVD (Halko, Martinsson and Tropp 2011, algorithms 4.4 and 5.1: a Gaussian test matrix from a generator of its
+    own, so the global random stream is untouched, ``power_iters`` subspace iterations, then the SVD of an
+    (r + oversample) x d_in matrix): about 1000x fewer operations than the full SVD of an MLP matrix of SmolLM2
+    (90 of them took 16 s at the start of every fit on its MLP matrices). Exact to rounding where ``m``'s rank is
+    at most ``r + oversample``; otherwise close to the best rank-r approximation, the closer the faster ``m``'s
+    singular values fall (its error bounds: Halko et al. section 10). Small matrices take the full SVD."""
+    q = min(r + oversample, *m.shape)
+    if q == min(m.shape):
+        U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+        return U[:, :r], S[:r], Vh[:r]
+    g = torch.Generator(device=m.device).manual_seed(0)
+    Q = torch.linalg.qr(m @ torch.randn(m.shape[1], q, generator=g, device=m.device, dtype=m.dtype)).Q
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(m @ torch.linalg.qr(m.T @ Q).Q).Q
+    u, S, Vh = torch.linalg.svd(Q.T @ m, full_matrices=False)
+    return (Q @ u)[:, :r], S[:r], Vh[:r]
 
 
 def _divide_rows(p: torch.Tensor, div: torch.Tensor, idx: torch.Tensor | None, mirror: torch.Tensor | None) -> None:
@@ -50,32 +90,36 @@ def _divide_rows(p: torch.Tensor, div: torch.Tensor, idx: torch.Tensor | None, m
 
 
 class LowRank(nn.Module):
-    """F matrices ``U_i V_i^T`` [d_out, d_in] of one weight matrix, held as factors U [F, d_out, r], V [F, d_in, r]."""
+    """F matrices ``U_i V_i^T`` [d_out, d_in] of one weight matrix, held as factors U [F, r, d_out], V [F, r, d_in]
+    (``U[i, j]`` is latent i's j-th left factor: a latent's factors, and all latents' factors stacked as [F r, d],
+    are views, never copies)."""
 
     def __init__(self, n: int, shape: tuple[int, int], rank: int, g: torch.Generator):
         super().__init__()
         d_out, d_in = shape
-        self.U = nn.Parameter(torch.randn(n, d_out, rank, generator=g) / math.sqrt(d_out))
-        self.V = nn.Parameter(torch.randn(n, d_in, rank, generator=g) / math.sqrt(d_in))
+        # drawn as [F, d, r] (the draws of the layout before) and stored as [F, r, d]
+        U = torch.randn(n, d_out, rank, generator=g) / math.sqrt(d_out)
+        V = torch.randn(n, d_in, rank, generator=g) / math.sqrt(d_in)
+        self.U = nn.Parameter(U.transpose(1, 2).contiguous())
+        self.V = nn.Parameter(V.transpose(1, 2).contiguous())
 
     def widths(self) -> list[tuple[nn.Parameter, int]]:
         """Each parameter with the length of the vectors it holds (for the relative learning rate)."""
-        return [(self.U, self.U.shape[1]), (self.V, self.V.shape[1])]
+        return [(self.U, self.U.shape[2]), (self.V, self.V.shape[2])]
 
     def inner(self, x) -> torch.Tensor:
         """<x_n, U_i V_i^T> [N, F] for x dense [N, d_out, d_in] (one matmul ``x @ B`` for all matrices, then a
         batched dot with ``A``), or Factored (``sum_f sum_r (a_r . L_f)(b_r . R_f)``: x is never formed)."""
         if isinstance(x, Factored):
             return factor_inner(x, self.U, self.V)
-        F, d_out, r = self.U.shape
-        A = self.U.permute(1, 0, 2).reshape(d_out, F * r)
-        B = self.V.permute(1, 0, 2).reshape(self.V.shape[1], F * r)
-        return ((x @ B) * A).sum(1).view(-1, F, r).sum(-1)
+        F, r, d_out = self.U.shape
+        A, B = self.U.reshape(F * r, d_out), self.V.reshape(F * r, self.V.shape[2])
+        return ((x @ B.T) * A.T).sum(1).view(-1, F, r).sum(-1)
 
     def sq_norms(self, latents: torch.Tensor | None = None) -> torch.Tensor:
         """||U_i V_i^T||^2 [F] (or of ``latents`` only), from r x r Gram matrices."""
         U, V = (self.U, self.V) if latents is None else (self.U[latents], self.V[latents])
-        return ((U.transpose(1, 2) @ U) * (V.transpose(1, 2) @ V)).sum((1, 2))
+        return ((U @ U.transpose(1, 2)) * (V @ V.transpose(1, 2))).sum((1, 2))
 
     def divide_(self, norms: torch.Tensor, idx=None, mirror: LowRank | None = None) -> None:
         """Divide matrix i by ``norms[i]`` (each factor by its square root); see :func:`_divide_rows`."""
@@ -86,31 +130,31 @@ class LowRank(nn.Module):
     def assign_(self, idx: torch.Tensor, d) -> None:
         """Set matrices ``idx`` to the best rank-r approximations of ``d`` (dense [len(idx), d_out, d_in]: truncated
         SVD, zero factors beyond its rank; Factored: a QR of both sides and an SVD of the small core)."""
-        r = self.U.shape[-1]
+        r = self.U.shape[1]
         if isinstance(d, Factored):
             f, _ = best_rank(d.to(self.U), r)
-            self.U[idx], self.V[idx] = f.left.transpose(1, 2), f.right.transpose(1, 2)
+            self.U[idx], self.V[idx] = f.left, f.right
             return
         U, S, Vh = torch.linalg.svd(d.to(self.U), full_matrices=False)
         s = S[:, :r].sqrt()
-        U_r, V_r = U[:, :, :r] * s[:, None, :], Vh[:, :r, :].transpose(1, 2) * s[:, None, :]
-        pad = r - U_r.shape[-1]  # rank above min(shape): the extra factors are zero
-        self.U[idx] = nn.functional.pad(U_r, (0, pad))
-        self.V[idx] = nn.functional.pad(V_r, (0, pad))
+        U_r, V_r = U[:, :, :r].transpose(1, 2) * s[:, :, None], Vh[:, :r, :] * s[:, :, None]
+        pad = r - U_r.shape[1]  # rank above min(shape): the extra factors are zero
+        self.U[idx] = nn.functional.pad(U_r, (0, 0, 0, pad))
+        self.V[idx] = nn.functional.pad(V_r, (0, 0, 0, pad))
 
     def decode(self, idx: torch.Tensor, vals: torch.Tensor, factored: bool):
         """``sum_j vals[n, j] M_idx[n, j]`` per event n, from the chosen matrices' factors only: Factored (their
         k r factors, scaled by ``vals``) or dense [N, d_out, d_in]."""
-        U, V = self.U[idx], self.V[idx]  # [N, kk, d, r]
-        N, kk, d_out, r = U.shape
-        Uz = U * vals[..., None, None]
+        U, V = self.U[idx], self.V[idx]  # [N, kk, r, d]
+        N, kk, r, d_out = U.shape
+        Uz = (U * vals[..., None, None]).reshape(N, kk * r, d_out)
         if factored:
-            return Factored(Uz.transpose(2, 3).reshape(N, kk * r, d_out), V.transpose(2, 3).reshape(N, kk * r, -1))
-        return Uz.permute(0, 2, 1, 3).reshape(N, d_out, kk * r) @ V.permute(0, 1, 3, 2).reshape(N, kk * r, -1)
+            return Factored(Uz, V.reshape(N, kk * r, -1))
+        return Uz.transpose(1, 2) @ V.reshape(N, kk * r, -1)
 
     def dense(self) -> torch.Tensor:
         """The matrices [F, d_out, d_in]."""
-        return torch.einsum("for,fir->foi", self.U, self.V)
+        return torch.einsum("fro,fri->foi", self.U, self.V)
 
 
 class Dense(nn.Module):
@@ -178,8 +222,8 @@ class LowRankBias(nn.Module):
 
     @torch.no_grad()
     def init_(self, m: torch.Tensor) -> None:
-        """Start at the best rank-r approximation of ``m``."""
-        U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+        """Start at (nearly) the best rank-r approximation of ``m`` (:func:`top_svd`)."""
+        U, S, Vh = top_svd(m, self.U.shape[1])
         r = min(self.U.shape[1], len(S))
         s = S[:r].sqrt()
         self.U.zero_()[:, :r] = (U[:, :r] * s).float()

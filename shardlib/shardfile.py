@@ -49,10 +49,10 @@ def shards_dataset(
         if sae.lowrank(n):
             tag = (lambda f, n=n: {"param": n, "factor": f}) if factors_only else (lambda f: {})
             vars_[f"{vn}__U"] = xr.Variable(
-                ("shard", dims[1], "rank"), (part.U.detach() / nrm).cpu().numpy(), attrs=tag("U")
+                ("shard", dims[1], "rank"), (part.U.detach() / nrm).transpose(1, 2).cpu().numpy(), attrs=tag("U")
             )
             vars_[f"{vn}__V"] = xr.Variable(
-                ("shard", dims[2], "rank"), (part.V.detach() / nrm).cpu().numpy(), attrs=tag("V")
+                ("shard", dims[2], "rank"), (part.V.detach() / nrm).transpose(1, 2).cpu().numpy(), attrs=tag("V")
             )
     if frequency is not None:
         vars_["frequency"] = xr.Variable("shard", np.asarray(frequency))

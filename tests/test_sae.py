@@ -14,7 +14,7 @@ def dense_dirs(sae, which="dec"):
     parts = []
     for n, part in zip(sae.names, getattr(sae, which).values()):
         if sae.lowrank(n):
-            parts.append(torch.einsum("for,fir->foi", part.U, part.V).reshape(sae.n_latents, -1))
+            parts.append(torch.einsum("fro,fri->foi", part.U, part.V).reshape(sae.n_latents, -1))
         else:
             parts.append(part.W.reshape(sae.n_latents, -1))
     return torch.cat(parts, 1)
@@ -159,6 +159,18 @@ def test_save_load_roundtrip(tmp_path):
     x = batch()
     for k, v in sae(x).xhat.items():
         assert torch.equal(v, back(x).xhat[k])
+    # a folder saved with the factors as [F, d, r] (before the [F, r, d] layout; no layout in the metadata)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "s" / "sae.safetensors"))
+    old = {
+        k: v.transpose(1, 2).contiguous() if k.split(".")[0] in ("dec", "enc") and k[-1] in "UV" else v
+        for k, v in state.items()
+    }
+    assert old["dec.0.U"].shape == (5, SHAPES[next(iter(SHAPES))][0], 2)
+    save_file(old, str(tmp_path / "s" / "sae.safetensors"))
+    for k, v in ShardSAE.load(tmp_path / "s").state_dict().items():
+        assert torch.equal(v, sae.state_dict()[k]), k
 
 
 def test_lowrank_has_far_fewer_parameters_than_dense():
@@ -417,7 +429,7 @@ def test_restarting_a_latent_at_a_factored_residual_gives_the_dense_truncated_sv
     for n in FSHAPES:
         assert torch.allclose(a.directions()[n], b.directions()[n], atol=1e-5)
     U, V = a.dec["0"].U[2], a.dec["0"].V[2]  # each factor pair balanced: equal norms
-    assert torch.allclose(U.norm(dim=0), V.norm(dim=0), atol=1e-5)
+    assert torch.allclose(U.norm(dim=1), V.norm(dim=1), atol=1e-5)
 
 
 def test_sae_folders_saved_before_the_per_tensor_modules_still_load():
