@@ -126,7 +126,9 @@ def _text_storage(run_dir: Path, stage: str, rl: xr.Dataset) -> str:
         f"{fmt_bytes(c['dense_per_event'])} dense fp32: {ratio:.0f}× smaller (target ≥ 30×: "
         f"{'met' if ratio >= 30 else 'NOT met'}); the compression kept {c['kept_mean']:.3f} of each event's squared "
         f"norm on average (lowest {c['kept_min']:.3f}).\n\nA step that collected took {over:.2f}× as long as one that "
-        f"did not (median; target ≤ 1.5×: {'met' if over <= 1.5 else 'NOT met'}). {WALL}"  # timed: not checked
+        f"did not (median; target ≤ 1.5×: {'met' if over <= 1.5 else 'NOT met'}): a collecting step runs every "
+        "completion's prompt on its own rows, as its per-event gradients need, where the others run the tokens a "
+        f"step's prompts share once (`share_prompts` in `shardlib/policy.py`). {WALL}"  # timed: not checked
     )
 
 

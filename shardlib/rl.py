@@ -420,7 +420,11 @@ def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, co
             with acc.accumulate(model):
                 with collector.capture(collect) if collector is not None else nullcontext():
                     pmask = None if pmask_d is None else pmask_d[sl]
-                    logp, ent = pol.logprobs(model, prompt_d[sl], comp_d[sl], vs, temp, pmask)
+                    # a collecting pass keeps every event's own rows (its per-event gradients read them); the others
+                    # run each prompt's shared tokens once
+                    logp, ent = pol.logprobs(
+                        model, prompt_d[sl], comp_d[sl], vs, temp, pmask, share_prompts=not collect
+                    )
                     if epoch == 0:
                         old_logp[sl] = logp.detach()
                     msk = mask_d[sl].float()

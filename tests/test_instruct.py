@@ -180,6 +180,29 @@ def test_prompts_share_their_prefix_and_repeats_once_with_unchanged_logits(testb
         torch.testing.assert_close(step.logits[:, -1], whole.logits[:, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_logprobs_with_shared_prompts_have_the_plain_values_and_gradients(testbed, tiny_instruct_dir):
+    """GRPO's training pass with each prompt's shared tokens run once (``share_prompts``): the log-probabilities,
+    entropies and every parameter's gradient of the plain left-padded pass, with fewer tokens through the model."""
+    model = pol.load_policy(tiny_instruct_dir).train()
+    batch = testbed.sample(3, torch.Generator().manual_seed(5))
+    rep = {k: v.repeat_interleave(4, 0) for k, v in batch.items()}
+    comp, _ = pol.sample_batch(model, testbed, rep, torch.Generator().manual_seed(6), 1.0)
+    tokens, grads = [], []
+    model.model.embed_tokens.register_forward_pre_hook(lambda _, a: tokens.append(a[0].numel()))
+    for share in (False, True):
+        tokens.clear()
+        model.zero_grad()
+        lp, ent = pol.logprobs(model, rep["prompt"], comp, None, 0.7, rep["prompt_mask"], share_prompts=share)
+        (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters()}, lp.detach(), ent.detach(), sum(tokens)))
+    (g0, lp0, ent0, n0), (g1, lp1, ent1, n1) = grads
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent1, ent0, atol=1e-5, rtol=1e-5)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-4)
+    assert n1 < n0 / 2  # 3 prompts x 4 completions: each prompt's tokens went through once
+
+
 def test_model_stage_measures_every_family(tmp_path, tiny_instruct_dir):
     from tiny_gguf import tiny_gguf_path
 
