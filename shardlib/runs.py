@@ -75,9 +75,10 @@ def recorded_config(ds: xr.Dataset) -> dict:
     return json.loads(ds.attrs.get("config", "{}"))
 
 
-def wall_times(run_dir: Path) -> str:
+def wall_times(run_dir: Path, target_min: float | None = None) -> str:
     """The stages' wall times (in the order they finished), their sum, and the span from the first start to the
-    last finish with the number of stages run at once (``--jobs``)."""
+    last finish with the number of stages run at once (``--jobs``), weighed against ``target_min`` minutes when
+    given."""
     records = []
     for f in run_dir.glob("**/.stage.json"):
         points = sweep_points(f.parent.parent)  # a point a former config swept: not part of this run
@@ -106,8 +107,11 @@ def wall_times(run_dir: Path) -> str:
         jobs = sorted({st.get("jobs", 1) for _, _, st in records})
         text += (
             f" From the first stage's start to the last one's end: {span / 60:.1f} min, "
-            f"{' or '.join(map(str, jobs))} stage(s) at a time (`--jobs`)."
+            f"{' or '.join(map(str, jobs))} stage(s) at a time (`--jobs`)"
         )
+        if target_min is not None:
+            text += f" (target ≤ {target_min:g} min: {'met' if span <= 60 * target_min else 'NOT met'})"
+        text += "."
     return f"{text} {WALL}"
 
 
