@@ -18,6 +18,7 @@ import xarray as xr
 
 from . import metrics
 from .config import Params, param
+from .factored import factor_pairs
 from .metrics import TAUS
 from .store import flat_updates, open_store
 
@@ -65,13 +66,25 @@ def per_update(store_path, taus=TAUS, max_updates: int = 256, seed: int = 0) -> 
     ds = open_store(store_path)
     n = ds.sizes["event"]
     pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_updates), replace=False))
-    ups = flat_updates(ds.isel(event=pick))
+    sub = ds.isel(event=pick)
+    ups = flat_updates(sub)
+    # a factored matrix's rank from its factors (the same ranks; no SVD of the dense matrix)
+    factors = {
+        sub[lv].attrs["param"]: (
+            torch.from_numpy(np.asarray(sub[lv].values)),
+            torch.from_numpy(np.asarray(sub[rv].values)),
+        )
+        for lv, rv in factor_pairs(sub).values()
+    }
     names = list(ups)
     out = {"unchanged": [], "rank_ratio": [], "rows_touched": [], "cols_touched": [], "size": []}
     for name in names:
         u = torch.from_numpy(ups[name])
         unch = np.mean([metrics.unchanged_fraction(x, taus) for x in u], axis=0)
-        rr = np.mean([metrics.rank_ratio(x) for x in u])
+        if name in factors:
+            rr = np.mean([metrics.factored_rank_ratio(L, R) for L, R in zip(*factors[name])])
+        else:
+            rr = np.mean([metrics.rank_ratio(x) for x in u])
         tt = np.array([metrics.touched(x) for x in u])
         out["unchanged"].append(unch)
         out["rank_ratio"].append(rr)
