@@ -10,6 +10,9 @@ def test_collection_overhead_compares_collecting_steps_with_the_others():
     ds = xr.Dataset({"steps_per_s": ("step", 1 / sec)}, coords={"step": np.arange(7)})
     ds.attrs["config"] = json.dumps({"collect_every": 3})
     assert collection_overhead(ds) == 3.0
+    from shardlib.report_smollm import step_seconds
+
+    assert step_seconds(ds) == (3.0, 1.0)
     ds.attrs["config"] = json.dumps({"collect_every": 1})
     assert np.isnan(collection_overhead(ds))
 
