@@ -174,7 +174,7 @@ def _lm_logits_shared(model, prompt, completion, prompt_mask):
     each row's gradient back. The same logits up to float rounding; a GRPO step of 3 prompts x 8 completions
     then runs the transformer over about a quarter of the tokens. The per-row gradient of a shared position is
     not there to read (a per-event collector needs :func:`_lm_logits`)."""
-    key = "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+    key = _cache_key(model)
     first, past, attn, pos = _encode_prompts(model, prompt, prompt_mask.long(), key)
     L = completion.shape[1]
     if L == 1:
@@ -230,6 +230,12 @@ def _common_prefix(prompt: torch.Tensor, attn: torch.Tensor) -> int:
     return int(same.long().cumprod(0).sum())
 
 
+def _cache_key(model) -> str:
+    """The name of the key/value cache (argument and output): ``cache`` in transformers 5.2x, earlier releases
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+
+
 def _encode_prompts(model, prompt, attn, key: str):
     """The prompts' forward pass with the key/value cache, computed once for what rows share: the common prefix
     once (one row), each distinct row's remainder once (GRPO's groups repeat a prompt ``group_size`` times),
@@ -265,8 +271,7 @@ def _sample_cached(model, prompt, prompt_mask, max_new_tokens: int, generator, t
     """Sampling with the key/value cache over left-padded prompts (their shared prefix and repeated rows
     encoded once: :func:`_encode_prompts`); rows that have ended keep emitting ``eos_id`` (masked out of every
     loss by the completion mask)."""
-    # transformers 5.2x names the key/value cache `cache` (argument and output), earlier releases `past_key_values`
-    key = "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+    key = _cache_key(model)
     logits, past, attn, pos = _encode_prompts(model, prompt, prompt_mask.long(), key)
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     tokens = []
