@@ -101,14 +101,26 @@ def n_events(data: dict) -> int:
     return v.n_events if isinstance(v, Factored) else v.shape[0]
 
 
+def _qr_core(f: Factored) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin QRs of both sides, ``left^T = Ql Rl`` and ``right^T = Qr Rr`` ([E, d, m] and [E, m, m]), and the
+    small core ``Rl Rr^T``: ``U_e = Ql (Rl Rr^T) Qr^T``, so the core's singular values are ``U_e``'s."""
+    Ql, Rl = torch.linalg.qr(f.left.transpose(1, 2))
+    Qr, Rr = torch.linalg.qr(f.right.transpose(1, 2))
+    return Ql, Qr, Rl @ Rr.transpose(1, 2)
+
+
+def singular_values(f: Factored) -> torch.Tensor:
+    """The singular values of every event's matrix [E, m] (descending), from the m x m core: never formed."""
+    return torch.linalg.svdvals(_qr_core(f)[2])
+
+
 def best_rank(f: Factored, rank: int) -> tuple[Factored, torch.Tensor]:
     """The best rank-``rank`` approximation of every event (Eckart-Young), by a thin QR of both sides and
     an SVD of the small core: exactly ``rank`` factors per event (zero rows where an event's rank is
     lower), singular values split evenly (each factor pair has equal norms), ordered by singular value;
     and the kept fraction of ``||U_e||^2`` (1 for an all-zero event)."""
-    Ql, Rl = torch.linalg.qr(f.left.transpose(1, 2))  # left^T = Ql Rl: [E, d_out, m], [E, m, m]
-    Qr, Rr = torch.linalg.qr(f.right.transpose(1, 2))  # right^T = Qr Rr
-    u, sv, vh = torch.linalg.svd(Rl @ Rr.transpose(1, 2))  # U_e = Ql (Rl Rr^T) Qr^T
+    Ql, Qr, core = _qr_core(f)
+    u, sv, vh = torch.linalg.svd(core)
     r = min(rank, sv.shape[1])
     s = sv[:, None, :r].sqrt()
     left = (Ql @ u[:, :, :r]) * s  # [E, d_out, r]

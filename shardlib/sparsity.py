@@ -18,7 +18,7 @@ import xarray as xr
 
 from . import metrics
 from .config import Params, param
-from .factored import factor_pairs
+from .factored import Factored, factor_pairs
 from .metrics import TAUS
 from .store import flat_updates, open_store
 
@@ -68,11 +68,10 @@ def per_update(store_path, taus=TAUS, max_updates: int = 256, seed: int = 0) -> 
     pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_updates), replace=False))
     sub = ds.isel(event=pick)
     ups = flat_updates(sub)
-    # a factored matrix's rank from its factors (the same ranks; no SVD of the dense matrix)
-    factors = {
-        sub[lv].attrs["param"]: (
-            torch.from_numpy(np.asarray(sub[lv].values)),
-            torch.from_numpy(np.asarray(sub[rv].values)),
+    # a factored matrix's ranks from its factors (the same ranks; no SVD of the dense matrix)
+    factored_ranks = {
+        sub[lv].attrs["param"]: metrics.factored_rank_ratio(
+            Factored(torch.from_numpy(np.asarray(sub[lv].values)), torch.from_numpy(np.asarray(sub[rv].values)))
         )
         for lv, rv in factor_pairs(sub).values()
     }
@@ -81,8 +80,8 @@ def per_update(store_path, taus=TAUS, max_updates: int = 256, seed: int = 0) -> 
     for name in names:
         u = torch.from_numpy(ups[name])
         unch = np.mean([metrics.unchanged_fraction(x, taus) for x in u], axis=0)
-        if name in factors:
-            rr = np.mean([metrics.factored_rank_ratio(L, R) for L, R in zip(*factors[name])])
+        if name in factored_ranks:
+            rr = np.mean(factored_ranks[name])
         else:
             rr = np.mean([metrics.rank_ratio(x) for x in u])
         tt = np.array([metrics.touched(x) for x in u])

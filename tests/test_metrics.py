@@ -133,6 +133,7 @@ def test_row_norms_and_unit_rows():
 def test_the_rank_of_a_factored_update_from_its_factors_is_the_dense_matrixs():
     import torch
 
+    from shardlib.factored import Factored
     from shardlib.metrics import factored_rank_ratio, rank_ratio
 
     g = torch.Generator().manual_seed(0)
@@ -140,7 +141,7 @@ def test_the_rank_of_a_factored_update_from_its_factors_is_the_dense_matrixs():
         left, right = torch.randn(m, 30, generator=g), torch.randn(m, 20, generator=g)
         left[true_rank:] = 0  # factors beyond the rank are zero (a store pads events of lower rank so)
         dense = left.T @ right
-        assert factored_rank_ratio(left, right) == rank_ratio(dense) == true_rank / 20
+        assert factored_rank_ratio(Factored(left[None], right[None]))[0] == rank_ratio(dense) == true_rank / 20
     left = torch.randn(3, 30, generator=g)
     right = torch.stack([torch.randn(20, generator=g)] * 3)  # three factor pairs, one right side: rank 1
-    assert factored_rank_ratio(left, right) == rank_ratio(left.T @ right) == 1 / 20
+    assert factored_rank_ratio(Factored(left[None], right[None]))[0] == rank_ratio(left.T @ right) == 1 / 20
