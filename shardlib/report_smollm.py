@@ -110,13 +110,6 @@ def step_seconds(ds: xr.Dataset) -> tuple[float, float]:
     return tuple(float(np.median(x)) if len(x) else float("nan") for x in (on, off))
 
 
-def collection_overhead(ds: xr.Dataset) -> float:
-    """Median seconds of a step that collected updates over one that did not (:func:`step_seconds`); NaN when
-    every step collected."""
-    on, off = step_seconds(ds)
-    return on / off
-
-
 def _text_storage(run_dir: Path, stage: str, rl: xr.Dataset) -> str:
     """Bytes per event of the GRPO stage's factored store against dense, and the cost of collecting (``rl``: its
     results)."""
@@ -124,7 +117,8 @@ def _text_storage(run_dir: Path, stage: str, rl: xr.Dataset) -> str:
 
     c = store_cost(run_dir / stage / "updates" / "events")
     ratio = c["dense_per_event"] / c["disk_per_event"]
-    over, (on, off) = collection_overhead(rl), step_seconds(rl)
+    on, off = step_seconds(rl)
+    over = on / off
     rank = json.loads(rl.attrs.get("config", "{}")).get("collect_max_rank") or "exact"
     return (
         f"{c['events']} GRPO events, every one holding all {c['matrices']} collected matrices as factors (rank "
