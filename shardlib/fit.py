@@ -98,10 +98,10 @@ def evaluate(
 ) -> dict:
     """Metrics (FVU from sufficient statistics, L0, dead/dense fractions, shrinkage) on events ``idx``."""
     sae.eval()
-    stats = ReconStats()
+    stats, grams = ReconStats(), {}
     for s in range(0, len(idx), batch_size):
         b = {n: take(v, idx[s : s + batch_size]).to(device) for n, v in data.items()}
-        z, terms = sae.recon_terms(b)
+        z, terms = sae.recon_terms(b, grams)
         stats.update_terms(sae.scaled_input(b), terms, z)
     return stats.result() if stats.n else {}
 
@@ -116,10 +116,10 @@ def encode_all(sae: ShardSAE, data: dict[str, torch.Tensor], batch_size: int = 5
     codes = []
     n = n_events(data)
     member = [np.isin(np.arange(n), np.asarray(ix)) for ix in splits or ()]
-    stats = [ReconStats() for _ in member]
+    stats, grams = [ReconStats() for _ in member], {}
     for s in range(0, n, batch_size):
         b = {k: take(v, slice(s, s + batch_size)).to(device) for k, v in data.items()}
-        z, terms = sae.recon_terms(b)
+        z, terms = sae.recon_terms(b, grams)
         codes.append(z.cpu())
         xs = sae.scaled_input(b)
         for m, st in zip(member, stats):

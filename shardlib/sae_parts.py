@@ -17,11 +17,33 @@ from torch import nn
 from .factored import Factored, best_rank
 
 
+class Centered(Factored):
+    """Factored events ``x_n`` less one factored matrix ``b`` shared by all (an SAE's ``b_pre``): as a
+    :class:`Factored` batch, each event's factors followed by ``b``'s (left side negated); :func:`factor_inner`
+    takes ``x``'s factors per event and ``b``'s once, where the batch's rows repeat ``b`` for every event (at rank
+    4, half the rows of a centred SmolLM2 event) and the data's rows need no gradient."""
+
+    def __new__(cls, x: Factored, b: Factored):
+        n = x.n_events
+        left = torch.cat([x.left, -b.left.expand(n, *b.left.shape[1:])], 1)
+        self = super().__new__(cls, left, torch.cat([x.right, b.right.expand(n, *b.right.shape[1:])], 1))
+        self.x, self.b = x, b  # b: one event
+        return self
+
+    def to(self, *args, **kwargs) -> Centered:
+        return Centered(self.x.to(*args, **kwargs), self.b.to(*args, **kwargs))
+
+    def detach(self) -> Centered:
+        return Centered(self.x.detach(), self.b.detach())
+
+
 def factor_inner(x: Factored, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``<x_n, U_i V_i^T>`` [N, F] for a factored batch ``x`` and factors U [F, r, d_out], V [F, r, d_in]:
     ``sum_f sum_r (U_ir . L_nf)(V_ir . R_nf)``, cost N m F r (d_out + d_in); x is never formed. The factors'
     rows stack as [F r, d] without a copy (the layout [F, d, r] copied all of them twice a call: 19 s of a
-    rank-4 fit over SmolLM2's 90 MLP matrices)."""
+    rank-4 fit over SmolLM2's 90 MLP matrices). A :class:`Centered` batch: ``<x_n, M_i> - <b, M_i>``."""
+    if isinstance(x, Centered):
+        return factor_inner(x.x, U, V) - factor_inner(x.b, U, V)
     F, r, d_out = U.shape
     A, B = U.reshape(F * r, d_out), V.reshape(F * r, V.shape[2])
     return ((x.left @ A.T) * (x.right @ B.T)).sum(1).view(x.n_events, F, r).sum(-1)
@@ -157,6 +179,66 @@ class LowRank(nn.Module):
         return torch.einsum("fro,fri->foi", self.U, self.V)
 
 
+class _RowSqNorms(torch.autograd.Function):
+    """``||W_i||^2`` for the rows ``latents`` of W [F, D], with a backward of one pass over W (``2 g_i W_i`` in
+    those rows, 0 in the others). Autograd's ``W[latents]`` copied the rows, and its backward zero-filled a
+    full-size gradient to scatter into: for the dense SmolLM2 reference (256 x 885k numbers) two more 906 MB
+    tensors a step, each freshly mapped by the system."""
+
+    @staticmethod
+    def forward(ctx, W, latents):
+        ctx.save_for_backward(W, latents)
+        return torch.linalg.vector_norm(W, dim=1)[latents].square()
+
+    @staticmethod
+    def backward(ctx, g):
+        W, latents = ctx.saved_tensors
+        coef = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device).index_add_(0, latents, 2 * g.to(W.dtype))
+        return W * coef[:, None], None
+
+
+def _outer(a: torch.Tensor, b: torch.Tensor, block: int = 2048) -> torch.Tensor:
+    """``a^T b`` [F, D] for a [N, F] and b [N, D] with few rows N (a weight gradient over a batch), written in blocks
+    of ``block`` columns: MKL's single product of SmolLM2's dense reference (F 256, D 885k, N 16) took 1.2 s on one
+    thread, the blocks 0.8 s (the same numbers)."""
+    out = a.new_empty(a.shape[1], b.shape[1])
+    aT = a.T.contiguous()
+    for s in range(0, b.shape[1], block):
+        torch.mm(aT, b[:, s : s + block], out=out[:, s : s + block])
+    return out
+
+
+class _Inner(torch.autograd.Function):
+    """``x W^T`` [N, F] for x [N, D] and W [F, D], its weight gradient from :func:`_outer`."""
+
+    @staticmethod
+    def forward(ctx, x, W):
+        ctx.save_for_backward(x, W)
+        return x @ W.T
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W = ctx.saved_tensors
+        return g @ W if ctx.needs_input_grad[0] else None, _outer(g, x)
+
+
+class _Combine(torch.autograd.Function):
+    """``c W`` [N, D] for codes c [N, F] and W [F, D], its weight gradient from :func:`_outer`."""
+
+    @staticmethod
+    def forward(ctx, c, W):
+        ctx.save_for_backward(c, W)
+        return c @ W
+
+    @staticmethod
+    def backward(ctx, g):
+        c, W = ctx.saved_tensors
+        return g @ W.T if ctx.needs_input_grad[0] else None, _outer(c, g)
+
+
+BLOCKED = 1 << 24  # Dense parts of at least this many numbers take _Inner, _Combine and _RowSqNorms
+
+
 class Dense(nn.Module):
     """F dense tensors of one shape (a vector, or a matrix of a ``rank=0`` SAE), held flat: W [F, D]."""
 
@@ -170,11 +252,14 @@ class Dense(nn.Module):
         return [(self.W, self.W.shape[1])]
 
     def inner(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1) @ self.W.T
+        x = x.reshape(x.shape[0], -1)
+        return _Inner.apply(x, self.W) if self.W.numel() >= BLOCKED else x @ self.W.T
 
     def sq_norms(self, latents: torch.Tensor | None = None) -> torch.Tensor:
         # not (W**2).sum(1): its backward makes two passes over W (1.8 s against 1.0 s for 226M numbers)
-        return torch.linalg.vector_norm(self.W if latents is None else self.W[latents], dim=1).square()
+        if latents is None or self.W.numel() < BLOCKED:
+            return torch.linalg.vector_norm(self.W if latents is None else self.W[latents], dim=1).square()
+        return _RowSqNorms.apply(self.W, latents)
 
     def divide_(self, norms: torch.Tensor, idx=None, mirror: Dense | None = None) -> None:
         _divide_rows(self.W, norms[:, None], idx, None if mirror is None else mirror.W)
@@ -186,7 +271,8 @@ class Dense(nn.Module):
         # the sparse codes as a dense [N, F] matrix times W: gathering the active rows (W[idx], [N, kk, D]) held
         # N x kk rows of D numbers, 7 GB for AuxK's 128 rows of a 885k-parameter matrix at batches of 16
         codes = vals.new_zeros(idx.shape[0], self.W.shape[0]).scatter(1, idx, vals)
-        return (codes @ self.W).view(idx.shape[0], *self.shape)
+        out = _Combine.apply(codes, self.W) if self.W.numel() >= BLOCKED else codes @ self.W
+        return out.view(idx.shape[0], *self.shape)
 
     def dense(self) -> torch.Tensor:
         return self.W.view(self.W.shape[0], *self.shape)
@@ -212,7 +298,7 @@ class LowRankBias(nn.Module):
         return Factored(self.U.T.expand(n, *self.U.T.shape), self.V.T.expand(n, *self.V.T.shape))
 
     def subtract_from(self, v):
-        return v.minus(self.factored(v.n_events)) if isinstance(v, Factored) else v - self.value()
+        return Centered(v, self.factored(1)) if isinstance(v, Factored) else v - self.value()
 
     def add_to(self, v):
         if isinstance(v, Factored):

@@ -492,3 +492,47 @@ def test_a_factored_batch_on_which_no_latent_fires_has_its_whole_norm_as_error()
     assert not out.codes.any()
     y = sae.center(x)
     assert rel_close(out.sq_err, sum(sq_norms(v).double() for v in y.values()))
+
+
+def test_recon_terms_from_a_kept_gram_matrix_equal_per_batch_ones():
+    """An evaluation keeps the decoder's Gram matrices between batches (``grams``): a batch using every latent
+    fills it, a later one with a few latents indexes it; the terms are those of each batch's own Gram matrix."""
+    sae = perturbed_sae(2, True)
+    x = factored_batch(n=8)
+    grams = {}
+    from shardlib.shards import take
+
+    for sel in ([0, 1, 2, 3, 4, 5, 6, 7], [2], [5, 6]):
+        b = {n: take(v, sel) for n, v in x.items()}
+        z, want = sae.recon_terms(b)
+        z2, got = sae.recon_terms(b, grams)
+        assert torch.equal(z, z2)
+        for n in want:
+            for g, w in zip(got[n], want[n]):
+                assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
+    assert grams and all("K" in g for g in grams.values())  # the first batch used at least half the latents
+
+
+def test_large_dense_parts_take_blocked_products_with_the_same_loss_and_gradients(monkeypatch):
+    """A dense part of at least ``BLOCKED`` numbers computes its products and row norms by custom autograd
+    functions (weight gradients written in column blocks, row norms without a gathered copy); forced on for this
+    small SAE, the loss and every gradient equal autograd's, AuxK over dead latents included."""
+    from shardlib import sae_parts
+    from shardlib.sae import sae_loss
+
+    x = densified(factored_batch(n=7))
+    grads = []
+    for blocked in (1 << 60, 0):
+        monkeypatch.setattr(sae_parts, "BLOCKED", blocked)
+        monkeypatch.setattr(sae_parts._outer, "__defaults__", (4,))  # several blocks of the 120 columns
+        sae = perturbed_sae(0, True)
+        dead = torch.zeros(9, dtype=torch.bool)
+        dead[[1, 4, 7]] = True
+        out = sae_loss(sae, x, 2.0, dead, 2, 0.5)
+        out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert torch.allclose(l0, l1, rtol=1e-6)
+    assert g0.keys() == g1.keys() and any(".W" in n for n in g0)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n

@@ -40,3 +40,30 @@ def test_the_gram_of_one_set_of_factors_has_autograds_values_and_gradients():
     (ref * w).sum().backward()
     assert torch.allclose(U.grad, U2.grad) and torch.allclose(V.grad, V2.grad)
     assert torch.autograd.gradcheck(lambda u, v: factor_gram(u, v, u, v), (U.detach().requires_grad_(), V))
+
+
+def test_centred_events_give_the_inner_products_and_gradients_of_their_concatenated_factors():
+    """A :class:`Centered` batch (events less one shared matrix b) is the Factored batch of both sets of factors;
+    factor_inner reads b's factors once, with the values and gradients of the concatenated batch."""
+    from shardlib.factored import Factored
+    from shardlib.sae_parts import Centered, factor_inner
+
+    g = torch.Generator().manual_seed(0)
+    x = Factored(torch.randn(5, 3, 7, generator=g), torch.randn(5, 3, 6, generator=g))
+    out = []
+    for centred in (True, False):
+        bl = torch.randn(1, 2, 7, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        br = torch.randn(1, 2, 6, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        U = torch.randn(4, 2, 7, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        V = torch.randn(4, 2, 6, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        b = Factored(bl, br)
+        y = Centered(x, b) if centred else x.minus(Factored(bl.expand(5, 2, 7), br.expand(5, 2, 6)))
+        assert torch.equal(y.left, x.minus(Factored(bl.expand(5, 2, 7), br.expand(5, 2, 6))).left)
+        s = factor_inner(y, U, V)
+        (s * torch.arange(20.0).view(5, 4)).sum().backward()
+        out.append((s.detach(), bl.grad, br.grad, U.grad, V.grad))
+        if centred:
+            assert isinstance(y.detach(), Centered) and isinstance(y.to(torch.float64), Centered)
+            assert y.to(torch.float64).left.dtype == torch.float64
+    for a, b in zip(*out):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)

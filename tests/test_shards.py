@@ -10,7 +10,7 @@ from shardlib import events, fit, shardfile, shards
 from shardlib.common import flatten
 from shardlib.io import load_results
 from shardlib.planted import planted_updates
-from shardlib.sae import SAEConfig
+from shardlib.sae import SAEConfig, ShardSAE
 from shardlib.trainer import TrainConfig
 from shardlib.updates import StoreError, UpdateStore
 
@@ -71,6 +71,21 @@ def test_offline_training_writes_public_outputs(tmp_path):
     assert float(m.heldout_l0) <= 2
     table = shardfile.dense_codes(acts, 6).groupby(events.event_types(acts)).mean()
     assert table.shape[1] == 6 and all(lbl.split()[0] in "abc" for lbl in table.index)
+
+
+def test_the_saved_sae_is_the_trained_one_whether_linked_from_the_final_checkpoint_or_written(tmp_path):
+    make_store(tmp_path / "store")
+    p = params(tmp_path)
+    res = shards.train(p, progress=False)
+    ckpt = Path(p.out_dir) / "checkpoint" / "sae" / "sae.safetensors"
+    shards.save_sae(res.sae, Path(p.out_dir), p)  # the final checkpoint holds this SAE: sae/ links to its file
+    assert (Path(p.out_dir) / "sae" / "sae.safetensors").stat().st_ino == ckpt.stat().st_ino
+    other = p.replace(epochs=5)  # another fit's checkpoint: sae/ is written anew
+    shards.save_sae(res.sae, Path(p.out_dir), other)
+    assert (Path(p.out_dir) / "sae" / "sae.safetensors").stat().st_ino != ckpt.stat().st_ino
+    saved = ShardSAE.load(Path(p.out_dir) / "sae")
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in res.sae.state_dict().items())
+    assert not (Path(p.out_dir) / "sae.tmp").exists()
 
 
 def test_resume_is_exact(tmp_path):
