@@ -132,6 +132,12 @@ def _dictionary_scores(codes, types, means, D) -> dict[str, float]:
     }
 
 
+def _random_scores(Xc, R, k, signed, types, means) -> dict[str, float]:
+    from . import metrics as M
+
+    return _dictionary_scores(M.random_codes(Xc, R, k, signed), types, means, R)
+
+
 def alignment(
     codes: np.ndarray,
     types: np.ndarray,
@@ -150,6 +156,9 @@ def alignment(
 
     X = np.asarray(updates, dtype=np.float64)
     Xc = X - X.mean(0)
+    # every score reads the directions in float64: converted once here, not by each (on SmolLM2's one matrix a
+    # dictionary is 64 x 885k numbers, and the scores of one alignment converted them about 20 times)
+    directions = np.asarray(directions, dtype=np.float64)
     shuffled = np.random.default_rng(seed).permutation(types)
     means, means_s = type_means(X, types)[0], type_means(X, shuffled)[0]
     out = _dictionary_scores(codes, types, means, directions)
@@ -158,7 +167,7 @@ def alignment(
     for base, (E, D) in fitted_dictionaries(X, types, len(directions), seed).items():
         for name, v in _dictionary_scores(M.random_codes(Xc, E, k, signed), types, means, D).items():
             out[f"{name}_{base}"] = v
-    rand = [_dictionary_scores(M.random_codes(Xc, R, k, signed), types, means, R) for R in random_dirs]
+    rand = [_random_scores(Xc, np.asarray(R, dtype=np.float64), k, signed, types, means) for R in random_dirs]
     for name in rand[0]:
         vals = np.array([r[name] for r in rand], dtype=float)
         out[f"{name}_random"], out[f"{name}_random_std"] = float(np.nanmean(vals)), float(np.nanstd(vals))

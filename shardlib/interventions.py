@@ -79,7 +79,7 @@ def intervention_effects(p: AnalysisParams, inp: AnalysisInputs, shard_ids: np.n
     ``|<theta_final - theta_base, shard>|`` (what ablation removes): the space the policy moved in, whatever
     the optimizer. ``event_sizes`` (:func:`shard_sizes`, the summed components of the stored events) are kept
     beside it; with Adam and stored updates ``-lr * gradient`` they are on another scale."""
-    from .policy import evaluate, load_policy
+    from .policy import evaluate, evaluate_seeds, load_policy
     from .rl import RLParams, make_testbed
 
     rp = RLParams.from_dict(json.loads(xr.open_dataset(Path(p.rl_dir) / "results.nc").attrs["config"]))
@@ -92,11 +92,13 @@ def intervention_effects(p: AnalysisParams, inp: AnalysisInputs, shard_ids: np.n
     sizes = np.abs(coef)
     rand_sizes = sizes[np.arange(len(randoms)) % len(sizes)]
 
-    def ev(m, sample_seed=None):
-        return np.array(evaluate(m, testbed, p.eval_prompts, p.seed, rp.temperature, sample_seed=sample_seed)["reward"])
+    def ev(m):
+        return np.array(evaluate(m, testbed, p.eval_prompts, p.seed, rp.temperature)["reward"])
 
-    r_base, r_final = ev(base), ev(final)
-    noise = np.array([ev(base, 1 + j) - r_base for j in range(p.noise_seeds)])
+    # the base policy's own draw and its noise draws on the same prompts, encoded once
+    draws = evaluate_seeds(base, testbed, p.eval_prompts, p.seed, [None, *range(1, 1 + p.noise_seeds)], rp.temperature)
+    r_base, r_final = np.array(draws[0]["reward"]), ev(final)
+    noise = np.array([np.array(d["reward"]) - r_base for d in draws[1:]])
     add, add_rand, abl = [], [], []
     for i, size in zip(shard_ids, sizes):
         d = {n: torch.from_numpy(inp.dirs[n][i]) for n in names}

@@ -7,6 +7,7 @@ Both policies share two functions used by the RL loop: :func:`sample` and
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from pathlib import Path
@@ -267,12 +268,22 @@ def _encode_prompts(model, prompt, attn, key: str):
 
 
 @torch.no_grad()
-def _sample_cached(model, prompt, prompt_mask, max_new_tokens: int, generator, temperature: float, eos_id: int):
+def _sample_cached(
+    model, prompt, prompt_mask, max_new_tokens: int, generator, temperature: float, eos_id: int, encoded=None
+):
     """Sampling with the key/value cache over left-padded prompts (their shared prefix and repeated rows
     encoded once: :func:`_encode_prompts`); rows that have ended keep emitting ``eos_id`` (masked out of every
-    loss by the completion mask)."""
+    loss by the completion mask). ``encoded``: a dict kept by a caller that samples the same model on the same
+    prompts again (:func:`evaluate_seeds`): the prompts' encoding is stored there the first time and a copy of
+    it read the next times."""
     key = _cache_key(model)
-    logits, past, attn, pos = _encode_prompts(model, prompt, prompt_mask.long(), key)
+    if encoded is not None and "prompts" in encoded:
+        logits, past, attn, pos = encoded["prompts"]
+        past = copy.deepcopy(past)  # sampling appends to the cache in place
+    else:
+        logits, past, attn, pos = _encode_prompts(model, prompt, prompt_mask.long(), key)
+        if encoded is not None:
+            encoded["prompts"] = (logits, copy.deepcopy(past), attn, pos)
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     tokens = []
     for t in range(max_new_tokens):
@@ -304,11 +315,13 @@ def sample(
     vocab_size=None,
     prompt_mask=None,
     eos_id: int | None = None,
+    encoded: dict | None = None,
 ):
     """Sample completions [N, L] and their mask (tokens up to the first end-of-sequence token).
-    ``prompt_mask``: left-padded prompts (real tokenizers), sampled with the key/value cache."""
+    ``prompt_mask``: left-padded prompts (real tokenizers), sampled with the key/value cache (``encoded``: see
+    :func:`_sample_cached`)."""
     if prompt_mask is not None and is_lm(model):
-        return _sample_cached(model, prompt, prompt_mask, max_new_tokens, generator, temperature, eos_id)
+        return _sample_cached(model, prompt, prompt_mask, max_new_tokens, generator, temperature, eos_id, encoded)
     if not is_lm(model):
         logits = model(prompt).float() / temperature
         if logits.ndim == 3:  # one arm per head
@@ -330,9 +343,9 @@ def sample(
 
 
 @torch.no_grad()
-def sample_batch(model, testbed, batch: dict, generator, temperature: float = 1.0, device=None):
+def sample_batch(model, testbed, batch: dict, generator, temperature: float = 1.0, device=None, encoded=None):
     """Completions and masks (on the CPU) for a testbed batch; left-padded prompts (``prompt_mask``) go through
-    the key/value-cached sampler."""
+    the key/value-cached sampler (``encoded``: see :func:`_sample_cached`)."""
     pmask = batch.get("prompt_mask")
     comp, mask = sample(
         model,
@@ -343,6 +356,7 @@ def sample_batch(model, testbed, batch: dict, generator, temperature: float = 1.
         getattr(testbed, "vocab_size", None),
         None if pmask is None else pmask.to(device),
         getattr(testbed, "eos_id", EOS),
+        encoded,
     )
     return comp.cpu(), mask.cpu()
 
@@ -363,11 +377,26 @@ def evaluate(
     """Mean reward and per-clause reward by task family on a fixed held-out prompt set (fixed by ``seed``), and
     for text tasks the share of bare-number answers (``bare``); ``sample_seed`` draws the completions with another
     seed on the same prompts (the evaluation's noise)."""
+    return evaluate_seeds(model, testbed, n_prompts, seed, [sample_seed], temperature, device)[0]
+
+
+@torch.no_grad()
+def evaluate_seeds(
+    model, testbed, n_prompts: int, seed: int, sample_seeds: list, temperature: float = 1.0, device="cpu"
+) -> list[dict]:
+    """:func:`evaluate` under each of ``sample_seeds`` (None: the evaluation's own draw), the same numbers as one
+    call each; left-padded prompts are encoded once for all of them (the shard analysis evaluates the unchanged
+    policy under five draws: its noise floor)."""
+    encoded = {}
+    return [_evaluate(model, testbed, n_prompts, seed, temperature, device, s, encoded) for s in sample_seeds]
+
+
+def _evaluate(model, testbed, n_prompts, seed, temperature, device, sample_seed, encoded) -> dict:
     gen = torch.Generator().manual_seed(10_000_019 + seed)
     batch = held_out_sample(testbed, n_prompts, gen)
     if sample_seed is not None:
         gen = torch.Generator().manual_seed(20_000_003 + sample_seed)
-    comp, mask = sample_batch(model, testbed, batch, gen, temperature, device)
+    comp, mask = sample_batch(model, testbed, batch, gen, temperature, device, encoded)
     clauses = testbed.rewards(batch, comp, mask)
     sel = [batch["task"] == k for k in range(len(testbed.task_names))]
 

@@ -179,64 +179,79 @@ class LowRank(nn.Module):
         return torch.einsum("fro,fri->foi", self.U, self.V)
 
 
+def grad_buffer(W: torch.Tensor) -> torch.Tensor:
+    """``W.grad``, created as zeros where there is none: what the functions below add their weight gradients into.
+
+    The dense parts of at least ``BLOCKED`` numbers (SmolLM2's dense reference: 256 x 885k per side) write their
+    weight gradients into ``W.grad`` in place from the backward, as ``.backward()`` would accumulate them, instead
+    of returning them (so ``torch.autograd.grad`` does not see them): a returned gradient is a fresh 906 MB tensor
+    every step, which the system maps page by page (0.4 s of a 0.7 s product on one thread), and the trainer keeps
+    these gradients between steps, zeroed rather than freed (:func:`zero_grads`)."""
+    if W.grad is None:
+        W.grad = torch.zeros_like(W)
+    return W.grad
+
+
+def zero_grads(module: nn.Module) -> None:
+    """Clear the gradients of ``module``'s parameters for the next step: zero the large ones :func:`grad_buffer`
+    writes (kept, not freed: every step gives them a gradient), drop the others (``set_to_none``, as Adam expects
+    of a parameter the step left without one)."""
+    for prm in module.parameters():
+        if prm.grad is not None and prm.numel() >= BLOCKED:
+            prm.grad.zero_()
+        else:
+            prm.grad = None
+
+
+def _add_outer(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block: int = 2048) -> None:
+    """``out += a^T b`` [F, D] for a [N, F] and b [N, D] with few rows N (a weight gradient over a batch), in blocks
+    of ``block`` columns: MKL's single product of SmolLM2's dense reference (F 256, D 885k, N 16) took 1.2 s on one
+    thread, the blocks 0.3 s into memory already mapped."""
+    aT = a.T.contiguous()
+    for s in range(0, b.shape[1], block):
+        out[:, s : s + block].addmm_(aT, b[:, s : s + block])
+
+
 class _RowSqNorms(torch.autograd.Function):
-    """``||W_i||^2`` for the rows ``latents`` of W [F, D], with a backward of one pass over W (``2 g_i W_i`` in
-    those rows, 0 in the others). Autograd's ``W[latents]`` copied the rows, and its backward zero-filled a
-    full-size gradient to scatter into: for the dense SmolLM2 reference (256 x 885k numbers) two more 906 MB
-    tensors a step, each freshly mapped by the system."""
+    """``||W_i||^2`` for the rows ``latents`` of W [F, D]; the backward adds ``2 g_i W_i`` to those rows of
+    ``W.grad`` (:func:`grad_buffer`) in one pass. Autograd's ``W[latents]`` copied the rows, and its backward
+    zero-filled a full-size gradient to scatter into."""
 
     @staticmethod
     def forward(ctx, W, latents):
         ctx.save_for_backward(W, latents)
+        ctx.weight = W
         return torch.linalg.vector_norm(W, dim=1)[latents].square()
 
     @staticmethod
     def backward(ctx, g):
         W, latents = ctx.saved_tensors
         coef = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device).index_add_(0, latents, 2 * g.to(W.dtype))
-        return W * coef[:, None], None
+        grad_buffer(ctx.weight).addcmul_(W, coef[:, None])
+        return None, None
 
 
-def _outer(a: torch.Tensor, b: torch.Tensor, block: int = 2048) -> torch.Tensor:
-    """``a^T b`` [F, D] for a [N, F] and b [N, D] with few rows N (a weight gradient over a batch), written in blocks
-    of ``block`` columns: MKL's single product of SmolLM2's dense reference (F 256, D 885k, N 16) took 1.2 s on one
-    thread, the blocks 0.8 s (the same numbers)."""
-    out = a.new_empty(a.shape[1], b.shape[1])
-    aT = a.T.contiguous()
-    for s in range(0, b.shape[1], block):
-        torch.mm(aT, b[:, s : s + block], out=out[:, s : s + block])
-    return out
-
-
-class _Inner(torch.autograd.Function):
-    """``x W^T`` [N, F] for x [N, D] and W [F, D], its weight gradient from :func:`_outer`."""
+class _Product(torch.autograd.Function):
+    """``a W^T`` (``transposed``: encoder scores of inputs a [N, D]) or ``a W`` (a decoding of codes a [N, F]) for
+    W [F, D]; the backward adds W's gradient into ``W.grad`` (:func:`grad_buffer`, :func:`_add_outer`)."""
 
     @staticmethod
-    def forward(ctx, x, W):
-        ctx.save_for_backward(x, W)
-        return x @ W.T
+    def forward(ctx, a, W, transposed: bool):
+        ctx.save_for_backward(a, W)
+        ctx.weight, ctx.transposed = W, transposed
+        return a @ W.T if transposed else a @ W
 
     @staticmethod
     def backward(ctx, g):
-        x, W = ctx.saved_tensors
-        return g @ W if ctx.needs_input_grad[0] else None, _outer(g, x)
+        a, W = ctx.saved_tensors
+        if ctx.transposed:  # y = a W^T: dW = g^T a, da = g W
+            _add_outer(grad_buffer(ctx.weight), g, a)
+            return (g @ W if ctx.needs_input_grad[0] else None), None, None
+        _add_outer(grad_buffer(ctx.weight), a, g)  # y = a W: dW = a^T g, da = g W^T
+        return (g @ W.T if ctx.needs_input_grad[0] else None), None, None
 
 
-class _Combine(torch.autograd.Function):
-    """``c W`` [N, D] for codes c [N, F] and W [F, D], its weight gradient from :func:`_outer`."""
-
-    @staticmethod
-    def forward(ctx, c, W):
-        ctx.save_for_backward(c, W)
-        return c @ W
-
-    @staticmethod
-    def backward(ctx, g):
-        c, W = ctx.saved_tensors
-        return g @ W.T if ctx.needs_input_grad[0] else None, _outer(c, g)
-
-
-BLOCKED = 1 << 24  # Dense parts of at least this many numbers take _Inner, _Combine and _RowSqNorms
+BLOCKED = 1 << 24  # Dense parts of at least this many numbers take _Product and _RowSqNorms
 
 
 class Dense(nn.Module):
@@ -253,7 +268,7 @@ class Dense(nn.Module):
 
     def inner(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], -1)
-        return _Inner.apply(x, self.W) if self.W.numel() >= BLOCKED else x @ self.W.T
+        return _Product.apply(x, self.W, True) if self.W.numel() >= BLOCKED else x @ self.W.T
 
     def sq_norms(self, latents: torch.Tensor | None = None) -> torch.Tensor:
         # not (W**2).sum(1): its backward makes two passes over W (1.8 s against 1.0 s for 226M numbers)
@@ -271,7 +286,7 @@ class Dense(nn.Module):
         # the sparse codes as a dense [N, F] matrix times W: gathering the active rows (W[idx], [N, kk, D]) held
         # N x kk rows of D numbers, 7 GB for AuxK's 128 rows of a 885k-parameter matrix at batches of 16
         codes = vals.new_zeros(idx.shape[0], self.W.shape[0]).scatter(1, idx, vals)
-        out = _Combine.apply(codes, self.W) if self.W.numel() >= BLOCKED else codes @ self.W
+        out = _Product.apply(codes, self.W, False) if self.W.numel() >= BLOCKED else codes @ self.W
         return out.view(idx.shape[0], *self.shape)
 
     def dense(self) -> torch.Tensor:

@@ -203,6 +203,18 @@ def test_logprobs_with_shared_prompts_have_the_plain_values_and_gradients(testbe
     assert n1 < n0 / 2  # 3 prompts x 4 completions: each prompt's tokens went through once
 
 
+def test_evaluations_under_several_draws_encode_the_prompts_once_with_the_same_numbers(testbed, tiny_instruct_dir):
+    model = pol.load_policy(tiny_instruct_dir).eval()
+    seeds = [None, 1, 2]
+    alone = [pol.evaluate(model, testbed, 6, 0, 0.7, sample_seed=s) for s in seeds]
+    tokens = []
+    model.model.embed_tokens.register_forward_pre_hook(lambda _, a: tokens.append(a[0].shape[1]))
+    together = pol.evaluate_seeds(model, testbed, 6, 0, seeds, 0.7)
+    assert together == alone
+    prompt_passes = sum(n > 1 for n in tokens)  # the prefix and the prompts' own tokens; sampling feeds 1 token
+    assert prompt_passes == 2, tokens
+
+
 def test_model_stage_measures_every_family(tmp_path, tiny_instruct_dir):
     from tiny_gguf import tiny_gguf_path
 

@@ -524,7 +524,7 @@ def test_large_dense_parts_take_blocked_products_with_the_same_loss_and_gradient
     grads = []
     for blocked in (1 << 60, 0):
         monkeypatch.setattr(sae_parts, "BLOCKED", blocked)
-        monkeypatch.setattr(sae_parts._outer, "__defaults__", (4,))  # several blocks of the 120 columns
+        monkeypatch.setattr(sae_parts._add_outer, "__defaults__", (4,))  # several blocks of the 120 columns
         sae = perturbed_sae(0, True)
         dead = torch.zeros(9, dtype=torch.bool)
         dead[[1, 4, 7]] = True
@@ -536,3 +536,25 @@ def test_large_dense_parts_take_blocked_products_with_the_same_loss_and_gradient
     assert g0.keys() == g1.keys() and any(".W" in n for n in g0)
     for n in g0:
         assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_trainer_steps_keep_and_zero_the_gradients_blocked_parts_write(monkeypatch):
+    """The trainer zeroes (not frees) the gradients that large dense parts add into in place: three steps give the
+    SAE that autograd's returned gradients give."""
+    from shardlib import sae_parts
+
+    x = densified(factored_batch(n=8))
+    states = []
+    for blocked in (1 << 60, 0):
+        monkeypatch.setattr(sae_parts, "BLOCKED", blocked)
+        sae = perturbed_sae(0, True)
+        tr = Trainer(sae, TrainConfig(resample_dead=False, fire_frac=0.0, lr=0.01), 2.0, None, 3)
+        ptrs = []
+        for _ in range(3):
+            tr.step(x)
+            ptrs.append({n: p.grad.data_ptr() for n, p in sae.named_parameters() if n.endswith(".W")})
+        states.append({n: p.detach().clone() for n, p in sae.state_dict().items()})
+        if blocked == 0:  # the same gradient tensors every step
+            assert ptrs[0] == ptrs[1] == ptrs[2] and len(ptrs[0]) == 6
+    for n in states[0]:
+        assert torch.allclose(states[0][n], states[1][n], rtol=1e-5, atol=1e-6), n
