@@ -558,3 +558,26 @@ def test_trainer_steps_keep_and_zero_the_gradients_blocked_parts_write(monkeypat
             assert ptrs[0] == ptrs[1] == ptrs[2] and len(ptrs[0]) == 6
     for n in states[0]:
         assert torch.allclose(states[0][n], states[1][n], rtol=1e-5, atol=1e-6), n
+
+
+def test_centred_factored_batches_give_the_loss_and_gradients_of_concatenated_ones(monkeypatch):
+    """Factored matrices of at least ``CENTERED`` numbers are centred as :class:`Centered` batches (b_pre's factors
+    read once); forced on for this SAE's small matrices, the loss, AuxK included, and every gradient are the same."""
+    from shardlib import sae_parts
+    from shardlib.sae import sae_loss
+
+    x = factored_batch(n=7)
+    out = []
+    for centred in (1 << 60, 0):
+        monkeypatch.setattr(sae_parts, "CENTERED", centred)
+        sae = perturbed_sae(2, True)
+        assert isinstance(sae.center(x)["w"], sae_parts.Centered) == (centred == 0)
+        dead = torch.zeros(9, dtype=torch.bool)
+        dead[[0, 5]] = True
+        loss = sae_loss(sae, x, 2.0, dead, 2, 0.5).loss
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = out
+    assert torch.allclose(l0, l1, rtol=1e-5) and g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
