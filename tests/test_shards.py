@@ -75,7 +75,7 @@ def test_offline_training_writes_public_outputs(tmp_path):
 
 def test_the_saved_sae_is_the_trained_one_whether_linked_from_the_final_checkpoint_or_written(tmp_path):
     make_store(tmp_path / "store")
-    p = params(tmp_path)
+    p = params(tmp_path, epochs=2)
     res = shards.train(p, progress=False)
     ckpt = Path(p.out_dir) / "checkpoint" / "sae" / "sae.safetensors"
     shards.save_sae(res.sae, Path(p.out_dir), p)  # the final checkpoint holds this SAE: sae/ links to its file
