@@ -132,12 +132,6 @@ def _dictionary_scores(codes, types, means, D) -> dict[str, float]:
     }
 
 
-def _random_scores(Xc, R, k, signed, types, means) -> dict[str, float]:
-    from . import metrics as M
-
-    return _dictionary_scores(M.random_codes(Xc, R, k, signed), types, means, R)
-
-
 def alignment(
     codes: np.ndarray,
     types: np.ndarray,
@@ -167,7 +161,8 @@ def alignment(
     for base, (E, D) in fitted_dictionaries(X, types, len(directions), seed).items():
         for name, v in _dictionary_scores(M.random_codes(Xc, E, k, signed), types, means, D).items():
             out[f"{name}_{base}"] = v
-    rand = [_random_scores(Xc, np.asarray(R, dtype=np.float64), k, signed, types, means) for R in random_dirs]
+    random64 = (np.asarray(R, dtype=np.float64) for R in random_dirs)  # each converted once, one at a time
+    rand = [_dictionary_scores(M.random_codes(Xc, R, k, signed), types, means, R) for R in random64]
     for name in rand[0]:
         vals = np.array([r[name] for r in rand], dtype=float)
         out[f"{name}_random"], out[f"{name}_random_std"] = float(np.nanmean(vals)), float(np.nanstd(vals))

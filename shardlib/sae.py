@@ -485,7 +485,7 @@ class _GramTerms(NamedTuple):
         w = z[:, S] / norms[S]
         if cache is not None and ("K" in cache or 2 * len(S) >= F):
             if "K" not in cache:
-                U_all, V_all = part.U.to(U.dtype), part.V.to(U.dtype)
+                U_all, V_all = (U, V) if len(S) == F else (part.U.to(U.dtype), part.V.to(U.dtype))
                 cache["K"] = factor_gram(U_all, V_all, U_all, V_all)
             K = cache["K"] if len(S) == F else cache["K"][S][:, S]
         else:

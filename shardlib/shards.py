@@ -27,7 +27,16 @@ from .common import dense_parameter_count, deterministic, peak_rss_bytes
 from .config import param
 from .factored import Factored, factor_pairs, n_events, take
 from .fit import FitParams, ShardTraining, encode_all, fit
-from .io import OPTIMIZER_FILE, atomic_dir, commit_dir, load_optimizer, load_results, save_results
+from .io import (
+    OPTIMIZER_FILE,
+    CheckpointError,
+    atomic_dir,
+    commit_dir,
+    load_optimizer,
+    load_results,
+    read_checkpoint,
+    save_results,
+)
 from .sae import ShardSAE, sq_norms
 from .shardfile import activations_dataset, shards_dataset
 from .store import open_store, update_vars
@@ -196,12 +205,15 @@ def save_sae(sae: ShardSAE, out: Path, p: ShardParams) -> None:
     rather than a second copy (1.5 GB at rank 4 over SmolLM2's MLP matrices: about 4 s)."""
     ckpt, tmp = out / "checkpoint", atomic_dir(out / "sae")
     try:
-        st = json.loads((ckpt / "state.json").read_text())
-        if st.get("epoch") != p.epochs or st.get("fingerprint") != p.fingerprint():
-            raise FileNotFoundError("no final checkpoint of this fit")
+        st = read_checkpoint(ckpt, p.fingerprint(), "epoch", p.epochs, ["sae"])
+    except CheckpointError:  # another fit's, or damaged: not this SAE
+        st = None
+    try:
+        if st is None or st["epoch"] != p.epochs:
+            raise FileNotFoundError(ckpt / "sae")
         for f in (ckpt / "sae").iterdir():
             (tmp / f.name).hardlink_to(f)
-    except (OSError, ValueError):  # none, another fit's, or a file system without hard links: write it
+    except OSError:  # no final checkpoint of this fit, or a file system without hard links: write it
         shutil.rmtree(tmp)
         tmp.mkdir()
         sae.save(tmp)
