@@ -115,21 +115,36 @@ def singular_values(f: Factored) -> torch.Tensor:
 
 
 def best_rank(f: Factored, rank: int) -> tuple[Factored, torch.Tensor]:
-    """The best rank-``rank`` approximation of every event (Eckart-Young), by a thin QR of both sides and
-    an SVD of the small core: exactly ``rank`` factors per event (zero rows where an event's rank is
-    lower), singular values split evenly (each factor pair has equal norms), ordered by singular value;
-    and the kept fraction of ``||U_e||^2`` (1 for an all-zero event)."""
-    Ql, Qr, core = _qr_core(f)
-    u, sv, vh = torch.linalg.svd(core)
-    r = min(rank, sv.shape[1])
-    s = sv[:, None, :r].sqrt()
-    left = (Ql @ u[:, :, :r]) * s  # [E, d_out, r]
-    right = (Qr @ vh[:, :r, :].transpose(1, 2)) * s
-    total = (sv**2).sum(1)
-    kept = torch.where(total > 0, (sv[:, :r] ** 2).sum(1) / total.clamp(min=1e-300), torch.ones_like(total))
+    """The best rank-``rank`` approximation of every event (Eckart-Young) and the kept fraction of ``||U_e||^2``
+    (1 for an all-zero event): exactly ``rank`` factors per event (zero rows where an event's rank is lower),
+    singular values split evenly (each factor pair has equal norms), ordered by singular value.
+
+    From the factors' Gram matrices (``m x m`` for ``m`` factors), never a QR of the long sides: with
+    ``Gl = left left^T``, ``Gr = right right^T`` and ``S = Gr^(1/2)``, the eigenpairs ``(mu_k, w_k)`` of
+    ``S Gl S`` give ``U_e``'s singular values ``sqrt(mu_k)``, left vectors ``left^T S w_k / sqrt(mu_k)`` and
+    right vectors ``right^T Gl S w_k / mu_k``; ``||U_e||^2 = <Gl, Gr>``. The small eigenproblems run in float64;
+    directions with ``mu_k`` under ``1e-10`` of the largest (below float32's resolution of the Grams) are
+    dropped. Half the time of thin QRs of both sides on SmolLM2's MLP matrices (57 factors of 576 and 1536)."""
+    left, right = f.left, f.right
+    Gl = (left @ left.transpose(1, 2)).double()
+    Gr = (right @ right.transpose(1, 2)).double()
+    lam, V = torch.linalg.eigh(Gr)
+    S = (V * lam.clamp(min=0).sqrt()[:, None, :]) @ V.transpose(1, 2)
+    mu, W = torch.linalg.eigh(S @ Gl @ S)  # ascending
+    r = min(rank, mu.shape[1])
+    mu, W = mu.flip(1)[:, :r].clamp(min=0), W.flip(2)[:, :, :r]
+    live = mu > mu[:, :1] * 1e-10
+    safe = torch.where(live, mu, torch.ones_like(mu))[:, None, :]
+    SW = S @ W
+    a = SW * safe**-0.25 * live[:, None, :]  # left_k = left^T S w_k mu_k^(-1/4): singular value split evenly
+    b = (Gl @ SW) * safe**-0.75 * live[:, None, :]
+    out_l = a.to(left.dtype).transpose(1, 2) @ left
+    out_r = b.to(right.dtype).transpose(1, 2) @ right
+    total = (Gl * Gr).sum((1, 2))
+    kept = torch.where(total > 0, (mu * live).sum(1) / total.clamp(min=1e-300), torch.ones_like(total))
     pad = (0, 0, 0, rank - r)
-    out = Factored(*(torch.nn.functional.pad(t.transpose(1, 2), pad).contiguous() for t in (left, right)))
-    return out, kept
+    out = Factored(*(torch.nn.functional.pad(t, pad).contiguous() for t in (out_l, out_r)))
+    return out, kept.to(left.dtype)
 
 
 def factorize(delta: torch.Tensor, x: torch.Tensor, max_rank: int | None = None) -> tuple[Factored, torch.Tensor]:

@@ -25,3 +25,32 @@ def test_factorize_exact_and_compressed_match_the_dense_update():
     assert torch.allclose(kept2.double(), best, rtol=1e-4)
     err = ((c2.dense().double() - dense) ** 2).sum((1, 2)) / (dense**2).sum((1, 2))
     assert torch.allclose(err, 1 - best, rtol=1e-3, atol=1e-5)
+
+
+def test_best_rank_matches_the_truncated_svd_on_rank_deficient_events():
+    """The Gram-matrix route gives the truncated SVD: zero events, events of rank below ``rank``, full ones;
+    each factor pair carries sqrt(sigma_k) on both sides, in descending order."""
+    from shardlib.factored import Factored, best_rank
+
+    g = torch.Generator().manual_seed(1)
+    E, m, do, di = 4, 9, 40, 30
+    left = torch.randn(E, m, do, generator=g, dtype=torch.float64)
+    right = torch.randn(E, m, di, generator=g, dtype=torch.float64)
+    left[0] = 0  # an all-zero event
+    left[1, 1:] = 0  # rank 1
+    right[2, 3:] = right[2, :3].sum(0)  # rank <= 3 + 1 (repeated rows)
+    f = Factored(left, right)
+    dense = f.dense()
+    U, sv, Vh = torch.linalg.svd(dense)
+    out, kept = best_rank(f, 3)
+    assert out.left.shape == (E, 3, do) and out.right.shape == (E, 3, di)
+    for e in range(E):
+        best = (U[e, :, :3] * sv[e, :3]) @ Vh[e, :3]
+        assert torch.allclose(out.dense()[e], best, atol=1e-9 * (1 + dense[e].norm()))
+    total = (sv**2).sum(1)
+    want = torch.where(total > 0, (sv[:, :3] ** 2).sum(1) / total.clamp(min=1e-300), torch.ones(E, dtype=total.dtype))
+    assert torch.allclose(kept, want, atol=1e-10)
+    assert (out.left[1, 1:] == 0).all() and (out.right[1, 1:] == 0).all()  # rank 1: the other factors are zero
+    norms_l, norms_r = out.left.norm(dim=2), out.right.norm(dim=2)
+    assert torch.allclose(norms_l, norms_r) and torch.allclose(norms_l**2, sv[:, :3] * (sv[:, :3] > 1e-8), atol=1e-9)
+    assert (norms_l[:, :-1] >= norms_l[:, 1:] - 1e-12).all()
