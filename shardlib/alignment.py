@@ -12,6 +12,8 @@ dictionaries competitive with sparse coding), so an SAE shows its worth only by 
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -111,6 +113,31 @@ def fitted_dictionaries(
     }
 
 
+CACHE_MAX_BYTES = 256 << 20
+
+
+def cached_fits(cache: dict | None, X: np.ndarray, types, n: int, seed: int) -> dict:
+    """:func:`fitted_dictionaries`, read from ``cache`` when the same events (their bytes), types, size and seed
+    were fitted before, and kept there when the dictionaries take at most ``CACHE_MAX_BYTES`` (the default
+    study's settings comparison refits the shard stage's own updates at its seed; SmolLM2's one-matrix
+    dictionaries, 453 MB each, are not kept)."""
+    if cache is None:
+        return fitted_dictionaries(X, types, n, seed)
+    key = (
+        hashlib.sha256(np.ascontiguousarray(X).tobytes()).hexdigest(),
+        hashlib.sha256(repr(np.asarray(types).tolist()).encode()).hexdigest(),
+        X.shape,
+        n,
+        seed,
+    )
+    if key not in cache:
+        fits = fitted_dictionaries(X, types, n, seed)
+        if sum(a.nbytes for pair in fits.values() for a in pair) > CACHE_MAX_BYTES:
+            return fits
+        cache[key] = fits
+    return cache[key]
+
+
 def _clustering_scores(codes: np.ndarray, types: np.ndarray) -> dict[str, float]:
     from . import metrics as M
 
@@ -141,11 +168,14 @@ def alignment(
     k: int,
     seed: int = 0,
     signed: bool = True,
+    cache: dict | None = None,
 ) -> dict[str, float]:
     """Every ``ALIGNMENT_METRICS`` entry for the SAE (its ``codes`` and ``directions``), and the same entry for
     every ``BASELINES`` dictionary as ``<metric>_<baseline>`` (``random_dirs``: one random dictionary per seed,
     scored as their mean with ``<metric>_random_std``), and ``n_types``. Every fixed dictionary encodes the
-    centred ``updates`` with the SAE's k and sign handling; type matches compare with the type-mean updates."""
+    centred ``updates`` with the SAE's k and sign handling; type matches compare with the type-mean updates.
+    ``cache``: a dict kept by a caller that aligns several SAEs: the fitted dictionaries of the same updates, types,
+    size and seed are fitted once (:func:`cached_fits`)."""
     from . import metrics as M
 
     X = np.asarray(updates, dtype=np.float64)
@@ -158,7 +188,7 @@ def alignment(
     out = _dictionary_scores(codes, types, means, directions)
     for name, v in _dictionary_scores(codes, shuffled, means_s, directions).items():
         out[f"{name}_shuffled"] = v
-    for base, (E, D) in fitted_dictionaries(X, types, len(directions), seed).items():
+    for base, (E, D) in cached_fits(cache, X, types, len(directions), seed).items():
         for name, v in _dictionary_scores(M.random_codes(Xc, E, k, signed), types, means, D).items():
             out[f"{name}_{base}"] = v
     random64 = (np.asarray(R, dtype=np.float64) for R in random_dirs)  # each converted once, one at a time

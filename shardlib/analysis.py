@@ -141,7 +141,8 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     X = flatten({n: inp.data[n] for n in names}, names)
     D = np.concatenate([inp.dirs[n].reshape(F, -1) for n in names], 1)
     means, type_names = type_means(X, types)
-    seeds = seed_alignment(p, inp, codes, types, X, D)
+    fits = {}  # the baselines fitted to the same updates at the same seed, shared by the SAEs aligned here
+    seeds = seed_alignment(p, inp, codes, types, X, D, fits)
     parts = [
         seeds,
         type_views(codes, types, X, p.seed),
@@ -154,7 +155,7 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     if p.rl_dir:  # what needs a shardlib RL run: its online shards, its policies and testbed
         parts.append(online_comparison(Path(p.rl_dir) / "online_shards.nc", names, X, types, D))
     own = {m: float(seeds[m].sel(sae_seed=inp.sae_params.seed)) for m in seeds.data_vars if "sae_seed" in seeds[m].dims}
-    parts.append(settings_comparison(p, inp, own))
+    parts.append(settings_comparison(p, inp, own, fits))
     if p.rl_dir:
         if task is None:
             task = inp.acts["task"].values
@@ -168,7 +169,7 @@ def analyse(p: AnalysisParams, progress: bool = True) -> xr.Dataset:
     return out
 
 
-def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -> xr.Dataset:
+def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D, cache: dict | None = None) -> xr.Dataset:
     """:func:`alignment` of this SAE and of one more SAE per ``extra_seeds`` (same data), and their
     seed-to-seed stability (mean Hungarian |cos| over pairs)."""
     from . import fit, shards
@@ -180,7 +181,7 @@ def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -
     # the spread over sae_seed is a spread for the baselines too
     rows = {
         sp.seed: alignment(
-            codes, types, X, D, random_dictionaries(shapes, names, F, sp.rank, sp.seed), sp.k, sp.seed, sp.signed
+            codes, types, X, D, random_dictionaries(shapes, names, F, sp.rank, sp.seed), sp.k, sp.seed, sp.signed, cache
         )
     }
     seed_dirs = {sp.seed: D}
@@ -190,7 +191,7 @@ def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -
         _, _, z = fit.encode_all(r.sae.cpu(), inp.data, batch_size=sp.eval_batch_size)
         Ds = flatten(r.sae.directions(), names)
         rows[s] = alignment(
-            z.numpy(), types, X, Ds, random_dictionaries(shapes, names, F, sp.rank, s), sp.k, s, sp.signed
+            z.numpy(), types, X, Ds, random_dictionaries(shapes, names, F, sp.rank, s), sp.k, s, sp.signed, cache
         )
         seed_dirs[s] = Ds
     seeds = list(rows)
@@ -199,11 +200,14 @@ def seed_alignment(p: AnalysisParams, inp: AnalysisInputs, codes, types, X, D) -
     return out
 
 
-def settings_comparison(p: AnalysisParams, inp: AnalysisInputs, own: dict | None = None) -> xr.Dataset:
+def settings_comparison(
+    p: AnalysisParams, inp: AnalysisInputs, own: dict | None = None, cache: dict | None = None
+) -> xr.Dataset:
     """What the SAE's settings do: one SAE per (k, raw or unit-normalised updates), the shard stage's other
     parameters and seed, each scored with :func:`alignment` (on the updates it was trained on) and its
     held-out FVU (the reconstruction cost). Zero updates are left out, as in the shard stage. ``own``: the
-    shard stage's SAE's :func:`alignment` row (:func:`seed_alignment`), reused for the setting that is that SAE."""
+    shard stage's SAE's :func:`alignment` row (:func:`seed_alignment`), reused for the setting that is that SAE;
+    ``cache``: :func:`~shardlib.alignment.cached_fits`'s, shared with :func:`seed_alignment`."""
     from . import fit, shards
     from .common import flatten
 
@@ -245,6 +249,7 @@ def settings_comparison(p: AnalysisParams, inp: AnalysisInputs, own: dict | None
                     q.k,
                     sp.seed,
                     q.signed,
+                    cache,
                 )
             row["heldout_fvu"] = fit.evaluate(sae, data, heldout, batch_size=sp.eval_batch_size).get("fvu", np.nan)
             rows[(k, norm)] = row

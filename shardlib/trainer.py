@@ -74,12 +74,9 @@ def init_from_data(sae: ShardSAE, data: dict) -> tuple[dict[str, torch.Tensor], 
 
 
 def total_variance(data: dict, scale: float, moments=None) -> float:
-    """sum over tensors of E||x / scale - mean||^2 (float64; Gram-based for Factored tensors, from
-    ``moments`` = :func:`data_moments` of ``data`` when given)."""
-    if not any(isinstance(v, Factored) for v in data.values()):
-        return float(
-            sum(((v.double() / scale - v.double().mean(0) / scale) ** 2).sum() for v in data.values()) / n_events(data)
-        )
+    """sum over tensors of E||x / scale - mean||^2 = (E||x||^2 - ||mean||^2) / scale^2 in float64, from ``moments``
+    = :func:`data_moments` of ``data`` (computed here when not given): no pass over the data of its own (a pass
+    that made float64 copies of every dense tensor took 1.8 s of each planted fit)."""
     mean, sq = moments if moments is not None else data_moments(data)
     return float((sq - sum(float((m**2).sum()) for m in mean.values())) / scale**2)
 

@@ -70,3 +70,32 @@ def test_repeated_events_narrow_the_span_and_pca_still_gives_as_many_components_
     with pytest.warns(Warning, match="distinct clusters"):  # k-means on 10 distinct points, 20 clusters asked
         got = alignment.fitted_dictionaries(X, np.arange(20) % 4, 20, seed=0)
     assert got["pca"][1].shape == (20, 300) and got["kmeans"][1].shape == (20, 300)
+
+
+def test_cached_fits_fit_the_same_events_once_and_keep_only_small_dictionaries(monkeypatch):
+    """The same events, types, size and seed are fitted once; another seed or other events fit again; dictionaries
+    over CACHE_MAX_BYTES are returned without being kept. The alignment's scores are the same with the cache."""
+    rng = np.random.default_rng(0)
+    X, types = rng.normal(size=(40, 12)), np.repeat(["a", "b"], 20)
+    calls = []
+    real = alignment.fitted_dictionaries
+    monkeypatch.setattr(alignment, "fitted_dictionaries", lambda *a: calls.append(a[2:]) or real(*a))
+    cache = {}
+    first = alignment.cached_fits(cache, X, types, 4, 0)
+    again = alignment.cached_fits(cache, X.copy(), types.copy(), 4, 0)
+    assert len(calls) == 1 and again is first
+    alignment.cached_fits(cache, X, types, 4, 1)
+    alignment.cached_fits(cache, X + 1, types, 4, 0)
+    alignment.cached_fits(cache, X, types[::-1], 4, 0)
+    assert len(calls) == 4 and len(cache) == 4
+    monkeypatch.setattr(alignment, "CACHE_MAX_BYTES", 0)
+    alignment.cached_fits(cache, X, types, 3, 0)
+    alignment.cached_fits(cache, X, types, 3, 0)
+    assert len(calls) == 6 and len(cache) == 4
+    D = alignment.unit_rows(rng.normal(size=(4, 12)))
+    codes = X @ D.T
+    R = [alignment.unit_rows(rng.normal(size=(4, 12)))]
+    plain = alignment.alignment(codes, types, X, D, R, k=2)
+    cached = alignment.alignment(codes, types, X, D, R, k=2, cache={})
+    assert plain.keys() == cached.keys()
+    assert all(np.isclose(plain[m], cached[m], equal_nan=True) for m in plain)

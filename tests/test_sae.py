@@ -477,6 +477,11 @@ def test_build_trainer_builds_the_configured_sae_from_the_data():
     assert tr.variance == total_variance(fact, float(ref.scale))
     dense_data = {"w": fact["w"].dense()}
     assert build_trainer(cfg, dense_data).sae.config()["b_pre_rank"] == 0  # dense data: a dense b_pre
+    # the total variance from the data's moments: E||x/s - mean/s||^2 over tensors, dense or factored
+    mixed = {"w": dense_data["w"] + 3.0, "b": torch.randn(32, 4, generator=g, dtype=torch.float64).float()}
+    want = sum(float(((v.double() - v.double().mean(0)) ** 2).sum()) for v in mixed.values()) / 32 / 1.5**2
+    assert total_variance(mixed, 1.5) == pytest.approx(want, rel=1e-10)
+    assert total_variance(fact, 1.5) == pytest.approx(total_variance(dense_data, 1.5), rel=1e-6)
     with pytest.raises(ValueError, match="k=6"):
         SAEConfig(n_latents=5, k=6)
 
