@@ -129,7 +129,9 @@ def _text_storage(run_dir: Path, stage: str, rl: xr.Dataset) -> str:
         f"norm on average (lowest {c['kept_min']:.3f}).\n\nA step that collected took {over:.2f}× as long as one that "
         f"did not ({on:.1f} s against {off:.1f} s, medians; target ≤ 1.5×: {'met' if over <= 1.5 else 'NOT met'}): a collecting step runs every "
         "completion's prompt on its own rows, as its per-event gradients need, where the others run the tokens a "
-        f"step's prompts share once (`share_prompts` in `shardlib/policy.py`). {WALL}"  # timed: not checked
+        "step's prompts share once (`share_prompts` in `shardlib/policy.py`); the capture and compression themselves "
+        "cost little beside that (`benchmarks/bench_collect_smollm.py` times each part on one rollout). "
+        f"{WALL}"  # timed: not checked
     )
 
 
