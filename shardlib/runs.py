@@ -106,7 +106,7 @@ def wall_times(run_dir: Path, target_min: float | None = None) -> str:
         span = end - spans[0][0]  # the last finish less the first start
         jobs = sorted({st.get("jobs", 1) for _, _, st in records})
         text += (
-            f" From the first stage's start to the last one's end: {span / 60:.1f} min, "
+            f" From the first stage's start to the last one's end: {span / 60:.1f} min ({span:.0f} s), "
             f"{' or '.join(map(str, jobs))} stage(s) at a time (`--jobs`)"
         )
         if target_min is not None:

@@ -31,7 +31,10 @@ def test_wall_times_give_a_span_only_for_stages_run_in_one_invocation(tmp_path):
     record("b", 1000.0, 60.0)
     record("c", 1061.0, 90.0)  # started when b ended
     text = wall_times(tmp_path)
-    assert "they add up to 4.5 min. From the first stage's start to the last one's end: 2.5 min, 2 stage(s)" in text
+    assert (
+        "they add up to 4.5 min. From the first stage's start to the last one's end: 2.5 min (151 s), 2 stage(s)"
+        in text
+    )
     assert "(target ≤ 3 min: met)." in wall_times(tmp_path, target_min=3)
     assert "(target ≤ 2 min: NOT met)." in wall_times(tmp_path, target_min=2)
     record("c", 1000.0 + 3600.0, 90.0)  # rerun alone an hour later
