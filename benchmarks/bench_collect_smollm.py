@@ -1,6 +1,6 @@
 """Benchmark: where a collecting GRPO step's time goes on SmolLM2-135M-Instruct (configs/smollm.yaml, stage rl_text).
 
-    python benchmarks/bench_collect_smollm.py [--policy runs/smollm/model/policy] [--repeats 5]
+    python benchmarks/bench_collect_smollm.py [--policy runs/smollm/model/policy] [--repeats 5] [--threads 1]
 
 On one GRPO rollout of the config (3 prompts x 8 completions), times in one run, each the median of
 ``--repeats`` taken in turn after a warm-up: sampling the rollout; the forward and backward pass as a step that does not collect runs it
@@ -8,6 +8,8 @@ On one GRPO rollout of the config (3 prompts x 8 completions), times in one run,
 per-event gradients need); that pass with the collector's capture of all 90 MLP matrices, their per-event
 factors compressed to rank 4; and the optimizer step. A step is sampling + pass + optimizer step, so the
 ratios say what collecting costs against a step that shares prompts and against one that runs the same rows.
+``--threads`` (default 1, as each stage kernel of ``make study`` computes; the study's GRPO also shares the
+machine with the SFT control, which this benchmark does not).
 Writes ``benchmarks/results/bench_collect_smollm.json``. Needs the SmolLM2 study's model stage
 (``make study CONFIG=configs/smollm.yaml RUN=smollm``, or ``--only model``).
 """
@@ -37,8 +39,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default=str(ROOT / "runs" / "smollm" / "model" / "policy"))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the study's kernels: 1)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_collect_smollm.json"))
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if not (Path(args.policy) / "config.json").exists():
         sys.exit(
             f"no policy at {args.policy}: run the SmolLM2 study's model stage first "
@@ -53,6 +57,8 @@ def main(argv=None) -> dict:
     class OneProcess:  # what rl.rollout reads of an accelerate Accelerator
         device, num_processes, process_index = torch.device("cpu"), 1, 0
 
+    with torch.no_grad():
+        snapshot = {n: t.clone() for n, t in model.state_dict().items()}
     col = UpdateCollector(model, p.collect_params, lr=p.lr, factored=True, max_rank=p.collect_max_rank)
     ro = rl.rollout(p, testbed, model, 0, OneProcess())
     prompt, pmask = ro.rep["prompt"], ro.rep["prompt_mask"]
@@ -69,8 +75,10 @@ def main(argv=None) -> dict:
         backward(True, False)  # a gradient to step with (not timed)
         t = time.perf_counter()
         opt.step()
+        dt = time.perf_counter() - t
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
+        model.load_state_dict(snapshot)  # the other parts keep timing the policy of the rollout
+        return dt
 
     def timed(fn) -> float:
         t = time.perf_counter()
@@ -85,8 +93,6 @@ def main(argv=None) -> dict:
         "pass_own_rows_collect": lambda: timed(lambda: backward(False, True)),
         "optimizer_step": adam_step,
     }
-    with torch.no_grad():
-        snapshot = {n: t.clone() for n, t in model.state_dict().items()}
     for fn in parts.values():  # warm-up: first calls allocate (and Adam creates its state)
         fn()
     # round-robin repeats, so that a slow spell of the machine falls on every part alike; medians

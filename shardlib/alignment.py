@@ -118,23 +118,24 @@ CACHE_MAX_BYTES = 256 << 20
 
 def cached_fits(cache: dict | None, X: np.ndarray, types, n: int, seed: int) -> dict:
     """:func:`fitted_dictionaries`, read from ``cache`` when the same events (their bytes), types, size and seed
-    were fitted before, and kept there when the dictionaries take at most ``CACHE_MAX_BYTES`` (the default
-    study's settings comparison refits the shard stage's own updates at its seed; SmolLM2's one-matrix
-    dictionaries, 453 MB each, are not kept)."""
-    if cache is None:
+    were fitted before, and kept there (read-only) when the dictionaries would take at most ``CACHE_MAX_BYTES``
+    (the default study's settings comparison refits the shard stage's own updates at its seed; SmolLM2's
+    one-matrix dictionaries, 453 MB each, are neither hashed nor kept)."""
+    if cache is None or 8 * n * X.shape[1] * 8 > CACHE_MAX_BYTES:  # 4 dictionaries x (encoder, directions), float64
         return fitted_dictionaries(X, types, n, seed)
     key = (
-        hashlib.sha256(np.ascontiguousarray(X).tobytes()).hexdigest(),
+        hashlib.sha256(np.ascontiguousarray(X)).hexdigest(),  # the buffer itself, not a copy of its bytes
         hashlib.sha256(repr(np.asarray(types).tolist()).encode()).hexdigest(),
         X.shape,
+        str(X.dtype),
         n,
         seed,
     )
     if key not in cache:
-        fits = fitted_dictionaries(X, types, n, seed)
-        if sum(a.nbytes for pair in fits.values() for a in pair) > CACHE_MAX_BYTES:
-            return fits
-        cache[key] = fits
+        cache[key] = fitted_dictionaries(X, types, n, seed)
+        for pair in cache[key].values():  # shared by every caller: read-only
+            for a in pair:
+                a.flags.writeable = False
     return cache[key]
 
 

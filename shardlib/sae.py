@@ -289,7 +289,7 @@ class ShardSAE(nn.Module):
 
         ``latents`` (indices) sets only those latents, ``directions`` then holding one row each.
         Low-rank tensors take each direction's best rank-``rank`` approximation (truncated
-        SVD; for Factored directions a QR of both sides and an SVD of the small core); used to
+        SVD; for Factored directions :func:`~shardlib.factored.best_rank`, from the factors' Gram matrices); used to
         start an SAE at known ground truth, and to restart dead latents.
         """
         idx = torch.arange(self.n_latents) if latents is None else torch.as_tensor(latents).cpu()

@@ -151,7 +151,8 @@ class LowRank(nn.Module):
 
     def assign_(self, idx: torch.Tensor, d) -> None:
         """Set matrices ``idx`` to the best rank-r approximations of ``d`` (dense [len(idx), d_out, d_in]: truncated
-        SVD, zero factors beyond its rank; Factored: a QR of both sides and an SVD of the small core)."""
+        SVD, zero factors beyond its rank; Factored: :func:`~shardlib.factored.best_rank`, from the factors' Gram
+        matrices)."""
         r = self.U.shape[1]
         if isinstance(d, Factored):
             f, _ = best_rank(d.to(self.U), r)

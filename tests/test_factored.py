@@ -38,7 +38,7 @@ def test_best_rank_matches_the_truncated_svd_on_rank_deficient_events():
     right = torch.randn(E, m, di, generator=g, dtype=torch.float64)
     left[0] = 0  # an all-zero event
     left[1, 1:] = 0  # rank 1
-    right[2, 3:] = right[2, :3].sum(0)  # rank <= 3 + 1 (repeated rows)
+    right[2, 2:] = right[2, :2].sum(0)  # rank 2 (the other rows repeat a sum of the first two): below rank 3
     f = Factored(left, right)
     dense = f.dense()
     U, sv, Vh = torch.linalg.svd(dense)
@@ -54,3 +54,23 @@ def test_best_rank_matches_the_truncated_svd_on_rank_deficient_events():
     norms_l, norms_r = out.left.norm(dim=2), out.right.norm(dim=2)
     assert torch.allclose(norms_l, norms_r) and torch.allclose(norms_l**2, sv[:, :3] * (sv[:, :3] > 1e-8), atol=1e-9)
     assert (norms_l[:, :-1] >= norms_l[:, 1:] - 1e-12).all()
+
+
+def test_best_rank_in_float32_gives_zero_factors_beyond_an_events_rank_not_noise():
+    """float32 Grams carry rounding eigenvalues: an event of rank 2 asked for rank 4 gets two balanced factor
+    pairs and two zero ones, and its product is the event."""
+    from shardlib.factored import Factored, best_rank
+
+    g = torch.Generator().manual_seed(2)
+    left = torch.randn(3, 12, 50, generator=g)
+    right = torch.randn(3, 12, 40, generator=g)
+    mix = torch.randn(3, 12, 2, generator=g)
+    left = mix @ left[:, :2]  # every row a mix of two: rank 2 on the left side
+    f = Factored(left, right)
+    out, kept = best_rank(f, 4)
+    assert out.left.dtype == torch.float32 and (out.left[:, 2:] == 0).all() and (out.right[:, 2:] == 0).all()
+    nl, nr = out.left[:, :2].norm(dim=2), out.right[:, :2].norm(dim=2)
+    assert torch.allclose(nl, nr, rtol=1e-3)
+    dense = f.dense()
+    assert torch.allclose(out.dense(), dense, atol=1e-5 * float(dense.abs().max()))
+    assert torch.allclose(kept, torch.ones(3), atol=1e-5)
