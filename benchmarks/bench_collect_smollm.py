@@ -101,7 +101,6 @@ def main(argv=None) -> dict:
         for k, fn in parts.items():
             times[k].append(fn())
     secs = {k: statistics.median(v) for k, v in times.items()}
-    model.load_state_dict(snapshot)
     base = secs["sample"] + secs["optimizer_step"]
     step = {k: base + secs[k] for k in ("pass_shared", "pass_own_rows", "pass_own_rows_collect")}
     out = {
