@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .factored import Factored, cat_factored, factorize
+from .factored import Factored, cat_factored, factorize, randomized_rank
 from .ring import RingBuffer
 from .store import UpdateStore, var_name
 
@@ -95,7 +95,10 @@ class UpdateCollector:
             loss.backward()
         col.before_step(); opt.step(); col.after_step(step, labels)
 
-    Per-event updates need every selected parameter to be an ``nn.Linear`` weight or bias. ``lr`` is one
+    Per-event updates need every selected parameter to be an ``nn.Linear`` weight or bias. ``step_rank``
+    stores each step update of a weight matrix as the factors of its randomized rank-``step_rank`` SVD, with
+    the kept fraction of its squared norm as the label ``<var>__kept`` (an Adam step is not low rank: dense
+    step updates of large models fill a disk, 304 MiB a step for SmolLM2's MLP matrices). ``lr`` is one
     learning rate, or one per selected parameter (``{name: lr}``); a loop with a schedule sets ``col.lr``
     before each ``after_step``.
     """
@@ -117,19 +120,22 @@ class UpdateCollector:
         group_by: str | None = None,
         factored: bool = False,
         max_rank: int | None = None,
+        step_rank: int | None = None,
     ):
         check_convention(convention, factored)
         if factored and group_by is not None:
             raise ValueError("factored=True with group_by is not supported yet: collect per-completion events")
         if max_rank is not None and max_rank < 1:
             raise ValueError(f"max_rank must be >= 1 (or None: exact), got {max_rank}")
+        if step_rank is not None and step_rank < 1:
+            raise ValueError(f"step_rank must be >= 1 (or None: dense step updates), got {step_rank}")
         if convention == "adam" and optimizer is None:
             raise ValueError("convention='adam' needs the optimizer (its second moments precondition each event)")
         self.model, self.lr, self.optimizer, self.convention = model, lr, optimizer, convention
         self.params = select_params(model, params)
         self.event_store, self.step_store, self.buffer = event_store, step_store, buffer
         self.events, self.scale, self.every, self.group_by = events, scale, every, group_by
-        self.factored, self.max_rank = factored, max_rank
+        self.factored, self.max_rank, self.step_rank = factored, max_rank, step_rank
         self._kept: list[dict[str, torch.Tensor]] = []
         self._linear = {}
         if events:
@@ -298,8 +304,16 @@ class UpdateCollector:
             if self.buffer is not None:  # factored where the buffer holds factored events, else made dense
                 self.buffer.add(updates, {k: v for k, v in (labels or {}).items() if not k.endswith("__kept")})
         if self.step_store is not None and self._before:
-            delta = {n: (p.detach().float() - self._before[n]).cpu()[None] for n, p in self.params.items()}
-            self.step_store.append(delta, {"step": np.array([step])}, step)
+            delta, step_labels = {}, {"step": np.array([step])}
+            for n, p in self.params.items():
+                d = (p.detach().float() - self._before[n])[None]
+                if self.step_rank is not None and d.ndim == 3:  # a weight matrix: its randomized rank-r factors
+                    f, kept = randomized_rank(d, self.step_rank)
+                    delta[n] = Factored(f.left.cpu(), f.right.cpu())
+                    step_labels[var_name(n) + "__kept"] = kept.cpu().numpy()
+                else:
+                    delta[n] = d.cpu()
+            self.step_store.append(delta, step_labels, step)
             self._before = {}
         return updates
 

@@ -3,7 +3,7 @@
 A linear layer's per-event weight gradient is ``sum_t delta_t x_t^T`` (one factor per token), so an event
 update can be held as its factors, ``factors * (d_out + d_in)`` numbers instead of ``d_out * d_in``.
 :class:`Factored` holds a batch of such events; the functions here pad, concatenate, select, compress
-(:func:`best_rank`) and build (:func:`factorize`) them, and find (:func:`factor_pairs`) and densify
+(:func:`best_rank`; dense matrices: :func:`randomized_rank`) and build (:func:`factorize`) them, and find (:func:`factor_pairs`) and densify
 (:func:`densify`) a store's factored variables (the store format: :mod:`shardlib.store`).
 """
 
@@ -147,6 +147,39 @@ def best_rank(f: Factored, rank: int) -> tuple[Factored, torch.Tensor]:
     pad = (0, 0, 0, rank - r)
     out = Factored(*(torch.nn.functional.pad(t, pad).contiguous() for t in (out_l, out_r)))
     return out, kept.to(left.dtype)
+
+
+def randomized_rank(
+    dense: torch.Tensor, rank: int, oversample: int = 16, power_iters: int = 2, seed: int = 0
+) -> tuple[Factored, torch.Tensor]:
+    """A rank-``rank`` factored approximation of dense matrices [E, d_out, d_in] and the kept fraction of each
+    ``||U_e||^2``, by the randomized SVD of Halko, Martinsson & Tropp (2011, Algorithms 4.4 and 5.1):
+    a Gaussian sketch of ``rank + oversample`` columns, ``power_iters`` re-orthonormalized power iterations,
+    then the best rank-``rank`` part of the small projection ``Q^T U_e``. For updates that are not low rank
+    (an Adam step's); singular values split evenly between the factors, as :func:`best_rank` does.
+
+    The kept fraction is exact for the factors returned (it is the energy of a projection of ``U_e``) and at
+    most the Eckart-Young optimum; the sketch comes from ``seed``, so the result is deterministic on one device.
+    """
+    E, d_out, d_in = dense.shape
+    r = min(rank, d_out, d_in)
+    width = min(r + oversample, d_out, d_in)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(d_in, width, generator=gen, dtype=dense.dtype).to(dense.device)
+    Q = torch.linalg.qr(dense @ omega).Q  # [E, d_out, width]
+    for _ in range(power_iters):
+        Z = torch.linalg.qr(dense.transpose(1, 2) @ Q).Q
+        Q = torch.linalg.qr(dense @ Z).Q
+    B = Q.transpose(1, 2) @ dense  # [E, width, d_in]
+    Ub, s, Vh = torch.linalg.svd(B, full_matrices=False)
+    s, root = s[:, :r], s[:, :r].sqrt()
+    left = ((Q @ Ub[:, :, :r]) * root[:, None, :]).transpose(1, 2)
+    right = Vh[:, :r, :] * root[:, :, None]
+    total = dense.pow(2).sum((1, 2))
+    kept = torch.where(total > 0, s.pow(2).sum(1) / total.clamp(min=torch.finfo(dense.dtype).tiny), 1.0).clamp(max=1)
+    pad = (0, 0, 0, rank - r)
+    out = Factored(*(torch.nn.functional.pad(t, pad).contiguous() for t in (left, right)))
+    return out, kept
 
 
 def factorize(delta: torch.Tensor, x: torch.Tensor, max_rank: int | None = None) -> tuple[Factored, torch.Tensor]:

@@ -365,6 +365,7 @@ def make_collector(p: RLParams, acc, base, optimizer, testbed, start: int, ckpt:
         group_by="group" if p.group_events else None,
         factored=p.collect_factored,
         max_rank=p.collect_max_rank or None,
+        step_rank=p.collect_step_rank or None,
     )
     return collector, buffer
 
@@ -420,10 +421,11 @@ def optimize(p: RLParams, acc, model, optimizer, ref, ro: Rollout, step: int, co
             with acc.accumulate(model):
                 with collector.capture(collect) if collector is not None else nullcontext():
                     pmask = None if pmask_d is None else pmask_d[sl]
-                    # a collecting pass keeps every event's own rows (its per-event gradients read them); the others
-                    # run each prompt's shared tokens once
+                    # a pass collecting events keeps every event's own rows (its per-event gradients read them); the
+                    # others (step updates need only the parameters' change) run each prompt's shared tokens once
+                    own_rows = collect and collector.events
                     logp, ent = pol.logprobs(
-                        model, prompt_d[sl], comp_d[sl], vs, temp, pmask, share_prompts=not collect
+                        model, prompt_d[sl], comp_d[sl], vs, temp, pmask, share_prompts=not own_rows
                     )
                     if epoch == 0:
                         old_logp[sl] = logp.detach()

@@ -95,6 +95,12 @@ class RLParams(Params):
         False, "store each event's weight-matrix updates as factors (left, right) instead of dense matrices"
     )
     collect_max_rank: int = param(0, "factored events: at most this many factors per event (0 = exact)", ge=0)
+    collect_step_rank: int = param(
+        0,
+        "step updates: each weight matrix's change stored as the factors of its randomized rank-r SVD, the kept "
+        "energy recorded (0 = dense)",
+        ge=0,
+    )
     buffer_capacity: int = param(0, "ring buffer capacity in events for online SAE training (0 = no buffer)", ge=0)
     # online shards (issue 4)
     online_sae: bool = param(False, "train a shard SAE online from the ring buffer while RL runs")
@@ -128,6 +134,11 @@ class RLParams(Params):
             raise ValueError(
                 "parameter 'collect_factored': needs convention 'sgd' and group_events false (Adam's elementwise "
                 "preconditioner and sums over a prompt's completions are stored dense)"
+            )
+        if self.collect_step_rank and not (self.collect_steps and self.collect_params):
+            raise ValueError(
+                f"parameter 'collect_step_rank': {self.collect_step_rank} compresses step updates, but none are "
+                "collected; set collect_steps: true and collect_params, or collect_step_rank: 0"
             )
         if self.online_sae and self.online_k > self.online_n_latents:
             raise ValueError(f"parameter 'online_k': {self.online_k} exceeds online_n_latents={self.online_n_latents}")

@@ -304,3 +304,35 @@ def test_factored_events_of_several_processes_are_refused_by_one_check():
     with pytest.raises(NotImplementedError, match="from several processes are not gathered yet") as e:
         col.after_step(0, gather=lambda t: t)
     assert isinstance(e.value, NotGatheredError)
+
+
+def test_step_rank_stores_each_steps_change_as_factors_with_its_kept_share(tmp_path):
+    """``step_rank``: weight matrices' step updates as randomized factors (the kept label is what the factors
+    keep of the parameters' actual change); vectors stay dense; events are not needed."""
+    m = mlp()
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    ss = UpdateStore(tmp_path / "st", "step", "step", "f")
+    col = UpdateCollector(m, ["*"], lr=0.05, step_store=ss, events=False, step_rank=2)
+    x, y = torch.randn(7, 6), torch.randint(3, (7,))
+    changes = []
+    for step in range(2):
+        with col.capture():
+            per_event_losses(m, x, y).sum().backward()
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        col.before_step()
+        opt.step()
+        opt.zero_grad()
+        col.after_step(step)
+        changes.append({n: p.detach() - before[n] for n, p in m.named_parameters()})
+    col.flush()
+    st = open_store(tmp_path / "st")
+    assert set(factor_pairs(st)) == {"0.weight", "2.weight"} and st.sizes["event"] == 2
+    back = densify(st)
+    for n in ("0.weight", "2.weight"):
+        true = torch.stack([c[n] for c in changes]).numpy()
+        err = ((back[n].values - true) ** 2).sum((1, 2)) / (true**2).sum((1, 2))
+        np.testing.assert_allclose(err, 1 - st[n + "__kept"].values, atol=1e-4)
+    assert (st["0.weight__kept"].values < 0.99).all()  # Adam's sign-like steps of a 5x6 matrix: not rank 2
+    np.testing.assert_allclose(back["0.bias"].values[1], changes[1]["0.bias"].numpy(), atol=1e-7)
+    with pytest.raises(ValueError, match="step_rank"):
+        UpdateCollector(m, ["*"], lr=0.1, step_rank=0)

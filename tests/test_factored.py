@@ -1,5 +1,6 @@
 """shardlib.factored: factored updates and their algebra."""
 
+import pytest
 import torch
 
 from shardlib.factored import factorize
@@ -74,3 +75,30 @@ def test_best_rank_in_float32_gives_zero_factors_beyond_an_events_rank_not_noise
     dense = f.dense()
     assert torch.allclose(out.dense(), dense, atol=1e-5 * float(dense.abs().max()))
     assert torch.allclose(kept, torch.ones(3), atol=1e-5)
+
+
+def test_randomized_rank_is_near_the_truncated_svd_and_its_kept_share_is_exact():
+    """A dense matrix with a slowly decaying spectrum (as an Adam step's): the randomized factors keep within
+    1% of the Eckart-Young share, the kept label is the share their product actually keeps, a matrix of rank
+    below ``rank`` comes back exactly, a zero one as zero factors, and the sketch's seed makes it repeatable."""
+    from shardlib.factored import randomized_rank
+
+    g = torch.Generator().manual_seed(3)
+    E, do, di = 3, 60, 80
+    U = torch.linalg.qr(torch.randn(E, do, do, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(E, di, do, generator=g, dtype=torch.float64)).Q
+    sv = torch.arange(1, do + 1, dtype=torch.float64) ** -0.5  # slowly decaying: no clean low rank
+    dense = (U * sv) @ V.transpose(1, 2)
+    dense[1] = (U[1, :, :3] * sv[:3]) @ V[1, :, :3].T  # rank 3
+    dense[2] = 0
+    f, kept = randomized_rank(dense, 8)
+    assert f.left.shape == (E, 8, do) and f.right.shape == (E, 8, di)
+    best = (sv[:8] ** 2).sum() / (sv**2).sum()
+    assert best - 0.01 < kept[0] <= best + 1e-12
+    err = ((f.dense() - dense) ** 2).sum((1, 2)) / (dense**2).sum((1, 2)).clamp(min=1e-300)
+    assert torch.allclose(err[:2], 1 - kept[:2], atol=1e-10)  # the label is what the factors keep
+    assert torch.allclose(f.dense()[1], dense[1], atol=1e-10) and kept[1] == pytest.approx(1.0)
+    assert (f.left[2] == 0).all() and kept[2] == 1
+    assert torch.allclose(f.left[0].norm(dim=1), f.right[0].norm(dim=1))  # singular values split evenly
+    again, _ = randomized_rank(dense, 8)
+    assert torch.equal(again.left, f.left) and torch.equal(again.right, f.right)

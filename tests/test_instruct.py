@@ -280,6 +280,43 @@ def test_grpo_step_on_text_collects_factored_events_with_text(tmp_path, tiny_ins
     assert steps.tolist() == [0, 1]
 
 
+def test_grpo_on_text_collecting_only_step_updates_stores_them_factored(tmp_path, tiny_instruct_dir):
+    """collect_events false, collect_step_rank 2: no event store; one factored step update per step, its kept
+    share recorded per matrix (the steps share their prompts' tokens: no event needs its own rows)."""
+    from shardlib.factored import factor_pairs
+    from shardlib.rl import RLParams
+    from shardlib.rl import run as rl_run
+    from shardlib.updates import open_store
+
+    p = RLParams.from_dict(
+        {
+            "out_dir": str(tmp_path / "rl"),
+            "testbed": "text",
+            "init_path": tiny_instruct_dir,
+            "tasks": ["add1", "sub"],
+            "steps": 2,
+            "prompts_per_step": 2,
+            "group_size": 4,
+            "lr": 1e-3,
+            "max_new_tokens": 4,
+            "eval_prompts": 4,
+            "device": "cpu",
+            "collect_params": ["model.layers.*.mlp.*_proj.weight"],
+            "collect_events": False,
+            "collect_step_rank": 2,
+            "checkpoint_every": 2,
+        }
+    )
+    rl_run(p, progress=False)
+    assert not (tmp_path / "rl" / "updates" / "events").exists()
+    st = open_store(tmp_path / "rl" / "updates" / "steps")
+    assert st.sizes["event"] == 2 and len(factor_pairs(st)) == 6
+    kept = [c for c in st.coords if str(c).endswith("__kept")]
+    assert len(kept) == 6 and all(((st[c] > 0) & (st[c] <= 1)).all() for c in kept)
+    with pytest.raises(ValueError, match="collect_step_rank.*none are collected"):
+        RLParams.from_dict({**p.to_dict(), "collect_steps": False})
+
+
 def test_text_testbed_parameters_are_checked_before_compute():
     from shardlib.rl import RLParams
 
