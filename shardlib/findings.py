@@ -154,9 +154,33 @@ def frontier(ds: xr.Dataset) -> str:
     reached = [str(s) for s in ds.store.values if bool((ds.fvu.sel(store=s) <= 0.1).any())]
     rank = "dense" if where["rank"] == 0 else f"rank {where['rank']}"
     out = f"Lowest held-out FVU {best:.3f} ({where['store']} updates, {rank}, k = {where['k']}). "
+    if "pca_fvu" in ds:
+        out += _frontier_pca(ds)
     if reached:
         return out + f"FVU ≤ 0.1 is reached on: {', '.join(reached)}."
     return out + "Negative: no SAE reaches FVU 0.1 on any store."
+
+
+def _frontier_pca(ds: xr.Dataset) -> str:
+    """Each store's best SAE against PCA with as many components as its k (the baseline fitted to the same
+    events and split): where PCA reconstructs better, say so."""
+    parts, behind = [], []
+    for s in ds.store.values:
+        f = ds.fvu.sel(store=s)
+        if np.isnan(f.values).all() or np.isnan(ds.pca_fvu.sel(store=s).values).all():
+            continue
+        i = np.unravel_index(np.nanargmin(f.values), f.shape)
+        at = {d: f[d].values[j] for d, j in zip(f.dims, i)}
+        sae, pca = float(f.values[i]), float(ds.pca_fvu.sel(store=s, k=at["k"]))
+        parts.append(f"{s}: best SAE {sae:.3f} at k = {at['k']}, PCA with {at['k']} components {pca:.3f}")
+        if pca < sae:
+            behind.append(str(s))
+    if not parts:
+        return ""
+    out = "Against PCA fitted to the same training updates (held-out FVU): " + "; ".join(parts) + ". "
+    if behind:
+        out += f"Negative: PCA's dense code of k numbers reconstructs better than the SAE on {', '.join(behind)}. "
+    return out
 
 
 def _beats(a, b) -> bool:

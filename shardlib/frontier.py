@@ -2,7 +2,10 @@
 
 A sweep (``sweep: {rank: [...], k: [...]}`` in a config) runs the shard notebook once per
 combination, each in its own folder; :func:`combine_sweep` reads their ``results.nc`` and
-:func:`run` stacks the sweeps of several stores (events, steps) into one Dataset.
+:func:`run` stacks the sweeps of several stores (events, steps) into one Dataset, beside a baseline fitted
+to the same updates: the held-out FVU of the training updates' top-k principal components
+(:func:`pca_reference`, on the SAEs' own events and split), a dense code of k numbers per event where the SAE
+picks k of its latents.
 """
 
 from __future__ import annotations
@@ -11,18 +14,91 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 import xarray as xr
 
 from .config import Params, param
+from .factored import Factored, n_events
 from .io import save_results, sweep_points
 
 
+def gram_matrix(data: dict) -> np.ndarray:
+    """``<U_a, U_b>`` over all tensors of ``data`` ({name: dense [N, ...] or Factored}) as a float64 [N, N]
+    matrix. A factored matrix with few factors goes through its factors' Gram matrices (``N^2 F^2 (d_out + d_in)``
+    work); one with many (an Adam step's rank-32 factors) is made dense one matrix at a time (``N^2 d_out d_in``),
+    whichever is less."""
+    n = n_events(data)
+    G = torch.zeros(n, n, dtype=torch.float64)
+    for v in data.values():
+        if isinstance(v, Factored) and v.n_factors**2 * sum(v.shape) < v.shape[0] * v.shape[1]:
+            F = v.n_factors
+            gl = v.left.double().reshape(n * F, -1) @ v.left.double().reshape(n * F, -1).T
+            gr = v.right.double().reshape(n * F, -1) @ v.right.double().reshape(n * F, -1).T
+            G += (gl * gr).reshape(n, F, n, F).sum((1, 3))
+        else:
+            x = (v.dense() if isinstance(v, Factored) else v).reshape(n, -1).float()
+            G += (x @ x.T).double()
+    return G.numpy()
+
+
+def pca_heldout_fvu(G: np.ndarray, train: np.ndarray, held: np.ndarray, ks) -> np.ndarray:
+    """Held-out FVU of PCA with ``k`` components for each of ``ks``, from the Gram matrix of all events: the
+    components are the training events' (centred on their mean), a held-out event is reconstructed as the training
+    mean plus its projection, and FVU is the shard stage's (squared error over the held-out events' variance around
+    their own mean). Components beyond the training events' rank add nothing."""
+    from scipy.sparse.linalg import eigsh
+
+    Gtt = G[np.ix_(train, train)]
+    m = len(train)
+    mean_t = Gtt.mean(0)
+    C = Gtt - mean_t[:, None] - mean_t[None] + Gtt.mean()  # J Gtt J: the centred training events' Gram matrix
+    top = min(max(int(k) for k in ks), m)  # only the leading components are needed
+    if 4 * top < m and m > 256:  # Lanczos for a few of many (a dense eigh of 2650 events takes 5-25 s on 2 cores)
+        v0 = np.random.default_rng(0).standard_normal(m)  # a fixed start: the same components every run
+        lam, V = eigsh(C, k=top, which="LA", v0=v0)
+    else:
+        lam, V = np.linalg.eigh(C)
+    order = np.argsort(lam)[::-1][:top]
+    lam, V = lam[order], V[:, order]
+    live = lam > 1e-12 * max(lam[0], 1e-300)
+    Ght = G[np.ix_(held, train)]
+    cross = Ght - Ght.mean(1, keepdims=True) - mean_t[None] + Gtt.mean()  # <x_t - mu, x_i - mu>
+    coef = (cross @ V[:, live]) / np.sqrt(lam[live])  # [held, components]: projections on the unit components
+    dist = np.diag(G)[held] - 2 * Ght.mean(1) + Gtt.mean()  # ||x_t - mu||^2
+    denom = np.diag(G)[held].sum() - len(held) * G[np.ix_(held, held)].mean()
+    captured = np.concatenate([[0.0], np.cumsum((coef**2).sum(0))])
+    sse = [max(dist.sum() - captured[min(int(k), coef.shape[1])], 0.0) for k in ks]  # rounding: never below 0
+    return np.array(sse) / denom
+
+
+def pca_reference(shard_config: dict, ks) -> np.ndarray | None:
+    """:func:`pca_heldout_fvu` on the events and split of a shard-stage run (its recorded config: the store,
+    the tensors, zero skipping, normalisation, holdout fraction and seed), or None for a run without a store."""
+    from .fit import split_events
+    from .shards import load_updates
+
+    if not shard_config.get("store_path"):
+        return None
+    data, _ = load_updates(
+        shard_config["store_path"],
+        shard_config.get("params", ()),
+        shard_config.get("skip_zero_updates", True),
+        shard_config.get("normalize", False),
+    )
+    train, held = split_events(n_events(data), shard_config["holdout_frac"], shard_config["seed"])
+    if len(held) < 2:
+        return None
+    return pca_heldout_fvu(gram_matrix(data), train, held, ks)
+
+
 def combine_sweep(sweep_dir) -> xr.Dataset:
-    """Combine a sweep of shard stages (subfolders of ``sweep_dir``) into held-out metrics over (rank, k).
+    """Combine a sweep of shard stages (subfolders of ``sweep_dir``) into held-out metrics over (rank, k), with
+    ``pca_fvu`` over k (:func:`pca_reference`) where the stages read a store.
 
     Where the runner wrote ``sweep.json`` only the points it lists are read (a former config's points
     left in the folder are not this sweep's)."""
-    rows = []
+    rows, configs = [], []
     points = sweep_points(sweep_dir)
     if points is not None:
         dirs = [Path(sweep_dir) / name for name in points]
@@ -34,12 +110,17 @@ def combine_sweep(sweep_dir) -> xr.Dataset:
             continue
         with xr.open_dataset(f) as r:
             cfg = json.loads(r.attrs["config"])
+            configs.append(cfg)
             m = {k: float(r[f"heldout_{k}"]) for k in ("fvu", "l0", "dead_fraction", "dense_fraction")}
             m["n_parameters"] = float(r["n_parameters"])
         rows.append(xr.Dataset(m).expand_dims(rank=[cfg["rank"]], k=[cfg["k"]]))
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no finished shard runs (subfolders with results.nc)")
-    return xr.combine_by_coords(rows, join="outer").sortby(["rank", "k"])
+    ds = xr.combine_by_coords(rows, join="outer").sortby(["rank", "k"])
+    pca = pca_reference(configs[0], ds.k.values)  # every point of a sweep trains on the same events and split
+    if pca is not None:
+        ds["pca_fvu"] = ("k", pca)
+    return ds
 
 
 @dataclass(frozen=True)
@@ -55,8 +136,11 @@ class FrontierParams(Params):
 
 
 def run(p: FrontierParams) -> xr.Dataset:
-    """The stage: combine every sweep, stack them along ``store`` and write ``results.nc``."""
+    """The stage: combine every sweep (with its PCA baseline), stack them along ``store`` and write
+    ``results.nc``."""
     parts = [combine_sweep(d).expand_dims(store=[n]) for n, d in zip(p.sweep_names, p.sweep_dirs)]
+    if any("pca_fvu" in x for x in parts):  # a sweep without a store (no PCA) gets NaN
+        parts = [x if "pca_fvu" in x else x.assign(pca_fvu=x.fvu.isel(rank=0) * np.nan) for x in parts]
     ds = xr.concat(parts, dim="store", join="outer")
     save_results(ds, Path(p.out_dir) / "results.nc", p.to_dict(), p.seed)
     return ds

@@ -114,7 +114,8 @@ def heatmap(da, ax=None, xlabel: str = "", title: str = "", center: bool = False
 
 
 def frontier(ds, ax=None, title: str = ""):
-    """Held-out FVU against L0 for each SAE rank (0 = dense), with FVU = 0.1 and 0.01 marked."""
+    """Held-out FVU against L0 for each SAE rank (0 = dense), the held-out FVU of k principal components of the
+    same training updates against k where the sweep has it (``pca_fvu``), with FVU = 0.1 and 0.01 marked."""
     ax = ax or plt.gca()
     for i, r in enumerate(ds["rank"].values):
         sel = ds.sel(rank=r)
@@ -122,10 +123,16 @@ def frontier(ds, ax=None, title: str = ""):
             continue  # a rank this store was not fitted at (a combined sweep's NaN): no line, no legend entry
         # a rank's colour is its place among the sweep's ranks, the same in every panel
         ax.plot(sel["l0"], sel["fvu"], marker="o", color=f"C{i}", label="dense" if r == 0 else f"rank {r}")
+    if "pca_fvu" in ds and np.isfinite(np.asarray(ds["pca_fvu"].values, dtype=float)).any():
+        # the baseline fitted to the same events: k principal components, a dense code of k numbers per update
+        ax.plot(ds["k"], ds["pca_fvu"], marker="s", ls=":", color="k", label="PCA, k components")
     for t in (0.1, 0.01):
         ax.axhline(t, ls="--", c="grey", lw=0.8)
-    ax.set(xscale="log", yscale="log", xlabel="L0 (active latents per update)", ylabel="held-out FVU", title=title)
-    l0 = np.asarray(ds["l0"].values, dtype=float)
+    xlabel = "L0 (active latents per update)" + ("; PCA: k components" if "pca_fvu" in ds else "")
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="held-out FVU", title=title)
+    l0 = np.asarray(ds["l0"].values, dtype=float).ravel()
+    if "pca_fvu" in ds:
+        l0 = np.concatenate([l0, np.asarray(ds["k"].values, dtype=float)])
     l0 = l0[np.isfinite(l0) & (l0 > 0)]
     if len(l0):  # the axis spans the measured points (a dead SAE's L0 near 0 would stretch it to 1e-2)
         ax.set_xlim(l0.min() / 1.5, l0.max() * 1.5)
@@ -199,7 +206,7 @@ def frontier_panels(ds, store_label: str = "{store} updates"):
     fig, axes = plt.subplots(1, ds.sizes["store"], figsize=(4.5 * ds.sizes["store"], 3.2), squeeze=False)
     for ax, store in zip(axes[0], ds.store.values):
         frontier(ds.sel(store=store), ax, title=store_label.format(store=store))
-    fig.suptitle("Reconstruction frontier (dashed: FVU 0.1 and 0.01)")
+    fig.suptitle("Reconstruction frontier (dashed: FVU 0.1 and 0.01; dotted: PCA with k components)")
     return fig
 
 

@@ -94,6 +94,9 @@ def frontier_table(ds: xr.Dataset) -> str:
             if all(np.isnan(fvu)):  # a (store, rank) the sweeps did not train
                 continue
             rows.append([f"{store}", label, *("–" if np.isnan(v) else f"{v:.2f}" for v in fvu)])
+        if "pca_fvu" in ds and not ds.pca_fvu.sel(store=store).isnull().all():  # k components of the same events
+            pca = [float(ds.pca_fvu.sel(store=store, k=k)) for k in ds.k.values]
+            rows.append([f"{store}", "PCA", *("–" if np.isnan(v) else f"{v:.2f}" for v in pca)])
     return markdown_table(["store", "rank", *[f"k = {int(k)}" for k in ds.k.values]], rows)
 
 

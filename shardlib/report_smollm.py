@@ -181,9 +181,9 @@ def _text_sae_cost(stage: str, shards: xr.Dataset, frontier: xr.Dataset) -> str:
     )
 
 
-def _event_ranks(frontier: xr.Dataset) -> str:
-    """The low ranks the frontier trained on the factored store ("rank-1 and rank-4")."""
-    fvu = frontier.fvu.sel(store="events")
+def _event_ranks(frontier: xr.Dataset, store: str = "events") -> str:
+    """The low ranks the frontier trained on the factored ``store`` ("rank-1 and rank-4")."""
+    fvu = frontier.fvu.sel(store=store)
     ranks = [int(r) for r in frontier["rank"].values if r > 0 and not fvu.sel(rank=r).isnull().all()]
     return " and ".join(f"rank-{r}" for r in ranks) or "no low-rank"
 
@@ -203,6 +203,48 @@ def rl_replicas(run_dir: Path) -> dict[str, xr.Dataset]:
             if ds is not None and "eval_n" in ds:
                 found[f"runs/{d.name}/{stage}"] = ds
     return dict(sorted(found.items(), key=lambda kv: _algorithm(kv[1]) != "GRPO"))
+
+
+def steps_sibling(run_dir: Path) -> Path | None:
+    """The sibling run of configs/smollm_steps.yaml (``runs/<run>_steps``) once its frontier has results."""
+    d = run_dir.parent / f"{run_dir.name}_steps"
+    kinds = run_stages(d)
+    return d if {"rl", "frontier"} <= set(kinds.values()) else None
+
+
+def _text_steps(steps_dir: Path) -> str:
+    """The step-update frontier of the sibling run: what a compressed step costs and keeps, the held-out reward
+    of its longer GRPO run, the frontier with its PCA baseline, and the run's wall time."""
+    from .common import fmt_bytes
+
+    kinds = run_stages(steps_dir)
+    rl = next(s for s, k in kinds.items() if k == "rl")
+    front = next(s for s, k in kinds.items() if k == "frontier")
+    ds, fr = load_results(steps_dir / rl / "results.nc"), load_results(steps_dir / front / "results.nc")
+    cfg = recorded_config(ds)
+    c = store_cost(steps_dir / rl / "updates" / "steps")
+    rewards = ", ".join(
+        f"{t} {float(ds.eval_reward_init.sel(task=t)):.2f} → {float(ds.eval_reward_final.sel(task=t)):.2f} "
+        f"(n = {int(ds.eval_n.sel(task=t))})"
+        for t in ds.task.values
+    )
+    where = f"runs/{steps_dir.name}"
+    return (
+        f"#### Step updates (`{where}`, `configs/smollm_steps.yaml`)\n\n"
+        f"GRPO with the settings above for {cfg.get('steps')} steps (`{where}/{rl}`), collecting no events: each "
+        f"optimizer step's change of the {c['matrices']} MLP matrices is stored as the factors of its randomized "
+        f"rank-{cfg.get('collect_step_rank')} SVD, {fmt_bytes(c['disk_per_event'])} per step on disk against "
+        f"{fmt_bytes(c['dense_per_event'])} dense ({c['dense_per_event'] / c['disk_per_event']:.0f}× smaller). "
+        f"The factors kept {c['kept_mean']:.3f} of a step's squared norm on average (lowest {c['kept_min']:.3f}): "
+        "an Adam step is far from low rank, and the frontier below is of these parts. Held-out reward of this "
+        f"longer run, before → after: {rewards}.\n\nHeld-out FVU of signed SAEs with 256 latents on the "
+        f"{c['events']} steps (`{where}/{front}/results.nc`): `steps`, {_event_ranks(fr, 'steps')} latents over all "
+        f"{c['matrices']} matrices, never densified; `steps_one_matrix`, dense latents on layer 15's down_proj; "
+        "`PCA`, the top-k principal components of the same training steps (a dense code of k numbers per step).\n\n"
+        + frontier_table(fr)
+        + f"\n\n- `{where}/{front}`: {findings.finding('frontier', fr)}\n\n"
+        + wall_times(steps_dir)
+    )
 
 
 STUDY_TARGET_MIN = 20
@@ -240,9 +282,12 @@ def smollm_markdown(run_dir) -> str:
             "#### (2, 3) Shards on the factored store; do updates reconstruct sparsely?\n\nHeld-out FVU of signed SAEs "
             f"with 256 latents (`{frontier}/results.nc`): `events`, {_event_ranks(ds[frontier])} latents over all 90 "
             "matrices, never densified; `events_one_matrix`, the dense reference on one matrix (layer 15's "
-            "down_proj), its events made dense.\n\n" + frontier_table(ds[frontier]),
+            "down_proj), its events made dense; `PCA`, the top-k principal components of the same training events "
+            "(a dense code of k numbers per event, the baseline fitted to the same data).\n\n"
+            + frontier_table(ds[frontier]),
             bullets([whole, frontier], find),
             _text_sae_cost(whole, ds[whole], ds[frontier]),
+            *([_text_steps(steps)] if (steps := steps_sibling(run_dir)) is not None else []),
             "#### Are RL updates sparse on a real model?\n\nFraction of parameters unchanged "
             f"(`{sparsity}/results.nc`).\n\n" + _text_sparsity(ds[sparsity]),
             bullets([sparsity], find),

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import xarray as xr
 
 from shardlib import frontier
@@ -52,3 +53,81 @@ def test_a_sweep_reads_only_the_points_its_config_lists(tmp_path):
     assert json.loads((tmp_path / "fe" / "sweep.json").read_text())["points"] == ["rank=1,k=1", "rank=0,k=1"]
     ds = frontier.combine_sweep(tmp_path / "fe")
     assert ds["rank"].values.tolist() == [0, 1] and ds["k"].values.tolist() == [1]
+
+
+def test_pca_reference_matches_an_explicit_pca_and_the_factored_route_the_dense_one():
+    """The Gram-matrix PCA gives the held-out FVU of numpy's PCA on dense data (components of the centred training
+    events, the training mean added back, FVU over the held-out variance around its own mean), and a factored
+    store gives the same Gram matrix through its factors as made dense."""
+    import torch
+
+    from shardlib.factored import Factored
+    from shardlib.fit import split_events
+    from shardlib.metrics import fvu
+
+    g = torch.Generator().manual_seed(0)
+    n, F, do, di = 30, 2, 12, 10  # F^2 (do + di) < do di: the factors' route
+    left, right = torch.randn(n, F, do, generator=g), torch.randn(n, F, di, generator=g)
+    f = Factored(left, right)
+    vec = torch.randn(n, 5, generator=g)
+    dense = {"w": f.dense(), "b": vec}
+    G = frontier.gram_matrix({"w": f, "b": vec})
+    np.testing.assert_allclose(G, frontier.gram_matrix(dense), rtol=1e-5, atol=1e-4)
+    X = np.concatenate([dense["w"].reshape(n, -1).numpy(), vec.numpy()], 1).astype(np.float64)
+    train, held = split_events(n, 0.3, 0)
+    mu = X[train].mean(0)
+    _, sv, Vt = np.linalg.svd(X[train] - mu, full_matrices=False)
+    Vt = Vt[sv > 1e-9 * sv[0]]  # the centred training events span 20 directions: a 21st would be arbitrary
+    ks = [1, 3, 8, 40]
+    got = frontier.pca_heldout_fvu(G, train, held, ks)
+    for k, v in zip(ks, got):
+        P = Vt[:k]
+        xhat = mu + (X[held] - mu) @ P.T @ P
+        assert v == pytest.approx(fvu(X[held], xhat), rel=1e-4)
+    assert got[0] > got[1] > got[2] >= got[3] - 1e-12  # more components never reconstruct worse
+
+
+def test_a_sweep_over_a_store_gets_its_pca_baseline_and_the_finding_weighs_the_sae_against_it(tmp_path):
+    import torch
+
+    from shardlib.findings import finding
+    from shardlib.store import UpdateStore
+
+    g = torch.Generator().manual_seed(1)
+    store = UpdateStore(tmp_path / "store", "event", "sgd", "f")
+    x = torch.randn(20, 2, generator=g) @ torch.randn(2, 6, generator=g)  # rank 2: PCA with 2 components is exact
+    store.append({"w": x.reshape(20, 2, 3)}, {"step": np.zeros(20, dtype=np.int64)}, 0)
+    store.flush()
+    cfg = {"store_path": str(tmp_path / "store"), "params": [], "skip_zero_updates": True, "normalize": False}
+    cfg |= {"holdout_frac": 0.25, "seed": 0}
+    for k in (1, 2):
+        d = tmp_path / "sweep" / f"rank=1,k={k}"
+        d.mkdir(parents=True)
+        m = {f"heldout_{key}": 0.0 for key in ("l0", "dead_fraction", "dense_fraction")}
+        fvu = 0.6 - 0.1 * k  # the best SAE: k = 2
+        save_results(
+            xr.Dataset({**m, "heldout_fvu": fvu, "n_parameters": 10}), d / "results.nc", cfg | {"rank": 1, "k": k}
+        )
+    p = frontier.FrontierParams.from_dict(
+        {"out_dir": str(tmp_path / "out"), "sweep_names": ["events"], "sweep_dirs": [str(tmp_path / "sweep")]}
+    )
+    ds = frontier.run(p)
+    assert ds.pca_fvu.dims == ("store", "k") and float(ds.pca_fvu.sel(store="events", k=2)) < 1e-6
+    assert 0 < float(ds.pca_fvu.sel(store="events", k=1)) < 1
+    text = finding("frontier", ds)
+    assert "PCA with 2 components 0.000" in text and "PCA's dense code of k numbers reconstructs better" in text
+
+
+def test_pca_of_many_events_takes_the_lanczos_route_and_agrees_with_the_dense_one():
+    from shardlib.fit import split_events
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((700, 40)) * np.linspace(3, 0.1, 40)  # more events than features, a decaying spectrum
+    G = X @ X.T
+    train, held = split_events(700, 0.2, 0)
+    few = frontier.pca_heldout_fvu(G, train, held, [1, 4, 16])  # 4 * 16 < 560: Lanczos
+    mu = X[train].mean(0)
+    _, _, Vt = np.linalg.svd(X[train] - mu, full_matrices=False)
+    for k, v in zip([1, 4, 16], few):
+        r = (X[held] - mu) - (X[held] - mu) @ Vt[:k].T @ Vt[:k]
+        assert v == pytest.approx((r**2).sum() / ((X[held] - X[held].mean(0)) ** 2).sum(), rel=1e-8)

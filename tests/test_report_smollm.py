@@ -90,3 +90,44 @@ def test_the_frontier_sentence_names_the_ranks_the_event_sweep_trained():
     )
     assert _event_ranks(ds) == "rank-1 and rank-4"
     assert _event_ranks(ds.where(ds["rank"] != 4)) == "rank-1"
+
+
+def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_path):
+    """``runs/<run>_steps``: bytes and kept share of its factored step store, its held-out rewards, and its frontier
+    table with the PCA rows; no sibling, no section."""
+    import numpy as np
+    import torch
+    import xarray as xr
+
+    from shardlib.factored import Factored
+    from shardlib.io import save_results
+    from shardlib.report_smollm import _text_steps, steps_sibling
+    from shardlib.store import UpdateStore
+
+    run, steps = tmp_path / "smollm", tmp_path / "smollm_steps"
+    run.mkdir()
+    assert steps_sibling(run) is None
+    rl = xr.Dataset(coords={"task": ["add1", "sub"]})
+    rl["eval_reward_init"], rl["eval_reward_final"] = ("task", [0.2, 0.1]), ("task", [0.5, 0.3])
+    rl["eval_n"] = ("task", [40, 30])
+    save_results(rl, steps / "rl_steps" / "results.nc", {"steps": 4, "collect_step_rank": 2, "collect_events": False})
+    store = UpdateStore(steps / "rl_steps" / "updates" / "steps", "step", "step", "f")
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        f = Factored(torch.randn(1, 2, 30, generator=g), torch.randn(1, 2, 20, generator=g))
+        store.append({"w": f}, {"step": np.array([step]), "w__kept": np.array([0.5 + 0.1 * step])}, step)
+    store.flush()
+    fr = xr.Dataset(coords={"store": ["steps", "steps_one_matrix"], "rank": [0, 1], "k": [4, 16]})
+    fr["fvu"] = (("store", "rank", "k"), [[[np.nan, np.nan], [0.9, 0.8]], [[0.95, 0.85], [np.nan, np.nan]]])
+    fr["pca_fvu"] = (("store", "k"), [[0.7, 0.5], [0.75, 0.55]])
+    save_results(fr, steps / "frontier" / "results.nc", {"sweep_dirs": ["a", "b"], "sweep_names": ["s", "t"]})
+    assert steps_sibling(run) == steps
+    md = _text_steps(steps)
+    assert "GRPO with the settings above for 4 steps (`runs/smollm_steps/rl_steps`)" in md
+    assert "randomized rank-2 SVD" in md and "kept 0.650 of a step's squared norm on average (lowest 0.500)" in md
+    assert "2.3 KiB dense" in md  # 30 x 20 float32 numbers a step
+    assert "add1 0.20 → 0.50 (n = 40), sub 0.10 → 0.30 (n = 30)" in md
+    assert "`steps`, rank-1 latents over all 1 matrices" in md
+    assert "| steps | 1 | 0.90 | 0.80 |" in md and "| steps | PCA | 0.70 | 0.50 |" in md
+    assert "| steps_one_matrix | dense | 0.95 | 0.85 |" in md and "| steps_one_matrix | PCA | 0.75 | 0.55 |" in md
+    assert "PCA's dense code of k numbers reconstructs better than the SAE on steps, steps_one_matrix" in md
