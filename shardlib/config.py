@@ -119,6 +119,14 @@ class Params:
     out_dir: str = param("runs/scratch", "folder the stage writes its results into")
     seed: int = param(0, "seed of every random number generator of the stage", ge=0, le=SEED_MAX)
 
+    def __post_init__(self):
+        """A direct construction (``RLParams(checkpoint_every=0)``) is checked as :meth:`from_dict` checks: every
+        value against its type and bounds, then :meth:`check`, before any compute starts."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _coerce(f.name, getattr(self, f.name), hints[f.name], f)
+        self.check()
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
         hints = typing.get_type_hints(cls)
@@ -134,9 +142,7 @@ class Params:
                 else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
             )
         kwargs = {k: _coerce(k, v, hints[k], fields[k]) for k, v in full.items()}
-        obj = cls(**kwargs)
-        obj.check()
-        return obj
+        return cls(**kwargs)  # __post_init__ checks
 
     @classmethod
     def from_namespace(cls, namespace: dict[str, Any]):

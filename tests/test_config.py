@@ -50,6 +50,16 @@ def test_cross_field_check():
         PretrainParams.from_dict({"d_model": 30, "n_heads": 4})
 
 
+def test_direct_construction_is_checked_as_from_dict_is():
+    """``RLParams(**values)`` (as a script or a test builds it) refuses what from_dict refuses, before any compute:
+    a bound (checkpoint_every=0 once reached a ZeroDivisionError in train) and a cross-field check."""
+    with pytest.raises(ConfigError, match="parameter 'checkpoint_every': got 0"):
+        RLParams(checkpoint_every=0)
+    with pytest.raises(ValueError, match="init_path"):
+        RLParams(testbed="text", tasks=["add1"])
+    assert RLParams(steps=3).steps == 3
+
+
 def test_from_namespace_ignores_ipython_and_modules():
     import math
 
