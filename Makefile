@@ -27,7 +27,9 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# the benchmarks that exist (bench_rl needs the default study's pretrained policy: make study first)
+# the CPU benchmarks (bench_rl needs the default study's pretrained policy: make study first; bench_collect_smollm
+# the SmolLM2 study's model stage: make study CONFIG=configs/smollm.yaml RUN=smollm; bench_sae_step is
+# scripts/gpu_check.sh's)
 bench: setup
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[bench]"
 	$(PY) benchmarks/bench_sae.py
@@ -35,3 +37,6 @@ bench: setup
 	$(PY) benchmarks/bench_family.py --members mixed_rank2 attn_heavy
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_peer.py
 	$(PY) benchmarks/bench_factored.py
+	$(PY) benchmarks/bench_sae_loss.py
+	$(PY) benchmarks/bench_alignment.py
+	$(PY) benchmarks/bench_collect_smollm.py
