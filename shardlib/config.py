@@ -123,8 +123,8 @@ class Params:
         """A direct construction (``RLParams(checkpoint_every=0)``) is checked as :meth:`from_dict` checks: every
         value against its type and bounds, then :meth:`check`, before any compute starts."""
         hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            _coerce(f.name, getattr(self, f.name), hints[f.name], f)
+        for f in dataclasses.fields(self):  # the coerced value (a float for 1, a tuple for a list), as from_dict's
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name], f))
         self.check()
 
     @classmethod

@@ -172,12 +172,14 @@ def _frontier_pca(ds: xr.Dataset) -> str:
         i = np.unravel_index(np.nanargmin(f.values), f.shape)
         at = {d: f[d].values[j] for d, j in zip(f.dims, i)}
         sae, pca = float(f.values[i]), float(ds.pca_fvu.sel(store=s, k=at["k"]))
+        if np.isnan(pca):  # the outer join of sweeps over different k: no PCA at this k
+            continue
         parts.append(f"{s}: best SAE {sae:.3f} at k = {at['k']}, PCA with {at['k']} components {pca:.3f}")
         if pca < sae:
-            behind.append(str(s))
+            behind.append(f"{s} (by {sae - pca:.3f})")
     if not parts:
         return ""
-    out = "Against PCA fitted to the same training updates (held-out FVU): " + "; ".join(parts) + ". "
+    out = "Against PCA fitted to the same training updates (held-out FVU; one seed): " + "; ".join(parts) + ". "
     if behind:
         out += f"Negative: PCA's dense code of k numbers reconstructs better than the SAE on {', '.join(behind)}. "
     return out

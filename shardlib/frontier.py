@@ -22,12 +22,16 @@ from .config import Params, param
 from .factored import Factored, n_events
 from .io import save_results, sweep_points
 
+GRAM_BLOCK_BYTES = 2**28
+"""The dense route makes at most this many bytes of one matrix's events dense at a time."""
+
 
 def gram_matrix(data: dict) -> np.ndarray:
     """``<U_a, U_b>`` over all tensors of ``data`` ({name: dense [N, ...] or Factored}) as a float64 [N, N]
-    matrix. A factored matrix with few factors goes through its factors' Gram matrices (``N^2 F^2 (d_out + d_in)``
-    work); one with many (an Adam step's rank-32 factors) is made dense one matrix at a time (``N^2 d_out d_in``),
-    whichever is less."""
+    matrix. A factored matrix with few factors goes through its factors' Gram matrices in float64
+    (``N^2 F^2 (d_out + d_in)`` work); one with many (an Adam step's rank-32 factors) is made dense, blocks of
+    events at a time (``N^2 d_out d_in`` work), whichever is less. The dense route multiplies in float32 (the
+    updates' own precision; float64 took twice as long), which resolves FVUs down to about 1e-5, not below."""
     n = n_events(data)
     G = torch.zeros(n, n, dtype=torch.float64)
     for v in data.values():
@@ -36,9 +40,22 @@ def gram_matrix(data: dict) -> np.ndarray:
             gl = v.left.double().reshape(n * F, -1) @ v.left.double().reshape(n * F, -1).T
             gr = v.right.double().reshape(n * F, -1) @ v.right.double().reshape(n * F, -1).T
             G += (gl * gr).reshape(n, F, n, F).sum((1, 3))
-        else:
-            x = (v.dense() if isinstance(v, Factored) else v).reshape(n, -1).float()
-            G += (x @ x.T).double()
+            continue
+        size = int(np.prod(v.shape if isinstance(v, Factored) else v.shape[1:]))
+        step = max(1, GRAM_BLOCK_BYTES // (4 * size))
+
+        def block(a, v=v, step=step):
+            part = v.take(slice(a, a + step)).dense() if isinstance(v, Factored) else v[a : a + step]
+            return part.reshape(len(part), -1).float()
+
+        for a in range(0, n, step):
+            xa = block(a)
+            for b in range(0, a + 1, step):
+                xb = xa if b == a else block(b)
+                g = (xa @ xb.T).double()
+                G[a : a + step, b : b + step] += g
+                if b != a:
+                    G[b : b + step, a : a + step] += g.T
     return G.numpy()
 
 
@@ -67,26 +84,36 @@ def pca_heldout_fvu(G: np.ndarray, train: np.ndarray, held: np.ndarray, ks) -> n
     coef = (cross @ V[:, live]) / np.sqrt(lam[live])  # [held, components]: projections on the unit components
     dist = np.diag(G)[held] - 2 * Ght.mean(1) + Gtt.mean()  # ||x_t - mu||^2
     denom = np.diag(G)[held].sum() - len(held) * G[np.ix_(held, held)].mean()
+    if not denom > 0:  # identical held-out events: FVU is undefined (as ReconStats has it)
+        return np.full(len(ks), np.nan)
     captured = np.concatenate([[0.0], np.cumsum((coef**2).sum(0))])
     sse = [max(dist.sum() - captured[min(int(k), coef.shape[1])], 0.0) for k in ks]  # rounding: never below 0
     return np.array(sse) / denom
 
 
-def pca_reference(shard_config: dict, ks) -> np.ndarray | None:
-    """:func:`pca_heldout_fvu` on the events and split of a shard-stage run (its recorded config: the store,
-    the tensors, zero skipping, normalisation, holdout fraction and seed), or None for a run without a store."""
+SPLIT_KEYS = ("store_path", "params", "skip_zero_updates", "normalize", "holdout_frac", "seed")
+"""What decides a shard stage's events and its held-out split."""
+
+
+def pca_reference(shard_configs: list[dict], ks) -> np.ndarray | None:
+    """:func:`pca_heldout_fvu` on the events and split of a sweep's shard-stage runs (their recorded configs: the
+    store, the tensors, zero skipping, normalisation, holdout fraction and seed, which must agree), or None where
+    they read no store or different events, the store is gone, or fewer than 2 events are held out."""
     from .fit import split_events
     from .shards import load_updates
+    from .store import StoreError
 
-    if not shard_config.get("store_path"):
+    split = {json.dumps([c.get(key) for key in SPLIT_KEYS], sort_keys=True) for c in shard_configs}
+    cfg = shard_configs[0]
+    if len(split) != 1 or not cfg.get("store_path"):
         return None
-    data, _ = load_updates(
-        shard_config["store_path"],
-        shard_config.get("params", ()),
-        shard_config.get("skip_zero_updates", True),
-        shard_config.get("normalize", False),
-    )
-    train, held = split_events(n_events(data), shard_config["holdout_frac"], shard_config["seed"])
+    try:
+        data, _ = load_updates(
+            cfg["store_path"], cfg.get("params", ()), cfg.get("skip_zero_updates", True), cfg.get("normalize", False)
+        )
+    except (FileNotFoundError, StoreError):  # moved or deleted since the sweep ran: no baseline, not a crash
+        return None
+    train, held = split_events(n_events(data), cfg["holdout_frac"], cfg["seed"])
     if len(held) < 2:
         return None
     return pca_heldout_fvu(gram_matrix(data), train, held, ks)
@@ -117,7 +144,7 @@ def combine_sweep(sweep_dir) -> xr.Dataset:
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no finished shard runs (subfolders with results.nc)")
     ds = xr.combine_by_coords(rows, join="outer").sortby(["rank", "k"])
-    pca = pca_reference(configs[0], ds.k.values)  # every point of a sweep trains on the same events and split
+    pca = pca_reference(configs, ds.k.values)  # the points of a sweep train on the same events and split
     if pca is not None:
         ds["pca_fvu"] = ("k", pca)
     return ds

@@ -206,10 +206,14 @@ def rl_replicas(run_dir: Path) -> dict[str, xr.Dataset]:
 
 
 def steps_sibling(run_dir: Path) -> Path | None:
-    """The sibling run of configs/smollm_steps.yaml (``runs/<run>_steps``) once its frontier has results."""
+    """The sibling run of configs/smollm_steps.yaml (``runs/<run>_steps``: step updates stored as rank-r factors)
+    once its frontier has results."""
     d = run_dir.parent / f"{run_dir.name}_steps"
     kinds = run_stages(d)
-    return d if {"rl", "frontier"} <= set(kinds.values()) else None
+    if not {"rl", "frontier"} <= set(kinds.values()):
+        return None
+    rl = next(s for s, k in kinds.items() if k == "rl")
+    return d if recorded_config(load_results(d / rl / "results.nc")).get("collect_step_rank") else None
 
 
 def _text_steps(steps_dir: Path) -> str:
@@ -235,12 +239,13 @@ def _text_steps(steps_dir: Path) -> str:
         f"optimizer step's change of the {c['matrices']} MLP matrices is stored as the factors of its randomized "
         f"rank-{cfg.get('collect_step_rank')} SVD, {fmt_bytes(c['disk_per_event'])} per step on disk against "
         f"{fmt_bytes(c['dense_per_event'])} dense ({c['dense_per_event'] / c['disk_per_event']:.0f}× smaller). "
-        f"The factors kept {c['kept_mean']:.3f} of a step's squared norm on average (lowest {c['kept_min']:.3f}): "
-        "an Adam step is far from low rank, and the frontier below is of these parts. Held-out reward of this "
+        f"The factors kept {c['kept_mean']:.3f} of a step's squared norm on average (lowest {c['kept_min']:.3f}), "
+        "and the frontier below is of these parts. Held-out reward of this "
         f"longer run, before → after: {rewards}.\n\nHeld-out FVU of signed SAEs with 256 latents on the "
         f"{c['events']} steps (`{where}/{front}/results.nc`): `steps`, {_event_ranks(fr, 'steps')} latents over all "
         f"{c['matrices']} matrices, never densified; `steps_one_matrix`, dense latents on layer 15's down_proj; "
-        "`PCA`, the top-k principal components of the same training steps (a dense code of k numbers per step).\n\n"
+        "`PCA`, the top-k principal components of the same training steps (a dense code of k numbers per step; "
+        "each component a full-rank direction over the same matrices).\n\n"
         + frontier_table(fr)
         + f"\n\n- `{where}/{front}`: {findings.finding('frontier', fr)}\n\n"
         + wall_times(steps_dir)
@@ -283,8 +288,8 @@ def smollm_markdown(run_dir) -> str:
             f"with 256 latents (`{frontier}/results.nc`): `events`, {_event_ranks(ds[frontier])} latents over all 90 "
             "matrices, never densified; `events_one_matrix`, the dense reference on one matrix (layer 15's "
             "down_proj), its events made dense; `PCA`, the top-k principal components of the same training events "
-            "(a dense code of k numbers per event, the baseline fitted to the same data).\n\n"
-            + frontier_table(ds[frontier]),
+            "(a dense code of k numbers per event, each component a full-rank direction: the baseline fitted to the "
+            "same data).\n\n" + frontier_table(ds[frontier]),
             bullets([whole, frontier], find),
             _text_sae_cost(whole, ds[whole], ds[frontier]),
             *([_text_steps(steps)] if (steps := steps_sibling(run_dir)) is not None else []),

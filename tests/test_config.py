@@ -58,6 +58,9 @@ def test_direct_construction_is_checked_as_from_dict_is():
     with pytest.raises(ValueError, match="init_path"):
         RLParams(testbed="text", tasks=["add1"])
     assert RLParams(steps=3).steps == 3
+    direct = RLParams(lr=1, tasks=["max", "rev"])  # coerced as from_dict coerces: the same run, the same checkpoints
+    assert direct.lr == 1.0 and isinstance(direct.lr, float) and direct.tasks == ("max", "rev")
+    assert direct.fingerprint() == RLParams.from_dict({"lr": 1, "tasks": ["max", "rev"]}).fingerprint()
 
 
 def test_from_namespace_ignores_ipython_and_modules():

@@ -131,3 +131,56 @@ def test_pca_of_many_events_takes_the_lanczos_route_and_agrees_with_the_dense_on
     for k, v in zip([1, 4, 16], few):
         r = (X[held] - mu) - (X[held] - mu) @ Vt[:k].T @ Vt[:k]
         assert v == pytest.approx((r**2).sum() / ((X[held] - X[held].mean(0)) ** 2).sum(), rel=1e-8)
+
+
+def test_pca_reference_uses_the_shard_stages_events_and_refuses_what_it_cannot_match(tmp_path, monkeypatch):
+    """Zero updates skipped and every update normalised as the shard stage does (against numpy's PCA on
+    load_updates' own output); the dense route in blocks of events gives the same Gram matrix; no baseline (None)
+    for sweeps whose points read different events, for a store that is gone, for under 2 held-out events; a sweep
+    without a baseline beside one with it gets NaN."""
+    import torch
+
+    from shardlib.fit import split_events
+    from shardlib.metrics import fvu
+    from shardlib.shards import load_updates
+    from shardlib.store import UpdateStore
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(24, 4, 5, generator=g) * torch.linspace(3, 0.1, 24)[:, None, None]
+    x[5] = 0  # a zero update: left out by the shard stage, so by its baseline too
+    store = UpdateStore(tmp_path / "store", "event", "sgd", "f")
+    store.append({"w": x}, {"step": np.zeros(24, dtype=np.int64)}, 0)
+    store.flush()
+    cfg = {"store_path": str(tmp_path / "store"), "params": [], "skip_zero_updates": True, "normalize": True}
+    cfg |= {"holdout_frac": 0.25, "seed": 3}
+    data, _ = load_updates(cfg["store_path"], (), True, True)
+    X = data["w"].reshape(23, -1).double().numpy()
+    train, held = split_events(23, 0.25, 3)
+    mu = X[train].mean(0)
+    _, sv, Vt = np.linalg.svd(X[train] - mu, full_matrices=False)
+    want = [fvu(X[held], mu + (X[held] - mu) @ Vt[:k].T @ Vt[:k]) for k in (1, 3)]
+    np.testing.assert_allclose(frontier.pca_reference([cfg, cfg], [1, 3]), want, rtol=1e-5)
+    full = frontier.gram_matrix(data)
+    monkeypatch.setattr(frontier, "GRAM_BLOCK_BYTES", 4 * 20 * 5)  # 5 events a block
+    np.testing.assert_allclose(frontier.gram_matrix(data), full, atol=1e-6)  # float32 products, unit updates
+    assert frontier.pca_reference([cfg, cfg | {"normalize": False}], [1]) is None  # different events
+    assert frontier.pca_reference([cfg | {"store_path": str(tmp_path / "gone")}], [1]) is None
+    assert frontier.pca_reference([cfg | {"holdout_frac": 0.05}], [1]) is None  # one held-out event
+    for name, c in (("a", cfg), ("b", {"rank": 1})):  # b: a sweep whose points read no store
+        for k in (1, 3):
+            d = tmp_path / name / f"rank=1,k={k}"
+            d.mkdir(parents=True)
+            m = {f"heldout_{key}": 0.0 for key in ("l0", "dead_fraction", "dense_fraction")}
+            save_results(
+                xr.Dataset({**m, "heldout_fvu": 0.9, "n_parameters": 1}), d / "results.nc", c | {"k": k, "rank": 1}
+            )
+    p = frontier.FrontierParams.from_dict(
+        {
+            "out_dir": str(tmp_path / "out"),
+            "sweep_names": ["a", "b"],
+            "sweep_dirs": [str(tmp_path / "a"), str(tmp_path / "b")],
+        }
+    )
+    ds = frontier.run(p)
+    np.testing.assert_allclose(ds.pca_fvu.sel(store="a").values, want, rtol=1e-5)
+    assert ds.pca_fvu.sel(store="b").isnull().all()

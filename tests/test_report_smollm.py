@@ -130,4 +130,4 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     assert "`steps`, rank-1 latents over all 1 matrices" in md
     assert "| steps | 1 | 0.90 | 0.80 |" in md and "| steps | PCA | 0.70 | 0.50 |" in md
     assert "| steps_one_matrix | dense | 0.95 | 0.85 |" in md and "| steps_one_matrix | PCA | 0.75 | 0.55 |" in md
-    assert "PCA's dense code of k numbers reconstructs better than the SAE on steps, steps_one_matrix" in md
+    assert "reconstructs better than the SAE on steps (by 0.300), steps_one_matrix (by 0.300)" in md
