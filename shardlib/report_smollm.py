@@ -248,8 +248,34 @@ def _text_steps(steps_dir: Path) -> str:
         "each component a full-rank direction over the same matrices).\n\n"
         + frontier_table(fr)
         + f"\n\n- `{where}/{front}`: {findings.finding('frontier', fr)}\n\n"
+        + _sweep_peaks(fr)
         + wall_times(steps_dir)
     )
+
+
+def _sweep_peaks(frontier: xr.Dataset) -> str:
+    """The peak resident memory of a frontier's SAE stages, lowest to highest per (store, rank), from each sweep
+    point's ``results.nc`` (the folders the frontier's config names)."""
+    from .common import fmt_bytes
+    from .io import sweep_points
+
+    cfg = recorded_config(frontier)
+    peaks: dict[tuple[str, int], list[float]] = {}
+    for name, d in zip(cfg.get("sweep_names", []), cfg.get("sweep_dirs", [])):
+        for point in sweep_points(d) or []:
+            f = Path(d) / point / "results.nc"
+            if f.is_file():
+                r = load_results(f)
+                if "peak_rss_bytes" in r:
+                    key = (name, int(recorded_config(r).get("rank", -1)))
+                    peaks.setdefault(key, []).append(float(r.peak_rss_bytes))
+    if not peaks:
+        return ""
+    parts = [
+        f"{store} {'dense' if rank == 0 else f'rank {rank}'} {fmt_bytes(min(v))}–{fmt_bytes(max(v))}"
+        for (store, rank), v in sorted(peaks.items())
+    ]
+    return "Peak resident memory of the frontier's SAE stages: " + ", ".join(parts) + f". {WALL}\n\n"
 
 
 STUDY_TARGET_MIN = 20
