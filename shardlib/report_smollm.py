@@ -262,8 +262,10 @@ def _sweep_peaks(frontier: xr.Dataset) -> str:
     cfg = recorded_config(frontier)
     peaks: dict[tuple[str, int], list[float]] = {}
     for name, d in zip(cfg.get("sweep_names", []), cfg.get("sweep_dirs", [])):
-        for point in sweep_points(d) or []:
-            f = Path(d) / point / "results.nc"
+        points = sweep_points(d)
+        folders = [Path(d) / x for x in points] if points is not None else sorted(Path(d).glob("*/"))
+        for folder in folders:
+            f = folder / "results.nc"
             if f.is_file():
                 r = load_results(f)
                 if "peak_rss_bytes" in r:

@@ -131,3 +131,19 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     assert "| steps | 1 | 0.90 | 0.80 |" in md and "| steps | PCA | 0.70 | 0.50 |" in md
     assert "| steps_one_matrix | dense | 0.95 | 0.85 |" in md and "| steps_one_matrix | PCA | 0.75 | 0.55 |" in md
     assert "reconstructs better than the SAE on steps (by 0.300), steps_one_matrix (by 0.300)" in md
+
+
+def test_the_sweep_peaks_are_read_from_every_point_of_each_sweep(tmp_path):
+    import xarray as xr
+
+    from shardlib.io import save_results
+    from shardlib.report_smollm import _sweep_peaks
+
+    for rank, k, gib in ((1, 4, 3.0), (1, 64, 3.5), (4, 4, 9.0)):
+        r = xr.Dataset({"peak_rss_bytes": gib * 2**30})
+        save_results(r, tmp_path / "sweep" / f"rank={rank},k={k}" / "results.nc", {"rank": rank, "k": k})
+    fr = xr.Dataset({"fvu": 1.0})
+    fr.attrs["config"] = '{"sweep_dirs": ["%s"], "sweep_names": ["steps"]}' % (tmp_path / "sweep")
+    text = _sweep_peaks(fr)
+    assert "steps rank 1 3.0 GiB–3.5 GiB, steps rank 4 9.0 GiB–9.0 GiB" in text
+    assert _sweep_peaks(xr.Dataset()) == ""
