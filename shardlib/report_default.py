@@ -371,7 +371,8 @@ def results_markdown(run_dir) -> str:
         bullets(by["sparsity"], find),
         f"![sparsity]({fig}/sparsity.png)",
         "### Can updates be reconstructed sparsely?\n\nHeld-out FVU of the LM's update stores "
-        f"(`{one['frontier']}/results.nc`).\n\n" + frontier_table(ds[one["frontier"]]),
+        f"(`{one['frontier']}/results.nc`); `PCA`: the top-k principal components of the same training updates, on "
+        "the SAEs' held-out split (a dense code of k numbers per update).\n\n" + frontier_table(ds[one["frontier"]]),
         bullets(by["frontier"] + by["shards"], find),
         f"![frontier]({fig}/frontier.png)",
         "### Positive control: planted shards\n\n" + _planted(ds[one["planted"]]),
