@@ -248,9 +248,31 @@ def _text_steps(steps_dir: Path) -> str:
         "each component a full-rank direction over the same matrices).\n\n"
         + frontier_table(fr)
         + f"\n\n- `{where}/{front}`: {findings.finding('frontier', fr)}\n\n"
+        + _longer_fits(steps_dir, [s for s, k in kinds.items() if k == "shards"], fr)
         + _sweep_peaks(fr)
         + wall_times(steps_dir)
     )
+
+
+def _longer_fits(run_dir: Path, stages: list[str], frontier: xr.Dataset) -> str:
+    """Shard stages of the sibling run beside its frontier (the same store, other epochs): each one's held-out and
+    training FVU against the frontier's point at the same rank and k."""
+    out = []
+    for s in stages:
+        r = load_results(run_dir / s / "results.nc")
+        c = recorded_config(r)
+        rank, k = int(c.get("rank", -1)), int(c.get("k", -1))
+        store = "steps" if not c.get("params") else "steps_one_matrix"
+        try:
+            base = float(frontier.fvu.sel(store=store, rank=rank, k=k))
+        except (KeyError, IndexError):
+            base = float("nan")
+        out.append(
+            f"`{s}` trains the {'dense' if rank == 0 else f'rank-{rank}'} SAE at k = {k} for {c.get('epochs')} epochs: "
+            f"held-out FVU {float(r.heldout_fvu):.3f} (training events {float(r.train_fvu):.3f}), against "
+            f"{base:.3f} for the frontier's point at the same rank and k."
+        )
+    return " ".join(out) + "\n\n" if out else ""
 
 
 def _sweep_peaks(frontier: xr.Dataset) -> str:

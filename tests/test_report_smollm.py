@@ -122,7 +122,17 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     fr["pca_fvu"] = (("store", "k"), [[0.7, 0.5], [0.75, 0.55]])
     save_results(fr, steps / "frontier" / "results.nc", {"sweep_dirs": ["a", "b"], "sweep_names": ["s", "t"]})
     assert steps_sibling(run) == steps
+    long = xr.Dataset({"heldout_fvu": 0.3, "train_fvu": 0.2})
+    save_results(
+        long,
+        steps / "shards_long" / "results.nc",
+        {"store_path": "x", "rank": 1, "k": 16, "epochs": 40, "eval_batch_size": 16},
+    )
     md = _text_steps(steps)
+    assert (
+        "`shards_long` trains the rank-1 SAE at k = 16 for 40 epochs: held-out FVU 0.300 (training events 0.200), "
+        "against 0.800 for the frontier's point" in md
+    )
     assert "GRPO with the settings above for 4 steps (`runs/smollm_steps/rl_steps`)" in md
     assert "randomized rank-2 SVD" in md and "kept 0.650 of a step's squared norm on average (lowest 0.500)" in md
     assert "2.3 KiB dense" in md  # 30 x 20 float32 numbers a step
