@@ -119,6 +119,17 @@ def pca_reference(shard_configs: list[dict], ks) -> np.ndarray | None:
     return pca_heldout_fvu(gram_matrix(data), train, held, ks)
 
 
+def sweep_folders(sweep_dir) -> list[Path]:
+    """The point folders of a sweep: those the runner's ``sweep.json`` lists (a former config's points left in the
+    folder are not this sweep's), or every subfolder of a sweep made by hand; none for a missing folder."""
+    if not Path(sweep_dir).is_dir():
+        return []
+    points = sweep_points(sweep_dir)
+    if points is not None:
+        return [Path(sweep_dir) / name for name in points]
+    return sorted(d for d in Path(sweep_dir).iterdir() if d.is_dir())
+
+
 def combine_sweep(sweep_dir) -> xr.Dataset:
     """Combine a sweep of shard stages (subfolders of ``sweep_dir``) into held-out metrics over (rank, k), with
     ``pca_fvu`` over k (:func:`pca_reference`) where the stages read a store.
@@ -126,12 +137,7 @@ def combine_sweep(sweep_dir) -> xr.Dataset:
     Where the runner wrote ``sweep.json`` only the points it lists are read (a former config's points
     left in the folder are not this sweep's)."""
     rows, configs = [], []
-    points = sweep_points(sweep_dir)
-    if points is not None:
-        dirs = [Path(sweep_dir) / name for name in points]
-    else:
-        dirs = sorted(d for d in Path(sweep_dir).iterdir() if d.is_dir())
-    for d in dirs:
+    for d in sweep_folders(sweep_dir):
         f = d / "results.nc"
         if not f.exists():
             continue

@@ -279,14 +279,12 @@ def _sweep_peaks(frontier: xr.Dataset) -> str:
     """The peak resident memory of a frontier's SAE stages, lowest to highest per (store, rank), from each sweep
     point's ``results.nc`` (the folders the frontier's config names)."""
     from .common import fmt_bytes
-    from .io import sweep_points
+    from .frontier import sweep_folders
 
     cfg = recorded_config(frontier)
     peaks: dict[tuple[str, int], list[float]] = {}
     for name, d in zip(cfg.get("sweep_names", []), cfg.get("sweep_dirs", [])):
-        points = sweep_points(d)
-        folders = [Path(d) / x for x in points] if points is not None else sorted(Path(d).glob("*/"))
-        for folder in folders:
+        for folder in sweep_folders(d):
             f = folder / "results.nc"
             if f.is_file():
                 r = load_results(f)
