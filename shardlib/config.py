@@ -129,20 +129,11 @@ class Params:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
         if unknown:
             raise ConfigError(f"unknown parameter(s) {unknown} for {cls.__name__}; accepted: {sorted(fields)}")
-        full = {}
-        for name, f in fields.items():
-            full[name] = (
-                values[name]
-                if name in values
-                else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            )
-        kwargs = {k: _coerce(k, v, hints[k], fields[k]) for k, v in full.items()}
-        return cls(**kwargs)  # __post_init__ checks
+        return cls(**values)  # the defaults fill the rest; __post_init__ coerces and checks every value
 
     @classmethod
     def from_namespace(cls, namespace: dict[str, Any]):
