@@ -231,7 +231,7 @@ def settings_comparison(
             if same:  # the shard stage's own SAE: read it, do not train it again
                 sae = ShardSAE.load(Path(p.shards_dir) / "sae")
                 data, store = inp.data, inp.store
-                heldout = fit.split_events(n_events(data), sp.holdout_frac, sp.seed)[1]
+                heldout = fit.split_events(n_events(data), sp.holdout_frac, sp.seed, sp.holdout)[1]
             else:
                 r = shards.train(q, progress=False)
                 sae, data, store, heldout = r.sae.cpu(), r.data, r.store, r.heldout_idx

@@ -73,6 +73,12 @@ class FitParams(Params):
     aux_coef: float = param(TrainConfig.aux_coef, "weight of the AuxK loss", ge=0)
     dead_window: int = param(TrainConfig.dead_window, "a latent not fired within this many samples is dead", ge=1)
     holdout_frac: float = param(0.1, "fraction of events held out for evaluation", ge=0, lt=1)
+    holdout: str = param(
+        "random",
+        "which events are held out: a random draw, or the last in the store's order (its collection order: a split "
+        "by time, for step updates, whose neighbours Adam's momentum makes alike)",
+        choices=("random", "last"),
+    )
     checkpoint_every: int = param(10, "epochs between checkpoints", ge=1)
     device: str = param("auto", "'cpu', 'cuda' or 'auto'", choices=("auto", "cpu", "cuda"))
 
@@ -86,9 +92,16 @@ class FitParams(Params):
         return TrainConfig(arch, **{f.name: getattr(self, f.name) for f in fields(TrainConfig) if f.name != "sae"})
 
 
-def split_events(n: int, holdout_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(n)
+def split_events(n: int, holdout_frac: float, seed: int, how: str = "random") -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) event indices, sorted: ``round(n * holdout_frac)`` events held out, drawn at random
+    (``how="random"``, from ``seed``) or the last ones (``how="last"``: a split by time where events are stored in
+    the order they were collected)."""
     n_hold = int(round(n * holdout_frac))
+    if how == "last":
+        return np.arange(n - n_hold), np.arange(n - n_hold, n)
+    if how != "random":
+        raise ValueError(f"holdout {how!r}: use 'random' or 'last'")
+    perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
@@ -193,7 +206,7 @@ def _fit(p: FitParams, data: dict, progress: bool, stop_after: int | None, init_
     n = n_events(data)
     if n < 2:
         raise ValueError(f"the data hold {n} event(s); an SAE needs at least 2")
-    train_idx, held_idx = split_events(n, p.holdout_frac, p.seed)
+    train_idx, held_idx = split_events(n, p.holdout_frac, p.seed, p.holdout)
     train_data = {k: take(v, train_idx) for k, v in data.items()}
     cfg = p.sae_train_config()
     steps_per_epoch = math.ceil(len(train_idx) / p.batch_size)

@@ -91,13 +91,13 @@ def pca_heldout_fvu(G: np.ndarray, train: np.ndarray, held: np.ndarray, ks) -> n
     return np.array(sse) / denom
 
 
-SPLIT_KEYS = ("store_path", "params", "skip_zero_updates", "normalize", "holdout_frac", "seed")
+SPLIT_KEYS = ("store_path", "params", "skip_zero_updates", "normalize", "holdout_frac", "holdout", "seed")
 """What decides a shard stage's events and its held-out split."""
 
 
 def pca_reference(shard_configs: list[dict], ks) -> np.ndarray | None:
     """:func:`pca_heldout_fvu` on the events and split of a sweep's shard-stage runs (their recorded configs: the
-    store, the tensors, zero skipping, normalisation, holdout fraction and seed, which must agree), or None where
+    store, the tensors, zero skipping, normalisation, holdout fraction, kind and seed, which must agree), or None where
     they read no store or different events, the store is gone, or fewer than 2 events are held out."""
     from .fit import split_events
     from .shards import load_updates
@@ -113,7 +113,7 @@ def pca_reference(shard_configs: list[dict], ks) -> np.ndarray | None:
         )
     except (FileNotFoundError, StoreError):  # moved or deleted since the sweep ran: no baseline, not a crash
         return None
-    train, held = split_events(n_events(data), cfg["holdout_frac"], cfg["seed"])
+    train, held = split_events(n_events(data), cfg["holdout_frac"], cfg["seed"], cfg.get("holdout", "random"))
     if len(held) < 2:
         return None
     return pca_heldout_fvu(gram_matrix(data), train, held, ks)

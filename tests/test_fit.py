@@ -67,6 +67,24 @@ def test_the_split_depends_only_on_the_seed():
     assert not np.array_equal(split_events(50, 0.2, seed=4)[1], a[1])
 
 
+def test_the_time_split_holds_out_the_last_events_whatever_the_seed(tmp_path):
+    train, held = split_events(50, 0.2, seed=3, how="last")
+    assert held.tolist() == list(range(40, 50)) and train.tolist() == list(range(40))
+    assert np.array_equal(split_events(50, 0.2, seed=4, how="last")[1], held)
+    with pytest.raises(ValueError, match="holdout 'first'"):
+        split_events(50, 0.2, seed=3, how="first")
+    with pytest.raises(ValueError, match="parameter 'holdout'"):
+        FitParams.from_dict({"out_dir": str(tmp_path), "holdout": "first"})
+    # a fit holds out what the split says
+    x = {"w": torch.randn(20, 3, 4)}
+    r = fit(
+        FitParams(out_dir=str(tmp_path / "f"), n_latents=4, k=1, epochs=1, holdout_frac=0.25, holdout="last"),
+        x,
+        progress=False,
+    )
+    assert r.heldout_idx.tolist() == list(range(15, 20))
+
+
 def test_fit_parameters_are_the_shard_stages_without_the_store(tmp_path):
     fit_names = {f.name for f in dataclasses.fields(FitParams)}
     shard_names = {f.name for f in dataclasses.fields(ShardParams)}
