@@ -244,35 +244,87 @@ def _text_steps(steps_dir: Path) -> str:
         f"longer run, before → after: {rewards}.\n\nHeld-out FVU of signed SAEs with 256 latents on the "
         f"{c['events']} steps (`{where}/{front}/results.nc`): `steps`, {_event_ranks(fr, 'steps')} latents over all "
         f"{c['matrices']} matrices, never densified; `steps_one_matrix`, dense latents on layer 15's down_proj; "
+        "`steps_one_matrix_time`, the same with the last 20% of the steps held out instead of a random 20% (a split "
+        "by time: a randomly held-out step lies between training steps that Adam's momentum makes alike); "
         "`PCA`, the top-k principal components of the same training steps (a dense code of k numbers per step; "
         "each component a full-rank direction over the same matrices).\n\n"
         + frontier_table(fr)
         + f"\n\n- `{where}/{front}`: {findings.finding('frontier', fr)}\n\n"
-        + _longer_fits(steps_dir, [s for s, k in kinds.items() if k == "shards"], fr)
+        + _training_length(steps_dir, fr)
         + _sweep_peaks(fr)
         + wall_times(steps_dir)
     )
 
 
-def _longer_fits(run_dir: Path, stages: list[str], frontier: xr.Dataset) -> str:
-    """Shard stages of the sibling run beside its frontier (the same store, other epochs): each one's held-out and
-    training FVU against the frontier's point at the same rank and k."""
+def _shard_points(run_dir: Path) -> list[tuple[dict, xr.Dataset]]:
+    """(recorded config, results) of every shard SAE of a run: its shard stages and the points of its sweeps."""
+    from .frontier import sweep_folders
+
     out = []
-    for s in stages:
-        r = load_results(run_dir / s / "results.nc")
-        c = recorded_config(r)
-        rank, k = int(c.get("rank", -1)), int(c.get("k", -1))
-        store = "steps" if not c.get("params") else "steps_one_matrix"
+    for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+        points = [] if (d / "results.nc").is_file() else sweep_folders(d)  # a sweep's folder holds its points
+        for f in [d / "results.nc", *(q / "results.nc" for q in points)]:
+            if f.is_file():
+                r = load_results(f)
+                if "heldout_fvu" in r and "train_fvu" in r:
+                    out.append((recorded_config(r), r))
+    return out
+
+
+def _split_names(frontier: xr.Dataset) -> dict[tuple, str]:
+    """The frontier's store names by what decides their events and split (the tensors read, the kind of hold-out)."""
+    from .frontier import sweep_folders
+
+    cfg, names = recorded_config(frontier), {}
+    for name, d in zip(cfg.get("sweep_names", []), cfg.get("sweep_dirs", [])):
+        f = next((q / "results.nc" for q in sweep_folders(d) if (q / "results.nc").is_file()), None)
+        if f is not None:
+            c = recorded_config(load_results(f))
+            names.setdefault((tuple(c.get("params") or ()), c.get("holdout", "random")), name)
+    return names
+
+
+def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
+    """Held-out and training FVU of the run's SAEs trained for different numbers of epochs at the same store, split,
+    rank and k (the frontier's points and the longer fits beside them), against the frontier's PCA baseline."""
+    names = _split_names(frontier)
+    groups: dict[tuple, dict[int, xr.Dataset]] = {}
+    for c, r in _shard_points(run_dir):
+        store = names.get((tuple(c.get("params") or ()), c.get("holdout", "random")))
+        if store is not None:
+            groups.setdefault((store, int(c["rank"]), int(c["k"])), {})[int(c["epochs"])] = r
+    rows, sentences = [], []
+    for (store, rank, k), by_epochs in sorted(groups.items()):
+        if len(by_epochs) < 2:
+            continue
         try:
-            base = float(frontier.fvu.sel(store=store, rank=rank, k=k))
-        except (KeyError, IndexError):
-            base = float("nan")
-        out.append(
-            f"`{s}` trains the {'dense' if rank == 0 else f'rank-{rank}'} SAE at k = {k} for {c.get('epochs')} epochs: "
-            f"held-out FVU {float(r.heldout_fvu):.3f} (training events {float(r.train_fvu):.3f}), against "
-            f"{base:.3f} for the frontier's point at the same rank and k."
+            pca = float(frontier.pca_fvu.sel(store=store, k=k))
+        except (KeyError, AttributeError):
+            pca = float("nan")
+        label = "dense" if rank == 0 else str(rank)
+        for e, r in sorted(by_epochs.items()):
+            rows.append(
+                [store, label, str(k), str(e), f"{float(r.heldout_fvu):.3f}", f"{float(r.train_fvu):.3f}", f"{pca:.3f}"]
+            )
+        (e0, r0), (e1, r1) = sorted(by_epochs.items())[0], sorted(by_epochs.items())[-1]
+        h0, h1 = float(r0.heldout_fvu), float(r1.heldout_fvu)
+        closed = (h0 - h1) / (h0 - pca) if h0 > pca else float("nan")
+        sentences.append(
+            f"{store}, {'dense' if rank == 0 else f'rank {rank}'}, k = {k}: {e1} epochs instead of {e0} take held-out "
+            f"FVU from {h0:.3f} to {h1:.3f}"
+            + (f", {closed:.0%} of the way to PCA's {pca:.3f}" if np.isfinite(closed) else "")
+            + f" (training events {float(r1.train_fvu):.3f})."
         )
-    return " ".join(out) + "\n\n" if out else ""
+    if not rows:
+        return ""
+    return (
+        "Training length: the same SAEs trained for more epochs (each fit its own learning-rate schedule; one "
+        "seed).\n\n"
+        + markdown_table(["store", "rank", "k", "epochs", "held-out FVU", "training FVU", "PCA held-out FVU"], rows)
+        + "\n\n"
+        + " ".join(sentences)
+        + "\n\n"
+    )
 
 
 def _sweep_peaks(frontier: xr.Dataset) -> str:

@@ -120,18 +120,31 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     fr = xr.Dataset(coords={"store": ["steps", "steps_one_matrix"], "rank": [0, 1], "k": [4, 16]})
     fr["fvu"] = (("store", "rank", "k"), [[[np.nan, np.nan], [0.9, 0.8]], [[0.95, 0.85], [np.nan, np.nan]]])
     fr["pca_fvu"] = (("store", "k"), [[0.7, 0.5], [0.75, 0.55]])
-    save_results(fr, steps / "frontier" / "results.nc", {"sweep_dirs": ["a", "b"], "sweep_names": ["s", "t"]})
+    # the frontier's rank-1 points (5 epochs) and, beside them, a longer fit of one; and a time split's point
+    for name, holdout in (("fs", "random"), ("ft", "last")):
+        for k, held in ((4, 0.9), (16, 0.8)):
+            cfg = {"store_path": "x", "rank": 1, "k": k, "epochs": 5, "holdout": holdout}
+            point = xr.Dataset({"heldout_fvu": held, "train_fvu": held - 0.1})
+            save_results(point, steps / name / f"rank=1,k={k}" / "results.nc", cfg)
+    fr_cfg = {"sweep_dirs": [str(steps / "fs"), str(steps / "ft")], "sweep_names": ["steps", "steps_one_matrix"]}
+    save_results(fr, steps / "frontier" / "results.nc", fr_cfg)
     assert steps_sibling(run) == steps
-    long = xr.Dataset({"heldout_fvu": 0.3, "train_fvu": 0.2})
+    long = xr.Dataset({"heldout_fvu": 0.6, "train_fvu": 0.2})
     save_results(
         long,
         steps / "shards_long" / "results.nc",
-        {"store_path": "x", "rank": 1, "k": 16, "epochs": 40, "eval_batch_size": 16},
+        {"store_path": "x", "rank": 1, "k": 16, "epochs": 40, "eval_batch_size": 16},  # holdout: random, the default
     )
     md = _text_steps(steps)
+    # the longer fit sits beside the frontier's point of the same store, split, rank and k, with that store's PCA
     assert (
-        "`shards_long` trains the rank-1 SAE at k = 16 for 40 epochs: held-out FVU 0.300 (training events 0.200), "
-        "against 0.800 for the frontier's point" in md
+        "| steps | 1 | 16 | 5 | 0.800 | 0.700 | 0.500 |" in md
+        and "| steps | 1 | 16 | 40 | 0.600 | 0.200 | 0.500 |" in md
+    )
+    assert "| steps | 1 | 4 |" not in md and "steps_one_matrix | 1 | 16" not in md  # one length only: no row
+    assert (
+        "steps, rank 1, k = 16: 40 epochs instead of 5 take held-out FVU from 0.800 to 0.600, 67% of the way to "
+        "PCA's 0.500 (training events 0.200)." in md
     )
     assert "GRPO with the settings above for 4 steps (`runs/smollm_steps/rl_steps`)" in md
     assert "randomized rank-2 SVD" in md and "kept 0.650 of a step's squared norm on average (lowest 0.500)" in md
