@@ -285,42 +285,67 @@ def _split_names(frontier: xr.Dataset) -> dict[tuple, str]:
 
 
 def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
-    """Held-out and training FVU of the run's SAEs trained for different numbers of epochs at the same store, split,
-    rank and k (the frontier's points and the longer fits beside them), against the frontier's PCA baseline."""
+    """Held-out and training FVU of the run's SAEs trained at the same store, split, rank and k as a frontier point
+    but for more epochs or with another dead-latent window (the longer fits beside the frontier), against the
+    frontier's PCA baseline; each variant compared with the frontier's point (the fewest epochs, the widest
+    window)."""
+    from .trainer import TrainConfig
+
     names = _split_names(frontier)
-    groups: dict[tuple, dict[int, xr.Dataset]] = {}
+    groups: dict[tuple, dict[tuple[int, int], xr.Dataset]] = {}
     for c, r in _shard_points(run_dir):
         store = names.get((tuple(c.get("params") or ()), c.get("holdout", "random")))
         if store is not None:
-            groups.setdefault((store, int(c["rank"]), int(c["k"])), {})[int(c["epochs"])] = r
+            variant = (int(c["epochs"]), -int(c.get("dead_window", TrainConfig.dead_window)))
+            groups.setdefault((store, int(c["rank"]), int(c["k"])), {})[variant] = r
     rows, sentences = [], []
-    for (store, rank, k), by_epochs in sorted(groups.items()):
-        if len(by_epochs) < 2:
+    for (store, rank, k), variants in sorted(groups.items()):
+        if len(variants) < 2:
             continue
         try:
             pca = float(frontier.pca_fvu.sel(store=store, k=k))
         except (KeyError, AttributeError):
             pca = float("nan")
         label = "dense" if rank == 0 else str(rank)
-        for e, r in sorted(by_epochs.items()):
+        base, *others = sorted(variants.items())
+        for (e, w), r in [base, *others]:
             rows.append(
-                [store, label, str(k), str(e), f"{float(r.heldout_fvu):.3f}", f"{float(r.train_fvu):.3f}", f"{pca:.3f}"]
+                [
+                    store,
+                    label,
+                    str(k),
+                    str(e),
+                    f"{-w:,}",
+                    f"{float(r.heldout_fvu):.3f}",
+                    f"{float(r.train_fvu):.3f}",
+                    f"{float(r.train_dead_fraction):.2f}",
+                    f"{pca:.3f}",
+                ]
             )
-        (e0, r0), (e1, r1) = sorted(by_epochs.items())[0], sorted(by_epochs.items())[-1]
-        h0, h1 = float(r0.heldout_fvu), float(r1.heldout_fvu)
-        closed = (h0 - h1) / (h0 - pca) if h0 > pca else float("nan")
-        sentences.append(
-            f"{store}, {'dense' if rank == 0 else f'rank {rank}'}, k = {k}: {e1} epochs instead of {e0} take held-out "
-            f"FVU from {h0:.3f} to {h1:.3f}"
-            + (f", {closed:.0%} of the way to PCA's {pca:.3f}" if np.isfinite(closed) else "")
-            + f" (training events {float(r1.train_fvu):.3f})."
-        )
+        (e0, w0), r0 = base
+        h0 = float(r0.heldout_fvu)
+        for (e, w), r in others:
+            h = float(r.heldout_fvu)
+            closed = (h0 - h) / (h0 - pca) if h0 > pca else float("nan")
+            how = [f"{e} epochs" if e != e0 else "", f"a dead-latent window of {-w:,} samples" if w != w0 else ""]
+            sentences.append(
+                f"{store}, {'dense' if rank == 0 else f'rank {rank}'}, k = {k}, with "
+                + " and ".join(x for x in how if x)
+                + f" instead of the frontier's {e0} epochs and {-w0:,}-sample window: held-out FVU {h0:.3f} → {h:.3f}"
+                + (f", {closed:.0%} of the way to PCA's {pca:.3f}" if np.isfinite(closed) else "")
+                + f" (training events {float(r0.train_fvu):.3f} → {float(r.train_fvu):.3f})."
+            )
     if not rows:
         return ""
     return (
-        "Training length: the same SAEs trained for more epochs (each fit its own learning-rate schedule; one "
-        "seed).\n\n"
-        + markdown_table(["store", "rank", "k", "epochs", "held-out FVU", "training FVU", "PCA held-out FVU"], rows)
+        "Longer fits: SAEs at a frontier point's store, split, rank and k, trained for more epochs (each fit with "
+        "its own learning-rate schedule) or restarting latents that fired on none of a shorter window of samples "
+        "(`dead_window`; AuxK and resampling act on latents dead by that window); one seed. `dead` is the fraction "
+        "of latents that fire on no training event after training.\n\n"
+        + markdown_table(
+            ["store", "rank", "k", "epochs", "dead window", "held-out FVU", "training FVU", "dead", "PCA held-out FVU"],
+            rows,
+        )
         + "\n\n"
         + " ".join(sentences)
         + "\n\n"

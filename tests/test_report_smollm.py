@@ -124,12 +124,12 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     for name, holdout in (("fs", "random"), ("ft", "last")):
         for k, held in ((4, 0.9), (16, 0.8)):
             cfg = {"store_path": "x", "rank": 1, "k": k, "epochs": 5, "holdout": holdout}
-            point = xr.Dataset({"heldout_fvu": held, "train_fvu": held - 0.1})
+            point = xr.Dataset({"heldout_fvu": held, "train_fvu": held - 0.1, "train_dead_fraction": 0.5})
             save_results(point, steps / name / f"rank=1,k={k}" / "results.nc", cfg)
     fr_cfg = {"sweep_dirs": [str(steps / "fs"), str(steps / "ft")], "sweep_names": ["steps", "steps_one_matrix"]}
     save_results(fr, steps / "frontier" / "results.nc", fr_cfg)
     assert steps_sibling(run) == steps
-    long = xr.Dataset({"heldout_fvu": 0.6, "train_fvu": 0.2})
+    long = xr.Dataset({"heldout_fvu": 0.6, "train_fvu": 0.2, "train_dead_fraction": 0.25})
     save_results(
         long,
         steps / "shards_long" / "results.nc",
@@ -137,14 +137,22 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     )
     md = _text_steps(steps)
     # the longer fit sits beside the frontier's point of the same store, split, rank and k, with that store's PCA
+    assert "| steps | 1 | 16 | 5 | 5,000 | 0.800 | 0.700 | 0.50 | 0.500 |" in md
+    assert "| steps | 1 | 16 | 40 | 5,000 | 0.600 | 0.200 | 0.25 | 0.500 |" in md
+    assert "| steps | 1 | 4 |" not in md and "steps_one_matrix | 1 | 16" not in md  # one variant only: no row
     assert (
-        "| steps | 1 | 16 | 5 | 0.800 | 0.700 | 0.500 |" in md
-        and "| steps | 1 | 16 | 40 | 0.600 | 0.200 | 0.500 |" in md
+        "steps, rank 1, k = 16, with 40 epochs instead of the frontier's 5 epochs and 5,000-sample window: held-out FVU 0.800 → "
+        "0.600, 67% of the way to PCA's 0.500 (training events 0.700 → 0.200)." in md
     )
-    assert "| steps | 1 | 4 |" not in md and "steps_one_matrix | 1 | 16" not in md  # one length only: no row
+    # a shorter dead-latent window at the frontier's length is another variant of the same point
+    win = xr.Dataset({"heldout_fvu": 0.7, "train_fvu": 0.65, "train_dead_fraction": 0.0})
+    win_cfg = {"store_path": "x", "rank": 1, "k": 16, "epochs": 5, "dead_window": 100}
+    save_results(win, steps / "shards_win" / "results.nc", win_cfg)
+    md = _text_steps(steps)
+    assert "| steps | 1 | 16 | 5 | 100 | 0.700 | 0.650 | 0.00 | 0.500 |" in md
     assert (
-        "steps, rank 1, k = 16: 40 epochs instead of 5 take held-out FVU from 0.800 to 0.600, 67% of the way to "
-        "PCA's 0.500 (training events 0.200)." in md
+        "with a dead-latent window of 100 samples instead of the frontier's 5 epochs and 5,000-sample window: held-out FVU "
+        "0.800 → 0.700, 33% of the way" in md
     )
     assert "GRPO with the settings above for 4 steps (`runs/smollm_steps/rl_steps`)" in md
     assert "randomized rank-2 SVD" in md and "kept 0.650 of a step's squared norm on average (lowest 0.500)" in md
