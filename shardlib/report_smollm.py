@@ -326,13 +326,14 @@ def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
         h0 = float(r0.heldout_fvu)
         for (e, w), r in others:
             h = float(r.heldout_fvu)
-            closed = (h0 - h) / (h0 - pca) if h0 > pca else float("nan")
+            closed = (h0 - h) / (h0 - pca) if h0 > pca and h <= h0 else float("nan")  # worse: no share
             how = [f"{e} epochs" if e != e0 else "", f"a dead-latent window of {-w:,} samples" if w != w0 else ""]
             sentences.append(
                 f"{store}, {'dense' if rank == 0 else f'rank {rank}'}, k = {k}, with "
                 + " and ".join(x for x in how if x)
                 + f" instead of the frontier's {e0} epochs and {-w0:,}-sample window: held-out FVU {h0:.3f} → {h:.3f}"
                 + (f", {closed:.0%} of the way to PCA's {pca:.3f}" if np.isfinite(closed) else "")
+                + (", worse" if h > h0 else "")
                 + f" (training events {float(r0.train_fvu):.3f} → {float(r.train_fvu):.3f})."
             )
     if not rows:

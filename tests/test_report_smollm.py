@@ -146,6 +146,12 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     )
     # a shorter dead-latent window at the frontier's length is another variant of the same point
     win = xr.Dataset({"heldout_fvu": 0.7, "train_fvu": 0.65, "train_dead_fraction": 0.0})
+    worse = xr.Dataset({"heldout_fvu": 0.9, "train_fvu": 0.65, "train_dead_fraction": 0.0})
+    save_results(
+        worse,
+        steps / "shards_worse" / "results.nc",
+        {"store_path": "x", "rank": 1, "k": 16, "epochs": 5, "dead_window": 10},
+    )
     win_cfg = {"store_path": "x", "rank": 1, "k": 16, "epochs": 5, "dead_window": 100}
     save_results(win, steps / "shards_win" / "results.nc", win_cfg)
     md = _text_steps(steps)
@@ -153,6 +159,10 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     assert (
         "with a dead-latent window of 100 samples instead of the frontier's 5 epochs and 5,000-sample window: held-out FVU "
         "0.800 → 0.700, 33% of the way" in md
+    )
+    assert (
+        "window of 10 samples instead of the frontier's 5 epochs and 5,000-sample window: held-out FVU 0.800 → 0.900, worse ("
+        in md
     )
     assert "GRPO with the settings above for 4 steps (`runs/smollm_steps/rl_steps`)" in md
     assert "randomized rank-2 SVD" in md and "kept 0.650 of a step's squared norm on average (lowest 0.500)" in md
