@@ -271,16 +271,22 @@ def _shard_points(run_dir: Path) -> list[tuple[dict, xr.Dataset]]:
     return out
 
 
-def _split_names(frontier: xr.Dataset) -> dict[tuple, str]:
-    """The frontier's store names by what decides their events and split (the tensors read, the kind of hold-out)."""
+def _split_key(cfg: dict) -> str:
+    """What decides a shard fit's events and held-out split (``frontier.SPLIT_KEYS``, as the PCA baseline reads it)."""
+    from .frontier import SPLIT_KEYS
+
+    return json.dumps([cfg.get(key) for key in SPLIT_KEYS], sort_keys=True)
+
+
+def _split_names(frontier: xr.Dataset) -> dict[str, str]:
+    """The frontier's store names by what decides their events and split (:func:`_split_key`)."""
     from .frontier import sweep_folders
 
     cfg, names = recorded_config(frontier), {}
     for name, d in zip(cfg.get("sweep_names", []), cfg.get("sweep_dirs", [])):
         f = next((q / "results.nc" for q in sweep_folders(d) if (q / "results.nc").is_file()), None)
         if f is not None:
-            c = recorded_config(load_results(f))
-            names.setdefault((tuple(c.get("params") or ()), c.get("holdout", "random")), name)
+            names.setdefault(_split_key(recorded_config(load_results(f))), name)
     return names
 
 
@@ -294,7 +300,7 @@ def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
     names = _split_names(frontier)
     groups: dict[tuple, dict[tuple[int, int], xr.Dataset]] = {}
     for c, r in _shard_points(run_dir):
-        store = names.get((tuple(c.get("params") or ()), c.get("holdout", "random")))
+        store = names.get(_split_key(c))
         if store is not None:
             variant = (int(c["epochs"]), -int(c.get("dead_window", TrainConfig.dead_window)))
             groups.setdefault((store, int(c["rank"]), int(c["k"])), {})[variant] = r

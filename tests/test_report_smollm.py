@@ -133,7 +133,7 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     save_results(
         long,
         steps / "shards_long" / "results.nc",
-        {"store_path": "x", "rank": 1, "k": 16, "epochs": 40, "eval_batch_size": 16},  # holdout: random, the default
+        {"store_path": "x", "rank": 1, "k": 16, "epochs": 40, "eval_batch_size": 16, "holdout": "random"},
     )
     md = _text_steps(steps)
     # the longer fit sits beside the frontier's point of the same store, split, rank and k, with that store's PCA
@@ -150,9 +150,9 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     save_results(
         worse,
         steps / "shards_worse" / "results.nc",
-        {"store_path": "x", "rank": 1, "k": 16, "epochs": 5, "dead_window": 10},
+        {"store_path": "x", "rank": 1, "k": 16, "epochs": 5, "dead_window": 10, "holdout": "random"},
     )
-    win_cfg = {"store_path": "x", "rank": 1, "k": 16, "epochs": 5, "dead_window": 100}
+    win_cfg = {"store_path": "x", "rank": 1, "k": 16, "epochs": 5, "dead_window": 100, "holdout": "random"}
     save_results(win, steps / "shards_win" / "results.nc", win_cfg)
     md = _text_steps(steps)
     assert "| steps | 1 | 16 | 5 | 100 | 0.700 | 0.650 | 0.00 | 0.500 |" in md
