@@ -72,6 +72,12 @@ class FitParams(Params):
     aux_k: int = param(TrainConfig.aux_k, "latents in the AuxK reconstruction (0 = n_latents // 2)", ge=0)
     aux_coef: float = param(TrainConfig.aux_coef, "weight of the AuxK loss", ge=0)
     dead_window: int = param(TrainConfig.dead_window, "a latent not fired within this many samples is dead", ge=1)
+    restart_until: float = param(
+        TrainConfig.restart_until,
+        "restart dead latents only in the first this fraction of the steps (1: while the rate is above 0)",
+        ge=0,
+        le=1,
+    )
     holdout_frac: float = param(0.1, "fraction of events held out for evaluation", ge=0, lt=1)
     holdout: str = param(
         "random",

@@ -40,6 +40,10 @@ class TrainConfig:
     """A latent not fired within this many samples is dead."""
     resample_dead: bool = True
     """Restart dead latents at the residuals of badly reconstructed events."""
+    restart_until: float = 1.0
+    """Restart dead latents only in the first this fraction of the steps (where the run's length is known; 1: while
+    the rate is above 0). Bricken et al. (2023) resample at a few fixed points early in training, so that a
+    restarted latent has the rest of the run to settle."""
     fire_frac: float = 0.1
     """A latent fires on an event when its |code| is at least this fraction of the event's largest."""
     seed: int = 0
@@ -88,7 +92,8 @@ class Trainer:
     ``total_steps`` (offline, where the run's length is known) lets the learning rate fall linearly
     to zero over the last ``lr_decay`` of the steps; ``resample_dead`` restarts each dead latent at the
     residual of the batch's worst-reconstructed event (its best rank-``rank`` approximation per
-    matrix), with fresh optimizer moments and a new ``dead_window`` to fire in. A latent counts as
+    matrix), with fresh optimizer moments and a new ``dead_window`` to fire in, while the rate is above 0 and
+    within the first ``restart_until`` of the steps. A latent counts as
     fired on an event only when its |code| is at least ``fire_frac`` of the event's largest: a latent
     that TopK keeps only as a near-zero filler is dead (with exactly as many latents as shards, two
     such fillers left two shards unfound: MMCS 0.92 on a planted store; 1.00 with fire_frac 0.1).
@@ -112,7 +117,7 @@ class Trainer:
         self.opt = torch.optim.Adam(sae.param_groups(cfg.lr, cfg.lr_relative), fused=True)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.total_steps, self.decay_frac = total_steps, cfg.lr_decay
-        self.resample, self.fire_frac = cfg.resample_dead, cfg.fire_frac
+        self.resample, self.fire_frac, self.restart_until = cfg.resample_dead, cfg.fire_frac, cfg.restart_until
         self.variance = max(variance, 1e-30)
         self.samples = 0
         self.steps = 0
@@ -127,6 +132,13 @@ class Trainer:
             return 1.0
         start = (1 - self.decay_frac) * self.total_steps
         return min(1.0, max(0.0, (self.total_steps - self.steps) / max(self.total_steps - start, 1)))
+
+    def restarting(self) -> bool:
+        """Whether this step may restart dead latents: ``resample_dead``, the rate above 0, and (a known run length)
+        the step within the first ``restart_until`` of the steps."""
+        if not self.resample or self.lr_factor() <= 0:
+            return False
+        return not self.total_steps or self.steps < self.restart_until * self.total_steps
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         sae = self.sae
@@ -144,7 +156,7 @@ class Trainer:
                 if self.acc.num_processes > 1:
                     prm.grad = self.acc.reduce(prm.grad, "mean")
             N = int(self.acc.reduce(torch.tensor(N, device=z.device), "sum"))
-        factor = self.lr_factor()
+        factor, restarting = self.lr_factor(), self.restarting()
         for g, base in zip(self.opt.param_groups, self.base_lrs):
             g["lr"] = base * factor
         self.samples += N
@@ -157,7 +169,7 @@ class Trainer:
         self.last_fired[fired] = self.samples
         # the residuals dead latents restart at: of this batch's worst events, against the decoder that coded them
         # (before the step), as ever; only those events are decoded
-        restart = self.restart_points(batch, z.detach(), sq_err) if self.resample and factor > 0 else None
+        restart = self.restart_points(batch, z.detach(), sq_err) if restarting else None
         self.opt.step()
         sae.normalize_decoder_()
         n_res = self.resample_dead_(*restart) if restart else 0

@@ -287,6 +287,21 @@ def test_a_dead_latent_restarts_at_the_residual_against_the_decoder_before_the_s
         assert float((after / after.norm() - want).abs().max()) > 1e-2
 
 
+def test_dead_latents_restart_only_within_restart_until_of_the_steps():
+    """With ``restart_until`` 0.5 of 10 steps, latents that die keep being restarted in steps 0-4 and never after;
+    at 1 (the default) they are restarted to the end (the rate stays above 0: no decay)."""
+    g = torch.Generator().manual_seed(0)
+    x = {"w": torch.randn(3, 4, 3, generator=g)}  # 3 events, 1 latent each: most of 8 latents die every step
+    counts = {}
+    for until in (0.5, 1.0):
+        sae = ShardSAE({"w": (4, 3)}, 8, 1, rank=0, signed=True, seed=0)
+        kw = dict(lr=0.5, aux_k=1, aux_coef=0, dead_window=0, resample_dead=True, lr_decay=0.0, restart_until=until)
+        tr = trainer(sae, total_steps=10, **kw)
+        counts[until] = [tr.step(x)["resampled"] for _ in range(10)]
+    assert all(c > 0 for c in counts[0.5][:5]) and counts[0.5][5:] == [0.0] * 5
+    assert all(c > 0 for c in counts[1.0])
+
+
 def test_learning_rate_falls_to_zero_over_the_last_steps():
     sae = ShardSAE({"w": (4, 4)}, 3, 1, rank=1)
     tr = trainer(sae, total_steps=10, lr=0.1, aux_k=1, aux_coef=0, dead_window=100, lr_decay=0.5)
