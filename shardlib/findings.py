@@ -89,10 +89,15 @@ def rl(ds: xr.Dataset) -> str:
 
 def shards(ds: xr.Dataset) -> str:
     cfg = _cfg(ds)
-    fvu, l0, dead = float(ds.heldout_fvu), float(ds.heldout_l0), float(ds.heldout_dead_fraction)
+    fvu, l0 = float(ds.heldout_fvu), float(ds.heldout_l0)
+    # dead on the training events: on a few held-out events (18 of SmolLM2's) at most k per event can fire, so many
+    # latents fire on none of them whatever the SAE learnt
+    dead = float(ds.train_dead_fraction if "train_dead_fraction" in ds else ds.heldout_dead_fraction)
+    where = "training" if "train_dead_fraction" in ds else "held-out"
     size = f"{cfg.get('n_latents', '?')} latents, k = {cfg.get('k', '?')}, rank {cfg.get('rank', '?')}"
     out = (
-        f"The SAE ({size}) reconstructs held-out updates with FVU {fvu:.3f} at L0 {l0:.1f}; {dead:.0%} of latents dead."
+        f"The SAE ({size}) reconstructs held-out updates with FVU {fvu:.3f} at L0 {l0:.1f}; {dead:.0%} of latents "
+        f"fire on no {where} event."
     )
     if fvu >= 1:
         out += " Negative: it predicts held-out updates no better than their mean (FVU ≥ 1)."
@@ -197,8 +202,8 @@ def analysis(ds: xr.Dataset) -> str:
     events = f" on {int(ds.n_events)} events{zero}" if "n_events" in ds else ""
     fitted = "nmi_kmeans" in ds
     base = (
-        f"k-means {_ms(ds.nmi_kmeans)}, PCA {_ms(ds.nmi_pca)}, drawn events {_ms(ds.nmi_events)}, type means "
-        f"(oracle) {_ms(ds.nmi_oracle)}; "
+        f"k-means {_ms(ds.nmi_kmeans)}, PCA {_ms(ds.nmi_pca)}, drawn events {_ms(ds.nmi_events)}, the type means "
+        f"as a dictionary {_ms(ds.nmi_oracle)}; "
         if fitted
         else ""
     )
@@ -255,8 +260,9 @@ def analysis(ds: xr.Dataset) -> str:
             if "setting_nmi_kmeans" in ds
             else ""
         )
+        which = "Best setting for event types" if s.size > 1 else "The one other setting tried"
         out += (
-            f" Best setting for event types: k = {k}, {'unit-normalised' if norm else 'raw'} updates "
+            f" {which}: k = {k}, {'unit-normalised' if norm else 'raw'} updates "
             f"(NMI {s.max():.3f}{km}, {matched:.0f} of {n_types} types matched, held-out FVU {fvu:.3f})."
         )
     return out

@@ -111,13 +111,23 @@ def report_html(run_dir) -> Path:
         }
         text = findings.finding(kind, ds)
         headline = text.split(". ")[0].removeprefix("Finding: ").rstrip(".")
-        summary.append(f"<li><a href='#{stage}'>{html.escape(stage)}</a>: {html.escape(headline)}.</li>")
+        # the summary keeps every negative verdict: a headline alone would drop "Negative: ..." sentences
+        negatives = [s.strip().rstrip(".") for s in re.findall(r"Negative: [^.]*(?:\.\d[^.]*)*\.?", text)]
+        line = html.escape(headline) + "." + "".join(f" <b>{html.escape(n)}.</b>" for n in negatives)
+        summary.append(f"<li><a href='#{stage}'>{html.escape(stage)}</a>: {line}</li>")
+        if "figures" in found.values():  # the run's figures stage: each figure with its caption, at its Finding
+            shown = [
+                (figures_dir / f"{f}.png", cap)
+                for f, (fig_kind, cap) in FIGURE_CAPTIONS.items()
+                if fig_kind == kind and first[kind] == stage
+            ]
+        else:  # no figures stage (the SmolLM2 study): the PNGs the stage's notebook wrote
+            shown = [(f, f"{stage}: {f.stem.replace('_', ' ')}") for f in sorted((run_dir / stage).glob("*.png"))]
         figs = [
-            f"<figure><img alt='{f}' src='data:image/png;base64,{base64.b64encode((figures_dir / f'{f}.png').read_bytes()).decode()}'>"
+            f"<figure><img alt='{f.stem}' src='data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()}'>"
             f"<figcaption>{html.escape(cap)}</figcaption></figure>"
-            for f, (fig_kind, cap) in FIGURE_CAPTIONS.items()
-            if fig_kind == kind and first[kind] == stage
-            if (figures_dir / f"{f}.png").exists()
+            for f, cap in shown
+            if f.exists()
         ]
         sections.append(f"<h2 id='{stage}'>{html.escape(stage)}</h2><p>{html.escape(text)}</p>" + "".join(figs))
         if kind == "analysis":

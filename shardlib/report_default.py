@@ -231,7 +231,7 @@ def _alignment(runs: dict[str, xr.Dataset]) -> str:
         "k-means",
         "PCA",
         "drawn events",
-        "type means (oracle)",
+        "type means",
         "shuffled labels",
         "random dict. (5 seeds)",
     ]

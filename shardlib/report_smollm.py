@@ -154,8 +154,9 @@ def _text_sparsity(ds: xr.Dataset) -> str:
             "run",
             "exact fp32 unchanged",
             "bf16 unchanged",
-            "Mukherjee et al. (bf16, |Δ| ≤ 1e-5)",
-            "single events, exact zeros (collected matrices; a zero-advantage event is all zeros)",
+            "Mukherjee et al. (bf16, \\|Δ\\| ≤ 1e-5)",
+            f"single events, exact zeros (the mean over {recorded_config(ds).get('max_updates', '?')} drawn events of "
+            "the collected matrices; a zero-advantage event is all zeros)",
         ],
         rows,
     )
@@ -291,10 +292,10 @@ def _split_names(frontier: xr.Dataset) -> dict[str, str]:
 
 
 def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
-    """Held-out and training FVU of the run's SAEs trained at the same store, split, rank and k as a frontier point
-    but for more epochs or with another dead-latent window (the longer fits beside the frontier), against the
-    frontier's PCA baseline; each variant compared with the frontier's point (the fewest epochs, the widest
-    window)."""
+    """Held-out and training FVU of the run's SAEs on a frontier store's events and split, fitted at one rank, k and
+    number of latents for more epochs, with another dead-latent window or with restarts stopped earlier (the longer
+    fits beside the frontier), against the frontier's PCA baseline; each variant compared with the fewest epochs,
+    the widest window and restarts to the end (a frontier point where it is one)."""
     from .trainer import TrainConfig
 
     names = _split_names(frontier)
@@ -302,10 +303,15 @@ def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
     for c, r in _shard_points(run_dir):
         store = names.get(_split_key(c))
         if store is not None:
-            variant = (int(c["epochs"]), -int(c.get("dead_window", TrainConfig.dead_window)))
-            groups.setdefault((store, int(c["rank"]), int(c["k"])), {})[variant] = r
+            variant = (
+                int(c["epochs"]),
+                -int(c.get("dead_window", TrainConfig.dead_window)),
+                -float(c.get("restart_until", TrainConfig.restart_until)),
+            )
+            key = (store, int(c["rank"]), int(c["k"]), int(c.get("n_latents", 0)))
+            groups.setdefault(key, {})[variant] = r
     rows, sentences = [], []
-    for (store, rank, k), variants in sorted(groups.items()):
+    for (store, rank, k, _), variants in sorted(groups.items()):
         if len(variants) < 2:
             continue
         try:
@@ -314,7 +320,7 @@ def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
             pca = float("nan")
         label = "dense" if rank == 0 else str(rank)
         base, *others = sorted(variants.items())
-        for (e, w), r in [base, *others]:
+        for (e, w, u), r in [base, *others]:
             rows.append(
                 [
                     store,
@@ -322,35 +328,54 @@ def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
                     str(k),
                     str(e),
                     f"{-w:,}",
+                    f"{-u:.0%}",
                     f"{float(r.heldout_fvu):.3f}",
                     f"{float(r.train_fvu):.3f}",
                     f"{float(r.train_dead_fraction):.2f}",
                     f"{pca:.3f}",
                 ]
             )
-        (e0, w0), r0 = base
+        (e0, w0, u0), r0 = base
         h0 = float(r0.heldout_fvu)
-        for (e, w), r in others:
+        for (e, w, u), r in others:
             h = float(r.heldout_fvu)
             closed = (h0 - h) / (h0 - pca) if h0 > pca and h <= h0 else float("nan")  # worse: no share
-            how = [f"{e} epochs" if e != e0 else "", f"a dead-latent window of {-w:,} samples" if w != w0 else ""]
+            how = [
+                f"{e} epochs" if e != e0 else "",
+                f"a dead-latent window of {-w:,} samples" if w != w0 else "",
+                f"restarts only in the first {-u:.0%} of the steps" if u != u0 else "",
+            ]
             sentences.append(
                 f"{store}, {'dense' if rank == 0 else f'rank {rank}'}, k = {k}, with "
                 + " and ".join(x for x in how if x)
-                + f" instead of the frontier's {e0} epochs and {-w0:,}-sample window: held-out FVU {h0:.3f} → {h:.3f}"
+                + f" instead of {e0} epochs and a {-w0:,}-sample window"
+                + (" with restarts to the end" if u != u0 else "")
+                + f": held-out FVU {h0:.3f} → {h:.3f}"
                 + (f", {closed:.0%} of the way to PCA's {pca:.3f}" if np.isfinite(closed) else "")
                 + (", worse" if h > h0 else "")
-                + f" (training events {float(r0.train_fvu):.3f} → {float(r.train_fvu):.3f})."
+                + f" (training FVU {float(r0.train_fvu):.3f} → {float(r.train_fvu):.3f})."
             )
     if not rows:
         return ""
     return (
-        "Longer fits: SAEs at a frontier point's store, split, rank and k, trained for more epochs (each fit with "
+        "Longer fits: SAEs on a frontier store's events and split, at one rank and k, trained for more epochs (each fit with "
         "its own learning-rate schedule) or restarting latents that fired on none of a shorter window of samples "
-        "(`dead_window`; AuxK and resampling act on latents dead by that window); one seed. `dead` is the fraction "
-        "of latents that fire on no training event after training.\n\n"
+        "(`dead_window`; AuxK and resampling act on latents dead by that window), the restarts either until the rate "
+        "reaches 0 or only in the first part of the steps (`restart_until`); one seed. `dead` is the fraction of "
+        "latents that fire on no training event after training.\n\n"
         + markdown_table(
-            ["store", "rank", "k", "epochs", "dead window", "held-out FVU", "training FVU", "dead", "PCA held-out FVU"],
+            [
+                "store",
+                "rank",
+                "k",
+                "epochs",
+                "dead window",
+                "restarts until",
+                "held-out FVU",
+                "training FVU",
+                "dead",
+                "PCA held-out FVU",
+            ],
             rows,
         )
         + "\n\n"
@@ -424,6 +449,7 @@ def smollm_markdown(run_dir) -> str:
             "same data).\n\n" + frontier_table(ds[frontier]),
             bullets([whole, frontier], find),
             _text_sae_cost(whole, ds[whole], ds[frontier]),
+            *([longer] if (longer := _training_length(run_dir, ds[frontier]).strip()) else []),
             *([_text_steps(steps)] if (steps := steps_sibling(run_dir)) is not None else []),
             "#### Are RL updates sparse on a real model?\n\nFraction of parameters unchanged "
             f"(`{sparsity}/results.nc`).\n\n" + _text_sparsity(ds[sparsity]),

@@ -187,6 +187,8 @@ def write_outputs(p: ShardParams, res: ShardTraining) -> dict[str, Path]:
             **{f"heldout_{k}": v for k, v in held.items()},
             **{f"train_{k}": v for k, v in train_m.items()},
             **{f"curve_{k}": ("epoch", [h[k] for h in hist]) for k in ("loss", "rec", "aux", "l0", "dead")},
+            # latents restarted per step (the epoch's mean); a history from before it was recorded: NaN
+            "curve_resampled": ("epoch", [h.get("resampled", float("nan")) for h in hist]),
             "n_parameters": sae.n_parameters(),
             "dense_n_parameters": dense_parameter_count(sae.shapes, sae.n_latents),
             "train_seconds": res.seconds,

@@ -42,7 +42,11 @@ def test_shards_finding_says_how_far_the_reconstruction_falls_short():
         ds.attrs["config"] = json.dumps({"n_latents": 256, "k": 8, "rank": 1})
         return finding("shards", ds)
 
-    assert run(0.2).endswith("FVU 0.200 at L0 8.0; 50% of latents dead.")  # no negative
+    assert run(0.2).endswith("FVU 0.200 at L0 8.0; 50% of latents fire on no held-out event.")  # no negative
+    # where the training events' dead fraction is recorded it is the one reported (a few held-out events let at
+    # most k latents each fire)
+    ds = xr.Dataset({"heldout_fvu": 0.2, "heldout_l0": 8.0, "heldout_dead_fraction": 0.9, "train_dead_fraction": 0.1})
+    assert finding("shards", ds).endswith("; 10% of latents fire on no training event.")
     assert run(0.7).endswith("Negative: it misses most of the held-out variance.")
     assert run(1.044).endswith("Negative: it predicts held-out updates no better than their mean (FVU ≥ 1).")
 
@@ -97,9 +101,27 @@ def test_analysis_finding_says_when_k_means_does_as_well():
     )
     text = finding("analysis", ds)
     assert "on 100 events (40 zero updates left out)" in text and "k-means 0.620 ± 0.010" in text
-    assert "type means (oracle) 0.700" in text and "random dictionaries 0.300 ± 0.020 over dictionaries" in text
+    assert (
+        "the type means as a dictionary 0.700" in text and "random dictionaries 0.300 ± 0.020 over dictionaries" in text
+    )
     assert "Negative: the SAE aligns with event types no better than k-means" in text
     assert "Negative: shards move reward no more often than random directions" in text
+    dims = ("setting_k", "setting_normalize")
+
+    def settings(ks):  # the settings comparison over k (unit-normalised updates only)
+        grid = np.linspace(0.5, 0.6, len(ks))[:, None]
+        coords = {"setting_k": ks, "setting_normalize": [True]}
+        return ds.assign(
+            setting_nmi=xr.DataArray(grid, coords, dims),
+            setting_heldout_fvu=xr.DataArray(grid + 0.3, coords, dims),
+            setting_types_matched=xr.DataArray(grid * 0 + 2, coords, dims),
+        )
+
+    one = finding("analysis", settings([4]))
+    assert "The one other setting tried: k = 4, unit-normalised updates (NMI 0.500" in one and "Best" not in one
+    assert "Best setting for event types: k = 8, unit-normalised updates (NMI 0.600" in finding(
+        "analysis", settings([4, 8])
+    )
     assert "Negative: shards hit their own task no more often than with shuffled tasks" in text
     with pytest.raises(ValueError, match="no finding for stage kind 'nope'"):
         finding("nope", ds)

@@ -137,12 +137,12 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     )
     md = _text_steps(steps)
     # the longer fit sits beside the frontier's point of the same store, split, rank and k, with that store's PCA
-    assert "| steps | 1 | 16 | 5 | 5,000 | 0.800 | 0.700 | 0.50 | 0.500 |" in md
-    assert "| steps | 1 | 16 | 40 | 5,000 | 0.600 | 0.200 | 0.25 | 0.500 |" in md
+    assert "| steps | 1 | 16 | 5 | 5,000 | 100% | 0.800 | 0.700 | 0.50 | 0.500 |" in md
+    assert "| steps | 1 | 16 | 40 | 5,000 | 100% | 0.600 | 0.200 | 0.25 | 0.500 |" in md
     assert "| steps | 1 | 4 |" not in md and "steps_one_matrix | 1 | 16" not in md  # one variant only: no row
     assert (
-        "steps, rank 1, k = 16, with 40 epochs instead of the frontier's 5 epochs and 5,000-sample window: held-out FVU 0.800 → "
-        "0.600, 67% of the way to PCA's 0.500 (training events 0.700 → 0.200)." in md
+        "steps, rank 1, k = 16, with 40 epochs instead of 5 epochs and a 5,000-sample window: held-out FVU 0.800 → "
+        "0.600, 67% of the way to PCA's 0.500 (training FVU 0.700 → 0.200)." in md
     )
     # a shorter dead-latent window at the frontier's length is another variant of the same point
     win = xr.Dataset({"heldout_fvu": 0.7, "train_fvu": 0.65, "train_dead_fraction": 0.0})
@@ -154,15 +154,22 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     )
     win_cfg = {"store_path": "x", "rank": 1, "k": 16, "epochs": 5, "dead_window": 100, "holdout": "random"}
     save_results(win, steps / "shards_win" / "results.nc", win_cfg)
+    early = xr.Dataset({"heldout_fvu": 0.6, "train_fvu": 0.55, "train_dead_fraction": 0.1})
+    save_results(early, steps / "shards_early" / "results.nc", {**win_cfg, "restart_until": 0.5})
     md = _text_steps(steps)
-    assert "| steps | 1 | 16 | 5 | 100 | 0.700 | 0.650 | 0.00 | 0.500 |" in md
+    assert "| steps | 1 | 16 | 5 | 100 | 100% | 0.700 | 0.650 | 0.00 | 0.500 |" in md
+    assert "| steps | 1 | 16 | 5 | 100 | 50% | 0.600 | 0.550 | 0.10 | 0.500 |" in md
     assert (
-        "with a dead-latent window of 100 samples instead of the frontier's 5 epochs and 5,000-sample window: held-out FVU "
+        "with a dead-latent window of 100 samples and restarts only in the first 50% of the steps instead of 5 "
+        "epochs and a 5,000-sample window with restarts to the end: held-out FVU 0.800 → 0.600, 67% of "
+        "the way" in md
+    )
+    assert (
+        "with a dead-latent window of 100 samples instead of 5 epochs and a 5,000-sample window: held-out FVU "
         "0.800 → 0.700, 33% of the way" in md
     )
     assert (
-        "window of 10 samples instead of the frontier's 5 epochs and 5,000-sample window: held-out FVU 0.800 → 0.900, worse ("
-        in md
+        "window of 10 samples instead of 5 epochs and a 5,000-sample window: held-out FVU 0.800 → 0.900, worse (" in md
     )
     assert "GRPO with the settings above for 4 steps (`runs/smollm_steps/rl_steps`)" in md
     assert "randomized rank-2 SVD" in md and "kept 0.650 of a step's squared norm on average (lowest 0.500)" in md

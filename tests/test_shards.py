@@ -254,6 +254,8 @@ def test_the_shard_stage_runs_on_a_factored_store(tmp_path):
     _, truth = factored_store(tmp_path / "store", n=256)
     r = shards.run(params(tmp_path, n_latents=3, k=1, epochs=30), progress=False)
     assert float(r.results["heldout_fvu"]) < 0.2
+    curve = r.results["curve_resampled"].values  # restarts per step, by epoch: recorded for every epoch
+    assert curve.shape == (30,) and np.isfinite(curve).all() and (curve >= 0).all()
     assert factored_cosines(truth, r.files and shards.ShardSAE.load(tmp_path / "out" / "sae")).max(1).min() > 0.9
 
 

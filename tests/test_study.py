@@ -53,6 +53,30 @@ def test_readme_results_are_generated_from_the_run_and_checked(tiny_run, tmp_pat
     assert "Finding: " in html and "data:image/png;base64," in html and "git_commit" in html
 
 
+def test_report_html_without_a_figures_stage_shows_each_stages_own_figures_and_keeps_negatives(tiny_run, tmp_path):
+    """A run with no figures stage (the SmolLM2 study's) gets the PNGs each stage's notebook wrote, under that
+    stage's Finding; the summary at the top keeps every "Negative:" sentence beside the headline."""
+    import shutil
+
+    from shardlib import findings
+    from shardlib.runs import run_stages
+
+    run_dir, _ = tiny_run
+    copy = tmp_path / "nofig"
+    shutil.copytree(run_dir, copy, ignore=lambda d, names: [n for n in names if n in ("figures", "report.html")])
+    html = report_html(copy).read_text()
+    pngs = sorted(copy.glob("*/*.png"))
+    assert pngs and all(f"<figcaption>{f.parent.name}: {f.stem.replace('_', ' ')}</figcaption>" in html for f in pngs)
+    summary = html.split("<h2>Findings</h2>")[1].split("</ul>")[0]
+    negative = 0
+    for stage, kind in run_stages(copy).items():
+        text = findings.finding(kind, load_results(copy / stage / "results.nc"))
+        for sentence in text.split("Negative: ")[1:]:
+            negative += 1
+            assert "Negative: " + sentence.split(" ")[0] in summary
+    assert negative == summary.count("<b>Negative: ")
+
+
 def test_report_html_has_a_card_for_every_shard(tiny_run):
     """The reader's front page: every shard of both shard stages has a card with its top events in readable form
     (decoded text for the LM), every image is embedded, and nothing points outside the file."""
