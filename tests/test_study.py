@@ -56,6 +56,7 @@ def test_readme_results_are_generated_from_the_run_and_checked(tiny_run, tmp_pat
 def test_report_html_without_a_figures_stage_shows_each_stages_own_figures_and_keeps_negatives(tiny_run, tmp_path):
     """A run with no figures stage (the SmolLM2 study's) gets the PNGs each stage's notebook wrote, under that
     stage's Finding; the summary at the top keeps every "Negative:" sentence beside the headline."""
+    import html as html_text
     import shutil
 
     from shardlib import findings
@@ -73,7 +74,7 @@ def test_report_html_without_a_figures_stage_shows_each_stages_own_figures_and_k
         text = findings.finding(kind, load_results(copy / stage / "results.nc"))
         for sentence in text.split("Negative: ")[1:]:
             negative += 1
-            assert "Negative: " + sentence.split(" ")[0] in summary
+            assert html_text.escape("Negative: " + sentence.split(" ")[0]) in summary
     assert negative == summary.count("<b>Negative: ")
 
 
