@@ -316,10 +316,19 @@ class Browser:
         head = ["shard", "fires on", "frequency", "dominant type", "dominant share", "largest effect above noise"]
         th = "".join(f"<th onclick='sortTable(this)'>{_esc(h)}</th>" for h in head)
         body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-        cards = "\n".join(self.card(i, n_top).html for i in range(self.n))
+        silent = [int(i) for i, r in idx.iterrows() if r["fires on"] == 0]
+        cards = "\n".join(self.card(i, n_top).html for i in range(self.n) if i not in silent)
+        # a shard that fires on no event has nothing to show: one line names them all (each still an anchor)
+        none = (
+            f"<p>{len(silent)} of {self.n} shards fire on no event and have no card: "
+            + ", ".join(f"<span id='shard-{i}'>{i}</span>" for i in silent)
+            + ".</p>\n"
+            if silent
+            else ""
+        )
         return (
             f"<h2>{_esc(title)}</h2>" if title else ""
-        ) + f"<table class='card sortable'><tr>{th}</tr>{body}</table>\n{cards}"
+        ) + f"<table class='card sortable'><tr>{th}</tr>{body}</table>\n{none}{cards}"
 
 
 def _effect_text(v: float) -> str:
