@@ -351,7 +351,13 @@ def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
                 + f" instead of {e0} epochs and a {-w0:,}-sample window"
                 + (" with restarts to the end" if u != u0 else "")
                 + f": held-out FVU {h0:.3f} → {h:.3f}"
-                + (f", {closed:.0%} of the way to PCA's {pca:.3f}" if np.isfinite(closed) else "")
+                + (
+                    f", below PCA's {pca:.3f}"
+                    if h < pca
+                    else f", {closed:.0%} of the way to PCA's {pca:.3f}"
+                    if np.isfinite(closed)
+                    else ""
+                )
                 + (", worse" if h > h0 else "")
                 + f" (training FVU {float(r0.train_fvu):.3f} → {float(r.train_fvu):.3f})."
             )

@@ -154,11 +154,16 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     )
     win_cfg = {"store_path": "x", "rank": 1, "k": 16, "epochs": 5, "dead_window": 100, "holdout": "random"}
     save_results(win, steps / "shards_win" / "results.nc", win_cfg)
+    # a fit that passes PCA is "below" it, not more than 100% of the way
+    past = xr.Dataset({"heldout_fvu": 0.4, "train_fvu": 0.1, "train_dead_fraction": 0.0})
+    save_results(past, steps / "shards_past" / "results.nc", {**win_cfg, "epochs": 160})
     early = xr.Dataset({"heldout_fvu": 0.6, "train_fvu": 0.55, "train_dead_fraction": 0.1})
     save_results(early, steps / "shards_early" / "results.nc", {**win_cfg, "restart_until": 0.5})
     md = _text_steps(steps)
     assert "| steps | 1 | 16 | 5 | 100 | 100% | 0.700 | 0.650 | 0.00 | 0.500 |" in md
     assert "| steps | 1 | 16 | 5 | 100 | 50% | 0.600 | 0.550 | 0.10 | 0.500 |" in md
+    assert "with 160 epochs and a dead-latent window of 100 samples instead of 5 epochs" in md
+    assert "held-out FVU 0.800 → 0.400, below PCA's 0.500 (training FVU 0.700 → 0.100)." in md
     assert (
         "with a dead-latent window of 100 samples and restarts only in the first 50% of the steps instead of 5 "
         "epochs and a 5,000-sample window with restarts to the end: held-out FVU 0.800 → 0.600, 67% of "
