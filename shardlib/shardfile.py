@@ -5,7 +5,7 @@
   ``param``; the low-rank factors (``<var>__U``, ``<var>__V``); per-shard ``frequency`` and
   ``mean_activation``; the SAE config and provenance as attributes. When the dense directions of
   the low-rank matrices would exceed ``DENSE_MAX_BYTES`` (an SAE over every MLP matrix of a
-  20-50M-parameter policy: tens of GiB), only their factors are written, each with attributes
+  20-50M-parameter policy: tens of GiB; 256 latents on one SmolLM2 MLP matrix), only their factors are written, each with attributes
   ``param`` and ``factor`` (``U`` or ``V``); ``U_i V_i^T`` is the unit direction's part on that
   matrix, and :func:`shard_directions` forms it when a tensor is asked for.
 - ``activations.nc``: for every event of the store, the indices and values of its active
@@ -25,8 +25,10 @@ import xarray as xr
 from .sae import ShardSAE
 from .store import var_name
 
-DENSE_MAX_BYTES = 2**30
-"""Largest total size (fp32) of the low-rank matrices' dense directions that ``shards.nc`` holds."""
+DENSE_MAX_BYTES = 2**28
+"""Largest total size (fp32) of the low-rank matrices' dense directions that ``shards.nc`` holds (256 MiB: the
+SmolLM2 study's 64 shards of one matrix, 226 MB, stay dense; 256 rank-1 shards of that matrix, 906 MB, were
+written dense too at 1 GiB, 5 GB for its six ``longer_events`` fits, and are now their factors, 4 MB each)."""
 
 
 def shards_dataset(

@@ -18,6 +18,17 @@ def test_shards_file_holds_unit_directions_and_factors():
     assert ds["frequency"].values.tolist() == (np.arange(5) / 10).tolist()
 
 
+def test_a_shards_file_over_the_dense_limit_holds_factors_that_give_the_same_directions():
+    """Past ``dense_max_bytes`` only the low-rank matrices' factors are written (tagged); the reader forms the same
+    unit directions from them, and dense tensors (a bias) stay dense."""
+    sae = ShardSAE({"w": (4, 3), "b": (4,)}, n_latents=5, k=2, rank=1, seed=0)
+    dense, small = shards_dataset(sae), shards_dataset(sae, dense_max_bytes=5 * 4 * 12 - 1)
+    assert "w" not in small and "b" in small and small["w__U"].attrs == {"param": "w", "factor": "U"}
+    for n, d in shard_directions(dense).items():
+        assert np.allclose(shard_directions(small)[n], d, atol=1e-6)
+    assert "w" in shards_dataset(sae, dense_max_bytes=5 * 4 * 12)  # at the limit: dense
+
+
 def test_activations_file_and_dense_codes():
     store = xr.Dataset(coords={"step": ("event", [0, 0, 1]), "task": ("event", [2, 0, 1])}, attrs={"task_names": "[]"})
     idx = np.array([[1, -1], [0, 2], [-1, -1]])
