@@ -94,7 +94,9 @@ def shard_training_curves(m, ax=None, dead_window: int | None = None):
     0 in an epoch where no latent went unfired for ``dead_window`` samples (not: no latent ends dead): its zeros are
     left out of the log axis."""
     ax = ax or plt.gca()
-    ax.plot(m.epoch, m.curve_rec, label="reconstruction")
+    # each epoch's value is the mean of its batches' FVUs (against the training events' variance): with few,
+    # heavy-tailed events (SmolLM2's) it moves with which events share a batch, as well as with training
+    ax.plot(m.epoch, m.curve_rec, label="reconstruction (mean of the epoch's batch FVUs)")
     aux = np.asarray(m.curve_aux.values, dtype=float)
     window = f"{dead_window} samples" if dead_window else "dead_window samples"
     if (aux > 0).any():
