@@ -220,6 +220,11 @@ def analysis(ds: xr.Dataset) -> str:
         )
         + f"random {nanmean(ds.types_matched_random):.1f})."
     )
+    if "seed_stability" in ds and ds.sizes.get("sae_seed", 1) > 1:
+        out += (
+            f" The shard directions of the {ds.sizes['sae_seed']} SAE seeds match one to one at mean |cos| "
+            f"{float(ds.seed_stability):.3f} (Hungarian)."
+        )
     if not _beats(ds.nmi, ds.nmi_random):
         out += " Negative: shards align with event types no better than random dictionaries of the same structure."
     elif fitted and not _beats(ds.nmi, ds.nmi_kmeans):

@@ -106,6 +106,8 @@ def test_analysis_finding_says_when_k_means_does_as_well():
     )
     assert "Negative: the SAE aligns with event types no better than k-means" in text
     assert "Negative: shards move reward no more often than random directions" in text
+    stable = finding("analysis", ds.assign(seed_stability=0.61))
+    assert "The shard directions of the 2 SAE seeds match one to one at mean |cos| 0.610 (Hungarian)." in stable
     dims = ("setting_k", "setting_normalize")
 
     def settings(ks):  # the settings comparison over k (unit-normalised updates only)
