@@ -91,8 +91,8 @@ def no_effect(ax, text: str) -> None:
 
 def shard_training_curves(m, ax=None, dead_window: int | None = None):
     """The shard SAE's normalised reconstruction and AuxK losses per epoch (``curve_rec``, ``curve_aux``). AuxK is
-    0 in an epoch where no latent went unfired for ``dead_window`` samples (not: no latent ends dead): its zeros are
-    left out of the log axis."""
+    0 in an epoch where no latent went unfired for ``dead_window`` samples, or where each latent that did was
+    restarted in that step (``curve_resampled``); not: no latent ends dead. Its zeros are left out of the log axis."""
     ax = ax or plt.gca()
     # each epoch's value is the mean of its batches' FVUs (against the training events' variance): with few,
     # heavy-tailed events (SmolLM2's) it moves with which events share a batch, as well as with training
@@ -106,8 +106,14 @@ def shard_training_curves(m, ax=None, dead_window: int | None = None):
             marker=".",
             label=f"AuxK (not drawn where 0: no latent unfired for {window})",
         )
-    else:
-        ax.plot([], [], " ", label=f"AuxK: 0 (no latent unfired for {window})")
+    else:  # a latent is restarted in the step it dies (resample_dead), so AuxK only acts where none is restarted
+        restarts = np.asarray(m.curve_resampled.values, dtype=float) if "curve_resampled" in m else np.zeros(0)
+        why = (
+            f"dead latents restarted as they died, in {int((restarts > 0).sum())} of {len(restarts)} epochs"
+            if (restarts > 0).any()
+            else f"no latent unfired for {window}"
+        )
+        ax.plot([], [], " ", label=f"AuxK: 0 ({why})")
     ax.set(xlabel="epoch", ylabel="normalized loss", yscale="log", title="training")
     readable_log_axis(ax)
     ax.legend()

@@ -113,6 +113,7 @@ def report_html(run_dir) -> Path:
         headline = text.split(". ")[0].removeprefix("Finding: ").rstrip(".")
         # the summary keeps every negative verdict: a headline alone would drop "Negative: ..." sentences
         negatives = [s.strip().rstrip(".") for s in re.findall(r"Negative: [^.]*(?:\.\d[^.]*)*\.?", text)]
+        negatives = [n for n in negatives if n not in headline]  # a headline that is itself a Negative: once
         line = html.escape(headline) + "." + "".join(f" <b>{html.escape(n)}.</b>" for n in negatives)
         summary.append(f"<li><a href='#{stage}'>{html.escape(stage)}</a>: {line}</li>")
         if "figures" in found.values():  # the run's figures stage: each figure with its caption, at its Finding

@@ -311,7 +311,7 @@ def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
             key = (store, int(c["rank"]), int(c["k"]), int(c.get("n_latents", 0)))
             groups.setdefault(key, {})[variant] = r
     rows, sentences = [], []
-    for (store, rank, k, _), variants in sorted(groups.items()):
+    for (store, rank, k, n_lat), variants in sorted(groups.items()):
         if len(variants) < 2:
             continue
         try:
@@ -325,6 +325,7 @@ def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
                 [
                     store,
                     label,
+                    str(n_lat),
                     str(k),
                     str(e),
                     f"{-w:,}",
@@ -349,7 +350,7 @@ def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
                 f"{store}, {'dense' if rank == 0 else f'rank {rank}'}, k = {k}, with "
                 + " and ".join(x for x in how if x)
                 + f" instead of {e0} epochs and a {-w0:,}-sample window"
-                + (" with restarts to the end" if u != u0 else "")
+                + (" with restarts allowed to the end" if u != u0 else "")
                 + f": held-out FVU {h0:.3f} → {h:.3f}"
                 + (
                     f", below PCA's {pca:.3f}"
@@ -373,6 +374,7 @@ def _training_length(run_dir: Path, frontier: xr.Dataset) -> str:
             [
                 "store",
                 "rank",
+                "latents",
                 "k",
                 "epochs",
                 "dead window",
@@ -463,6 +465,6 @@ def smollm_markdown(run_dir) -> str:
             f"#### What shards mean and do\n\nOne matrix's shards (`{one}`: layer 15's down_proj, 64 latents; "
             "the analysis makes events and shards dense), against event types (task × correct, and format where it varies; "
             f"`shardlib/events.py`) and as interventions on the fine-tuned policy (`{analysis}/results.nc`).",
-            bullets([analysis], find),
+            bullets([one, analysis], find),
         ]
     )

@@ -138,7 +138,7 @@ class Trainer:
         the step within the first ``restart_until`` of the steps."""
         if not self.resample or self.lr_factor() <= 0:
             return False
-        return not self.total_steps or self.steps < self.restart_until * self.total_steps
+        return not self.total_steps or self.steps < round(self.restart_until * self.total_steps)
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         sae = self.sae

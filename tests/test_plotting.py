@@ -121,6 +121,11 @@ def test_log_axes_keep_two_tick_labels_and_aux_zeros_are_not_drawn():
     ax = plotting.shard_training_curves(m, plt_axes(), dead_window=128)
     assert ax.get_yscale() == "linear"  # under a decade: a log axis would label one tick
     assert [t.get_text() for t in ax.get_legend().get_texts()][1] == "AuxK: 0 (no latent unfired for 128 samples)"
+    # latents restarted as they died leave AuxK nothing to act on: the legend says so, not that none died
+    restarted = m.assign(curve_resampled=("epoch", [0.0, 2.5, 0.0]))
+    ax = plotting.shard_training_curves(restarted, plt_axes(), dead_window=128)
+    label = [t.get_text() for t in ax.get_legend().get_texts()][1]
+    assert label == "AuxK: 0 (dead latents restarted as they died, in 1 of 3 epochs)"
     ax = plotting.shard_training_curves(m.assign(curve_aux=("epoch", [0.0, 0.01, 0.3])), plt_axes(), 128)
     assert ax.get_yscale() == "log" and np.isnan(ax.get_lines()[1].get_ydata()[0])  # zeros masked, no spike
     ax = plt_axes()

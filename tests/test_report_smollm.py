@@ -123,7 +123,7 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     # the frontier's rank-1 points (5 epochs) and, beside them, a longer fit of one; and a time split's point
     for name, holdout in (("fs", "random"), ("ft", "last")):
         for k, held in ((4, 0.9), (16, 0.8)):
-            cfg = {"store_path": "x", "rank": 1, "k": k, "epochs": 5, "holdout": holdout}
+            cfg = {"store_path": "x", "rank": 1, "n_latents": 256, "k": k, "epochs": 5, "holdout": holdout}
             point = xr.Dataset({"heldout_fvu": held, "train_fvu": held - 0.1, "train_dead_fraction": 0.5})
             save_results(point, steps / name / f"rank=1,k={k}" / "results.nc", cfg)
     fr_cfg = {"sweep_dirs": [str(steps / "fs"), str(steps / "ft")], "sweep_names": ["steps", "steps_one_matrix"]}
@@ -133,12 +133,28 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     save_results(
         long,
         steps / "shards_long" / "results.nc",
-        {"store_path": "x", "rank": 1, "k": 16, "epochs": 40, "eval_batch_size": 16, "holdout": "random"},
+        {
+            "store_path": "x",
+            "rank": 1,
+            "n_latents": 256,
+            "k": 16,
+            "epochs": 40,
+            "eval_batch_size": 16,
+            "holdout": "random",
+        },
+    )
+    # a fit that differs only in its number of latents is another group (alone: no row)
+    other = xr.Dataset({"heldout_fvu": 0.55, "train_fvu": 0.1, "train_dead_fraction": 0.0})
+    save_results(
+        other,
+        steps / "shards_64" / "results.nc",
+        {"store_path": "x", "rank": 1, "n_latents": 64, "k": 16, "epochs": 40, "holdout": "random"},
     )
     md = _text_steps(steps)
+    assert "| steps | 1 | 64 | 16 |" not in md and "| 0.550 |" not in md
     # the longer fit sits beside the frontier's point of the same store, split, rank and k, with that store's PCA
-    assert "| steps | 1 | 16 | 5 | 5,000 | 100% | 0.800 | 0.700 | 0.50 | 0.500 |" in md
-    assert "| steps | 1 | 16 | 40 | 5,000 | 100% | 0.600 | 0.200 | 0.25 | 0.500 |" in md
+    assert "| steps | 1 | 256 | 16 | 5 | 5,000 | 100% | 0.800 | 0.700 | 0.50 | 0.500 |" in md
+    assert "| steps | 1 | 256 | 16 | 40 | 5,000 | 100% | 0.600 | 0.200 | 0.25 | 0.500 |" in md
     assert "| steps | 1 | 4 |" not in md and "steps_one_matrix | 1 | 16" not in md  # one variant only: no row
     assert (
         "steps, rank 1, k = 16, with 40 epochs instead of 5 epochs and a 5,000-sample window: held-out FVU 0.800 → "
@@ -150,9 +166,17 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     save_results(
         worse,
         steps / "shards_worse" / "results.nc",
-        {"store_path": "x", "rank": 1, "k": 16, "epochs": 5, "dead_window": 10, "holdout": "random"},
+        {"store_path": "x", "rank": 1, "n_latents": 256, "k": 16, "epochs": 5, "dead_window": 10, "holdout": "random"},
     )
-    win_cfg = {"store_path": "x", "rank": 1, "k": 16, "epochs": 5, "dead_window": 100, "holdout": "random"}
+    win_cfg = {
+        "store_path": "x",
+        "rank": 1,
+        "n_latents": 256,
+        "k": 16,
+        "epochs": 5,
+        "dead_window": 100,
+        "holdout": "random",
+    }
     save_results(win, steps / "shards_win" / "results.nc", win_cfg)
     # a fit that passes PCA is "below" it, not more than 100% of the way
     past = xr.Dataset({"heldout_fvu": 0.4, "train_fvu": 0.1, "train_dead_fraction": 0.0})
@@ -160,13 +184,13 @@ def test_the_step_section_reads_the_sibling_runs_store_rewards_and_frontier(tmp_
     early = xr.Dataset({"heldout_fvu": 0.6, "train_fvu": 0.55, "train_dead_fraction": 0.1})
     save_results(early, steps / "shards_early" / "results.nc", {**win_cfg, "restart_until": 0.5})
     md = _text_steps(steps)
-    assert "| steps | 1 | 16 | 5 | 100 | 100% | 0.700 | 0.650 | 0.00 | 0.500 |" in md
-    assert "| steps | 1 | 16 | 5 | 100 | 50% | 0.600 | 0.550 | 0.10 | 0.500 |" in md
+    assert "| steps | 1 | 256 | 16 | 5 | 100 | 100% | 0.700 | 0.650 | 0.00 | 0.500 |" in md
+    assert "| steps | 1 | 256 | 16 | 5 | 100 | 50% | 0.600 | 0.550 | 0.10 | 0.500 |" in md
     assert "with 160 epochs and a dead-latent window of 100 samples instead of 5 epochs" in md
     assert "held-out FVU 0.800 → 0.400, below PCA's 0.500 (training FVU 0.700 → 0.100)." in md
     assert (
         "with a dead-latent window of 100 samples and restarts only in the first 50% of the steps instead of 5 "
-        "epochs and a 5,000-sample window with restarts to the end: held-out FVU 0.800 → 0.600, 67% of "
+        "epochs and a 5,000-sample window with restarts allowed to the end: held-out FVU 0.800 → 0.600, 67% of "
         "the way" in md
     )
     assert (

@@ -259,6 +259,16 @@ def test_the_shard_stage_runs_on_a_factored_store(tmp_path):
     assert factored_cosines(truth, r.files and shards.ShardSAE.load(tmp_path / "out" / "sae")).max(1).min() > 0.9
 
 
+def test_the_shard_stage_records_the_restarts_of_each_epoch(tmp_path):
+    """More latents than the events need and a short dead window: latents die and are restarted, and
+    ``curve_resampled`` (restarts per step, each epoch's mean) says in which epochs."""
+    factored_store(tmp_path / "store", n=64)
+    kw = dict(n_latents=12, k=1, epochs=4, resample_dead=True, dead_window=8, restart_until=0.5)
+    r = shards.run(params(tmp_path, **kw), progress=False)
+    curve = r.results["curve_resampled"].values
+    assert curve.shape == (4,) and curve[:2].sum() > 0 and (curve[2:] == 0).all()  # none after half the steps
+
+
 def test_online_trainer_learns_from_a_factored_ring_buffer():
     from shardlib.planted import factored_cosines, planted_factored
     from shardlib.updates import Factored, RingBuffer

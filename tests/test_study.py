@@ -57,6 +57,7 @@ def test_report_html_without_a_figures_stage_shows_each_stages_own_figures_and_k
     """A run with no figures stage (the SmolLM2 study's) gets the PNGs each stage's notebook wrote, under that
     stage's Finding; the summary at the top keeps every "Negative:" sentence beside the headline."""
     import html as html_text
+    import re
     import shutil
 
     from shardlib import findings
@@ -72,9 +73,10 @@ def test_report_html_without_a_figures_stage_shows_each_stages_own_figures_and_k
     negative = 0
     for stage, kind in run_stages(copy).items():
         text = findings.finding(kind, load_results(copy / stage / "results.nc"))
-        for sentence in text.split("Negative: ")[1:]:
+        for part in text.split("Negative: ")[1:]:
             negative += 1
-            assert html_text.escape("Negative: " + sentence.split(" ")[0]) in summary
+            whole = re.split(r"\.(?!\d)", part)[0]  # the sentence, to its first period that is not a decimal point
+            assert f"<b>{html_text.escape('Negative: ' + whole)}.</b>" in summary
     assert negative == summary.count("<b>Negative: ")
 
 
