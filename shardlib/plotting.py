@@ -240,7 +240,8 @@ def frontier(ds, ax=None, title: str = ""):
         if len(ticks) <= 8:
             ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
             ax.minorticks_off()
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a store with no finite point draws no line to label
+        ax.legend()
     return ax
 
 
