@@ -161,6 +161,11 @@ def frontier(ds: xr.Dataset) -> str:
     out = f"Lowest held-out FVU {best:.3f} ({where['store']} updates, {rank}, k = {where['k']}). "
     if "pca_fvu" in ds:
         out += _frontier_pca(ds)
+    train = ds.train_fvu.values if "train_fvu" in ds else np.array([np.nan])
+    if np.isfinite(train).any():  # held-out against training: generalisation, or a fit that did not get far
+        out += (
+            f"On their own training updates the same SAEs reach FVU {np.nanmin(train):.3f} to {np.nanmax(train):.3f}. "
+        )
     if reached:
         return out + f"FVU ≤ 0.1 is reached on: {', '.join(reached)}."
     return out + "Negative: no SAE reaches FVU 0.1 on any store."

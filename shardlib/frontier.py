@@ -146,6 +146,8 @@ def combine_sweep(sweep_dir) -> xr.Dataset:
             configs.append(cfg)
             m = {k: float(r[f"heldout_{k}"]) for k in ("fvu", "l0", "dead_fraction", "dense_fraction")}
             m["n_parameters"] = float(r["n_parameters"])
+            if "train_fvu" in r:  # the same SAE on its own training updates: how far the fit got
+                m["train_fvu"] = float(r["train_fvu"])
         rows.append(xr.Dataset(m).expand_dims(rank=[cfg["rank"]], k=[cfg["k"]]))
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no finished shard runs (subfolders with results.nc)")

@@ -34,6 +34,8 @@ def test_frontier_finding_names_the_best_point_and_a_negative():
     assert "FVU ≤ 0.1 is reached on: steps" in finding(
         "frontier", ds.assign(fvu=ds.fvu.where(ds.store != "steps", 0.05))
     )
+    trained = finding("frontier", ds.assign(train_fvu=ds.fvu * 0.5))  # the points' own training FVU, where recorded
+    assert "On their own training updates the same SAEs reach FVU 0.150 to 0.450. Negative: no SAE" in trained
 
 
 def test_shards_finding_says_how_far_the_reconstruction_falls_short():

@@ -10,7 +10,7 @@ from shardlib.io import load_results, save_results
 
 def write_point(d, rank, k, fvu):
     m = {f"heldout_{key}": 0.0 for key in ("l0", "dead_fraction", "dense_fraction")}
-    ds = xr.Dataset({**m, "heldout_fvu": fvu, "n_parameters": 10 * (rank + 1)})
+    ds = xr.Dataset({**m, "heldout_fvu": fvu, "train_fvu": fvu / 2, "n_parameters": 10 * (rank + 1)})
     save_results(ds, d / "results.nc", {"rank": rank, "k": k})
 
 
@@ -31,6 +31,7 @@ def test_frontier_combines_sweeps_over_rank_and_k(tmp_path):
     ds = frontier.run(p)
     assert ds["rank"].values.tolist() == [0, 1] and ds["k"].values.tolist() == [1, 4]
     assert float(ds.fvu.sel(store="steps", rank=1, k=4)) == 0.5 / 8
+    assert float(ds.train_fvu.sel(store="steps", rank=1, k=4)) == 0.5 / 16  # each point's training FVU beside it
     assert np.isnan(float(ds.fvu.sel(store="events", rank=0, k=4)))  # not in the sweep
     saved = load_results(tmp_path / "out" / "results.nc")
     assert json.loads(saved.attrs["config"])["sweep_names"] == ["events", "steps"]
