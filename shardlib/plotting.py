@@ -201,6 +201,19 @@ MARKERS = ("o", "^", "D", "v", "P", "X")  # distinct markers for lines that may 
 LINESTYLES = ("-", "--", "-.", ":")
 
 
+def _distinct(i: int) -> dict:
+    """Line style of the i-th of several lines that may coincide: its own colour, marker and dash, drawn smaller,
+    thinner and slightly transparent the later it comes, so that a line on top leaves the one below visible."""
+    return {
+        "color": f"C{i}",
+        "marker": MARKERS[i % len(MARKERS)],
+        "ls": LINESTYLES[i % len(LINESTYLES)],
+        "ms": max(3.5, 8 - 1.5 * i),
+        "lw": max(0.8, 2.2 - 0.5 * i),
+        "alpha": 0.8,
+    }
+
+
 def frontier(ds, ax=None, title: str = ""):
     """Held-out FVU against L0 for each SAE rank (0 = dense), the held-out FVU of k principal components of the
     same training updates against k where the sweep has it (``pca_fvu``), with FVU = 0.1 and 0.01 marked."""
@@ -210,17 +223,9 @@ def frontier(ds, ax=None, title: str = ""):
         if not np.isfinite(np.asarray(sel["fvu"].values, dtype=float)).any():
             continue  # a rank this store was not fitted at (a combined sweep's NaN): no line, no legend entry
         # a rank's colour and marker are its place among the sweep's ranks, the same in every panel; later ranks
-        # draw smaller and thinner on top, so that a line on top of another leaves it visible
-        ax.plot(
-            sel["l0"],
-            sel["fvu"],
-            marker=MARKERS[i % len(MARKERS)],
-            ms=max(3.5, 8 - 1.5 * i),
-            lw=max(0.8, 2.6 - 0.6 * i),
-            alpha=0.8,
-            color=f"C{i}",
-            label="dense" if r == 0 else f"rank {r}",
-        )
+        # draw smaller and thinner on top, so that a line on top of another leaves it visible; solid, as dashes and
+        # dots mark the FVU lines and the PCA baseline
+        ax.plot(sel["l0"], sel["fvu"], **{**_distinct(i), "ls": "-"}, label="dense" if r == 0 else f"rank {r}")
     if "pca_fvu" in ds and np.isfinite(np.asarray(ds["pca_fvu"].values, dtype=float)).any():
         # the baseline fitted to the same events: k principal components, a dense code of k numbers per update
         ax.plot(ds["k"], ds["pca_fvu"], marker="s", ls=":", color="k", label="PCA, k components")
@@ -275,19 +280,6 @@ def planted_recovery(ds):
         ax.set_title(t)
     fig.suptitle("Planted shards: recovery of known ground-truth directions")
     return fig
-
-
-def _distinct(i: int) -> dict:
-    """Line style of the i-th of several lines that may coincide: its own colour, marker and dash, drawn smaller,
-    thinner and slightly transparent the later it comes, so that a line on top leaves the one below visible."""
-    return {
-        "color": f"C{i}",
-        "marker": MARKERS[i % len(MARKERS)],
-        "ls": LINESTYLES[i % len(LINESTYLES)],
-        "ms": max(3.5, 8 - 1.5 * i),
-        "lw": max(0.8, 2.2 - 0.5 * i),
-        "alpha": 0.8,
-    }
 
 
 def sparsity_lenses(ds):
